@@ -1,0 +1,92 @@
+"""Errors a user can cause, each with a stable machine-readable ``code``.
+
+The CLI maps every :class:`CariesMimError` to exit status 2 and the service maps ``code`` to an HTTP status in one
+table; both show ``message`` to the user. Codes are part of the public contract: never rename one.
+"""
+
+from __future__ import annotations
+
+
+class CariesMimError(Exception):
+    """Base class of user-caused errors. ``code`` is stable; ``message`` is one human sentence."""
+
+    code = "caries_mim_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+class UnreadableFileError(CariesMimError):
+    """The file does not exist or cannot be opened."""
+
+    code = "unreadable_file"
+
+
+class NotAnImageError(CariesMimError):
+    """Neither a DICOM Part 10 file nor a supported image format."""
+
+    code = "not_an_image"
+
+
+class CorruptHeaderError(CariesMimError):
+    """A DICOM or image header that cannot be parsed, or lacks what every image must say (rows, columns)."""
+
+    code = "corrupt_header"
+
+
+class CorruptPixelDataError(CariesMimError):
+    """The header parsed but the pixel data is truncated or cannot be decoded."""
+
+    code = "corrupt_pixel_data"
+
+
+class NoPixelDataError(CariesMimError):
+    """A DICOM object without an image (structured report, presentation state, ...)."""
+
+    code = "no_pixel_data"
+
+
+class UnsupportedPhotometricError(CariesMimError):
+    """Colour or palette images: radiographs are single-channel grayscale."""
+
+    code = "unsupported_photometric"
+
+
+class MultiFrameError(CariesMimError):
+    """More than one frame: the product reads single-frame projection radiographs only."""
+
+    code = "multi_frame"
+
+
+class UnsupportedModalityError(CariesMimError):
+    """The DICOM Modality is not in the configured allow-list."""
+
+    code = "unsupported_modality"
+
+
+class MissingDecoderError(CariesMimError):
+    """No installed pixel-data plugin can decode the file's transfer syntax."""
+
+    code = "missing_decoder"
+
+
+class ImageTooLargeError(CariesMimError):
+    """Rows x Columns over the configured limit (checked before any pixel data is decoded)."""
+
+    code = "image_too_large"
+
+
+class InvalidDatasetError(CariesMimError):
+    """An annotation file or data folder that cannot be used (bad schema, missing images, nothing to read)."""
+
+    code = "invalid_dataset"
+
+
+class InvalidArgumentError(CariesMimError):
+    """A command-line argument or configuration value that cannot be used."""
+
+    code = "invalid_argument"

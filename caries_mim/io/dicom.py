@@ -1,0 +1,246 @@
+"""DICOM Part 10 radiographs through the grayscale display pipeline (PS3.3 C.11, PS3.4 N.2).
+
+Order, as the standard defines it: stored values -> Modality LUT (rescale) -> VOI LUT or window -> Presentation
+LUT. We apply each step with pydicom's own functions and then map the result to [0, 1] with bright meaning
+"more attenuating", inverting exactly once for MONOCHROME1 or an INVERSE presentation shape.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.uid import UID
+
+from caries_mim.errors import (
+    CorruptHeaderError,
+    CorruptPixelDataError,
+    ImageTooLargeError,
+    InvalidArgumentError,
+    MissingDecoderError,
+    MultiFrameError,
+    NoPixelDataError,
+    NotAnImageError,
+    UnsupportedModalityError,
+    UnsupportedPhotometricError,
+)
+from caries_mim.io.intensity import normalize_percentiles
+from caries_mim.io.options import ReadOptions
+from caries_mim.io.radiograph import DicomReferences, Radiograph
+
+GRAYSCALE_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
+
+#: Probe values far outside any stored range: the window maps them to its output minimum and maximum.
+_WINDOW_PROBE = np.array([-1e30, 1e30], dtype=np.float64)
+
+
+def parse_dicom(data: bytes) -> Dataset:
+    """Parse a DICOM Part 10 file. Never ``force=True``: without the preamble a file is not trusted as DICOM."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=False)
+    except InvalidDicomError as exc:
+        raise NotAnImageError(f"not a DICOM Part 10 file: {exc}") from exc
+    except Exception as exc:  # pydicom raises many types on a broken header; all mean the same to a user
+        raise CorruptHeaderError(f"DICOM header cannot be parsed: {_short(exc)}") from exc
+    return ds
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:300]
+
+
+def _get(ds: Dataset, keyword: str, default: Any = None) -> Any:
+    """Element value, treating a malformed value like a missing one only where that is safe (optional tags)."""
+    try:
+        value = ds.get(keyword, default)
+    except Exception:
+        return default
+    return default if value in (None, "") else value
+
+
+def _required_int(ds: Dataset, keyword: str) -> int:
+    try:
+        value = ds[keyword].value
+        return int(value)
+    except KeyError as exc:
+        raise CorruptHeaderError(f"required attribute {keyword} is missing") from exc
+    except Exception as exc:
+        raise CorruptHeaderError(f"attribute {keyword} is malformed: {_short(exc)}") from exc
+
+
+def _spacing(ds: Dataset) -> tuple[float, float] | None:
+    """(row, column) spacing in mm: calibrated PixelSpacing first, else ImagerPixelSpacing (at the detector)."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = _get(ds, keyword)
+        try:
+            row, col = (float(v) for v in value)
+        except (TypeError, ValueError):
+            continue
+        if row > 0 and col > 0 and np.isfinite(row) and np.isfinite(col):
+            return (row, col)
+    return None
+
+
+def _transfer_syntax(ds: Dataset) -> UID | None:
+    file_meta = getattr(ds, "file_meta", None)
+    ts = _get(file_meta, "TransferSyntaxUID") if file_meta is not None else None
+    return UID(str(ts)) if ts else None
+
+
+def check_dicom(ds: Dataset, options: ReadOptions) -> None:
+    """Every check that needs only the header, so that nothing is decoded for a file we would refuse."""
+    if "PixelData" not in ds:
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            raise NoPixelDataError("float pixel data (parametric maps) is not a radiograph")
+        sop_class = _get(ds, "SOPClassUID")
+        kind = f" ({UID(str(sop_class)).name})" if sop_class else ""
+        raise NoPixelDataError(f"the DICOM object{kind} has no pixel data")
+
+    frames = _get(ds, "NumberOfFrames", 1)
+    try:
+        frames = int(frames)
+    except (TypeError, ValueError):
+        frames = 1
+    if frames > 1:
+        raise MultiFrameError(f"multi-frame image ({frames} frames); only single-frame radiographs are read")
+
+    samples = _get(ds, "SamplesPerPixel", 1)
+    photometric = str(_get(ds, "PhotometricInterpretation", "")).strip().upper()
+    if photometric not in GRAYSCALE_PHOTOMETRICS or int(samples) != 1:
+        shown = photometric or "missing"
+        raise UnsupportedPhotometricError(
+            f"photometric interpretation {shown} with {samples} sample(s) per pixel; "
+            "only grayscale MONOCHROME1/MONOCHROME2 radiographs are read"
+        )
+
+    modality = str(_get(ds, "Modality", "")).strip().upper()
+    if modality not in options.allowed_modalities:
+        allowed = ", ".join(sorted(options.allowed_modalities))
+        raise UnsupportedModalityError(f"modality {modality or 'missing'} is not accepted (allowed: {allowed})")
+
+    rows, columns = _required_int(ds, "Rows"), _required_int(ds, "Columns")
+    if rows <= 0 or columns <= 0:
+        raise CorruptHeaderError(f"image size {rows} x {columns} is not valid")
+    if rows * columns > options.max_pixels:
+        raise ImageTooLargeError(
+            f"image is {rows} x {columns} = {rows * columns} pixels, over the limit of {options.max_pixels}"
+        )
+
+    ts = _transfer_syntax(ds)
+    if ts is None:
+        raise CorruptHeaderError("the file meta information has no TransferSyntaxUID")
+    if ts.is_compressed:
+        try:
+            decoder = get_decoder(ts)
+        except NotImplementedError as exc:
+            raise MissingDecoderError(f"no pixel decoder exists for transfer syntax {ts.name} ({ts})") from exc
+        if not decoder.is_available:
+            raise MissingDecoderError(
+                f"no installed plugin decodes transfer syntax {ts.name} ({ts}); "
+                "install the plugins listed in caries-mim's dependencies"
+            )
+
+
+def decode_pixels(ds: Dataset) -> np.ndarray:
+    """Stored values as an (H, W) array; truncated or undecodable data becomes CorruptPixelDataError."""
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # decoders raise ValueError, RuntimeError, OSError...; the cause is the file
+        raise CorruptPixelDataError(f"pixel data cannot be decoded: {_short(exc)}") from exc
+    if arr.ndim != 2:
+        raise CorruptPixelDataError(f"decoded pixel data has shape {arr.shape}, expected (rows, columns)")
+    return arr
+
+
+def _voi_to_unit_range(values: np.ndarray, ds: Dataset, index: int) -> tuple[np.ndarray, str] | None:
+    """Apply the VOI LUT or window number ``index`` and map its output range to [0, 1].
+
+    Returns None when the file has no usable VOI transform (FOR PROCESSING images, broken windows).
+    """
+    voi_luts = _get(ds, "VOILUTSequence")
+    if voi_luts:
+        if index >= len(voi_luts):
+            raise InvalidArgumentError(f"VOI index {index} requested but the file has {len(voi_luts)} VOI LUT(s)")
+        try:
+            out = apply_voi_lut(values, ds, index=index, prefer_lut=True)
+            lut_bits = int(voi_luts[index].LUTDescriptor[2])
+        except Exception:
+            return None
+        # PS3.3 C.11.2.1.1: the LUT's output range is 0 .. 2^bits - 1, whatever values it happens to use.
+        top = max(float(2**lut_bits - 1), float(np.max(out)))
+        return np.clip(out.astype(np.float64) / top, 0.0, 1.0), "voi_lut"
+
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        centers = ds["WindowCenter"]
+        if index >= centers.VM:
+            raise InvalidArgumentError(f"VOI index {index} requested but the file has {centers.VM} window(s)")
+        try:
+            out = apply_voi_lut(values.astype(np.float64), ds, index=index, prefer_lut=False)
+            # The window's output range depends on bits stored, signedness and rescale (pydicom computes it);
+            # windowing the two probe values reads that range back instead of re-deriving it here.
+            y_lo, y_hi = apply_voi_lut(_WINDOW_PROBE.copy(), ds, index=index, prefer_lut=False)
+        except Exception:
+            return None
+        if y_hi == y_lo:
+            return None
+        return np.clip((out - y_lo) / (y_hi - y_lo), 0.0, 1.0), "window"
+    return None
+
+
+def dicom_to_radiograph(ds: Dataset, options: ReadOptions) -> Radiograph:
+    """Run the header checks, decode, and apply the display pipeline. ``ds`` must come from :func:`parse_dicom`."""
+    check_dicom(ds, options)
+    stored = decode_pixels(ds)
+    try:
+        values = apply_modality_lut(stored, ds)
+    except Exception as exc:
+        raise CorruptHeaderError(f"modality LUT / rescale cannot be applied: {_short(exc)}") from exc
+
+    voi = _voi_to_unit_range(values, ds, options.voi_index)
+    if voi is None:
+        unit, normalization = normalize_percentiles(values), "percentile"
+    else:
+        unit, normalization = voi
+
+    photometric = str(ds.PhotometricInterpretation).strip().upper()
+    presentation_shape = str(_get(ds, "PresentationLUTShape", "")).strip().upper()
+    # MONOCHROME1 shows low values bright. An INVERSE presentation shape on MONOCHROME1 (which the DX IOD
+    # requires) describes that same inversion; it must not be applied a second time.
+    if photometric == "MONOCHROME1" or presentation_shape == "INVERSE":
+        unit = 1.0 - unit
+
+    ts = _transfer_syntax(ds)
+    bits_stored = _get(ds, "BitsStored")
+    return Radiograph(
+        pixels=np.ascontiguousarray(unit, dtype=np.float32),
+        spacing_mm=_spacing(ds),
+        source_format="dicom",
+        modality=str(_get(ds, "Modality", "")).strip().upper() or None,
+        photometric_interpretation=photometric,
+        bits_stored=int(bits_stored) if bits_stored is not None else None,
+        transfer_syntax_uid=str(ts) if ts else None,
+        intensity_normalization=normalization,
+        dicom=DicomReferences(
+            sop_instance_uid=_uid_or_none(ds, "SOPInstanceUID"),
+            sop_class_uid=_uid_or_none(ds, "SOPClassUID"),
+            study_instance_uid=_uid_or_none(ds, "StudyInstanceUID"),
+            series_instance_uid=_uid_or_none(ds, "SeriesInstanceUID"),
+        ),
+    )
+
+
+def _uid_or_none(ds: Dataset, keyword: str) -> str | None:
+    value = _get(ds, keyword)
+    return str(value) if value else None
+
+
+def read_dicom(data: bytes, options: ReadOptions) -> Radiograph:
+    """Bytes of a DICOM Part 10 file -> :class:`Radiograph`."""
+    return dicom_to_radiograph(parse_dicom(data), options)

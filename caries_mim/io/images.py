@@ -1,0 +1,161 @@
+"""Non-DICOM radiographs: PNG/JPEG/TIFF through Pillow, MHA/NRRD/NIfTI through SimpleITK.
+
+These files carry no window, so 8-bit images map 0..255 to [0, 1] unchanged and deeper ones (16-bit PNG/TIFF,
+float or 16-bit MHA) are normalized by robust percentiles, like DICOM FOR PROCESSING images.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from caries_mim.errors import (
+    CorruptHeaderError,
+    CorruptPixelDataError,
+    ImageTooLargeError,
+    MultiFrameError,
+    UnsupportedPhotometricError,
+)
+from caries_mim.io.formats import SIMPLEITK_SUFFIX
+from caries_mim.io.intensity import normalize_full_range, normalize_percentiles
+from caries_mim.io.options import ReadOptions
+from caries_mim.io.radiograph import Radiograph
+
+#: Mean absolute difference between colour channels (of 255) below which an RGB file is a gray radiograph
+#: saved as colour (common for exported PNGs and JPEGs: chroma subsampling leaves a little noise).
+_GRAY_CHANNEL_TOLERANCE = 3.0
+
+
+def _check_size(height: int, width: int, options: ReadOptions) -> None:
+    if height * width > options.max_pixels:
+        raise ImageTooLargeError(
+            f"image is {height} x {width} = {height * width} pixels, over the limit of {options.max_pixels}"
+        )
+
+
+def _gray_from_rgb(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> (H, W) float32 in [0, 255]; refuses real colour images."""
+    channels = rgb.astype(np.float32)
+    spread = max(
+        float(np.abs(channels[..., 0] - channels[..., 1]).mean()),
+        float(np.abs(channels[..., 1] - channels[..., 2]).mean()),
+    )
+    if spread > _GRAY_CHANNEL_TOLERANCE:
+        raise UnsupportedPhotometricError(
+            f"colour image (channels differ by {spread:.1f} of 255 on average); radiographs are grayscale"
+        )
+    return channels.mean(axis=-1)
+
+
+def read_pillow_image(data: bytes, source_format: str, options: ReadOptions) -> Radiograph:
+    """PNG, JPEG or TIFF bytes -> :class:`Radiograph` (spacing unknown: these formats carry none we trust)."""
+    try:
+        with warnings.catch_warnings():
+            # Our own size limit replaces Pillow's decompression-bomb warning.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise CorruptHeaderError(f"{source_format.upper()} header cannot be parsed: {exc}") from exc
+
+    width, height = image.size
+    _check_size(height, width, options)
+    if getattr(image, "n_frames", 1) > 1:
+        raise MultiFrameError(f"multi-page {source_format.upper()} ({image.n_frames} frames); one image expected")
+
+    try:
+        image = ImageOps.exif_transpose(image)
+        image.load()
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for broken streams
+        raise CorruptPixelDataError(f"{source_format.upper()} pixel data cannot be decoded: {exc}") from exc
+
+    mode = image.mode
+    if mode in ("L", "LA", "1", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "LAB"):
+        if mode in ("L", "LA", "1"):
+            gray = np.asarray(image.convert("L"), dtype=np.float32)
+        else:
+            gray = _gray_from_rgb(np.asarray(image.convert("RGB")))
+        pixels, normalization, bits = normalize_full_range(gray, 255.0), "full_range", 8
+    elif mode.startswith("I;16") or mode in ("I", "F"):
+        values = np.asarray(image)
+        pixels, normalization = normalize_percentiles(values), "percentile"
+        bits = 16 if mode.startswith("I;16") else 32
+    else:
+        raise UnsupportedPhotometricError(f"{source_format.upper()} pixel mode {mode} is not supported")
+
+    return Radiograph(
+        pixels=np.ascontiguousarray(pixels, dtype=np.float32),
+        spacing_mm=None,
+        source_format=source_format,
+        bits_stored=bits,
+        intensity_normalization=normalization,
+    )
+
+
+def _sitk_read(path: str, source_format: str, options: ReadOptions) -> Radiograph:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise CorruptHeaderError(f"image header cannot be parsed: {_first_line(exc)}") from exc
+
+    size = reader.GetSize()  # (x, y[, z]) in SimpleITK's order
+    dimension = reader.GetDimension()
+    if dimension not in (2, 3) or (dimension == 3 and size[2] != 1):
+        raise MultiFrameError(f"image of size {tuple(size)} is not 2D; one 2D radiograph expected")
+    if reader.GetNumberOfComponents() != 1:
+        raise UnsupportedPhotometricError(
+            f"image has {reader.GetNumberOfComponents()} components per pixel; radiographs are grayscale"
+        )
+    width, height = int(size[0]), int(size[1])
+    _check_size(height, width, options)
+
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise CorruptPixelDataError(f"pixel data cannot be read: {_first_line(exc)}") from exc
+    values = sitk.GetArrayFromImage(image).reshape(height, width)
+    spacing_x, spacing_y = image.GetSpacing()[:2]
+
+    if values.dtype == np.uint8:
+        pixels, normalization = normalize_full_range(values, 255.0), "full_range"
+    else:
+        pixels, normalization = normalize_percentiles(values), "percentile"
+    return Radiograph(
+        pixels=np.ascontiguousarray(pixels, dtype=np.float32),
+        # SimpleITK's default spacing is exactly 1.0 when the file says nothing; we cannot tell that apart
+        # from a real 1 mm spacing, which no dental detector has, so treat it as unknown.
+        spacing_mm=None if (spacing_x, spacing_y) == (1.0, 1.0) else (float(spacing_y), float(spacing_x)),
+        source_format=source_format,
+        bits_stored=int(values.dtype.itemsize * 8),
+        intensity_normalization=normalization,
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    # SimpleITK puts the useful sentence last, after file/line locations.
+    return (lines[-1] if lines else type(exc).__name__)[:300]
+
+
+def read_simpleitk_image(data: bytes | None, path: Path | None, source_format: str, options: ReadOptions) -> Radiograph:
+    """MHA/NRRD/NIfTI from a path (so detached headers find their data file) or from bytes via a temp file."""
+    if path is not None:
+        return _sitk_read(str(path), source_format, options)
+    suffix = SIMPLEITK_SUFFIX[source_format]
+    if data is not None and data.startswith(b"\x1f\x8b"):
+        suffix += ".gz"
+    fd, tmp_name = tempfile.mkstemp(suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data or b"")
+        return _sitk_read(tmp_name, source_format, options)
+    finally:
+        os.unlink(tmp_name)
