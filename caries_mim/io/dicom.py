@@ -30,9 +30,12 @@ from caries_mim.errors import (
     UnsupportedModalityError,
     UnsupportedPhotometricError,
 )
+from caries_mim.io import jpeg12
 from caries_mim.io.intensity import normalize_percentiles
 from caries_mim.io.options import ReadOptions
 from caries_mim.io.radiograph import DicomReferences, Radiograph
+
+jpeg12.register()
 
 GRAYSCALE_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
 
@@ -94,9 +97,23 @@ def _transfer_syntax(ds: Dataset) -> UID | None:
     return UID(str(ts)) if ts else None
 
 
-def check_dicom(ds: Dataset, options: ReadOptions) -> None:
-    """Every check that needs only the header, so that nothing is decoded for a file we would refuse."""
+#: The Pixel Data tag (7FE0,0010) as it appears in little-endian encodings.
+_PIXEL_DATA_TAG_BYTES = b"\xe0\x7f\x10\x00"
+
+
+def check_dicom(ds: Dataset, options: ReadOptions, data: bytes = b"") -> None:
+    """Every check that needs only the header, so that nothing is decoded for a file we would refuse.
+
+    ``data`` (the file's bytes) lets a truncated Pixel Data element be told apart from a file that never had one:
+    pydicom drops an element cut off by the end of the file with only a warning.
+    """
+    ts = _transfer_syntax(ds)
+    if ts is None or not ts.is_valid:
+        raise CorruptHeaderError("the file meta information has no valid TransferSyntaxUID")
+
     if "PixelData" not in ds:
+        if _PIXEL_DATA_TAG_BYTES in data:
+            raise CorruptPixelDataError("the Pixel Data element is truncated (the file ends inside it)")
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise NoPixelDataError("float pixel data (parametric maps) is not a radiograph")
         sop_class = _get(ds, "SOPClassUID")
@@ -133,9 +150,8 @@ def check_dicom(ds: Dataset, options: ReadOptions) -> None:
             f"image is {rows} x {columns} = {rows * columns} pixels, over the limit of {options.max_pixels}"
         )
 
-    ts = _transfer_syntax(ds)
-    if ts is None:
-        raise CorruptHeaderError("the file meta information has no TransferSyntaxUID")
+    if not ts.is_transfer_syntax:
+        raise MissingDecoderError(f"unknown transfer syntax {ts}; no pixel decoder exists for it")
     if ts.is_compressed:
         try:
             decoder = get_decoder(ts)
@@ -169,8 +185,14 @@ def _voi_to_unit_range(values: np.ndarray, ds: Dataset, index: int) -> tuple[np.
         if index >= len(voi_luts):
             raise InvalidArgumentError(f"VOI index {index} requested but the file has {len(voi_luts)} VOI LUT(s)")
         try:
+            lut_item = voi_luts[index]
+            entries, first_mapped, lut_bits = (int(v) for v in lut_item.LUTDescriptor)
+            if lut_bits == 8:
+                # pydicom 3.0 clips input values into a buffer of the LUT's output dtype (uint8 here), so inputs
+                # above 255 wrap around. Declaring 16-bit entries changes only that buffer: the 8-bit values
+                # are read the same way (pydicom reads OW LUT data as 16-bit words either way).
+                lut_item.LUTDescriptor = [entries, first_mapped, 16]
             out = apply_voi_lut(values, ds, index=index, prefer_lut=True)
-            lut_bits = int(voi_luts[index].LUTDescriptor[2])
         except Exception:
             return None
         # PS3.3 C.11.2.1.1: the LUT's output range is 0 .. 2^bits - 1, whatever values it happens to use.
@@ -194,9 +216,9 @@ def _voi_to_unit_range(values: np.ndarray, ds: Dataset, index: int) -> tuple[np.
     return None
 
 
-def dicom_to_radiograph(ds: Dataset, options: ReadOptions) -> Radiograph:
+def dicom_to_radiograph(ds: Dataset, options: ReadOptions, data: bytes = b"") -> Radiograph:
     """Run the header checks, decode, and apply the display pipeline. ``ds`` must come from :func:`parse_dicom`."""
-    check_dicom(ds, options)
+    check_dicom(ds, options, data)
     stored = decode_pixels(ds)
     try:
         values = apply_modality_lut(stored, ds)
@@ -243,4 +265,4 @@ def _uid_or_none(ds: Dataset, keyword: str) -> str | None:
 
 def read_dicom(data: bytes, options: ReadOptions) -> Radiograph:
     """Bytes of a DICOM Part 10 file -> :class:`Radiograph`."""
-    return dicom_to_radiograph(parse_dicom(data), options)
+    return dicom_to_radiograph(parse_dicom(data), options, data)

@@ -1,0 +1,175 @@
+"""The ``caries-mim`` command line: one entry point, one subcommand per job.
+
+User errors (:class:`caries_mim.errors.CariesMimError`) become one line on stderr and exit status 2; anything
+else becomes one line and exit status 1 (set ``CARIES_MIM_DEBUG=1`` for the traceback). A traceback shown to a
+user by default is a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from caries_mim import __version__
+from caries_mim.errors import CariesMimError, InvalidArgumentError
+from caries_mim.io import DEFAULT_ALLOWED_MODALITIES, DEFAULT_MAX_PIXELS, ReadOptions
+
+EXIT_OK = 0
+EXIT_INTERNAL_ERROR = 1
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+log = logging.getLogger("caries_mim.cli")
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def _modalities(text: str) -> frozenset[str]:
+    values = frozenset(part.strip().upper() for part in text.split(",") if part.strip())
+    if not values:
+        raise argparse.ArgumentTypeError("expected a comma-separated list such as DX,IO,PX,CR")
+    return values
+
+
+def _add_read_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--modalities",
+        type=_modalities,
+        default=DEFAULT_ALLOWED_MODALITIES,
+        metavar="LIST",
+        help="DICOM modalities accepted, comma-separated (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dicom-only", action="store_true", help="refuse PNG/JPEG/TIFF/MHA/NRRD/NIfTI files (default: accept them)"
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=_non_negative_int,
+        default=DEFAULT_MAX_PIXELS,
+        help="refuse images with more than this many pixels, before decoding (default: %(default)s)",
+    )
+
+
+def _read_options(args: argparse.Namespace) -> ReadOptions:
+    return ReadOptions(
+        allowed_modalities=args.modalities, allow_non_dicom=not args.dicom_only, max_pixels=args.max_pixels
+    )
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from pipelines.inspect_files import inspect_files
+
+    seen, readable = inspect_files(args.files, _read_options(args), sys.stdout, reveal_uids=args.reveal_uids)
+    if seen == 0:
+        raise InvalidArgumentError("no files found under the given paths")
+    print(f"inspect: {readable} of {seen} file(s) readable", file=sys.stderr)
+    return EXIT_OK if readable == seen else EXIT_USER_ERROR
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from caries_mim.synth import generate_dataset
+
+    summary = generate_dataset(
+        args.out, n_unlabeled=args.unlabeled, n_labeled=args.labeled, seed=args.seed, progress=not args.quiet
+    )
+    print(json.dumps(summary.to_dict()))
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pipelines.demo import run_demo
+
+    run_demo(Path(args.out), seed=args.seed, n_unlabeled=args.unlabeled, n_labeled=args.labeled)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="caries-mim",
+        description="Masked image modeling on dental radiographs, caries detection, DICOM inference.",
+    )
+    parser.add_argument("--version", action="version", version=f"caries-mim {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail to stderr")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="describe radiograph files as JSON lines (or say why they cannot be read)",
+        description="One JSON line per file on stdout. Exit status 0 when every file was readable, 2 otherwise.",
+    )
+    inspect.add_argument("files", nargs="+", metavar="FILE", help="files, or folders to walk")
+    inspect.add_argument(
+        "--reveal-uids", action="store_true", help="print DICOM UIDs in clear (default: SOP Instance UID hashed)"
+    )
+    _add_read_options(inspect)
+    inspect.set_defaults(handler=_cmd_inspect)
+
+    synth = commands.add_parser(
+        "synth",
+        help="write a synthetic dental radiograph set (DICOM + COCO)",
+        description="Writes OUT/unlabeled/*.dcm, OUT/labeled/images/*.dcm and OUT/labeled/{train,val,test}.json.",
+    )
+    synth.add_argument("out", type=Path, metavar="OUT", help="output folder")
+    synth.add_argument("--unlabeled", type=_non_negative_int, default=0, metavar="N", help="unlabeled images")
+    synth.add_argument("--labeled", type=_non_negative_int, default=0, metavar="M", help="labeled images")
+    synth.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default: %(default)s)")
+    synth.add_argument("--quiet", action="store_true", help="no progress bar")
+    synth.set_defaults(handler=_cmd_synth)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run the main job on embedded synthetic data (what `make demo` runs)",
+        description="Generates a small synthetic set, reads every file back, loads the annotations and writes "
+        "a preview picture.",
+    )
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: %(default)s)")
+    demo.add_argument("--seed", type=_non_negative_int, default=0)
+    demo.add_argument("--unlabeled", type=_non_negative_int, default=24, metavar="N")
+    demo.add_argument("--labeled", type=_non_negative_int, default=40, metavar="M")
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if not args.verbose:
+        # pydicom logs every non-conformance it also raises as a warning; commands report those per file.
+        logging.getLogger("pydicom").setLevel(logging.ERROR)
+    try:
+        return args.handler(args)
+    except CariesMimError as exc:
+        print(f"caries-mim {args.command}: error [{exc.code}]: {exc.message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"caries-mim {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if os.environ.get("CARIES_MIM_DEBUG"):
+            traceback.print_exc()
+        print(
+            f"caries-mim {args.command}: internal error ({type(exc).__name__}: {exc}); "
+            "set CARIES_MIM_DEBUG=1 for the traceback and report it",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
