@@ -2,7 +2,7 @@
 
 from caries_mim.io.options import DEFAULT_ALLOWED_MODALITIES, DEFAULT_MAX_PIXELS, ReadOptions
 from caries_mim.io.radiograph import DicomReferences, Radiograph, hash_uid
-from caries_mim.io.reader import RadiographSource, read_radiograph
+from caries_mim.io.reader import RadiographSource, read_radiograph, read_source_bytes
 
 __all__ = [
     "DEFAULT_ALLOWED_MODALITIES",
@@ -13,4 +13,5 @@ __all__ = [
     "ReadOptions",
     "hash_uid",
     "read_radiograph",
+    "read_source_bytes",
 ]

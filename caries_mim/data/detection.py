@@ -1,0 +1,152 @@
+"""Labeled radiographs for detection: records -> image tensors with boxes, and a collate for batches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from caries_mim.data.cache import DecodeCache, RadiographLoader
+from caries_mim.data.indexing import SkippedFiles, index_readable
+from caries_mim.data.records import LISTED, DetectionRecord
+from caries_mim.data.transforms import LABEL_FIELD, reseed_for_worker
+from caries_mim.data.unlabeled import image_tensor
+from caries_mim.errors import InvalidDatasetError
+from caries_mim.io import ReadOptions
+
+#: An albumentations-style box-aware transform: ``transform(image=, bboxes=, labels=)`` -> dict.
+DetectionTransform = Callable[..., dict[str, Any]]
+
+
+def _size_mismatch(record: DetectionRecord, height: int, width: int) -> bool:
+    return (record.width is not None and record.width != width) or (
+        record.height is not None and record.height != height
+    )
+
+
+def clip_boxes(boxes: np.ndarray, labels: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Clip float32 (N, 4) xyxy boxes to a (height, width) image and drop those left without area."""
+    clipped = np.clip(boxes, 0.0, np.array([width, height, width, height], dtype=np.float32))
+    keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    return clipped[keep], labels[keep]
+
+
+class DetectionDataset(Dataset):
+    """Annotated radiographs as detector inputs.
+
+    Item: a dict with
+        ``image``: float32 tensor (1, H, W) in [0, 1] (H, W = the transform's output size, else the original),
+        ``boxes``: float32 tensor (N, 4), [x0, y0, x1, y1] in pixels of ``image``, inside it, x1 > x0, y1 > y0,
+        ``labels``: int64 tensor (N,), class indices, aligned with ``boxes``,
+        ``image_id``: the record's image id,
+        ``spacing_mm``: (row, col) pixel spacing of the original image in mm, or None,
+        ``original_size``: (height, width) of the original image, to map boxes back
+        (:class:`~caries_mim.data.transforms.Letterbox`).
+
+    With ``validate`` (the default) construction decodes every image once through the cache (see
+    :mod:`caries_mim.data.indexing`): unreadable images are left out with one summarized warning (recorded in
+    :attr:`skipped`), and an image whose size differs from the annotation file's width/height raises, because
+    its boxes would then be in another image's coordinates.
+
+    Raises:
+        InvalidDatasetError: no records, no readable image, or image sizes that contradict the annotations.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[DetectionRecord],
+        *,
+        cache: DecodeCache | None = None,
+        options: ReadOptions | None = None,
+        transform: DetectionTransform | None = None,
+        validate: bool = True,
+        progress: bool = True,
+    ) -> None:
+        if not records:
+            raise InvalidDatasetError("the detection dataset has no annotated images")
+        self.load = RadiographLoader(cache, options or ReadOptions())
+        self.transform = transform
+        self._transform_seed: int | None = None
+        self.skipped = SkippedFiles()
+        self.records = list(records)
+        if validate:
+            self._validate(progress)
+
+    def _validate(self, progress: bool) -> None:
+        indexed, self.skipped = index_readable(
+            [record.image_path for record in self.records],
+            self.load,
+            progress=progress,
+            description="indexing annotated radiographs",
+        )
+        sizes = {image.path: (image.height, image.width) for image in indexed}
+        kept = [record for record in self.records if record.image_path in sizes]
+        if not kept:
+            raise InvalidDatasetError(f"none of the {len(self.records)} annotated images can be read")
+        mismatched = [
+            f"{record.image_path} (annotated {record.width} x {record.height}, "
+            f"decoded {sizes[record.image_path][1]} x {sizes[record.image_path][0]})"
+            for record in kept
+            if _size_mismatch(record, *sizes[record.image_path])
+        ]
+        if mismatched:
+            more = f" and {len(mismatched) - LISTED} more" if len(mismatched) > LISTED else ""
+            raise InvalidDatasetError(
+                f"{len(mismatched)} image(s) differ in size from their annotations (width x height): "
+                f"{'; '.join(mismatched[:LISTED])}{more}; were the images resized after annotation?"
+            )
+        self.records = kept
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        radiograph = self.load(record.image_path)
+        height, width = radiograph.height, radiograph.width
+        if _size_mismatch(record, height, width):
+            raise InvalidDatasetError(
+                f"{record.image_path}: decoded {width} x {height} but annotated {record.width} x {record.height}"
+            )
+        image = radiograph.pixels
+        boxes, labels = clip_boxes(record.boxes, record.labels, height, width)
+        if self.transform is not None:
+            self._transform_seed = reseed_for_worker(self.transform, self._transform_seed)
+            out = self.transform(image=image, bboxes=boxes, **{LABEL_FIELD: labels})
+            image = out["image"]
+            boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
+            labels = np.asarray(out[LABEL_FIELD], dtype=np.int64).reshape(-1)
+        return {
+            "image": image_tensor(image),
+            "boxes": torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)),
+            "labels": torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)),
+            "image_id": record.image_id,
+            "spacing_mm": radiograph.spacing_mm,
+            "original_size": (height, width),
+        }
+
+
+def collate_detection(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Batch detection items whose box counts differ.
+
+    Returns:
+        ``image``: float32 tensor (B, 1, H, W) (items must share H, W: use a resizing transform);
+        ``boxes``: list of B float32 tensors (N_i, 4); ``labels``: list of B int64 tensors (N_i,);
+        ``image_id``, ``spacing_mm``, ``original_size``: lists of length B.
+    Raises:
+        ValueError: the images differ in size.
+    """
+    shapes = {tuple(item["image"].shape) for item in batch}
+    if len(shapes) > 1:
+        raise ValueError(f"cannot stack images of different sizes {sorted(shapes)}; resize them in the transform")
+    return {
+        "image": torch.stack([item["image"] for item in batch]),
+        "boxes": [item["boxes"] for item in batch],
+        "labels": [item["labels"] for item in batch],
+        "image_id": [item["image_id"] for item in batch],
+        "spacing_mm": [item["spacing_mm"] for item in batch],
+        "original_size": [item["original_size"] for item in batch],
+    }

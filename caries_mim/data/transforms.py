@@ -1,0 +1,210 @@
+"""Augmentation presets (albumentations 2.x) for single-channel float32 radiographs in [0, 1].
+
+Images enter and leave as (H, W) float32 in [0, 1]. Detection presets take ``bboxes`` as pascal_voc
+[x0, y0, x1, y1] pixels with a ``labels`` field, and return boxes clipped to the image with x1 > x0, y1 > y0;
+boxes that lose most of their area to a crop or an affine move are removed together with their labels.
+
+Resizing keeps the aspect ratio (longest side to ``size``) and pads the bottom and right with black up to a
+square: caries are a few pixels wide on a bitewing, and a stretched tooth is not a tooth the model will see at
+inference. Padding at the top-left anchor keeps the map back to original pixels a pure scale
+(:class:`Letterbox`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+from torch.utils.data import get_worker_info
+
+#: Key under which detection transforms carry the class indices of ``bboxes``.
+LABEL_FIELD = "labels"
+
+
+class FloatClahe(A.ImageOnlyTransform):
+    """CLAHE for float32 images in [0, 1] that keeps their sub-8-bit detail.
+
+    OpenCV's CLAHE (and albumentations' ``A.CLAHE``, which converts float input to uint8 and back) works on
+    uint8: its clip limit is defined for a 256-bin histogram. Radiographs come from 12-16 bit detectors, and the
+    enamel/dentin contrast of an early lesion can sit below one 8-bit step. So the equalization mapping is computed
+    and applied on the uint8-rounded image, as CLAHE is defined, and the rounding residual (the part below one
+    8-bit step) is added back afterwards instead of being thrown away.
+    """
+
+    def __init__(
+        self,
+        clip_limit: tuple[float, float] = (1.0, 3.0),
+        tile_grid_size: tuple[int, int] = (8, 8),
+        p: float = 0.5,
+    ) -> None:
+        super().__init__(p=p)
+        self.clip_limit = clip_limit
+        self.tile_grid_size = tile_grid_size
+
+    def get_params(self) -> dict[str, float]:
+        return {"clip_limit": self.py_random.uniform(*self.clip_limit)}
+
+    def apply(self, img: np.ndarray, clip_limit: float, **params: Any) -> np.ndarray:
+        if img.dtype != np.float32:
+            raise TypeError(f"FloatClahe expects float32 images in [0, 1], got {img.dtype}")
+        if img.ndim == 3 and img.shape[-1] == 1:
+            return self.apply(img[..., 0], clip_limit)[..., None]
+        rounded = np.rint(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
+        equalized = cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=self.tile_grid_size).apply(rounded)
+        residual = img - rounded.astype(np.float32) / 255.0
+        return np.clip(equalized.astype(np.float32) / 255.0 + residual, 0.0, 1.0).astype(np.float32)
+
+
+def _letterbox(size: int) -> list[A.BasicTransform]:
+    return [
+        # Area averaging when shrinking (anti-aliasing keeps thin enamel edges), linear when enlarging.
+        A.LongestMaxSize(max_size=size, interpolation=cv2.INTER_LINEAR, area_for_downscale="image"),
+        A.PadIfNeeded(min_height=size, min_width=size, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0.0),
+    ]
+
+
+def _bbox_params(min_visibility: float) -> A.BboxParams:
+    return A.BboxParams(
+        format="pascal_voc",
+        label_fields=[LABEL_FIELD],
+        clip=True,
+        filter_invalid_bboxes=True,
+        min_visibility=min_visibility,
+        # Boxes squeezed under one pixel by a resize carry no trainable signal.
+        min_width=1.0,
+        min_height=1.0,
+    )
+
+
+def mim_pretrain_transform(
+    size: int = 224,
+    scale: tuple[float, float] = (0.2, 1.0),
+    seed: int | None = None,
+) -> A.Compose:
+    """MAE-style augmentation for masked image modeling: random resized crop to ``size`` x ``size`` with area
+    fraction in ``scale``, horizontal flip, and mild brightness/contrast/gamma jitter (detector and exposure
+    variation between practices, kept mild so reconstruction targets stay realistic).
+
+    Output: float32 (size, size) in [0, 1].
+    """
+    return A.Compose(
+        [
+            A.RandomResizedCrop(
+                size=(size, size),
+                scale=scale,
+                ratio=(3 / 4, 4 / 3),
+                interpolation=cv2.INTER_LINEAR,
+                area_for_downscale="image",
+            ),
+            A.HorizontalFlip(p=0.5),
+            A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
+            A.RandomGamma(gamma_limit=(85, 115), p=0.5),
+        ],
+        seed=seed,
+    )
+
+
+def detection_train_transform(
+    size: int = 512,
+    min_visibility: float = 0.3,
+    seed: int | None = None,
+) -> A.Compose:
+    """Box-aware training augmentation: letterbox to ``size`` x ``size``, horizontal flip (caries look the same
+    mirrored), small affine (scale 0.9-1.1, shift 5%, rotation 5 degrees: sensor placement varies that much),
+    CLAHE, brightness/contrast/gamma, Gaussian noise (quantum noise of low-dose sensors) and slight blur
+    (motion, focal spot). Boxes keeping under ``min_visibility`` of their area are dropped with their labels.
+
+    Call as ``transform(image=img, bboxes=boxes_xyxy, labels=labels)``; output image float32 (size, size) in
+    [0, 1].
+    """
+    return A.Compose(
+        [
+            *_letterbox(size),
+            A.HorizontalFlip(p=0.5),
+            A.Affine(
+                scale=(0.9, 1.1),
+                translate_percent=(-0.05, 0.05),
+                rotate=(-5, 5),
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0.0,
+                p=0.5,
+            ),
+            FloatClahe(p=0.3),
+            A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.15, p=0.5),
+            A.RandomGamma(gamma_limit=(80, 120), p=0.5),
+            A.GaussNoise(std_range=(0.005, 0.02), p=0.3),
+            A.GaussianBlur(blur_limit=(3, 5), p=0.2),
+        ],
+        bbox_params=_bbox_params(min_visibility),
+        seed=seed,
+    )
+
+
+def detection_eval_transform(size: int = 512) -> A.Compose:
+    """Deterministic letterbox to ``size`` x ``size`` (no intensity change). Map predictions back to original
+    pixels with ``Letterbox.for_image(height, width, size).to_original(boxes)``.
+
+    albumentations requires the box fields on every call: at inference pass ``bboxes=np.zeros((0, 4))`` and
+    ``labels=np.zeros(0)``.
+    """
+    return A.Compose(_letterbox(size), bbox_params=_bbox_params(min_visibility=0.0))
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Geometry of :func:`detection_eval_transform` for one image: original (H, W) -> resized, padded square.
+
+    Attributes:
+        size: side of the padded square the model sees.
+        original: (height, width) of the source image in pixels.
+        resized: (height, width) of the image inside the square, before bottom/right padding.
+    """
+
+    size: int
+    original: tuple[int, int]
+    resized: tuple[int, int]
+
+    @classmethod
+    def for_image(cls, height: int, width: int, size: int) -> Letterbox:
+        """The geometry albumentations' LongestMaxSize produces (each side rounded, at least one pixel)."""
+        scale = size / max(height, width)
+        resized = (max(1, round(height * scale)), max(1, round(width * scale)))
+        return cls(size=size, original=(height, width), resized=resized)
+
+    @property
+    def scale_xy(self) -> tuple[float, float]:
+        """(x, y) factors from original to model pixels; they differ slightly because each side is rounded."""
+        return self.resized[1] / self.original[1], self.resized[0] / self.original[0]
+
+    def to_model(self, boxes: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
+        """(N, 4) xyxy in original pixels -> float32 (N, 4) xyxy in model pixels."""
+        sx, sy = self.scale_xy
+        return (np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * (sx, sy, sx, sy)).astype(np.float32)
+
+    def to_original(self, boxes: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
+        """(N, 4) xyxy in model pixels -> float32 (N, 4) xyxy in original pixels, clipped to the original image
+        (a prediction reaching into the padding ends at the image border)."""
+        sx, sy = self.scale_xy
+        height, width = self.original
+        out = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) / (sx, sy, sx, sy)
+        return np.clip(out, 0.0, (width, height, width, height)).astype(np.float32)
+
+
+def reseed_for_worker(transform: Any, seeded: int | None) -> int | None:
+    """Give ``transform`` this DataLoader worker's own seed, once per worker; returns the seed now in use.
+
+    Every worker starts with a copy of the same transform and hence the same random state (albumentations 2.0
+    does not reseed per worker), so without this all workers would draw identical augmentations. torch gives
+    each worker a distinct seed that also changes every epoch. Outside workers nothing changes.
+    """
+    info = get_worker_info()
+    if info is None or transform is None or not hasattr(transform, "set_random_seed"):
+        return seeded
+    seed = info.seed % 2**32
+    if seed != seeded:
+        transform.set_random_seed(seed)
+    return seed

@@ -1,0 +1,83 @@
+"""Unlabeled radiographs for masked image modeling: every readable file under some folders."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from caries_mim.data.cache import DecodeCache, RadiographLoader
+from caries_mim.data.discovery import find_radiographs
+from caries_mim.data.indexing import IndexedImage, SkippedFiles, index_readable
+from caries_mim.data.transforms import reseed_for_worker
+from caries_mim.errors import InvalidDatasetError
+from caries_mim.io import ReadOptions
+
+#: An albumentations-style image transform: ``transform(image=array)["image"]``.
+ImageTransform = Callable[..., dict[str, Any]]
+
+
+def image_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """(H, W) float array in [0, 1] -> contiguous float32 tensor (1, H, W)."""
+    return torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).unsqueeze(0)
+
+
+class UnlabeledRadiographs(Dataset):
+    """Every readable radiograph under ``roots``, as float32 tensors (1, H, W) in [0, 1].
+
+    Construction finds the files (:func:`~caries_mim.data.discovery.find_radiographs`) and decodes each once
+    through the cache (:func:`~caries_mim.data.indexing.index_readable`, which explains why); unreadable files are
+    left out with one summarized warning and recorded in :attr:`skipped`. With a transform (for example
+    :func:`~caries_mim.data.transforms.mim_pretrain_transform`) H and W are the transform's output size.
+
+    Args:
+        roots: folder(s) or file(s) to scan.
+        cache: decode cache; strongly advised for training (without it every epoch decodes every file).
+        options: how files are read (modality allow-list, size limit).
+        transform: albumentations-style callable applied to the (H, W) float32 image.
+        progress: show a tqdm bar during the validation pass.
+    Raises:
+        InvalidDatasetError: a root does not exist, or not one readable radiograph was found.
+    """
+
+    def __init__(
+        self,
+        roots: str | os.PathLike | Iterable[str | os.PathLike],
+        *,
+        cache: DecodeCache | None = None,
+        options: ReadOptions | None = None,
+        transform: ImageTransform | None = None,
+        progress: bool = True,
+    ) -> None:
+        root_list = [Path(roots)] if isinstance(roots, (str, os.PathLike)) else [Path(root) for root in roots]
+        self.load = RadiographLoader(cache, options or ReadOptions())
+        self.transform = transform
+        self._transform_seed: int | None = None
+        candidates = find_radiographs(root_list)
+        self.images: list[IndexedImage]
+        self.skipped: SkippedFiles
+        self.images, self.skipped = index_readable(candidates, self.load, progress=progress)
+        if not self.images:
+            folders = ", ".join(str(root) for root in root_list)
+            found = f"{len(candidates)} candidate file(s), none readable" if candidates else "no radiograph files"
+            raise InvalidDatasetError(f"no readable radiographs in {folders} ({found})")
+
+    @property
+    def paths(self) -> list[Path]:
+        return [image.path for image in self.images]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        """float32 tensor (1, H, W) in [0, 1] (the transform's range when it changes intensities)."""
+        pixels = self.load(self.images[index].path).pixels
+        if self.transform is not None:
+            self._transform_seed = reseed_for_worker(self.transform, self._transform_seed)
+            pixels = self.transform(image=pixels)["image"]
+        return image_tensor(pixels)

@@ -1,0 +1,145 @@
+"""DetectionDataset items, the collate function, and the validation pass on annotated images."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from caries_mim.data import (
+    DecodeCache,
+    DetectionDataset,
+    DetectionRecord,
+    Letterbox,
+    collate_detection,
+    detection_eval_transform,
+    detection_train_transform,
+    load_annotations,
+)
+from caries_mim.errors import InvalidDatasetError
+from tests.data.conftest import FIXTURES, write_dicom
+
+
+@pytest.fixture
+def coco_set():
+    return load_annotations(FIXTURES / "coco" / "annotations.json")
+
+
+def test_items_without_transform_carry_original_boxes(coco_set, tmp_path):
+    dataset = DetectionDataset(coco_set.records, cache=DecodeCache(tmp_path / "cache"), progress=False)
+    item = dataset[0]
+    assert item["image"].shape == (1, 40, 64)
+    assert item["image"].dtype == torch.float32
+    assert float(item["image"].min()) >= 0.0
+    assert float(item["image"].max()) <= 1.0
+    assert item["boxes"].dtype == torch.float32
+    assert item["labels"].dtype == torch.int64
+    assert item["boxes"].tolist() == [[4.5, 6.0, 14.5, 14.0], [30.0, 10.0, 42.0, 24.0]]
+    assert item["labels"].tolist() == [0, 1]
+    assert item["image_id"] == 0
+    assert item["original_size"] == (40, 64)
+    assert item["spacing_mm"] is None  # PNG carries no spacing
+
+    negative = dataset[1]
+    assert negative["boxes"].shape == (0, 4)
+    assert negative["labels"].shape == (0,)
+
+
+def test_dicom_records_report_spacing(tmp_path):
+    image = write_dicom(tmp_path / "bitewing.dcm", 48, 64)
+    record = DetectionRecord(
+        image_path=image,
+        boxes=np.array([[5, 5, 20, 30]], np.float32),
+        labels=np.array([0], np.int64),
+        image_id="bw-1",
+        width=64,
+        height=48,
+    )
+    item = DetectionDataset([record], progress=False)[0]
+    assert item["spacing_mm"] == (0.035, 0.035)
+    assert item["image_id"] == "bw-1"
+
+
+def test_eval_transform_and_letterbox_map_back(coco_set):
+    size = 32
+    dataset = DetectionDataset(coco_set.records, transform=detection_eval_transform(size), progress=False)
+    item = dataset[0]
+    assert item["image"].shape == (1, size, size)
+    back = Letterbox.for_image(*item["original_size"], size).to_original(item["boxes"].numpy())
+    np.testing.assert_allclose(back, coco_set.records[0].boxes, atol=1e-3)
+
+
+def test_collate_batches_variable_box_counts(coco_set):
+    dataset = DetectionDataset(coco_set.records, transform=detection_train_transform(32, seed=0), progress=False)
+    batch = next(iter(DataLoader(dataset, batch_size=3, collate_fn=collate_detection)))
+    assert batch["image"].shape == (3, 1, 32, 32)
+    assert [boxes.shape[1] for boxes in batch["boxes"]] == [4, 4, 4]
+    assert [len(boxes) for boxes in batch["boxes"]] == [len(labels) for labels in batch["labels"]]
+    assert batch["image_id"] == [0, 1, 2]
+    assert batch["original_size"] == [(40, 64)] * 3
+
+
+def test_collate_refuses_images_of_different_sizes(coco_set, tmp_path):
+    dicom = write_dicom(tmp_path / "other.dcm", 20, 30)
+    record = DetectionRecord(dicom, np.zeros((0, 4), np.float32), np.zeros(0, np.int64), "x")
+    dataset = DetectionDataset([coco_set.records[0], record], progress=False)
+    with pytest.raises(ValueError, match="different sizes"):
+        collate_detection([dataset[0], dataset[1]])
+
+
+def test_image_size_contradicting_annotations_raises(coco_dir):
+    path = coco_dir / "annotations.json"
+    data = json.loads(path.read_text())
+    data["images"][2]["width"] = 128
+    path.write_text(json.dumps(data))
+    records = load_annotations(path).records
+    with pytest.raises(InvalidDatasetError, match=r"synth_000002.png \(annotated 128 x 40, decoded 64 x 40\)"):
+        DetectionDataset(records, progress=False)
+    unchecked = DetectionDataset(records, validate=False)
+    with pytest.raises(InvalidDatasetError, match="decoded 64 x 40 but annotated 128 x 40"):
+        unchecked[2]
+
+
+def test_unreadable_annotated_image_is_skipped_with_one_warning(coco_dir, caplog):
+    (coco_dir / "images" / "synth_000001.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    records = load_annotations(coco_dir / "annotations.json").records
+    with caplog.at_level(logging.WARNING, logger="caries_mim.data"):
+        dataset = DetectionDataset(records, progress=False)
+    assert [record.image_id for record in dataset.records] == [0, 2]
+    assert dataset.skipped.total == 1
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+    assert "synth_000001.png" in caplog.text
+
+
+def test_no_readable_annotated_image_raises(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"junk")
+    record = DetectionRecord(bad, np.zeros((0, 4), np.float32), np.zeros(0, np.int64), 0)
+    with pytest.raises(InvalidDatasetError, match="none of the 1 annotated images"):
+        DetectionDataset([record], progress=False)
+    with pytest.raises(InvalidDatasetError, match="no annotated images"):
+        DetectionDataset([], progress=False)
+
+
+def test_boxes_outside_an_unsized_image_are_clipped(tmp_path):
+    image = write_dicom(tmp_path / "unsized.dcm", 30, 40)
+    record = DetectionRecord(
+        image,
+        np.array([[-5, 2, 10, 12], [35, 25, 60, 50], [45, 0, 50, 5]], np.float32),
+        np.array([0, 1, 0], np.int64),
+        0,
+    )
+    item = DetectionDataset([record], progress=False)[0]
+    assert item["boxes"].tolist() == [[0, 2, 10, 12], [35, 25, 40, 30]]
+    assert item["labels"].tolist() == [0, 1]
+
+
+def test_dataset_pickles_for_spawned_workers(coco_set, tmp_path):
+    dataset = DetectionDataset(coco_set.records, cache=DecodeCache(tmp_path / "cache"), progress=False)
+    clone = pickle.loads(pickle.dumps(dataset))
+    assert clone[0]["boxes"].tolist() == dataset[0]["boxes"].tolist()

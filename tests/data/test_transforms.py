@@ -1,0 +1,124 @@
+"""Augmentation presets keep boxes valid and aligned; the eval letterbox maps boxes back exactly."""
+
+from __future__ import annotations
+
+import albumentations as A
+import numpy as np
+import pytest
+
+from caries_mim.data import (
+    FloatClahe,
+    Letterbox,
+    detection_eval_transform,
+    detection_train_transform,
+    mim_pretrain_transform,
+)
+
+
+def random_boxes(rng: np.random.Generator, height: int, width: int, count: int) -> np.ndarray:
+    x0 = rng.uniform(0, width - 2, count)
+    y0 = rng.uniform(0, height - 2, count)
+    x1 = np.minimum(x0 + rng.uniform(1, width / 3, count), width)
+    y1 = np.minimum(y0 + rng.uniform(1, height / 3, count), height)
+    return np.stack([x0, y0, x1, y1], axis=1).astype(np.float32)
+
+
+def assert_valid_boxes(boxes: np.ndarray, labels: np.ndarray, size: int, allowed_labels: set[int]) -> None:
+    assert boxes.shape == (len(labels), 4)
+    if len(boxes):
+        assert np.all(boxes >= 0)
+        assert np.all(boxes <= size)
+        assert np.all(boxes[:, 2] > boxes[:, 0])
+        assert np.all(boxes[:, 3] > boxes[:, 1])
+    assert set(labels.tolist()) <= allowed_labels
+
+
+def test_detection_train_transform_keeps_boxes_valid_over_many_draws():
+    size = 64
+    transform = detection_train_transform(size=size, seed=123)
+    rng = np.random.default_rng(0)
+    kept = 0
+    for _ in range(300):
+        height, width = int(rng.integers(20, 160)), int(rng.integers(20, 160))
+        image = rng.random((height, width), dtype=np.float32)
+        count = int(rng.integers(0, 6))
+        boxes = random_boxes(rng, height, width, count)
+        labels = np.arange(count, dtype=np.int64)  # distinct, so misalignment or duplication would show
+        out = transform(image=image, bboxes=boxes, labels=labels)
+        image_out = out["image"]
+        assert image_out.shape == (size, size)
+        assert image_out.dtype == np.float32
+        assert float(image_out.min()) >= 0.0
+        assert float(image_out.max()) <= 1.0
+        boxes_out = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
+        labels_out = np.asarray(out["labels"], dtype=np.int64)
+        assert_valid_boxes(boxes_out, labels_out, size, set(labels.tolist()))
+        assert len(set(labels_out.tolist())) == len(labels_out)
+        kept += len(labels_out)
+    assert kept > 300  # most boxes survive small affine moves
+
+
+def test_mim_transform_output_shape_and_range():
+    transform = mim_pretrain_transform(size=48, seed=7)
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        image = rng.random((int(rng.integers(30, 200)), int(rng.integers(30, 200))), dtype=np.float32)
+        out = transform(image=image)["image"]
+        assert out.shape == (48, 48)
+        assert out.dtype == np.float32
+        assert float(out.min()) >= 0.0
+        assert float(out.max()) <= 1.0
+
+
+def test_eval_transform_boxes_round_trip_to_original_pixels():
+    rng = np.random.default_rng(11)
+    for _ in range(60):
+        height, width, size = int(rng.integers(8, 400)), int(rng.integers(8, 400)), int(rng.integers(16, 256))
+        boxes = random_boxes(rng, height, width, 4)
+        labels = np.array([3, 1, 2, 0], dtype=np.int64)
+        image = np.zeros((height, width), np.float32)
+        out = detection_eval_transform(size)(image=image, bboxes=boxes, labels=labels)
+        model_boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
+        geometry = Letterbox.for_image(height, width, size)
+
+        assert out["image"].shape == (size, size)
+        blank = detection_eval_transform(size)(image=image + 1.0, bboxes=np.zeros((0, 4)), labels=np.zeros(0))
+        assert np.count_nonzero(blank["image"]) == np.prod(geometry.resized), (
+            "the image must sit in the top-left corner at Letterbox.resized"
+        )
+        # Boxes the resize squeezed below one pixel are filtered out; the others keep their order and labels.
+        kept = np.isin(labels, np.asarray(out["labels"]))
+        np.testing.assert_array_equal(np.asarray(out["labels"]), labels[kept])
+        np.testing.assert_allclose(model_boxes, geometry.to_model(boxes[kept]), atol=1e-3)
+        np.testing.assert_allclose(geometry.to_original(model_boxes), boxes[kept], rtol=1e-5, atol=1e-3)
+
+
+def test_letterbox_to_original_clips_predictions_in_the_padding():
+    geometry = Letterbox.for_image(height=100, width=200, size=64)
+    assert geometry.resized == (32, 64)
+    assert geometry.to_original([[0, 0, 64, 64]]).tolist() == [[0, 0, 200, 100]]
+
+
+def test_float_clahe_keeps_detail_below_one_8bit_step():
+    # Columns differ by 1/4000: a 12-bit ramp that spans less than one 8-bit step around mid-gray.
+    ramp = np.tile(0.5 + np.arange(16, dtype=np.float32) / 4000, (64, 4))
+    ours = FloatClahe(clip_limit=(2.0, 2.0), p=1.0)(image=ramp)["image"]
+    stock = A.CLAHE(clip_limit=(2.0, 2.0), p=1.0)(image=ramp)["image"]
+    assert ours.dtype == np.float32
+    assert ours.min() >= 0.0
+    assert ours.max() <= 1.0
+    assert len(np.unique(stock)) <= 2  # albumentations rounds to uint8: the ramp is gone
+    assert len(np.unique(ours)) >= 16
+    assert np.all(np.diff(ours[0, :16]) >= 0)  # order within the ramp survives
+
+
+def test_float_clahe_equalizes_a_low_contrast_image():
+    rng = np.random.default_rng(3)
+    low_contrast = (0.45 + 0.1 * rng.random((64, 64))).astype(np.float32)
+    out = FloatClahe(clip_limit=(4.0, 4.0), p=1.0)(image=low_contrast)["image"]
+    assert np.ptp(out) > 2 * np.ptp(low_contrast)
+
+
+def test_float_clahe_refuses_uint8():
+    with pytest.raises(TypeError, match="float32"):
+        FloatClahe(p=1.0)(image=np.zeros((16, 16), np.uint8))
