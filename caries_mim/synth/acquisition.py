@@ -1,0 +1,114 @@
+"""X-ray physics and the detector: attenuation, quantum and electronic noise, blur, gain, display mapping.
+
+Intensities follow Beer-Lambert, ``I = I0 * exp(-sum(mu_i * t_i))``, with effective linear attenuation
+coefficients at about 35 keV (a 60-70 kVp intra-oral tube after filtration). The detector counts quanta (Poisson
+noise, approximated by a Gaussian of the same variance), its scintillator blurs them (so the noise is correlated
+like in real indirect sensors), then the vendor software takes the log, optionally sharpens with an unsharp mask
+(the halos of real images) and maps the result to 12 bits with a display curve.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from caries_mim.synth.config import SynthConfig
+
+#: Effective linear attenuation coefficients (1/mm). Enamel is ~96% hydroxyapatite, dentin ~70%, alveolar bone
+#: here is the mineral part of a trabecular/cortical mix, soft tissue ~ water; amalgam saturates the detector.
+MU_PER_MM = {
+    "enamel": 0.36,
+    "dentin": 0.19,
+    "bone": 0.13,
+    "soft": 0.03,
+    "amalgam": 6.0,
+    "composite": 0.3,
+}
+
+MAX_STORED = 4095
+
+
+@dataclass(frozen=True)
+class AcquisitionParams:
+    """Per-image detector and processing draws (see :class:`SynthConfig` for the ranges)."""
+
+    photons: float
+    electronic_noise: float
+    psf_sigma_px: float
+    gain_variation: float
+    vignetting: float
+    sharpen_amount: float
+    sharpen_sigma_mm: float
+    display_span: float
+    display_gamma: float
+    display_offset: float
+
+
+def sample_acquisition(rng: np.random.Generator, config: SynthConfig) -> AcquisitionParams:
+    sharpen = rng.random() < config.edge_enhancement_probability
+    return AcquisitionParams(
+        photons=float(rng.uniform(*config.exposure_photons)),
+        electronic_noise=float(rng.uniform(*config.electronic_noise)),
+        psf_sigma_px=float(rng.uniform(*config.psf_sigma_px)),
+        gain_variation=float(rng.uniform(0.0, 0.03)),
+        vignetting=float(rng.uniform(0.0, 0.12)),
+        sharpen_amount=float(rng.uniform(0.3, 0.8)) if sharpen else 0.0,
+        sharpen_sigma_mm=float(rng.uniform(0.4, 1.2)),
+        display_span=float(rng.uniform(3.4, 4.2)),
+        display_gamma=float(rng.uniform(1.1, 1.5)),
+        display_offset=float(rng.uniform(-0.35, -0.1)),
+    )
+
+
+def detect(attenuation: np.ndarray, params: AcquisitionParams, spacing: float, rng: np.random.Generator) -> np.ndarray:
+    """Line integrals -> processed log signal, as the vendor software hands it to the display curve.
+
+    Args:
+        attenuation: sum of mu * t along each ray, float32 (H, W), >= 0 (0 = air).
+        spacing: pixel spacing in mm (the unsharp-mask kernel is physical).
+    Returns:
+        float32 (H, W): measured line integrals -log(I / I0) after noise, blur, residual gain and sharpening.
+    """
+    shape = attenuation.shape
+    rows = np.linspace(-1.0, 1.0, shape[0], dtype=np.float32)[:, None]
+    cols = np.linspace(-1.0, 1.0, shape[1], dtype=np.float32)[None, :]
+    # Residual after flat-field correction: heel effect / cone falloff (vignetting) and a smooth gain ripple.
+    falloff = 1.0 - params.vignetting * 0.5 * (np.square(rows) + np.square(cols))
+    gain_grid = 1.0 + params.gain_variation * rng.standard_normal((3, 3)).astype(np.float32)
+    gain = falloff * cv2.resize(gain_grid, (shape[1], shape[0]), interpolation=cv2.INTER_CUBIC)
+
+    quanta = params.photons * gain * np.exp(-attenuation)
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    quanta += np.sqrt(quanta + params.electronic_noise**2) * noise
+    quanta = cv2.GaussianBlur(quanta, (0, 0), params.psf_sigma_px)
+    measured = -np.log(np.maximum(quanta, 0.5) * np.float32(1.0 / params.photons))
+    if params.sharpen_amount > 0:
+        # The unsharp-mask background is smooth: blur it at a quarter of the resolution (10x cheaper).
+        small = cv2.resize(measured, (max(shape[1] // 4, 1), max(shape[0] // 4, 1)), interpolation=cv2.INTER_AREA)
+        small = cv2.GaussianBlur(small, (0, 0), params.sharpen_sigma_mm / (4.0 * spacing))
+        background = cv2.resize(small, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+        measured += params.sharpen_amount * (measured - background)
+    return measured
+
+
+def display(measured: np.ndarray, params: AcquisitionParams) -> np.ndarray:
+    """Processed line integrals -> stored 12-bit values (uint16 (H, W) in 0..4095, bright = attenuating).
+
+    The lower end is anchored on the thinnest soft tissue in the field (like auto-contrast), the upper end a
+    fixed physical span above it, so enamel lands near the top and amalgam saturates at 4095.
+    """
+    sample = measured[::7, ::7]
+    low = float(np.percentile(sample, 0.5)) + params.display_offset
+    scaled = np.clip((measured - low) * np.float32(1.0 / params.display_span), 0.0, 1.0)
+    curved = scaled**params.display_gamma
+    return np.rint(curved * MAX_STORED).astype(np.uint16)
+
+
+def display_window(stored: np.ndarray) -> tuple[int, int]:
+    """(center, width) of a window spanning the used stored range, as vendor software writes it."""
+    sample = stored[::5, ::5]
+    low, high = int(sample.min()), int(sample.max())
+    width = max(high - low + 1, 2)
+    return (low + high + 1) // 2, width

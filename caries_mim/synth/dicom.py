@@ -1,0 +1,163 @@
+"""Writing a synthetic radiograph as a Digital Intra-Oral X-Ray Image, For Presentation (DICOM Part 10).
+
+Identifiers are synthetic and derived from (seed, split, index) only, so a dataset regenerates byte for byte.
+MONOCHROME1 files store inverted values with a mirrored window, so every viewer (and
+:func:`caries_mim.io.read_radiograph`) displays them exactly like the MONOCHROME2 file of the same render.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
+
+from caries_mim.errors import InvalidArgumentError
+from caries_mim.synth.acquisition import MAX_STORED
+from caries_mim.synth.render import SyntheticRadiograph
+
+#: Digital Intra-Oral X-Ray Image Storage - For Presentation.
+INTRAORAL_PRESENTATION_SOP_CLASS = UID("1.2.840.10008.5.1.4.1.1.1.3")
+
+TRANSFER_SYNTAX_UIDS = {
+    "explicit_vr_little_endian": ExplicitVRLittleEndian,
+    "rle_lossless": RLELossless,
+    "jpeg2000_lossless": JPEG2000Lossless,
+}
+PHOTOMETRICS = ("MONOCHROME2", "MONOCHROME1")
+MANUFACTURER = "caries-mim synthetic"
+
+
+def _digest(*parts: object) -> int:
+    """Stable 64-bit integer from the parts (Python's hash() is salted per process)."""
+    text = "\x1f".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "big")
+
+
+def synthetic_uid(seed: int, split: str, index: int, kind: str) -> UID:
+    """A valid, globally unique-looking UID that is a pure function of its arguments."""
+    return generate_uid(entropy_srcs=["caries-mim-synth", str(seed), split, str(index), kind])
+
+
+def write_dicom(
+    image: SyntheticRadiograph,
+    path: str | os.PathLike,
+    *,
+    index: int,
+    seed: int,
+    transfer_syntax: str,
+    photometric: str,
+    split: str = "unlabeled",
+) -> None:
+    """Write ``image`` to ``path`` atomically (temp file in the same folder, then ``os.replace``).
+
+    Args:
+        index, seed, split: identify the image; UIDs, patient identifiers and dates derive from them.
+        transfer_syntax: "explicit_vr_little_endian", "rle_lossless" or "jpeg2000_lossless" (all lossless).
+        photometric: "MONOCHROME2" (stored = ``image.pixels``) or "MONOCHROME1" (stored = 4095 - pixels).
+    """
+    if transfer_syntax not in TRANSFER_SYNTAX_UIDS:
+        raise InvalidArgumentError(
+            f"unknown transfer syntax {transfer_syntax!r}; use one of {', '.join(TRANSFER_SYNTAX_UIDS)}"
+        )
+    if photometric not in PHOTOMETRICS:
+        raise InvalidArgumentError(f"photometric must be MONOCHROME1 or MONOCHROME2, not {photometric!r}")
+    ds = build_dataset(image, index=index, seed=seed, photometric=photometric, split=split)
+    stored = _stored_values(image, photometric)
+    ts_uid = TRANSFER_SYNTAX_UIDS[transfer_syntax]
+    if ts_uid == ExplicitVRLittleEndian:
+        ds.PixelData = stored.tobytes()
+        ds["PixelData"].VR = "OW"
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    else:
+        # compress() would otherwise mint a random SOP Instance UID; ours must stay a function of the seed.
+        ds.compress(ts_uid, stored, encoding_plugin="pylibjpeg", generate_instance_uid=False)
+
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        ds.save_as(tmp, enforce_file_format=True)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _stored_values(image: SyntheticRadiograph, photometric: str) -> np.ndarray:
+    pixels = np.ascontiguousarray(image.pixels, dtype=np.uint16)
+    if photometric == "MONOCHROME1":
+        return (MAX_STORED - pixels).astype(np.uint16)
+    return pixels
+
+
+def build_dataset(image: SyntheticRadiograph, *, index: int, seed: int, photometric: str, split: str) -> Dataset:
+    """The full header (file meta included) without pixel data."""
+    sop_uid = synthetic_uid(seed, split, index, "sop")
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = INTRAORAL_PRESENTATION_SOP_CLASS
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = INTRAORAL_PRESENTATION_SOP_CLASS
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = synthetic_uid(seed, split, index, "study")
+    ds.SeriesInstanceUID = synthetic_uid(seed, split, index, "series")
+
+    key = _digest(seed, split, index)
+    acquired = dt.datetime(2020, 1, 1, 8, 0) + dt.timedelta(days=key % 1460, minutes=(key >> 12) % 600)
+    born = dt.date(1950, 1, 1) + dt.timedelta(days=(key >> 24) % 20000)
+    tag = "U" if split == "unlabeled" else "L"
+    ds.PatientName = f"SYNTH^PATIENT^{tag}{index:06d}"
+    ds.PatientID = f"SYNTH-{seed}-{tag}{index:06d}"
+    ds.PatientBirthDate = born.strftime("%Y%m%d")
+    ds.PatientSex = ("F", "M")[(key >> 40) % 2]
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = acquired.strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = ds.AcquisitionTime = acquired.strftime("%H%M%S")
+    ds.AccessionNumber = ""
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = f"{index:06d}"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.StudyDescription = "Synthetic intra-oral radiograph"
+    ds.SeriesDescription = "Bitewing" if image.view == "bitewing" else "Periapical"
+
+    ds.Modality = "IO"
+    ds.Manufacturer = MANUFACTURER
+    ds.ManufacturerModelName = "caries-mim synth"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.BurnedInAnnotation = "NO"
+    ds.PositionerType = "NONE"
+    ds.ImageLaterality = image.laterality
+    # Mounted as if facing the patient: rows run toward the feet; columns run anteriorly in a right-side view.
+    ds.PatientOrientation = ["A" if image.laterality == "R" else "P", "F"]
+    ds.ImagerPixelSpacing = [f"{image.spacing_mm[0]:.6g}", f"{image.spacing_mm[1]:.6g}"]
+    ds.DetectorType = "SCINTILLATOR"
+
+    ds.Rows, ds.Columns = (int(n) for n in image.pixels.shape)
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.RescaleIntercept = 0
+    ds.RescaleSlope = 1
+    ds.RescaleType = "US"
+    # The DX family requires the Presentation LUT Shape; INVERSE is the one MONOCHROME1 must carry.
+    ds.PresentationLUTShape = "INVERSE" if photometric == "MONOCHROME1" else "IDENTITY"
+    # Mirrored window for inverted values: with x' = 4095 - x, c' = 4096 - c makes the linear window of
+    # PS3.3 C.11.2.1.2 give exactly 1 - y, so both files display the same (see module docstring).
+    center = image.window_center if photometric == "MONOCHROME2" else MAX_STORED + 1 - image.window_center
+    ds.WindowCenter = center
+    ds.WindowWidth = image.window_width
+    ds.VOILUTFunction = "LINEAR"
+    ds.LossyImageCompression = "00"
+    return ds
