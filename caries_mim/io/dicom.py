@@ -204,7 +204,7 @@ def _voi_to_unit_range(values: np.ndarray, ds: Dataset, index: int) -> tuple[np.
         if index >= centers.VM:
             raise InvalidArgumentError(f"VOI index {index} requested but the file has {centers.VM} window(s)")
         try:
-            out = apply_voi_lut(values.astype(np.float64), ds, index=index, prefer_lut=False)
+            out = apply_voi_lut(values, ds, index=index, prefer_lut=False)
             # The window's output range depends on bits stored, signedness and rescale (pydicom computes it);
             # windowing the two probe values reads that range back instead of re-deriving it here.
             y_lo, y_hi = apply_voi_lut(_WINDOW_PROBE.copy(), ds, index=index, prefer_lut=False)
@@ -216,27 +216,53 @@ def _voi_to_unit_range(values: np.ndarray, ds: Dataset, index: int) -> tuple[np.
     return None
 
 
+#: Integer images whose stored values span at most this many levels go through a lookup table (16-bit: 65536).
+_MAX_TABLE_LEVELS = 1 << 16
+
+
+def _display_values(stored: np.ndarray, ds: Dataset, voi_index: int, invert: bool) -> tuple[np.ndarray, str]:
+    """Stored values -> float32 [0, 1] through modality LUT, VOI and inversion. Returns (pixels, normalization).
+
+    pydicom's LUT functions cost several float64 passes over every pixel. Stored values are integers in a small
+    range, so they are applied once to each level that occurs (a table of at most 65536 entries) and the image is
+    mapped with one lookup: the same functions and results, several times faster on a bitewing.
+    """
+    offset = int(stored.min()) if stored.size else 0
+    levels = int(stored.max()) - offset + 1 if stored.size else 1
+    use_table = stored.dtype.kind in "iu" and levels <= _MAX_TABLE_LEVELS
+    domain = np.arange(offset, offset + levels).astype(stored.dtype) if use_table else stored
+    try:
+        values = apply_modality_lut(domain, ds)
+    except Exception as exc:
+        raise CorruptHeaderError(f"modality LUT / rescale cannot be applied: {_short(exc)}") from exc
+    index = (
+        (stored if offset == 0 and stored.dtype.kind == "u" else stored.astype(np.int64) - offset)
+        if use_table
+        else None
+    )
+
+    voi = _voi_to_unit_range(values, ds, voi_index)
+    if voi is None:
+        unit, normalization = normalize_percentiles(values[index] if use_table else values), "percentile"
+        use_table = False
+    else:
+        unit, normalization = voi
+    unit = unit.astype(np.float32)
+    if invert:
+        unit = np.float32(1.0) - unit
+    return (np.take(unit, index) if use_table else unit), normalization
+
+
 def dicom_to_radiograph(ds: Dataset, options: ReadOptions, data: bytes = b"") -> Radiograph:
     """Run the header checks, decode, and apply the display pipeline. ``ds`` must come from :func:`parse_dicom`."""
     check_dicom(ds, options, data)
     stored = decode_pixels(ds)
-    try:
-        values = apply_modality_lut(stored, ds)
-    except Exception as exc:
-        raise CorruptHeaderError(f"modality LUT / rescale cannot be applied: {_short(exc)}") from exc
-
-    voi = _voi_to_unit_range(values, ds, options.voi_index)
-    if voi is None:
-        unit, normalization = normalize_percentiles(values), "percentile"
-    else:
-        unit, normalization = voi
-
     photometric = str(ds.PhotometricInterpretation).strip().upper()
     presentation_shape = str(_get(ds, "PresentationLUTShape", "")).strip().upper()
     # MONOCHROME1 shows low values bright. An INVERSE presentation shape on MONOCHROME1 (which the DX IOD
     # requires) describes that same inversion; it must not be applied a second time.
-    if photometric == "MONOCHROME1" or presentation_shape == "INVERSE":
-        unit = 1.0 - unit
+    invert = photometric == "MONOCHROME1" or presentation_shape == "INVERSE"
+    unit, normalization = _display_values(stored, ds, options.voi_index, invert)
 
     ts = _transfer_syntax(ds)
     bits_stored = _get(ds, "BitsStored")
