@@ -38,6 +38,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a number >= 1, got 0")
+    return value
+
+
 def _modalities(text: str) -> frozenset[str]:
     values = frozenset(part.strip().upper() for part in text.split(",") if part.strip())
     if not values:
@@ -84,7 +91,12 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from caries_mim.synth import generate_dataset
 
     summary = generate_dataset(
-        args.out, n_unlabeled=args.unlabeled, n_labeled=args.labeled, seed=args.seed, progress=not args.quiet
+        args.out,
+        n_unlabeled=args.unlabeled,
+        n_labeled=args.labeled,
+        seed=args.seed,
+        progress=not args.quiet,
+        workers=args.workers,
     )
     print(json.dumps(summary.to_dict()))
     return EXIT_OK
@@ -127,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--unlabeled", type=_non_negative_int, default=0, metavar="N", help="unlabeled images")
     synth.add_argument("--labeled", type=_non_negative_int, default=0, metavar="M", help="labeled images")
     synth.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default: %(default)s)")
+    synth.add_argument(
+        "--workers", type=_positive_int, default=1, help="processes rendering in parallel; output is identical"
+    )
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(handler=_cmd_synth)
 
