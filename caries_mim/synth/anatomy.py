@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 #: FDI tooth position (last digit) -> kind. 3 is the canine, 4-5 premolars, 6-8 molars.
@@ -56,7 +57,7 @@ def sample_tooth_shape(rng: np.random.Generator, position: int, upper: bool) -> 
     if kind == "molar":
         width, height, thickness, root = 10.2 - 0.5 * (position - 6), 7.0, 10.5, 12.5
     elif kind == "premolar":
-        width, height, thickness, root = 7.0, 8.0, 8.5, 14.0
+        width, height, thickness, root = 7.0, 7.3, 8.5, 14.0
     else:
         width, height, thickness, root = 7.5, 10.0, 7.5, 16.0
     crown_height = height * rng.uniform(0.93, 1.07)
@@ -122,6 +123,10 @@ class ToothGeometry:
         self._enamel = np.minimum(self._enamel, s.enamel_lateral) ** 0.8 * s.enamel_lateral**0.2
         bl = np.where(v <= s.crown_height, 1.0 - 0.12 * (v / s.crown_height) ** 2, 0.88 * (1.0 - root_s) ** 0.6)
         self._thick = s.thickness * bl
+        # (1, samples) float32 images, the layout cv2.remap reads in :meth:`profile`.
+        self._half, self._enamel, self._thick = (
+            np.asarray(t, dtype=np.float32)[None, :] for t in (self._half, self._enamel, self._thick)
+        )
         self.root_centers = self._root_offsets()
 
     def _root_offsets(self) -> list[float]:
@@ -132,8 +137,18 @@ class ToothGeometry:
         return [-offset, offset]
 
     def profile(self, name: str, v: np.ndarray) -> np.ndarray:
+        """Profile ``name`` ("half", "enamel" or "thick", mm) at ``v`` (float32, any shape), clamped at the ends.
+
+        A linear lookup on the uniform ``v`` table through ``cv2.remap``: 5x faster than ``np.interp``'s search.
+        """
         table = {"half": self._half, "enamel": self._enamel, "thick": self._thick}[name]
-        return np.interp(v, self._v, table).astype(np.float32)
+        position = (np.asarray(v, dtype=np.float32) * np.float32((_PROFILE_SAMPLES - 1) / self.shape.length)).reshape(
+            1 if v.ndim < 2 else v.shape[0], -1
+        )
+        looked_up = cv2.remap(
+            table, position, np.zeros_like(position), cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        )
+        return looked_up.reshape(v.shape)
 
     def occlusal_top(self, u: np.ndarray) -> np.ndarray:
         """v of the occlusal outline at ``u``: 0 at cusp tips, deeper at fossae and marginal ridges."""
@@ -145,7 +160,11 @@ class ToothGeometry:
             bump = np.exp(-np.square((np.abs(u) - tips) / sigma))
             return s.cusp_depth * (1.0 - bump)
         if s.kind == "premolar":
-            return s.cusp_depth * np.minimum(1.3 * np.square(u / half), 1.2)
+            # Buccal and lingual cusps superimpose near the axis; marginal ridges round off mesially and distally,
+            # so the outline is a low double crest rather than a bullet tip.
+            tips = np.float32(0.16 * s.crown_width)
+            bump = np.exp(-np.square((np.abs(u) - tips) / np.float32(0.3 * s.crown_width)))
+            return 0.6 * s.cusp_depth * (1.0 - bump) + 0.5 * s.cusp_depth * np.square(u / half)
         return s.cusp_depth * np.minimum(np.square(u / half) + 0.4 * np.abs(u) / half, 1.3)
 
     def pulp_roof(self, u: np.ndarray) -> np.ndarray:

@@ -115,7 +115,7 @@ def _arch(
     """Place consecutive teeth from ``start`` (mm from the anterior image edge) posteriorly along the arch.
 
     ``occlusal_y(x)`` gives the occlusal plane; each tooth stands perpendicular to it, with a little tilt.
-    Neighbours touch or overlap by up to half a millimetre (overlap gives the bright double-enamel band).
+    Neighbours touch, or in about a quarter of contacts overlap by 0.35-0.9 mm.
     """
     anterior_right = laterality == "R"
     direction = -1 if upper else 1
@@ -124,7 +124,10 @@ def _arch(
     for position in positions:
         shape = sample_tooth_shape(rng, position, upper)
         center = edge + 0.5 * shape.crown_width
-        edge = center + 0.5 * shape.crown_width - rng.uniform(-0.25, 0.55)
+        # Most contacts touch or leave a hairline gap; about a quarter overlap in projection (beam not through
+        # the contact), which shows as a bright double-enamel band.
+        overlap = rng.uniform(0.35, 0.9) if rng.random() < 0.25 else rng.uniform(-0.2, 0.15)
+        edge = center + 0.5 * shape.crown_width - overlap
         x = width - center if anterior_right else center
         if x < -0.6 * shape.crown_width or x > width + 0.6 * shape.crown_width:
             continue
@@ -144,23 +147,37 @@ def _arch(
 
 
 def _crest(rng: np.random.Generator, teeth: list[PlacedTooth], direction: int, width: float) -> Crest:
-    """Alveolar crest 1-2.5 mm apical to the cementoenamel junctions, peaking between teeth (interdental septa)."""
+    """Scalloped alveolar crest: 1-2 mm apical to each cementoenamel junction, peaking in the interdental septa.
+
+    Control points sit at both necks of every tooth (CEJ + 1-2 mm), over its middle (a further 0.5-1.2 mm down,
+    where the thin buccal plate ends) and between neighbours (the septum tip, 0.7-1.4 mm below the CEJs). They
+    are joined by cosine segments sampled every 0.2 mm, so peaks and troughs are rounded, not kinked.
+    """
     ordered = sorted(teeth, key=lambda t: t.origin[0])
     xs, ys = [], []
+    necks = []
     for tooth in ordered:
-        level = tooth.shape.crown_height + rng.uniform(3.0, 4.5)
-        x, y = tooth.point(0.0, level)
-        xs.append(x)
-        ys.append(y)
-    for left, right in itertools.pairwise(ordered):
-        cej_left = left.point(0.0, left.shape.crown_height)[1]
-        cej_right = right.point(0.0, right.shape.crown_height)[1]
-        xs.append(0.5 * (left.origin[0] + right.origin[0] + 0.5 * (left.shape.crown_width - right.shape.crown_width)))
-        ys.append(0.5 * (cej_left + cej_right) + direction * rng.uniform(1.0, 2.2))
+        cej = tooth.shape.crown_height
+        drop = rng.uniform(1.0, 2.0)
+        neck = 0.5 * tooth.shape.crown_width * tooth.shape.neck_ratio
+        for u, v in ((-neck, cej + drop), (0.0, cej + drop + rng.uniform(0.5, 1.2)), (neck, cej + drop)):
+            x, y = tooth.point(u, v)
+            xs.append(x)
+            ys.append(y)
+        necks.append((tooth.point(-neck, cej), tooth.point(neck, cej)))
+    for (_, right_neck), (left_neck, _) in itertools.pairwise(sorted(necks, key=lambda n: n[0][0] + n[1][0])):
+        a, b = sorted((right_neck, left_neck))
+        xs.append(0.5 * (a[0] + b[0]))
+        ys.append(0.5 * (a[1] + b[1]) + direction * rng.uniform(0.7, 1.4))
     order = np.argsort(xs)
-    x = np.concatenate([[-width], np.asarray(xs)[order], [2 * width]])
-    y = np.asarray(ys)[order]
-    y = np.concatenate([[y[0]], y, [y[-1]]])
+    knots_x = np.concatenate([[-width], np.asarray(xs)[order], [2 * width]])
+    knots_y = np.asarray(ys)[order]
+    knots_y = np.concatenate([[knots_y[0]], knots_y, [knots_y[-1]]])
+    x = np.arange(-width, 2 * width, 0.2)
+    segment = np.clip(np.searchsorted(knots_x, x, side="right") - 1, 0, len(knots_x) - 2)
+    t = (x - knots_x[segment]) / (knots_x[segment + 1] - knots_x[segment])
+    blend = 0.5 - 0.5 * np.cos(np.pi * t)
+    y = knots_y[segment] * (1.0 - blend) + knots_y[segment + 1] * blend
     return Crest(direction=direction, x=x.astype(np.float64), y=y.astype(np.float64))
 
 

@@ -21,8 +21,15 @@ from caries_mim.synth.config import SynthConfig
 DEPTHS = ("enamel", "outer_dentin", "inner_dentin")
 LABELS = ("caries", "deep_caries")
 
+#: Which part of the configured mineral-loss and buccolingual-extent ranges each depth draws from. Contrast is a
+#: continuum across depths: enamel lesions are thin, so only their stronger half is drawn (weaker ones would be
+#: radiographically invisible, yet labelled); dentin lesions are large and dentin attenuates half as much, so
+#: drawing them from the full range makes them glaring dark wedges that no expert needs to look for.
+_LOSS_QUANTILES = {"enamel": (0.45, 1.0), "outer_dentin": (0.1, 0.75), "inner_dentin": (0.25, 0.9)}
+_EXTENT_QUANTILES = {"enamel": (0.35, 1.0), "outer_dentin": (0.1, 0.7), "inner_dentin": (0.2, 0.85)}
+
 #: Width (mm) of the soft edge of a lesion: demineralization fades over a few pixels, it has no sharp border.
-_EDGE_MM = 0.1
+_EDGE_MM = 0.15
 
 
 @dataclass(frozen=True)
@@ -93,9 +100,15 @@ def sample_lesion(
         half_height=float(half_height),
         enamel_reach=float(rng.uniform(0.45, 0.95)) if depth == "enamel" else 1.0,
         dentin_reach=float(dentin_reach[depth]),
-        mineral_loss=float(rng.uniform(*config.lesion_mineral_loss)),
-        buccolingual_mm=float(rng.uniform(*config.lesion_buccolingual_mm)),
+        mineral_loss=_draw(rng, config.lesion_mineral_loss, _LOSS_QUANTILES[depth]),
+        buccolingual_mm=_draw(rng, config.lesion_buccolingual_mm, _EXTENT_QUANTILES[depth]),
     )
+
+
+def _draw(rng: np.random.Generator, bounds: tuple[float, float], quantiles: tuple[float, float]) -> float:
+    """Uniform draw from the ``quantiles`` (fractions) part of the config range ``bounds``."""
+    low, high = bounds
+    return float(low + (high - low) * rng.uniform(*quantiles))
 
 
 def lesion_extent(geom: ToothGeometry, spec: LesionSpec) -> tuple[float, float, float, float]:
