@@ -229,28 +229,27 @@ def _display_values(stored: np.ndarray, ds: Dataset, voi_index: int, invert: boo
     """
     offset = int(stored.min()) if stored.size else 0
     levels = int(stored.max()) - offset + 1 if stored.size else 1
-    use_table = stored.dtype.kind in "iu" and levels <= _MAX_TABLE_LEVELS
-    domain = np.arange(offset, offset + levels).astype(stored.dtype) if use_table else stored
+    index: np.ndarray | None = None  # position of each pixel in the table, when a table is used
+    domain = stored
+    if stored.dtype.kind in "iu" and levels <= _MAX_TABLE_LEVELS:
+        domain = np.arange(offset, offset + levels).astype(stored.dtype)
+        index = stored if offset == 0 and stored.dtype.kind == "u" else stored.astype(np.int64) - offset
     try:
         values = apply_modality_lut(domain, ds)
     except Exception as exc:
         raise CorruptHeaderError(f"modality LUT / rescale cannot be applied: {_short(exc)}") from exc
-    index = (
-        (stored if offset == 0 and stored.dtype.kind == "u" else stored.astype(np.int64) - offset)
-        if use_table
-        else None
-    )
 
     voi = _voi_to_unit_range(values, ds, voi_index)
     if voi is None:
-        unit, normalization = normalize_percentiles(values[index] if use_table else values), "percentile"
-        use_table = False
+        # Percentiles need the image's own histogram, so the table is expanded first.
+        unit = normalize_percentiles(values if index is None else values[index])
+        normalization, index = "percentile", None
     else:
         unit, normalization = voi
     unit = unit.astype(np.float32)
     if invert:
         unit = np.float32(1.0) - unit
-    return (np.take(unit, index) if use_table else unit), normalization
+    return (unit if index is None else np.take(unit, index)), normalization
 
 
 def dicom_to_radiograph(ds: Dataset, options: ReadOptions, data: bytes = b"") -> Radiograph:
