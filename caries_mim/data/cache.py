@@ -23,20 +23,19 @@ cache folder under the same access rules as the images it was made from.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import struct
-import uuid
 import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from caries_mim.atomic_files import atomic_path
 from caries_mim.errors import CariesMimError, MissingDecoderError, UnreadableFileError
 from caries_mim.io import DicomReferences, Radiograph, ReadOptions, read_radiograph, read_source_bytes
 
@@ -236,19 +235,15 @@ class DecodeCache:
     def _write_entry(self, entry: Path, header: dict[str, Any], payload: bytes = b"") -> None:
         """Publish atomically: write a uniquely named sibling, then rename it over the entry."""
         header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        temporary = entry.with_name(f".{entry.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
-            with open(temporary, "wb") as handle:
+            with atomic_path(entry) as temporary, open(temporary, "wb") as handle:
                 handle.write(_PREAMBLE.pack(_MAGIC, CACHE_FORMAT_VERSION, len(header_bytes)))
                 handle.write(header_bytes)
                 handle.write(payload)
-            os.replace(temporary, entry)
         except OSError as exc:
             # A full or read-only cache disk must not stop training: the caller already has the pixels.
             logger.warning("decode cache entry %s cannot be written (%s); continuing without it", entry, exc)
-            with contextlib.suppress(OSError):
-                temporary.unlink(missing_ok=True)
 
 
 @dataclasses.dataclass(frozen=True)

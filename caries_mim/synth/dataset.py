@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from caries_mim.atomic_files import atomic_write_bytes
 from caries_mim.errors import InvalidArgumentError
 from caries_mim.synth.config import SynthConfig
 from caries_mim.synth.dicom import write_dicom
@@ -97,13 +98,7 @@ class SynthSummary:
 
 def _write_json(path: Path, payload: Any) -> None:
     """Atomic JSON write: a reader never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(payload, indent=1))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write_bytes(path, json.dumps(payload, indent=1).encode("utf-8"))
 
 
 def _is_our_output(out: Path) -> bool:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
-from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
 
+from caries_mim.atomic_files import atomic_path
 from caries_mim.errors import InvalidArgumentError
 from caries_mim.synth.acquisition import MAX_STORED
 from caries_mim.synth.render import SyntheticRadiograph
@@ -77,14 +77,8 @@ def write_dicom(
         # compress() would otherwise mint a random SOP Instance UID; ours must stay a function of the seed.
         ds.compress(ts_uid, stored, encoding_plugin="pylibjpeg", generate_instance_uid=False)
 
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        ds.save_as(tmp, enforce_file_format=True)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as temporary:
+        ds.save_as(temporary, enforce_file_format=True)
 
 
 def _stored_values(image: SyntheticRadiograph, photometric: str) -> np.ndarray:
