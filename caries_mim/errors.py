@@ -90,3 +90,15 @@ class InvalidArgumentError(CariesMimError):
     """A command-line argument or configuration value that cannot be used."""
 
     code = "invalid_argument"
+
+
+class InvalidConfigError(CariesMimError):
+    """A configuration file or ``--set`` override that cannot be used; the message names the key or file."""
+
+    code = "invalid_config"
+
+
+class InvalidCheckpointError(CariesMimError):
+    """A weights file that is missing, truncated, of another kind, or whose shapes do not fit the model."""
+
+    code = "invalid_checkpoint"

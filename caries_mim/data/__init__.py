@@ -2,6 +2,7 @@
 
 * :class:`DecodeCache` - decoded pixels on disk, keyed by file content, so epochs do not re-decode DICOM.
 * :class:`UnlabeledRadiographs` - every readable radiograph under some folders, for MIM pretraining.
+* :class:`ResumableEpochSampler` - per-epoch shuffle split across ranks, restartable mid-epoch, seeded items.
 * :func:`load_annotations` - COCO, DENTEX and box-CSV annotations as :class:`DetectionRecord` lists.
 * :class:`DetectionDataset` and :func:`collate_detection` - annotated images for the detector.
 * :mod:`caries_mim.data.transforms` - albumentations presets and the :class:`Letterbox` box mapping.
@@ -16,6 +17,7 @@ from caries_mim.data.detection import DetectionDataset, collate_detection
 from caries_mim.data.discovery import RADIOGRAPH_SUFFIXES, find_radiographs
 from caries_mim.data.indexing import SkippedFiles, index_readable
 from caries_mim.data.records import AnnotationSet, AnnotationStats, DetectionRecord
+from caries_mim.data.sampling import ResumableEpochSampler, item_seed
 from caries_mim.data.transforms import (
     FloatClahe,
     Letterbox,
@@ -38,6 +40,7 @@ __all__ = [
     "FloatClahe",
     "Letterbox",
     "RadiographLoader",
+    "ResumableEpochSampler",
     "SkippedFiles",
     "UnlabeledRadiographs",
     "collate_detection",
@@ -45,6 +48,7 @@ __all__ = [
     "detection_train_transform",
     "find_radiographs",
     "index_readable",
+    "item_seed",
     "load_annotations",
     "load_box_csv",
     "load_coco",

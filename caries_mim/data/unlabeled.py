@@ -74,10 +74,19 @@ class UnlabeledRadiographs(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        """float32 tensor (1, H, W) in [0, 1] (the transform's range when it changes intensities)."""
+    def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
+        """float32 tensor (1, H, W) in [0, 1] (the transform's range when it changes intensities).
+
+        ``key`` is an index, or ``(index, augmentation_seed)`` as
+        :class:`~caries_mim.data.sampling.ResumableEpochSampler` yields: the transform is then seeded for this
+        item alone, so its augmentation does not depend on worker count or iteration history.
+        """
+        index, seed = key if isinstance(key, tuple) else (key, None)
         pixels = self.load(self.images[index].path).pixels
         if self.transform is not None:
-            self._transform_seed = reseed_for_worker(self.transform, self._transform_seed)
+            if seed is not None and hasattr(self.transform, "set_random_seed"):
+                self.transform.set_random_seed(seed)
+            else:
+                self._transform_seed = reseed_for_worker(self.transform, self._transform_seed)
             pixels = self.transform(image=pixels)["image"]
         return image_tensor(pixels)

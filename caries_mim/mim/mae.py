@@ -1,0 +1,135 @@
+"""MAE: Masked Autoencoders Are Scalable Vision Learners (He et al. 2021), after facebookresearch/mae.
+
+Per image, a random 75% of the patches are removed; the encoder sees only the visible quarter (where MAE's
+speed comes from), a light decoder receives the encoded tokens plus one shared mask token per removed patch, and
+regresses the removed patches' pixels. The loss is the MSE on removed patches only, optionally against each
+patch normalized by its own mean and variance (``norm_pix_loss``, MAE's default for better features).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from caries_mim.mim.objective import MaskedImageObjective, MIMOutput
+from caries_mim.mim.patches import patchify
+from caries_mim.models.position import resample_position_embedding, sincos_position_embedding
+from caries_mim.models.vit import Block, VisionTransformer
+
+#: MAE's variance epsilon for per-patch target normalization.
+NORM_PIX_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class MAEOptions:
+    """MAE hyper-parameters (reference decoder: 512 wide, 8 deep; MAE's ablation shows 1-2 blocks suffice for
+    fine-tuning quality, so small configs use fewer)."""
+
+    mask_ratio: float = 0.75
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.decoder_depth < 1 or self.decoder_heads < 1 or self.decoder_dim % self.decoder_heads:
+            raise ValueError("decoder_depth and decoder_heads must be >= 1, decoder_dim a multiple of decoder_heads")
+        if self.decoder_dim % 4:
+            raise ValueError(f"decoder_dim must be a multiple of 4, got {self.decoder_dim}")
+
+
+def random_masking(batch: int, num_patches: int, mask_ratio: float, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Per-sample uniform random masking with exactly ``int(N * (1 - mask_ratio))`` visible patches each.
+
+    Returns:
+        keep: (B, K) long indices of visible patches, in random order.
+        mask: (B, N) float, 1 = removed, 0 = visible, in original patch order.
+        restore: (B, N) long, the permutation that puts [visible..., removed...] back into patch order.
+    """
+    keep_count = max(1, int(num_patches * (1 - mask_ratio)))
+    noise = torch.rand(batch, num_patches, device=device)
+    shuffle = noise.argsort(dim=1)  # ascending: the first keep_count are kept
+    restore = shuffle.argsort(dim=1)
+    keep = shuffle[:, :keep_count]
+    mask = torch.ones(batch, num_patches, device=device)
+    mask[:, :keep_count] = 0
+    return keep, mask.gather(1, restore), restore
+
+
+def normalize_patches(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-patch standardization (B, N, V) -> (normalized, mean (B, N, 1), std (B, N, 1)), as MAE computes it."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    std = (patches.var(dim=-1, keepdim=True) + NORM_PIX_EPS).sqrt()
+    return (patches - mean) / std, mean, std
+
+
+class MaskedAutoencoder(MaskedImageObjective):
+    """MAE around a :class:`~caries_mim.models.VisionTransformer`."""
+
+    name = "mae"
+    Options = MAEOptions
+
+    def __init__(self, encoder: VisionTransformer, options: MAEOptions | None = None) -> None:
+        super().__init__(encoder)
+        self.options = options = options or MAEOptions()
+        config = encoder.config
+        width = options.decoder_dim
+        self.decoder_embed = nn.Linear(config.embed_dim, width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.register_buffer(
+            "decoder_pos_embed",
+            torch.cat([torch.zeros(1, width), sincos_position_embedding(width, config.grid_size)]).unsqueeze(0),
+        )
+        self.decoder_blocks = nn.ModuleList(
+            Block(width, options.decoder_heads, 4.0, True, 0.0, config.layer_norm_eps)
+            for _ in range(options.decoder_depth)
+        )
+        self.decoder_norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.decoder_pred = nn.Linear(width, config.patch_size**2 * config.in_channels)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for module in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, images: torch.Tensor) -> MIMOutput:
+        encoder = self.encoder
+        tokens, grid = encoder.embed_patches(images)  # (B, N, D)
+        tokens = tokens + encoder.position_embedding(grid)
+        batch, num_patches, dim = tokens.shape
+        keep, mask, restore = random_masking(batch, num_patches, self.options.mask_ratio, tokens.device)
+        visible = tokens.gather(1, keep.unsqueeze(-1).expand(-1, -1, dim))  # (B, K, D)
+        latent = encoder.encode(visible, grid).tokens  # (B, 1 + K, D)
+        prediction = self._decode(latent, restore, grid)  # (B, N, p*p*C)
+
+        target = patchify(images, encoder.patch_size)  # (B, N, p*p*C)
+        if self.options.norm_pix_loss:
+            target = normalize_patches(target)[0]
+        per_patch = (prediction.float() - target.float()).pow(2).mean(dim=-1)  # (B, N)
+        loss = (per_patch * mask).sum() / mask.sum()
+        return MIMOutput(loss=loss, mask=mask, prediction=prediction, grid=grid)
+
+    def _decode(self, latent: torch.Tensor, restore: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, 1 + K, D) encoded CLS + visible tokens -> (B, N, p*p*C) predictions for every patch."""
+        tokens = self.decoder_embed(latent)  # (B, 1 + K, Dd)
+        batch, visible_plus_cls, width = tokens.shape
+        num_patches = restore.shape[1]
+        fill = self.mask_token.expand(batch, num_patches + 1 - visible_plus_cls, width)
+        shuffled = torch.cat([tokens[:, 1:], fill], dim=1)  # (B, N, Dd) in [visible..., removed...] order
+        patches = shuffled.gather(1, restore.unsqueeze(-1).expand(-1, -1, width))  # back to patch order
+        positions = resample_position_embedding(self.decoder_pos_embed[:, 1:], self.encoder.config.grid_size, grid)
+        tokens = torch.cat([tokens[:, :1] + self.decoder_pos_embed[:, :1], patches + positions], dim=1)
+        for block in self.decoder_blocks:
+            tokens = block(tokens)[0]
+        return self.decoder_pred(self.decoder_norm(tokens))[:, 1:]
+
+    def prediction_to_pixels(self, prediction: torch.Tensor, target_patches: torch.Tensor) -> torch.Tensor:
+        """Undo norm-pix with the input patch's own mean/std (MAE's visualization), else identity."""
+        if not self.options.norm_pix_loss:
+            return prediction
+        _, mean, std = normalize_patches(target_patches)
+        return prediction * std + mean

@@ -1,0 +1,30 @@
+"""Named MIM objectives. Adding one = one module with a :class:`MaskedImageObjective` subclass + one entry here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from caries_mim.errors import InvalidConfigError
+from caries_mim.mim.mae import MaskedAutoencoder
+from caries_mim.mim.objective import MaskedImageObjective, options_from_dict
+from caries_mim.mim.simmim import SimMIM
+from caries_mim.models.vit import VisionTransformer
+
+OBJECTIVES: dict[str, type[MaskedImageObjective]] = {
+    MaskedAutoencoder.name: MaskedAutoencoder,
+    SimMIM.name: SimMIM,
+}
+
+
+def build_objective(
+    name: str, encoder: VisionTransformer, options: dict[str, Any] | None = None
+) -> MaskedImageObjective:
+    """``build_objective("mae", encoder, {"mask_ratio": 0.75})``; unknown names and option keys are config errors."""
+    if name not in OBJECTIVES:
+        raise InvalidConfigError(f"objective.name: unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
+    objective_type = OBJECTIVES[name]
+    parsed = options_from_dict(objective_type.Options, options, f"objective options for {name!r}")
+    try:
+        return objective_type(encoder, parsed)
+    except ValueError as exc:
+        raise InvalidConfigError(f"objective {name!r}: {exc}") from None

@@ -1,0 +1,103 @@
+"""``encoder.pt``: a pretrained encoder's weights together with the architecture that rebuilds it.
+
+The file is a plain dict readable with ``torch.load(weights_only=True)`` (no pickled classes, so loading an
+untrusted file cannot run code)::
+
+    {"format": "caries-mim-encoder", "version": 1, "config": ViTConfig.to_dict(),
+     "state_dict": {...}, "metadata": {...}}
+
+``metadata`` is free-form provenance (objective, steps, final loss, ...) made of plain types.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from caries_mim.atomic_files import atomic_path
+from caries_mim.errors import CariesMimError, InvalidCheckpointError
+from caries_mim.models.config import ViTConfig
+from caries_mim.models.vit import VisionTransformer
+
+ENCODER_FORMAT = "caries-mim-encoder"
+ENCODER_FORMAT_VERSION = 1
+
+
+@dataclass
+class LoadedEncoder:
+    encoder: VisionTransformer
+    metadata: dict[str, Any]
+
+
+def save_encoder(encoder: VisionTransformer, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> None:
+    """Write ``encoder`` (weights on CPU + config + metadata) to ``path`` atomically."""
+    state = {name: tensor.detach().cpu() for name, tensor in encoder.state_dict().items()}
+    payload = {
+        "format": ENCODER_FORMAT,
+        "version": ENCODER_FORMAT_VERSION,
+        "config": encoder.config.to_dict(),
+        "state_dict": state,
+        "metadata": dict(metadata or {}),
+    }
+    with atomic_path(path) as temporary:
+        torch.save(payload, temporary)
+
+
+def load_encoder(path: str | os.PathLike, **config_overrides: Any) -> LoadedEncoder:
+    """Rebuild the encoder stored at ``path``.
+
+    Args:
+        config_overrides: architecture-neutral changes for the new use, e.g. ``drop_path_rate=0.1`` or
+            ``image_size=(512, 512)`` for fine-tuning (the position embedding is then resampled on the fly).
+    Raises:
+        InvalidCheckpointError: missing or unreadable file, another kind of file, or weights that do not match.
+    """
+    payload = read_weights_file(path)
+    if not isinstance(payload, dict) or payload.get("format") != ENCODER_FORMAT:
+        raise InvalidCheckpointError(f"{path} is not a caries-mim encoder file (no format '{ENCODER_FORMAT}')")
+    if payload.get("version") != ENCODER_FORMAT_VERSION:
+        raise InvalidCheckpointError(f"{path}: encoder file version {payload.get('version')} is not supported")
+    try:
+        stored = ViTConfig.from_dict(payload["config"])
+    except (KeyError, TypeError, CariesMimError) as exc:
+        raise InvalidCheckpointError(f"{path}: unusable architecture config ({exc})") from None
+    # The stored position embedding belongs to the stored grid: build at that grid, load, then apply overrides.
+    encoder = VisionTransformer(stored)
+    try:
+        encoder.load_state_dict(payload["state_dict"])
+    except (KeyError, RuntimeError) as exc:
+        raise InvalidCheckpointError(f"{path}: weights do not match the stored config ({_first_line(exc)})") from None
+    if config_overrides:
+        encoder = _with_overrides(encoder, config_overrides)
+    return LoadedEncoder(encoder=encoder, metadata=dict(payload.get("metadata") or {}))
+
+
+def _with_overrides(encoder: VisionTransformer, overrides: dict[str, Any]) -> VisionTransformer:
+    config = ViTConfig.from_dict({**encoder.config.to_dict(), **overrides})
+    rebuilt = VisionTransformer(config)
+    state = encoder.state_dict()
+    if config.grid_size != encoder.config.grid_size:
+        patch_positions = encoder.position_embedding(config.grid_size)
+        state["pos_embed"] = torch.cat([state["pos_embed"][:, :1], patch_positions], dim=1)
+    rebuilt.load_state_dict(state)
+    return rebuilt
+
+
+def read_weights_file(path: str | os.PathLike) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with its failures as one typed error."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidCheckpointError(f"weights file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, zipfile errors ...
+        raise InvalidCheckpointError(f"{path} is not a readable torch weights file ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
