@@ -102,6 +102,25 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from pipelines.config import to_dict
+    from pipelines.pretrain import load_pretrain_config, read_run_config, run_pretrain
+
+    base = read_run_config(args.out) if args.resume else None
+    config = load_pretrain_config(args.config, args.set, base=base)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+        return EXIT_OK
+    if not args.data:
+        raise InvalidArgumentError("--data: give at least one folder of unlabeled radiographs")
+    summary = run_pretrain(args.data, args.out, config, resume=args.resume, progress=not args.quiet)
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(summary))
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
@@ -144,6 +163,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(handler=_cmd_synth)
+
+    pretrain = commands.add_parser(
+        "pretrain",
+        help="pretrain a ViT encoder with masked image modeling (MAE, SimMIM) on unlabeled radiographs",
+        description="Writes RUN/encoder.pt, checkpoints, TensorBoard logs and reconstruction pictures. Runs on one "
+        "CPU or GPU as is, and on many GPUs or nodes under torchrun (same arguments).",
+    )
+    pretrain.add_argument("--data", nargs="+", type=Path, metavar="DIR", help="folders (or files) of radiographs")
+    pretrain.add_argument("--out", type=Path, required=True, metavar="RUN", help="run folder")
+    pretrain.add_argument(
+        "--config",
+        metavar="FILE|NAME",
+        help="YAML config, or a shipped one: tiny (CPU, minutes), vit_small, vit_base (GPU hosts); "
+        "default: built-in ViT-S/16 MAE recipe",
+    )
+    pretrain.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override one config value, e.g. --set optim.batch_size=32 --set objective.name=simmim (repeatable)",
+    )
+    pretrain.add_argument("--resume", action="store_true", help="continue the run in RUN from its last checkpoint")
+    pretrain.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    pretrain.add_argument("--quiet", action="store_true", help="no progress bars")
+    pretrain.set_defaults(handler=_cmd_pretrain)
 
     demo = commands.add_parser(
         "demo",

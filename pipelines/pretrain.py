@@ -1,0 +1,694 @@
+"""``caries-mim pretrain``: masked image modeling on unlabeled radiographs, on one CPU or many GPUs (torchrun).
+
+Run folder (``--out RUN``)::
+
+    config.yaml          the resolved config (defaults + file + --set), what --resume starts from
+    checkpoint.pt        last full training state (model, optimizer, scheduler, scaler, RNG, data position)
+    encoder.pt           encoder weights + architecture (caries_mim.models.load_encoder), refreshed with checkpoints
+    metrics.jsonl        one line per logged interval: step, loss, lr, img/s
+    tensorboard/         scalars and reconstruction images
+    reconstructions/     step_NNNNNN.png grids: original | masked | reconstruction
+    decode_cache/        decoded pixels (unless data.cache_dir points elsewhere)
+    summary.json         written when the run completes
+
+Resuming restores everything that decides what happens next (weights, optimizer moments, LR schedule, loss
+scaler, every rank's RNG, and the position inside the epoch), so 10 + 10 resumed steps give the loss curve of 20
+uninterrupted ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from caries_mim import __version__
+from caries_mim.atomic_files import atomic_path
+from caries_mim.data import DecodeCache, ResumableEpochSampler, UnlabeledRadiographs, mim_pretrain_transform
+from caries_mim.errors import InvalidArgumentError, InvalidCheckpointError, InvalidConfigError
+from caries_mim.io import DEFAULT_ALLOWED_MODALITIES, ReadOptions
+from caries_mim.mim import MaskedImageObjective, build_objective
+from caries_mim.models import VisionTransformer, ViTConfig, import_mae_weights, load_encoder, save_encoder
+from caries_mim.models.encoder_file import ENCODER_FORMAT, read_weights_file
+from caries_mim.visualization import tile, to_uint8
+from pipelines import config as configs
+from pipelines import distributed
+from pipelines.distributed import Distributed
+from pipelines.training import (
+    GracefulStop,
+    adamw_param_groups,
+    capture_rng,
+    configure_threads,
+    resolve_precision,
+    restore_rng,
+    warmup_cosine,
+)
+
+log = logging.getLogger("caries_mim.pretrain")
+
+CHECKPOINT_FORMAT = "caries-mim-pretrain-checkpoint"
+CHECKPOINT_VERSION = 1
+#: Config sections that must not change when resuming (they decide parameter shapes or what the loss means).
+FROZEN_ON_RESUME = ("model", "objective", "data.image_size")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    size: str = "vit_small"
+    patch_size: int = 16
+    drop_path_rate: float = 0.0
+    #: Start from weights instead of random: an ``encoder.pt`` or an official MAE ImageNet checkpoint (``.pth``).
+    init_from: str | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    image_size: int = 224
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    workers: int = 2
+    #: Decoded-pixel cache folder; null = RUN/decode_cache. Share one folder between runs on the same data.
+    cache_dir: str | None = None
+    modalities: list[str] = field(default_factory=lambda: sorted(DEFAULT_ALLOWED_MODALITIES))
+    allow_non_dicom: bool = True
+
+    def __post_init__(self) -> None:
+        low, high = self.crop_scale
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {list(self.crop_scale)}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    #: Images per process per micro-batch; the effective batch is batch_size * accumulate * processes.
+    batch_size: int = 64
+    accumulate: int = 1
+    #: MAE's rule: lr = base_lr * effective batch / 256.
+    base_lr: float = 1.5e-4
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 100
+    #: Max gradient norm; null = no clipping.
+    clip_grad: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.accumulate < 1:
+            raise ValueError("batch_size and accumulate must be >= 1")
+        if self.base_lr <= 0 or not 0.0 <= self.min_lr_ratio <= 1.0 or self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ValueError("need base_lr > 0, 0 <= min_lr_ratio <= 1, weight_decay >= 0, warmup_steps >= 0")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ValueError(f"clip_grad must be > 0 or null, got {self.clip_grad}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    #: Optimizer steps in the whole run.
+    steps: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    #: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16.
+    precision: str = "auto"
+    compile: bool = False
+    #: Intra-op CPU threads per process; null = cores / processes on this node.
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 or null, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    every: int = 10
+    checkpoint_every: int = 200
+    images_every: int = 200
+    #: Images in each reconstruction grid.
+    images: int = 6
+
+    def __post_init__(self) -> None:
+        if min(self.every, self.checkpoint_every, self.images_every, self.images) < 1:
+            raise ValueError("every, checkpoint_every, images_every and images must be >= 1")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    #: ``name`` (mae, simmim, ...) plus that objective's options, e.g. mask_ratio.
+    objective: dict[str, Any] = field(default_factory=lambda: {"name": "mae"})
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.objective.get("name"), str):
+            raise ValueError("objective.name is required (mae, simmim, ...)")
+
+    def encoder_config(self) -> ViTConfig:
+        return ViTConfig.named(
+            self.model.size,
+            patch_size=self.model.patch_size,
+            image_size=self.data.image_size,
+            drop_path_rate=self.model.drop_path_rate,
+        )
+
+
+def load_pretrain_config(
+    config: str | None, overrides: list[str] | None, *, base: dict[str, Any] | None = None
+) -> PretrainConfig:
+    """Defaults <- ``base`` (a resumed run's config.yaml) <- ``config`` file or shipped name <- ``--set`` overrides."""
+    values: dict[str, Any] = dict(base or {})
+    origin = "defaults"
+    if config is not None:
+        path = configs.shipped_config("pretrain", config)
+        values = configs.merge(values, configs.read_yaml_mapping(path))
+        origin = str(path)
+    override_values = configs.parse_overrides(overrides)
+    if override_values:
+        values = configs.merge(values, override_values)
+        origin = f"{origin} + --set"
+    built = configs.build(PretrainConfig, values, origin)
+    try:
+        built.encoder_config()
+    except InvalidArgumentError as exc:
+        raise InvalidConfigError(f"model/data: {exc.message} ({origin})") from None
+    return built
+
+
+@dataclass
+class DataPosition:
+    """Where training stands: optimizer steps done, epoch, and micro-batches consumed in that epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+def run_pretrain(
+    data_dirs: list[Path],
+    out: Path,
+    config: PretrainConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Pretrain an encoder; returns the summary (also written to RUN/summary.json on rank 0)."""
+    context = distributed.start(config.train.device)
+    try:
+        return _Pretraining(data_dirs, out, config, context, resume=resume, progress=progress).run()
+    finally:
+        distributed.stop(context)
+
+
+def read_run_config(out: Path) -> dict[str, Any]:
+    """The resolved config of an existing run (``RUN/config.yaml``), the base of ``--resume``."""
+    path = out / "config.yaml"
+    if not (out / "checkpoint.pt").is_file():
+        raise InvalidArgumentError(f"--resume: {out} holds no checkpoint.pt to resume from")
+    if not path.is_file():
+        raise InvalidArgumentError(f"--resume: {out} has a checkpoint but no config.yaml")
+    return configs.read_yaml_mapping(path)
+
+
+class _Pretraining:
+    def __init__(
+        self,
+        data_dirs: list[Path],
+        out: Path,
+        config: PretrainConfig,
+        context: Distributed,
+        *,
+        resume: bool,
+        progress: bool,
+    ) -> None:
+        self.data_dirs = data_dirs
+        self.out = out
+        self.config = config
+        self.context = context
+        self.device = context.device
+        self.resume = resume
+        self.progress = progress and context.is_main
+        self.precision = resolve_precision(config.train.precision, self.device)
+        self.checkpoint_path = out / "checkpoint.pt"
+
+    # -- set-up ---------------------------------------------------------------------------------------------
+
+    def _prepare_folder(self) -> None:
+        if self.resume:
+            if not self.checkpoint_path.is_file():
+                raise InvalidArgumentError(f"--resume: {self.out} holds no checkpoint.pt to resume from")
+            return
+        for existing in ("checkpoint.pt", "encoder.pt"):
+            if (self.out / existing).exists():
+                raise InvalidArgumentError(
+                    f"{self.out} already holds a pretraining run ({existing}); pass --resume to continue it or "
+                    "choose another --out"
+                )
+        if self.context.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        distributed.barrier(self.context)
+
+    def _dataset(self) -> UnlabeledRadiographs:
+        data = self.config.data
+        cache_dir = Path(data.cache_dir).expanduser() if data.cache_dir else self.out / "decode_cache"
+        options = ReadOptions(allowed_modalities=frozenset(data.modalities), allow_non_dicom=data.allow_non_dicom)
+        transform = mim_pretrain_transform(data.image_size, scale=data.crop_scale)
+        # Rank 0 decodes every file once into the cache; the other ranks then index from cache hits.
+        with distributed.main_first(self.context):
+            dataset = UnlabeledRadiographs(
+                self.data_dirs,
+                cache=DecodeCache(cache_dir),
+                options=options,
+                transform=transform,
+                progress=self.progress,
+            )
+        global_batch = self.config.optim.batch_size * self.context.world_size
+        if len(dataset) < global_batch:
+            raise InvalidConfigError(
+                f"optim.batch_size: {len(dataset)} readable image(s) cannot fill one batch of {global_batch} "
+                f"({self.config.optim.batch_size} per process x {self.context.world_size} process(es)); "
+                "lower optim.batch_size or add images"
+            )
+        return dataset
+
+    def _encoder(self) -> VisionTransformer:
+        wanted = self.config.encoder_config()
+        source = self.config.model.init_from
+        if source is None:
+            return VisionTransformer(wanted)
+        payload = read_weights_file(source)
+        if isinstance(payload, dict) and payload.get("format") == ENCODER_FORMAT:
+            encoder = load_encoder(source, image_size=wanted.image_size, drop_path_rate=wanted.drop_path_rate).encoder
+            shape_keys = ("embed_dim", "depth", "num_heads", "patch_size", "in_channels")
+            if any(getattr(encoder.config, key) != getattr(wanted, key) for key in shape_keys):
+                raise InvalidConfigError(
+                    f"model.init_from: {source} holds a different architecture than model.size={self.config.model.size}"
+                    f" / patch_size={self.config.model.patch_size}"
+                )
+            log.info("encoder initialized from %s", source)
+            return encoder
+        encoder = VisionTransformer(wanted)
+        report = import_mae_weights(encoder, payload)
+        log.info("encoder initialized from MAE checkpoint %s: %s", source, report.summary())
+        return encoder
+
+    # -- the run --------------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        config, context = self.config, self.context
+        self._prepare_folder()
+        threads = configure_threads(self.device, context.local_world_size, config.train.threads)
+        torch.manual_seed(config.train.seed * 1000 + context.rank)  # masks and drop-path differ per rank
+        dataset = self._dataset()
+
+        objective = build_objective(
+            config.objective["name"], self._encoder(), {k: v for k, v in config.objective.items() if k != "name"}
+        ).to(self.device)
+        model: torch.nn.Module = objective
+        if context.enabled:
+            model = DistributedDataParallel(
+                objective, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        if config.train.compile:
+            model = torch.compile(model)
+
+        optim = config.optim
+        effective_batch = optim.batch_size * optim.accumulate * context.world_size
+        lr = optim.base_lr * effective_batch / 256
+        optimizer = torch.optim.AdamW(
+            adamw_param_groups(objective, optim.weight_decay),
+            lr=lr,
+            betas=optim.betas,
+            # fused kernels exist on CPU and CUDA in the torch versions we support; one kernel per step.
+            fused=self.device.type in ("cpu", "cuda"),
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(config.train.steps, optim.warmup_steps, optim.min_lr_ratio)
+        )
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.needs_scaler)
+        sampler = ResumableEpochSampler(
+            len(dataset),
+            batch_size=optim.batch_size,
+            rank=context.rank,
+            world_size=context.world_size,
+            seed=config.train.seed,
+        )
+        position = DataPosition()
+        if self.resume:
+            position = self._load_checkpoint(objective, optimizer, scheduler, scaler)
+        elif context.is_main:
+            configs.write_yaml(self.out / "config.yaml", configs.to_dict(config))
+
+        if context.is_main:
+            log.info(
+                "pretraining %s/%s on %d image(s), %s x %d process(es), %s, effective batch %d, lr %.3g, %d thread(s)",
+                config.objective["name"],
+                config.model.size,
+                len(dataset),
+                self.device,
+                context.world_size,
+                self.precision.name,
+                effective_batch,
+                lr,
+                threads,
+            )
+        trainer = _Loop(self, dataset, sampler, objective, model, optimizer, scheduler, scaler, position)
+        return trainer.run()
+
+    def _load_checkpoint(self, objective, optimizer, scheduler, scaler) -> DataPosition:
+        payload = read_weights_file(self.checkpoint_path)
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            raise InvalidCheckpointError(f"{self.checkpoint_path} is not a caries-mim pretraining checkpoint")
+        changed = _changed_keys(payload["config"], configs.to_dict(self.config), FROZEN_ON_RESUME)
+        if changed:
+            raise InvalidConfigError(
+                f"cannot resume with a changed {', '.join(changed)}: these decide the model's shapes or loss "
+                "(start a new run, or init_from the old encoder.pt)"
+            )
+        objective.load_state_dict(payload["objective"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        scaler.load_state_dict(payload["scaler"])
+        rng_states = payload["rng"]
+        if len(rng_states) == self.context.world_size:
+            restore_rng(rng_states[self.context.rank], self.device)
+        else:
+            log.warning(
+                "resuming with %d process(es) instead of %d: random masks will not continue the old streams",
+                self.context.world_size,
+                len(rng_states),
+            )
+        position = DataPosition(**payload["position"])
+        saved_global_batch = payload["global_batch"]
+        global_batch = self.config.optim.batch_size * self.context.world_size
+        if saved_global_batch != global_batch:
+            # Same images consumed, counted in the new batch size (rounded down: a few may be seen twice).
+            position.batch_in_epoch = position.batch_in_epoch * saved_global_batch // global_batch
+        if self.context.is_main:
+            _truncate_metrics(self.out / "metrics.jsonl", position.step)
+            log.info("resumed from %s at step %d", self.checkpoint_path, position.step)
+        return position
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metric rows past ``last_step``: the interrupted attempt logged them after its last checkpoint, and the
+    resumed run logs those steps again."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by the kill
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
+            kept.append(line)
+    with atomic_path(path) as temporary:
+        temporary.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+
+
+def _changed_keys(saved: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+    def lookup(tree: dict[str, Any], dotted: str) -> Any:
+        for part in dotted.split("."):
+            tree = tree.get(part, {}) if isinstance(tree, dict) else {}
+        return tree
+
+    return [key for key in keys if lookup(saved, key) != lookup(current, key)]
+
+
+class _Loop:
+    """The optimization loop and everything it writes (rank 0): metrics, TensorBoard, pictures, checkpoints."""
+
+    def __init__(
+        self,
+        run: _Pretraining,
+        dataset: UnlabeledRadiographs,
+        sampler: ResumableEpochSampler,
+        objective: MaskedImageObjective,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LambdaLR,
+        scaler: torch.amp.GradScaler,
+        position: DataPosition,
+    ) -> None:
+        self.run_state = run
+        self.config = run.config
+        self.context = run.context
+        self.device = run.device
+        self.out = run.out
+        self.dataset = dataset
+        self.sampler = sampler
+        self.objective = objective
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.scaler = scaler
+        self.position = position
+        self.loader = DataLoader(
+            dataset,
+            batch_size=self.config.optim.batch_size,
+            sampler=sampler,
+            num_workers=self.config.data.workers,
+            pin_memory=self.device.type == "cuda",
+            drop_last=True,
+            persistent_workers=self.config.data.workers > 0,
+            # Its own generator: creating an iterator must not consume the global RNG that draws the masks,
+            # or a resumed run (which creates one more iterator) would draw different masks.
+            generator=torch.Generator(),
+        )
+        self.writer = (
+            SummaryWriter(str(self.out / "tensorboard"), purge_step=position.step or None)
+            if (self.context.is_main)
+            else None
+        )
+        self.preview = self._preview_batch() if self.context.is_main else None
+        self.first_loss: float | None = None
+        self.last_loss: float | None = None
+
+    def _micro_batches(self) -> Iterator[torch.Tensor]:
+        """Endless stream over epochs from the current position; the position advances as batches are taken."""
+        if self.sampler.batches_per_epoch == 0:
+            raise InvalidConfigError("optim.batch_size: not one full batch per epoch")
+        while True:
+            if self.position.batch_in_epoch >= self.sampler.batches_per_epoch:
+                self.position.epoch += 1
+                self.position.batch_in_epoch = 0
+            self.sampler.set_position(self.position.epoch, self.position.batch_in_epoch)
+            for batch in self.loader:
+                self.position.batch_in_epoch += 1
+                yield batch
+
+    def _preview_batch(self) -> torch.Tensor:
+        """Fixed images for reconstruction grids: near-full views (crop scale 1), the same at every step."""
+        count = min(self.config.log.images, len(self.dataset))
+        full_view = mim_pretrain_transform(self.config.data.image_size, scale=(1.0, 1.0))
+        images = []
+        for index in range(count):
+            full_view.set_random_seed(index)
+            pixels = self.dataset.load(self.dataset.images[index].path).pixels
+            images.append(torch.from_numpy(full_view(image=pixels)["image"]).unsqueeze(0))
+        return torch.stack(images)
+
+    def run(self) -> dict[str, Any]:
+        config = self.config
+        total = config.train.steps
+        batches = self._micro_batches()
+        bar = tqdm(
+            total=total,
+            initial=self.position.step,
+            desc="pretrain",
+            unit="step",
+            disable=not self.run_state.progress,
+            dynamic_ncols=True,
+        )
+        interval_loss = torch.zeros((), device=self.device)
+        interval_steps = 0
+        interval_start = started = time.perf_counter()
+        start_step = self.position.step
+        self.model.train()
+        try:
+            with GracefulStop() as stop:
+                while self.position.step < total:
+                    grad_norm = self._train_step(batches, interval_loss)
+                    self.position.step += 1
+                    interval_steps += 1
+                    bar.update(1)
+                    step = self.position.step
+                    stopping = distributed.any_rank(stop.requested, self.context)
+                    checkpointing = step % config.log.checkpoint_every == 0 or step == total or stopping
+                    # Logging also checks the loss is finite, so it runs before every checkpoint.
+                    if step % config.log.every == 0 or checkpointing:
+                        elapsed = time.perf_counter() - interval_start
+                        self._log(interval_loss / interval_steps, interval_steps, elapsed, grad_norm, bar)
+                        interval_loss.zero_()
+                        interval_steps = 0
+                        interval_start = time.perf_counter()
+                    if step % config.log.images_every == 0 or step == total:
+                        self._write_reconstructions(step)
+                    if checkpointing:
+                        self._save_checkpoint()
+                    if stopping:
+                        log.warning("stopped at step %d, checkpoint saved: continue with --resume", step)
+                        raise KeyboardInterrupt
+        finally:
+            bar.close()
+            if self.writer is not None:
+                self.writer.close()
+        return self._finish(time.perf_counter() - started, self.position.step - start_step)
+
+    def _train_step(self, batches: Iterator[torch.Tensor], loss_sum: torch.Tensor) -> torch.Tensor | None:
+        """One optimizer step over ``optim.accumulate`` micro-batches; adds the step's loss to ``loss_sum`` (kept on
+        the device: reading it every step would stall a GPU). Returns the gradient norm when clipping."""
+        accumulate = self.config.optim.accumulate
+        self.optimizer.zero_grad(set_to_none=True)
+        for micro in range(accumulate):
+            images = next(batches).to(self.device, non_blocking=True)
+            # DDP all-reduces gradients on every backward unless told not to; only the last micro-batch needs it.
+            skip_sync = micro < accumulate - 1 and isinstance(self.model, DistributedDataParallel)
+            with (
+                self.model.no_sync() if skip_sync else contextlib.nullcontext(),
+                self.run_state.precision.autocast(self.device),
+            ):
+                loss = self.model(images).loss / accumulate
+            self.scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        grad_norm = None
+        if self.config.optim.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.objective.parameters(), self.config.optim.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return grad_norm
+
+    def _log(self, loss: torch.Tensor, steps: int, elapsed: float, grad_norm, bar) -> None:
+        mean_loss = distributed.mean_across_ranks(loss, self.context).item()
+        if not math.isfinite(mean_loss):
+            # Checked here, where the value is read anyway, not per step (a per-step check stalls GPUs); the
+            # checkpoint is written after this check, so a diverged model never replaces a good checkpoint.
+            raise FloatingPointError(
+                f"loss became {mean_loss} by step {self.position.step}; lower optim.base_lr, set optim.clip_grad, "
+                "or use train.precision=fp32 (the last checkpoint is from before)"
+            )
+        if not self.context.is_main:
+            return
+        images = steps * self.config.optim.batch_size * self.config.optim.accumulate * self.context.world_size
+        throughput = images / max(elapsed, 1e-9)
+        lr = self.optimizer.param_groups[0]["lr"]
+        step = self.position.step
+        if self.first_loss is None:
+            self.first_loss = mean_loss
+        self.last_loss = mean_loss
+        bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{throughput:.1f}", lr=f"{lr:.2e}")
+        row = {"step": step, "epoch": self.position.epoch, "loss": mean_loss, "lr": lr, "img_s": throughput}
+        self.writer.add_scalar("train/loss", mean_loss, step)
+        self.writer.add_scalar("train/lr", lr, step)
+        self.writer.add_scalar("train/images_per_second", throughput, step)
+        if grad_norm is not None:
+            row["grad_norm"] = float(grad_norm)
+            self.writer.add_scalar("train/grad_norm", float(grad_norm), step)
+        with (self.out / "metrics.jsonl").open("a", encoding="utf-8") as metrics:
+            metrics.write(json.dumps(row) + "\n")
+
+    def _write_reconstructions(self, step: int) -> None:
+        if not self.context.is_main:
+            return
+        self.objective.eval()
+        # A fixed mask draw for every picture (comparable across steps) without touching the training RNG stream.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(0)
+            with self.run_state.precision.autocast(self.device):
+                pictures = self.objective.reconstruct(self.preview.to(self.device))
+        self.objective.train()
+        cells = [
+            Image.fromarray(to_uint8(batch[index, 0].float().cpu().numpy()))
+            for index in range(pictures.original.shape[0])
+            for batch in (pictures.original, pictures.masked, pictures.reconstruction)
+        ]
+        side = self.config.data.image_size
+        grid = tile(cells, columns=3, cell_width=side).convert("L")
+        folder = self.out / "reconstructions"
+        folder.mkdir(exist_ok=True)
+        with atomic_path(folder / f"step_{step:06d}.png") as temporary:
+            grid.save(temporary, format="PNG")
+        self.writer.add_image("reconstructions", np.asarray(grid), step, dataformats="HW")
+
+    def _save_checkpoint(self) -> None:
+        rng_states = distributed.gather_objects(capture_rng(self.device), self.context)
+        if not self.context.is_main:
+            return
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "objective": self.objective.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_states,
+            "position": dataclasses.asdict(self.position),
+            "global_batch": self.config.optim.batch_size * self.context.world_size,
+            "config": configs.to_dict(self.config),
+        }
+        with atomic_path(self.run_state.checkpoint_path) as temporary:
+            torch.save(payload, temporary)
+        save_encoder(self.objective.encoder, self.out / "encoder.pt", self._encoder_metadata())
+
+    def _encoder_metadata(self) -> dict[str, Any]:
+        return {
+            "objective": dict(self.config.objective),
+            "steps": self.position.step,
+            "last_loss": self.last_loss,
+            "images": len(self.dataset),
+            "image_size": self.config.data.image_size,
+            "caries_mim_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+    def _finish(self, seconds: float, steps_run: int) -> dict[str, Any]:
+        config = self.config
+        images = steps_run * config.optim.batch_size * config.optim.accumulate * self.context.world_size
+        summary = {
+            "out": str(self.out),
+            "objective": config.objective["name"],
+            "model": config.model.size,
+            "steps": self.position.step,
+            "steps_this_run": steps_run,
+            "epochs": round(
+                self.position.epoch + self.position.batch_in_epoch / max(1, self.sampler.batches_per_epoch), 3
+            ),
+            "images_in_dataset": len(self.dataset),
+            "first_loss": self.first_loss,
+            "last_loss": self.last_loss,
+            "seconds": round(seconds, 2),
+            "images_per_second": round(images / seconds, 2) if seconds > 0 else None,
+            "device": str(self.device),
+            "processes": self.context.world_size,
+            "precision": self.run_state.precision.name,
+            "encoder": str(self.out / "encoder.pt"),
+        }
+        if self.device.type == "cuda":
+            summary["max_memory_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+        if self.context.is_main:
+            with atomic_path(self.out / "summary.json") as temporary:
+                temporary.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        return summary

@@ -1,0 +1,134 @@
+"""Pieces every training pipeline shares: precision, threads, AdamW groups, the warmup-cosine schedule, RNG state."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import torch
+from torch import nn
+
+from caries_mim.errors import InvalidConfigError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Resolved mixed precision: the autocast dtype (None = fp32 everywhere) and whether a GradScaler is needed."""
+
+    name: str
+    autocast_dtype: torch.dtype | None
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.autocast_dtype == torch.float16
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+
+def resolve_precision(requested: str, device: torch.device) -> Precision:
+    """``auto``: bf16 autocast on a GPU that supports it, fp32 on CPU (CPU bf16 autocast is slower than fp32 on
+    most CPUs without AMX, and numerically it only costs). Explicit choices are checked against the device."""
+    if requested not in PRECISIONS:
+        raise InvalidConfigError(f"train.precision: {requested!r} is not one of {', '.join(PRECISIONS)}")
+    if requested == "auto":
+        requested = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if requested == "fp16" and device.type != "cuda":
+        raise InvalidConfigError("train.precision: fp16 needs a GPU (use fp32 or bf16 on CPU)")
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[requested]
+    return Precision(requested, dtype)
+
+
+def configure_threads(device: torch.device, local_world_size: int, threads: int | None) -> int:
+    """Intra-op threads for this process: the configured number, else the CPU cores shared by the processes on this
+    node (oversubscribed threads make every matmul slower). On GPU also allow TF32 for fp32 matmuls."""
+    if threads is None:
+        available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, available // max(1, local_world_size))
+    torch.set_num_threads(threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return threads
+
+
+def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups, as MAE/timm do: no weight decay on biases, norms (1-D tensors) and learned tokens or
+    position embeddings (names ending in ``token`` or ``pos_embed``); decay on every other weight."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if parameter.ndim <= 1 or name.endswith(("token", "pos_embed")):
+            no_decay.append(parameter)
+        else:
+            decay.append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
+    """LR multiplier per optimizer step: linear warmup from ~0 to 1 over ``warmup_steps``, then half-cosine down to
+    ``min_lr_ratio`` at ``total_steps`` (MAE's schedule, in steps instead of epochs)."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+def capture_rng(device: torch.device) -> dict[str, Any]:
+    """This process's torch RNG states (CPU, and the device's CUDA generator) as tensors (weights_only-safe).
+
+    Python's and NumPy's global generators are not captured: nothing in training draws from them (augmentation
+    is seeded per item, see :class:`~caries_mim.data.ResumableEpochSampler`).
+    """
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class GracefulStop:
+    """Turns the first SIGINT or SIGTERM into a request the training loop honours at the end of its step (save a
+    checkpoint, then stop), instead of dying mid-step. Schedulers preempt with SIGTERM; a second Ctrl-C still
+    interrupts at once. Outside the main thread (where handlers cannot be installed) it only reports "no"."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True

@@ -1,0 +1,217 @@
+"""`caries-mim pretrain` end to end on a small synthetic set: outputs, learning, resume, errors, DDP (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from caries_mim.models import load_encoder
+from caries_mim.synth import generate_dataset
+from pipelines import pretrain as pretrain_module
+from pipelines.cli import main
+
+#: A model and input small enough for dozens of steps per second on 2 CPU cores.
+FAST = [
+    "--config",
+    "tiny",
+    "--set",
+    "data.image_size=64",
+    "--set",
+    "data.workers=0",
+    "--set",
+    "optim.batch_size=8",
+    "--set",
+    "log.every=1",
+    "--set",
+    "log.images=2",
+    "--quiet",
+]
+
+
+@pytest.fixture(scope="module")
+def unlabeled(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    generate_dataset(out, n_unlabeled=24, n_labeled=0, seed=3, progress=False)
+    return out / "unlabeled"
+
+
+def pretrain(data: Path, out: Path, *extra: str) -> int:
+    return main(["pretrain", "--data", str(data), "--out", str(out), *FAST, *extra])
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows}
+
+
+@pytest.mark.slow
+def test_tiny_run_learns_and_writes_every_output(unlabeled, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert pretrain(unlabeled, run, "--set", "train.steps=50", "--set", "log.images_every=25") == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 50
+    curve = losses(run)
+    first, last = sum(curve[s] for s in range(1, 6)) / 5, sum(curve[s] for s in range(46, 51)) / 5
+    assert last < 0.6 * first, f"loss did not fall clearly: first 5 steps {first:.4f}, last 5 {last:.4f}"
+
+    loaded = load_encoder(run / "encoder.pt")
+    assert loaded.encoder.config.embed_dim == 192
+    assert loaded.encoder.config.image_size == (64, 64)
+    assert loaded.metadata["steps"] == 50
+    assert loaded.metadata["objective"]["name"] == "mae"
+    assert sorted(p.name for p in (run / "reconstructions").iterdir()) == ["step_000025.png", "step_000050.png"]
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run / "config.yaml").is_file()
+    assert json.loads((run / "summary.json").read_text())["steps"] == 50
+    assert not list(run.glob(".*.tmp")), "temporary files left behind"
+
+
+def test_resumed_run_reproduces_the_uninterrupted_loss_curve(unlabeled, tmp_path, monkeypatch):
+    """10 steps, a SIGINT (what a scheduler's SIGTERM also does), then --resume for the rest == 20 straight steps:
+    weights, optimizer, schedule, RNG (masks) and data position (crops) all continue exactly."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ("--set", "train.steps=20", "--set", "log.checkpoint_every=100", "--set", "data.workers=1")
+    assert pretrain(unlabeled, straight, *common) == 0
+
+    real_step = pretrain_module._Loop._train_step
+
+    def interrupted_after_ten(loop, *args):
+        result = real_step(loop, *args)
+        if loop.position.step == 9:  # the step being finished is the 10th
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(pretrain_module._Loop, "_train_step", interrupted_after_ten)
+    assert pretrain(unlabeled, resumed, *common) == 130
+    assert torch.load(resumed / "checkpoint.pt", weights_only=True)["position"]["step"] == 10
+    monkeypatch.undo()
+    assert main(["pretrain", "--data", str(unlabeled), "--out", str(resumed), "--resume", "--quiet"]) == 0
+    expected, got = losses(straight), losses(resumed)
+    assert sorted(got) == list(range(1, 21))
+    for step in range(1, 21):
+        assert got[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-6), f"step {step}"
+
+
+def test_a_changed_steps_schedule_is_refused_only_for_shape_keys(unlabeled, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert pretrain(unlabeled, run, "--set", "train.steps=2") == 0
+    code = main(
+        [
+            "pretrain",
+            "--data",
+            str(unlabeled),
+            "--out",
+            str(run),
+            "--resume",
+            "--quiet",
+            "--set",
+            "objective.mask_ratio=0.5",
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "invalid_config" in err
+    assert "objective" in err
+
+
+def test_an_existing_run_is_not_overwritten_without_resume(unlabeled, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert pretrain(unlabeled, run, "--set", "train.steps=1") == 0
+    before = (run / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert pretrain(unlabeled, run, "--set", "train.steps=1") == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(unlabeled, tmp_path, capsys):
+    assert main(["pretrain", "--data", str(unlabeled), "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "no checkpoint.pt" in capsys.readouterr().err
+
+
+def test_an_empty_data_folder_is_an_error_not_a_zero_step_run(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert pretrain(empty, tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert "invalid_dataset" in err
+    assert "no radiograph files" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_batch_larger_than_the_data_names_the_key(unlabeled, tmp_path, capsys):
+    assert pretrain(unlabeled, tmp_path / "run", "--set", "optim.batch_size=64") == 2
+    err = capsys.readouterr().err
+    assert "optim.batch_size" in err
+    assert "24 readable image(s)" in err
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("optim.batch_sise=8", "optim.batch_sise: unknown key"),
+        ("optim.base_lr=fast", "optim.base_lr: expected a number"),
+        ("objective.name=beit", "unknown objective 'beit'"),
+        ("objective.mask_ratios=0.5", "mask_ratios"),
+        ("data.image_size=100", "multiple of patch_size"),
+        ("model.size=vit_huge", "unknown ViT size"),
+    ],
+)
+def test_bad_config_values_are_one_line_errors_naming_the_key(unlabeled, tmp_path, capsys, override, named):
+    assert pretrain(unlabeled, tmp_path / "run", "--set", override) == 2
+    err = capsys.readouterr().err.strip()
+    assert named in err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_checkpoint_write_that_dies_leaves_the_previous_one_intact(unlabeled, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    assert pretrain(unlabeled, run, "--set", "train.steps=2") == 0
+    good = (run / "checkpoint.pt").read_bytes()
+    real_save = torch.save
+
+    def dying_save(obj, target, *args, **kwargs):
+        if Path(target).name.startswith(".checkpoint.pt"):
+            Path(target).write_bytes(b"half a checkpoint")
+            raise OSError("disk full")
+        return real_save(obj, target, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    code = main(
+        ["pretrain", "--data", str(unlabeled), "--out", str(run), "--resume", "--quiet", "--set", "train.steps=4"]
+    )
+    assert code == 1
+    assert (run / "checkpoint.pt").read_bytes() == good
+    assert not list(run.glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ddp_run(unlabeled, tmp_path):
+    """The torchrun path on CPU: two ranks, one checkpoint and encoder written by rank 0, one summary line."""
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "pipelines.cli", "pretrain", "--data", str(unlabeled), "--out", str(run),
+        *FAST, "--set", "train.steps=6", "--set", "optim.batch_size=4", "--set", "log.checkpoint_every=3",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary_lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(summary_lines) == 1, done.stdout
+    summary = json.loads(summary_lines[0])
+    assert summary["processes"] == 2
+    assert summary["steps"] == 6
+    payload = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert len(payload["rng"]) == 2, "every rank's RNG state is saved"
+    assert payload["global_batch"] == 8
+    assert load_encoder(run / "encoder.pt").metadata["steps"] == 6
