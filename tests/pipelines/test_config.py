@@ -1,0 +1,95 @@
+"""Pipeline configs: shipped YAML files, --set overrides, and errors that name the key and where it came from."""
+
+from __future__ import annotations
+
+import pytest
+
+from caries_mim.errors import InvalidConfigError
+from pipelines.config import SHIPPED_CONFIGS, parse_overrides, read_yaml_mapping
+from pipelines.pretrain import PretrainConfig, load_pretrain_config
+
+
+@pytest.mark.parametrize("name", ["tiny", "vit_small", "vit_base"])
+def test_every_shipped_pretrain_config_is_valid(name):
+    config = load_pretrain_config(name, None)
+    assert config.encoder_config().image_size == (config.data.image_size, config.data.image_size)
+    assert config.objective["name"] in {"mae", "simmim"}
+
+
+def test_every_shipped_file_is_reachable_by_name():
+    names = sorted(path.stem for path in SHIPPED_CONFIGS.glob("pretrain_*.yaml"))
+    assert names == ["pretrain_tiny", "pretrain_vit_base", "pretrain_vit_small"]
+
+
+def test_defaults_are_the_mae_vit_small_recipe():
+    config = load_pretrain_config(None, None)
+    assert config == PretrainConfig()
+    assert (config.model.size, config.objective["name"], config.optim.base_lr) == ("vit_small", "mae", 1.5e-4)
+    assert config.optim.betas == (0.9, 0.95)
+
+
+def test_overrides_win_over_the_file_and_parse_as_yaml():
+    config = load_pretrain_config(
+        "tiny", ["optim.batch_size=4", "data.crop_scale=[0.5, 1]", "optim.clip_grad=null", "objective.name=simmim"]
+    )
+    assert config.optim.batch_size == 4
+    assert config.data.crop_scale == (0.5, 1.0)
+    assert config.optim.clip_grad is None
+    assert config.objective["name"] == "simmim"
+    assert config.objective["mask_ratio"] == 0.75  # from the file: the objective section merges key by key
+
+
+def test_parse_overrides_nests_dotted_keys():
+    assert parse_overrides(["a.b=1", "a.c=x", "d=[1, 2]"]) == {"a": {"b": 1, "c": "x"}, "d": [1, 2]}
+
+
+@pytest.mark.parametrize("bad", ["novalue", "=3", "a..b=1"])
+def test_malformed_overrides_are_rejected(bad):
+    with pytest.raises(InvalidConfigError, match="--set expects key=value"):
+        parse_overrides([bad])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optim.lr=1"], r"optim\.lr: unknown key \(.*--set\); optim accepts: .*base_lr"),
+        (["train.steps=0"], "steps must be >= 1"),
+        (["train.steps=1.5"], "train.steps: expected a whole number"),
+        (["train.compile=yes please"], "train.compile: expected true or false"),
+        (["data.crop_scale=[0.5]"], "data.crop_scale: expected 2 values"),
+        (["data.crop_scale=[0.9, 0.5]"], "crop_scale must satisfy"),
+        (["model=3"], "model: expected a mapping"),
+        (["widgets.size=3"], "widgets: unknown key"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(InvalidConfigError, match=message):
+        load_pretrain_config(None, overrides)
+
+
+def test_a_missing_config_lists_the_shipped_ones():
+    with pytest.raises(InvalidConfigError, match=r"neither a file nor a shipped config \(tiny, vit_base, vit_small\)"):
+        load_pretrain_config("huge", None)
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model:\n  size: [vit_tiny\n")
+    with pytest.raises(InvalidConfigError, match=r"broken\.yaml is not valid YAML at line"):
+        read_yaml_mapping(path)
+
+
+def test_a_yaml_file_that_is_not_a_mapping_is_rejected(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(InvalidConfigError, match="must hold a mapping"):
+        load_pretrain_config(str(path), None)
+
+
+def test_a_user_file_is_validated_with_its_name_in_the_error(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("optim:\n  batch_size: many\n")
+    with pytest.raises(
+        InvalidConfigError, match=r"optim\.batch_size: expected a whole number, got 'many' \(.*mine\.yaml\)"
+    ):
+        load_pretrain_config(str(path), None)
