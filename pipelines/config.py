@@ -8,10 +8,8 @@ sections validated by their consumer (e.g. an objective's options).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +18,7 @@ import yaml
 
 from caries_mim.atomic_files import atomic_path
 from caries_mim.errors import InvalidConfigError
+from caries_mim.typed_values import dataclass_kwargs
 
 Schema = TypeVar("Schema")
 
@@ -125,69 +124,18 @@ def _build(schema: type, values: Any, prefix: str, origin: str) -> Any:
     section = prefix.rstrip(".") or "config"
     if not isinstance(values, dict):
         raise InvalidConfigError(f"{section}: expected a mapping of keys, got {values!r} ({origin})")
-    hints = typing.get_type_hints(schema)
-    fields = {field.name: field for field in dataclasses.fields(schema)}
-    unknown = sorted(set(values) - set(fields))
+    checked, unknown, problems = dataclass_kwargs(schema, values)
     if unknown:
-        raise InvalidConfigError(
-            f"{prefix}{unknown[0]}: unknown key ({origin}); {section} accepts: {', '.join(sorted(fields))}"
-        )
-    kwargs = {}
-    for name, value in values.items():
-        hint = hints[name]
-        key = f"{prefix}{name}"
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, f"{key}.", origin)
-        else:
-            kwargs[name] = _check(hint, value, key, origin)
+        accepted = ", ".join(sorted(field.name for field in dataclasses.fields(schema)))
+        raise InvalidConfigError(f"{prefix}{unknown[0]}: unknown key ({origin}); {section} accepts: {accepted}")
+    if problems:
+        key, problem = next(iter(problems.items()))
+        raise InvalidConfigError(f"{prefix}{key}: {problem} ({origin})")
+    hints = typing.get_type_hints(schema)
+    for name, value in checked.items():
+        if dataclasses.is_dataclass(hints[name]):
+            checked[name] = _build(hints[name], value, f"{prefix}{name}.", origin)
     try:
-        return schema(**kwargs)
+        return schema(**checked)
     except (TypeError, ValueError) as exc:
         raise InvalidConfigError(f"{section}: {exc} ({origin})") from None
-
-
-def _check(hint: Any, value: Any, key: str, origin: str) -> Any:
-    """Validate (and lightly coerce: int -> float, list -> tuple) one leaf against its type hint."""
-    origin_type = typing.get_origin(hint)
-    arguments = typing.get_args(hint)
-    if origin_type in (typing.Union, types.UnionType):
-        if value is None and type(None) in arguments:
-            return None
-        options = [arg for arg in arguments if arg is not type(None)]
-        for option in options[:-1]:
-            with contextlib.suppress(InvalidConfigError):
-                return _check(option, value, key, origin)
-        return _check(options[-1], value, key, origin)
-    if hint is Any:
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise InvalidConfigError(f"{key}: expected true or false, got {value!r} ({origin})")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise InvalidConfigError(f"{key}: expected a whole number, got {value!r} ({origin})")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise InvalidConfigError(f"{key}: expected a number, got {value!r} ({origin})")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise InvalidConfigError(f"{key}: expected text, got {value!r} ({origin})")
-    if origin_type in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise InvalidConfigError(f"{key}: expected a list, got {value!r} ({origin})")
-        if origin_type is tuple and arguments and arguments[-1] is not Ellipsis:
-            if len(value) != len(arguments):
-                raise InvalidConfigError(f"{key}: expected {len(arguments)} values, got {value!r} ({origin})")
-            return tuple(_check(arg, item, key, origin) for arg, item in zip(arguments, value, strict=True))
-        item_type = arguments[0] if arguments else Any
-        items = [_check(item_type, item, key, origin) for item in value]
-        return tuple(items) if origin_type is tuple else items
-    if origin_type is dict:
-        if not isinstance(value, dict):
-            raise InvalidConfigError(f"{key}: expected a mapping, got {value!r} ({origin})")
-        return dict(value)
-    raise TypeError(f"config schema uses an unsupported type {hint!r} for {key}")

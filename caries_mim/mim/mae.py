@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from caries_mim.errors import InvalidArgumentError
 from caries_mim.mim.objective import MaskedImageObjective, MIMOutput
 from caries_mim.mim.patches import patchify
 from caries_mim.models.position import resample_position_embedding, sincos_position_embedding
@@ -50,7 +51,12 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, device: torc
         mask: (B, N) float, 1 = removed, 0 = visible, in original patch order.
         restore: (B, N) long, the permutation that puts [visible..., removed...] back into patch order.
     """
-    keep_count = max(1, int(num_patches * (1 - mask_ratio)))
+    keep_count = int(num_patches * (1 - mask_ratio))
+    if keep_count < 1 or keep_count >= num_patches:
+        raise InvalidArgumentError(
+            f"masking {mask_ratio:.0%} of {num_patches} patch(es) leaves {keep_count} visible: the image is too small "
+            "for this mask ratio (MAE needs some patches kept and some removed)"
+        )
     noise = torch.rand(batch, num_patches, device=device)
     shuffle = noise.argsort(dim=1)  # ascending: the first keep_count are kept
     restore = shuffle.argsort(dim=1)

@@ -18,6 +18,7 @@ from torch import nn
 from caries_mim.errors import InvalidConfigError
 from caries_mim.mim.patches import patchify, unpatchify
 from caries_mim.models.vit import VisionTransformer
+from caries_mim.typed_values import dataclass_kwargs
 
 #: Gray level that marks removed patches in the "masked" picture (a black patch would look like background).
 MASKED_FILL = 0.5
@@ -96,12 +97,14 @@ class MaskedImageObjective(nn.Module):
 
 def options_from_dict(options_type: type, values: dict[str, Any] | None, context: str) -> Any:
     """Build an ``Options`` dataclass from a config mapping; unknown keys and bad values name themselves."""
-    values = dict(values or {})
-    known = {field.name for field in dataclasses.fields(options_type)}
-    unknown = sorted(set(values) - known)
+    checked, unknown, problems = dataclass_kwargs(options_type, dict(values or {}))
     if unknown:
-        raise InvalidConfigError(f"{context}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        known = ", ".join(sorted(field.name for field in dataclasses.fields(options_type)))
+        raise InvalidConfigError(f"{context}: unknown key(s) {', '.join(unknown)} (known: {known})")
+    if problems:
+        key, problem = next(iter(problems.items()))
+        raise InvalidConfigError(f"{context}: {key}: {problem}")
     try:
-        return options_type(**values)
+        return options_type(**checked)
     except (TypeError, ValueError) as exc:
         raise InvalidConfigError(f"{context}: {exc}") from None

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from caries_mim.errors import InvalidArgumentError
 from caries_mim.mim.objective import MaskedImageObjective, MIMOutput
 from caries_mim.mim.patches import mask_to_pixels, patchify
 from caries_mim.models.vit import VisionTransformer
@@ -39,9 +40,9 @@ def block_masking(
     """Per-sample random block mask on the patch grid.
 
     The grid is covered by ``ceil(rows / s) x ceil(columns / s)`` blocks of s = ``cells_per_block`` patches per
-    side; exactly ``round(blocks * mask_ratio)`` blocks are removed per image (SimMIM's count), then the block mask
-    is upsampled to patches and cropped to the grid (a partial last block row/column only when the grid is not a
-    multiple of s).
+    side; exactly ``ceil(blocks * mask_ratio)`` blocks are removed per image (SimMIM's ``MaskGenerator`` count, kept
+    below the total so something stays visible), then the block mask is upsampled to patches and cropped to the
+    grid (a partial last block row/column only when the grid is not a multiple of s).
 
     Returns:
         (B, rows * columns) float, 1 = removed, row-major.
@@ -49,7 +50,12 @@ def block_masking(
     rows, columns = grid
     block_rows, block_columns = math.ceil(rows / cells_per_block), math.ceil(columns / cells_per_block)
     blocks = block_rows * block_columns
-    removed = min(blocks - 1, max(1, round(blocks * mask_ratio)))
+    if blocks < 2:
+        raise InvalidArgumentError(
+            f"a {rows}x{columns} patch grid holds {blocks} mask block(s) of {cells_per_block} patches: "
+            "nothing could be both masked and visible (use larger images or a smaller mask_patch_size)"
+        )
+    removed = min(blocks - 1, math.ceil(blocks * mask_ratio))
     order = torch.rand(batch, blocks, device=device).argsort(dim=1)
     coarse = torch.zeros(batch, blocks, device=device)
     coarse.scatter_(1, order[:, :removed], 1.0)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from caries_mim.errors import InvalidArgumentError
+from caries_mim.typed_values import dataclass_kwargs
 
 #: Named sizes: (embed_dim, depth, num_heads), the ViT paper / timm / MAE widths. ``vit_large`` exists so official
 #: MAE ViT-L checkpoints can be imported.
@@ -38,7 +39,8 @@ class ViTConfig:
         layer_norm_eps: LayerNorm epsilon (1e-6 as in MAE, so imported weights behave identically).
     """
 
-    image_size: tuple[int, int] = (224, 224)
+    #: An int means a square; stored as (height, width) either way.
+    image_size: tuple[int, int] | int = (224, 224)
     patch_size: int = 16
     in_channels: int = 1
     embed_dim: int = 384
@@ -57,7 +59,7 @@ class ViTConfig:
             problems.append(f"image_size {size} must be a positive multiple of patch_size {self.patch_size}")
         if self.in_channels < 1 or self.depth < 1 or self.num_heads < 1:
             problems.append("in_channels, depth and num_heads must be >= 1")
-        if self.embed_dim < 1 or self.embed_dim % self.num_heads:
+        if self.num_heads >= 1 and (self.embed_dim < 1 or self.embed_dim % self.num_heads):
             problems.append(f"embed_dim {self.embed_dim} must be a positive multiple of num_heads {self.num_heads}")
         if self.embed_dim % 4:
             problems.append(f"embed_dim {self.embed_dim} must be a multiple of 4 (2D sin-cos position embedding)")
@@ -85,12 +87,15 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ViTConfig:
-        """Inverse of :meth:`to_dict`; an unknown key is an error that names it."""
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        """Inverse of :meth:`to_dict`; an unknown key or a value of the wrong type is an error that names it."""
+        checked, unknown, problems = dataclass_kwargs(cls, values)
         if unknown:
-            raise InvalidArgumentError(f"unknown ViT config key(s): {', '.join(unknown)} (known: {sorted(known)})")
-        return cls(**values)
+            known = sorted(field.name for field in dataclasses.fields(cls))
+            raise InvalidArgumentError(f"unknown ViT config key(s): {', '.join(unknown)} (known: {known})")
+        if problems:
+            key, problem = next(iter(problems.items()))
+            raise InvalidArgumentError(f"ViT config {key}: {problem}")
+        return cls(**checked)
 
     @classmethod
     def named(cls, name: str, **overrides: Any) -> ViTConfig:

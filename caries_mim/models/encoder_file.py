@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from caries_mim.atomic_files import atomic_path
-from caries_mim.errors import CariesMimError, InvalidCheckpointError
+from caries_mim.errors import CariesMimError, InvalidArgumentError, InvalidCheckpointError
 from caries_mim.models.config import ViTConfig
 from caries_mim.models.vit import VisionTransformer
 
@@ -76,7 +76,16 @@ def load_encoder(path: str | os.PathLike, **config_overrides: Any) -> LoadedEnco
     return LoadedEncoder(encoder=encoder, metadata=dict(payload.get("metadata") or {}))
 
 
+#: Config keys a stored encoder can be rebuilt with; the others decide parameter shapes or the computation.
+OVERRIDABLE = ("image_size", "drop_path_rate")
+
+
 def _with_overrides(encoder: VisionTransformer, overrides: dict[str, Any]) -> VisionTransformer:
+    fixed = sorted(set(overrides) - set(OVERRIDABLE))
+    if fixed:
+        raise InvalidArgumentError(
+            f"cannot override {', '.join(fixed)} of a trained encoder (only {', '.join(OVERRIDABLE)})"
+        )
     config = ViTConfig.from_dict({**encoder.config.to_dict(), **overrides})
     rebuilt = VisionTransformer(config)
     state = encoder.state_dict()

@@ -102,12 +102,15 @@ def import_mae_weights(
             report.dropped[key] = reason
         elif key not in targets:
             report.unexpected.append(key)
-        elif key == "patch_embed.proj.weight":
-            loaded[key], note = _adapt_patch_projection(value, targets[key], fold_imagenet_normalization)
-            report.adapted[key] = note
-        elif key == "pos_embed":
-            loaded[key], note = _adapt_position_embedding(value, targets[key], encoder.config.grid_size)
-            report.adapted[key] = note
+        elif key in ("patch_embed.proj.weight", "pos_embed"):
+            if key == "pos_embed":
+                loaded[key], note = _adapt_position_embedding(value, targets[key], encoder.config.grid_size)
+            else:
+                loaded[key], note = _adapt_patch_projection(value, targets[key], fold_imagenet_normalization)
+            if note is None:
+                report.mapped.append(key)
+            else:
+                report.adapted[key] = note
         else:
             _check_shape(key, value, targets[key])
             loaded[key] = value
@@ -158,12 +161,12 @@ def _check_shape(key: str, value: torch.Tensor, target: torch.Tensor) -> None:
         )
 
 
-def _adapt_patch_projection(value: torch.Tensor, target: torch.Tensor, fold: bool) -> tuple[torch.Tensor, str]:
-    """(D, C_src, p, p) -> (D, C_target, p, p); only RGB -> 1 channel changes anything."""
+def _adapt_patch_projection(value: torch.Tensor, target: torch.Tensor, fold: bool) -> tuple[torch.Tensor, str | None]:
+    """(D, C_src, p, p) -> (D, C_target, p, p) and a note (None = unchanged); only RGB -> 1 channel changes it."""
     if value.shape[0] != target.shape[0] or value.shape[2:] != target.shape[2:]:
         _check_shape("patch_embed.proj.weight", value, target)
     if value.shape[1] == target.shape[1]:
-        return value, "unchanged"
+        return value, None
     if value.shape[1] != 3 or target.shape[1] != 1:
         _check_shape("patch_embed.proj.weight", value, target)
     if fold:
@@ -181,8 +184,9 @@ def _imagenet_offset(rgb_weight: torch.Tensor) -> torch.Tensor:
 
 def _adapt_position_embedding(
     value: torch.Tensor, target: torch.Tensor, grid: tuple[int, int]
-) -> tuple[torch.Tensor, str]:
-    """(1, [1 +] n*n, D) square-grid embedding -> (1, 1 + rows*cols, D) on the encoder's grid."""
+) -> tuple[torch.Tensor, str | None]:
+    """(1, [1 +] n*n, D) square-grid embedding -> (1, 1 + rows*cols, D) on the encoder's grid, and a note (None =
+    unchanged)."""
     if value.dim() != 3 or value.shape[-1] != target.shape[-1]:
         _check_shape("pos_embed", value, target)
     positions = value.shape[1]
@@ -194,8 +198,8 @@ def _adapt_position_embedding(
         raise InvalidCheckpointError(f"pos_embed: {positions} positions do not form a square grid (+ CLS)")
     cls_slot = value[:, :1] if prefix else torch.zeros_like(target[:, :1])
     patches = resample_position_embedding(value[:, prefix:], (side, side), grid)
-    if (side, side) == tuple(grid):
-        return torch.cat([cls_slot, patches], dim=1), "unchanged"
+    if (side, side) == tuple(grid) and prefix:
+        return value, None
     return torch.cat([cls_slot, patches], dim=1), f"resampled from a {side}x{side} grid to {grid[0]}x{grid[1]}"
 
 

@@ -202,9 +202,8 @@ class VisionTransformer(nn.Module):
             hidden_blocks: block indices (negative counts from the end) whose outputs to return.
             attention_blocks: block indices whose attention probabilities to return (slower path).
         """
-        depth = len(self.blocks)
-        keep_hidden = {index % depth for index in hidden_blocks}
-        keep_attention = {index % depth for index in attention_blocks}
+        keep_hidden = self._block_indices(hidden_blocks)
+        keep_attention = self._block_indices(attention_blocks)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(patch_tokens.shape[0], -1, -1)
         tokens = torch.cat([cls, patch_tokens], dim=1)
         output = EncoderOutput(tokens=tokens, grid=grid)
@@ -216,6 +215,13 @@ class VisionTransformer(nn.Module):
                 output.hidden[index] = tokens
         output.tokens = self.norm(tokens)
         return output
+
+    def _block_indices(self, indices: Sequence[int]) -> set[int]:
+        depth = len(self.blocks)
+        outside = [index for index in indices if not -depth <= index < depth]
+        if outside:
+            raise InvalidArgumentError(f"block index {outside[0]} out of range for an encoder of depth {depth}")
+        return {index % depth for index in indices}
 
     def forward(
         self, images: torch.Tensor, *, hidden_blocks: Sequence[int] = (), attention_blocks: Sequence[int] = ()
