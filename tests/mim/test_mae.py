@@ -29,7 +29,7 @@ def expected_keep_count(num_patches: int, mask_ratio: float) -> int:
 # ---------------------------------------------------------------------------------------------------- masking
 
 
-@pytest.mark.parametrize(("num_patches", "mask_ratio"), [(16, 0.75), (196, 0.75), (49, 0.6), (24, 0.5), (10, 0.9)])
+@pytest.mark.parametrize(("num_patches", "mask_ratio"), [(16, 0.75), (196, 0.75), (49, 0.6), (24, 0.5), (10, 0.8)])
 def test_random_masking_invariants(num_patches, mask_ratio):
     torch.manual_seed(0)
     batch = 6
