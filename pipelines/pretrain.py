@@ -54,6 +54,7 @@ from pipelines.training import (
     adamw_param_groups,
     capture_rng,
     configure_threads,
+    ignore_stop_signals,
     resolve_precision,
     restore_rng,
     warmup_cosine,
@@ -472,6 +473,7 @@ class _Loop:
             pin_memory=self.device.type == "cuda",
             drop_last=True,
             persistent_workers=self.config.data.workers > 0,
+            worker_init_fn=ignore_stop_signals,
             # Its own generator: creating an iterator must not consume the global RNG that draws the masks,
             # or a resumed run (which creates one more iterator) would draw different masks.
             generator=torch.Generator(),

@@ -132,3 +132,11 @@ class GracefulStop:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers leave SIGINT/SIGTERM to the main process. A scheduler or Ctrl-C
+    signals the whole process group; a worker dying on it would abort the main process before
+    :class:`GracefulStop` could checkpoint. The main process shuts its workers down itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
