@@ -124,7 +124,13 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
-    run_demo(Path(args.out), seed=args.seed, n_unlabeled=args.unlabeled, n_labeled=args.labeled)
+    run_demo(
+        Path(args.out),
+        seed=args.seed,
+        n_unlabeled=args.unlabeled,
+        n_labeled=args.labeled,
+        pretrain_steps=args.pretrain_steps,
+    )
     return EXIT_OK
 
 
@@ -192,13 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="run the main job on embedded synthetic data (what `make demo` runs)",
-        description="Generates a small synthetic set, reads every file back, loads the annotations and writes "
-        "a preview picture.",
+        description="Generates a small synthetic set, reads every file back, loads the annotations, writes "
+        "preview pictures, and pretrains a tiny MAE encoder on the images.",
     )
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: %(default)s)")
     demo.add_argument("--seed", type=_non_negative_int, default=0)
-    demo.add_argument("--unlabeled", type=_non_negative_int, default=24, metavar="N")
+    demo.add_argument("--unlabeled", type=_non_negative_int, default=96, metavar="N")
     demo.add_argument("--labeled", type=_non_negative_int, default=40, metavar="M")
+    demo.add_argument(
+        "--pretrain-steps",
+        type=_non_negative_int,
+        default=300,
+        metavar="N",
+        help="MAE pretraining steps with the tiny config; 0 skips pretraining (default: %(default)s)",
+    )
     demo.set_defaults(handler=_cmd_demo)
     return parser
 

@@ -1,9 +1,10 @@
 """``caries-mim demo``: the main job on embedded synthetic data.
 
 Today: generate a synthetic set, read every file back through the same reader real data uses, load the COCO
-splits through the same loaders (and pycocotools), and draw what a person would want to see: labeled images
-with their boxes, and the detection augmentation applied to them. Later issues extend it to
-pretrain -> fine-tune -> evaluate -> predict.
+splits through the same loaders (and pycocotools), draw what a person would want to see (labeled images with
+their boxes, the detection augmentation applied to them), then pretrain a tiny MAE encoder on every image with
+the shipped ``tiny`` config and show its reconstructions. Later issues extend it to fine-tune -> evaluate ->
+predict.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,6 +27,7 @@ from caries_mim.errors import CariesMimError, InvalidArgumentError
 from caries_mim.io import read_radiograph
 from caries_mim.synth import generate_dataset
 from caries_mim.visualization import draw_findings, tile
+from pipelines.pretrain import load_pretrain_config, run_pretrain
 
 SPLITS = ("train", "val", "test")
 PREVIEW_IMAGES = 8
@@ -84,19 +87,37 @@ def _previews(out: Path, train_json: Path) -> dict[str, str]:
     return {"labeled": str(labeled_path), "augmented": str(augmented_path)}
 
 
-def run_demo(out: Path, *, seed: int = 0, n_unlabeled: int = 24, n_labeled: int = 40) -> dict[str, Any]:
+def _pretrain(out: Path, data_dir: Path, images: int, steps: int, seed: int) -> dict[str, Any]:
+    """The tiny MAE config on every synthetic image (labels are not needed for MIM) into ``out/pretrain``."""
+    run = out / "pretrain"
+    if run.exists():
+        # The demo owns this folder: a re-run starts it over instead of refusing like `caries-mim pretrain` does.
+        shutil.rmtree(run)
+    batch = min(load_pretrain_config("tiny", None).optim.batch_size, images)
+    config = load_pretrain_config("tiny", [f"train.steps={steps}", f"train.seed={seed}", f"optim.batch_size={batch}"])
+    summary = run_pretrain([data_dir], run, config)
+    pictures = sorted((run / "reconstructions").glob("step_*.png"))
+    return {**summary, "reconstructions": str(pictures[-1]) if pictures else None}
+
+
+def run_demo(
+    out: Path, *, seed: int = 0, n_unlabeled: int = 96, n_labeled: int = 40, pretrain_steps: int = 300
+) -> dict[str, Any]:
     """Run the demo into ``out`` and return (and print, and write as ``out/demo_summary.json``) its summary."""
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     data_dir = out / "synthetic"
+    stages = 5 if pretrain_steps else 4
 
-    print(f"[1/4] generating {n_unlabeled} unlabeled + {n_labeled} labeled synthetic radiographs in {data_dir}")
-    synth = generate_dataset(data_dir, n_unlabeled=n_unlabeled, n_labeled=n_labeled, seed=seed, progress=True)
+    print(f"[1/{stages}] generating {n_unlabeled} unlabeled + {n_labeled} labeled synthetic radiographs in {data_dir}")
+    synth = generate_dataset(
+        data_dir, n_unlabeled=n_unlabeled, n_labeled=n_labeled, seed=seed, progress=True, workers=2
+    )
 
-    print("[2/4] reading every file back through caries_mim.io.read_radiograph")
+    print(f"[2/{stages}] reading every file back through caries_mim.io.read_radiograph")
     read_back = _read_back(data_dir)
 
-    print("[3/4] loading the COCO splits (caries_mim.data and pycocotools)")
+    print(f"[3/{stages}] loading the COCO splits (caries_mim.data and pycocotools)")
     splits: dict[str, Any] = {}
     for split in SPLITS:
         path = data_dir / "labeled" / f"{split}.json"
@@ -111,8 +132,13 @@ def run_demo(out: Path, *, seed: int = 0, n_unlabeled: int = 24, n_labeled: int 
             "boxes": dict(per_class),
         }
 
-    print("[4/4] drawing previews")
+    print(f"[4/{stages}] drawing previews")
     pictures = _previews(out, data_dir / "labeled" / "train.json")
+
+    pretrain = None
+    if pretrain_steps:
+        print(f"[5/{stages}] pretraining a tiny MAE encoder for {pretrain_steps} steps (config: tiny)")
+        pretrain = _pretrain(out, data_dir, read_back["files"], pretrain_steps, seed)
 
     summary = {
         "data": str(data_dir),
@@ -120,6 +146,7 @@ def run_demo(out: Path, *, seed: int = 0, n_unlabeled: int = 24, n_labeled: int 
         "read_back": read_back,
         "splits": splits,
         "pictures": pictures,
+        "pretrain": pretrain,
         "elapsed_s": round(time.perf_counter() - started, 1),
     }
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
@@ -143,4 +170,12 @@ def _print_summary(summary: dict[str, Any]) -> None:
         )
     print(f"  pictures:   {summary['pictures']['labeled']}")
     print(f"              {summary['pictures']['augmented']}")
+    pretrain = summary["pretrain"]
+    if pretrain:
+        print(
+            f"  pretrain:   {pretrain['steps']} MAE steps, loss {pretrain['first_loss']:.4f} -> "
+            f"{pretrain['last_loss']:.4f}, {pretrain['images_per_second']} img/s"
+        )
+        print(f"              encoder {pretrain['encoder']}")
+        print(f"              reconstructions {pretrain['reconstructions']}")
     print(f"  summary:    {Path(summary['data']).parent / 'demo_summary.json'}")

@@ -42,7 +42,8 @@ def test_synth_with_nothing_to_do_is_a_user_error(tmp_path, capsys):
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--unlabeled", "3", "--labeled", "12", "--seed", "1"]) == 0
+    argv = ["demo", "--out", str(out), "--unlabeled", "3", "--labeled", "12", "--seed", "1", "--pretrain-steps", "4"]
+    assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "caries-mim demo finished" in printed
     summary = json.loads((out / "demo_summary.json").read_text())
@@ -52,3 +53,11 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     for picture in summary["pictures"].values():
         with open(picture, "rb") as handle:
             assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    pretrain = summary["pretrain"]
+    assert pretrain["steps"] == 4
+    assert pretrain["images_in_dataset"] == 15
+    assert (out / "pretrain" / "encoder.pt").is_file()
+    with open(pretrain["reconstructions"], "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    # A second run replaces the demo's own pretraining run instead of refusing it.
+    assert main(argv) == 0
