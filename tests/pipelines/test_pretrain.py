@@ -31,6 +31,10 @@ FAST = [
     "log.every=1",
     "--set",
     "log.images=2",
+    # One thread: tiny matmuls gain nothing from two, and spinning OpenMP threads on a busy 2-core CI machine can
+    # slow a step down tenfold.
+    "--set",
+    "train.threads=1",
     "--quiet",
 ]
 
