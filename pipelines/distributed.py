@@ -109,15 +109,6 @@ def gather_objects(value: Any, context: Distributed) -> list[Any]:
     return gathered
 
 
-def broadcast_object(value: Any, context: Distributed) -> Any:
-    """Rank 0's ``value`` on every rank."""
-    if not context.enabled:
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
 @contextlib.contextmanager
 def main_first(context: Distributed) -> Iterator[None]:
     """Run the body on rank 0, then on the others (e.g. rank 0 fills a cache the others then read)."""

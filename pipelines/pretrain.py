@@ -43,8 +43,8 @@ from caries_mim.data import DecodeCache, ResumableEpochSampler, UnlabeledRadiogr
 from caries_mim.errors import InvalidArgumentError, InvalidCheckpointError, InvalidConfigError
 from caries_mim.io import DEFAULT_ALLOWED_MODALITIES, ReadOptions
 from caries_mim.mim import MaskedImageObjective, build_objective
-from caries_mim.models import VisionTransformer, ViTConfig, import_mae_weights, load_encoder, save_encoder
-from caries_mim.models.encoder_file import ENCODER_FORMAT, read_weights_file
+from caries_mim.models import VisionTransformer, ViTConfig, import_mae_weights, save_encoder
+from caries_mim.models.encoder_file import encoder_from_payload, is_encoder_payload, read_weights_file
 from caries_mim.visualization import tile, to_uint8
 from pipelines import config as configs
 from pipelines import distributed
@@ -220,11 +220,15 @@ def run_pretrain(
         distributed.stop(context)
 
 
+def _require_checkpoint(out: Path) -> None:
+    if not (out / "checkpoint.pt").is_file():
+        raise InvalidArgumentError(f"--resume: {out} holds no checkpoint.pt to resume from")
+
+
 def read_run_config(out: Path) -> dict[str, Any]:
     """The resolved config of an existing run (``RUN/config.yaml``), the base of ``--resume``."""
     path = out / "config.yaml"
-    if not (out / "checkpoint.pt").is_file():
-        raise InvalidArgumentError(f"--resume: {out} holds no checkpoint.pt to resume from")
+    _require_checkpoint(out)
     if not path.is_file():
         raise InvalidArgumentError(f"--resume: {out} has a checkpoint but no config.yaml")
     return configs.read_yaml_mapping(path)
@@ -255,8 +259,7 @@ class _Pretraining:
 
     def _prepare_folder(self) -> None:
         if self.resume:
-            if not self.checkpoint_path.is_file():
-                raise InvalidArgumentError(f"--resume: {self.out} holds no checkpoint.pt to resume from")
+            _require_checkpoint(self.out)
             return
         for existing in ("checkpoint.pt", "encoder.pt"):
             if (self.out / existing).exists():
@@ -298,8 +301,10 @@ class _Pretraining:
         if source is None:
             return VisionTransformer(wanted)
         payload = read_weights_file(source)
-        if isinstance(payload, dict) and payload.get("format") == ENCODER_FORMAT:
-            encoder = load_encoder(source, image_size=wanted.image_size, drop_path_rate=wanted.drop_path_rate).encoder
+        if is_encoder_payload(payload):
+            encoder = encoder_from_payload(
+                payload, source, image_size=wanted.image_size, drop_path_rate=wanted.drop_path_rate
+            ).encoder
             shape_keys = ("embed_dim", "depth", "num_heads", "patch_size", "in_channels")
             if any(getattr(encoder.config, key) != getattr(wanted, key) for key in shape_keys):
                 raise InvalidConfigError(
@@ -480,7 +485,7 @@ class _Loop:
         )
         self.writer = (
             SummaryWriter(str(self.out / "tensorboard"), purge_step=position.step or None)
-            if (self.context.is_main)
+            if self.context.is_main
             else None
         )
         self.preview = self._preview_batch() if self.context.is_main else None

@@ -56,21 +56,30 @@ def load_encoder(path: str | os.PathLike, **config_overrides: Any) -> LoadedEnco
     Raises:
         InvalidCheckpointError: missing or unreadable file, another kind of file, or weights that do not match.
     """
-    payload = read_weights_file(path)
-    if not isinstance(payload, dict) or payload.get("format") != ENCODER_FORMAT:
-        raise InvalidCheckpointError(f"{path} is not a caries-mim encoder file (no format '{ENCODER_FORMAT}')")
+    return encoder_from_payload(read_weights_file(path), path, **config_overrides)
+
+
+def is_encoder_payload(payload: Any) -> bool:
+    """Whether a loaded weights file is an ``encoder.pt`` (and not, say, an MAE checkpoint)."""
+    return isinstance(payload, dict) and payload.get("format") == ENCODER_FORMAT
+
+
+def encoder_from_payload(payload: Any, source: str | os.PathLike, **config_overrides: Any) -> LoadedEncoder:
+    """:func:`load_encoder` for a file already read with :func:`read_weights_file`; ``source`` names it in errors."""
+    if not is_encoder_payload(payload):
+        raise InvalidCheckpointError(f"{source} is not a caries-mim encoder file (no format '{ENCODER_FORMAT}')")
     if payload.get("version") != ENCODER_FORMAT_VERSION:
-        raise InvalidCheckpointError(f"{path}: encoder file version {payload.get('version')} is not supported")
+        raise InvalidCheckpointError(f"{source}: encoder file version {payload.get('version')} is not supported")
     try:
         stored = ViTConfig.from_dict(payload["config"])
     except (KeyError, TypeError, CariesMimError) as exc:
-        raise InvalidCheckpointError(f"{path}: unusable architecture config ({exc})") from None
+        raise InvalidCheckpointError(f"{source}: unusable architecture config ({exc})") from None
     # The stored position embedding belongs to the stored grid: build at that grid, load, then apply overrides.
     encoder = VisionTransformer(stored)
     try:
         encoder.load_state_dict(payload["state_dict"])
     except (KeyError, RuntimeError) as exc:
-        raise InvalidCheckpointError(f"{path}: weights do not match the stored config ({_first_line(exc)})") from None
+        raise InvalidCheckpointError(f"{source}: weights do not match the stored config ({_first_line(exc)})") from None
     if config_overrides:
         encoder = _with_overrides(encoder, config_overrides)
     return LoadedEncoder(encoder=encoder, metadata=dict(payload.get("metadata") or {}))

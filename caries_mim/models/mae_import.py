@@ -112,7 +112,8 @@ def import_mae_weights(
             else:
                 report.adapted[key] = note
         else:
-            _check_shape(key, value, targets[key])
+            if value.shape != targets[key].shape:
+                raise _shape_mismatch(key, value, targets[key])
             loaded[key] = value
             report.mapped.append(key)
     rgb_to_gray = report.adapted.get("patch_embed.proj.weight", "").startswith("RGB")
@@ -153,22 +154,20 @@ def _state_dict_of(payload: Any) -> dict[str, torch.Tensor]:
     return {key.removeprefix("module."): value for key, value in payload.items()}
 
 
-def _check_shape(key: str, value: torch.Tensor, target: torch.Tensor) -> None:
-    if value.shape != target.shape:
-        raise InvalidCheckpointError(
-            f"{key}: checkpoint shape {tuple(value.shape)} does not fit the encoder's {tuple(target.shape)} "
-            "(another ViT size?)"
-        )
+def _shape_mismatch(key: str, value: torch.Tensor, target: torch.Tensor) -> InvalidCheckpointError:
+    return InvalidCheckpointError(
+        f"{key}: checkpoint shape {tuple(value.shape)} does not fit the encoder's {tuple(target.shape)} "
+        "(another ViT size?)"
+    )
 
 
 def _adapt_patch_projection(value: torch.Tensor, target: torch.Tensor, fold: bool) -> tuple[torch.Tensor, str | None]:
     """(D, C_src, p, p) -> (D, C_target, p, p) and a note (None = unchanged); only RGB -> 1 channel changes it."""
-    if value.shape[0] != target.shape[0] or value.shape[2:] != target.shape[2:]:
-        _check_shape("patch_embed.proj.weight", value, target)
-    if value.shape[1] == target.shape[1]:
+    if value.shape == target.shape:
         return value, None
-    if value.shape[1] != 3 or target.shape[1] != 1:
-        _check_shape("patch_embed.proj.weight", value, target)
+    rgb_to_gray = value.shape[1] == 3 and target.shape[1] == 1
+    if not rgb_to_gray or value.shape[0] != target.shape[0] or value.shape[2:] != target.shape[2:]:
+        raise _shape_mismatch("patch_embed.proj.weight", value, target)
     if fold:
         std = torch.tensor(IMAGENET_STD, dtype=value.dtype).view(1, 3, 1, 1)
         return (value / std).sum(dim=1, keepdim=True), "RGB summed to 1 channel with ImageNet mean/std folded in"
@@ -188,7 +187,7 @@ def _adapt_position_embedding(
     """(1, [1 +] n*n, D) square-grid embedding -> (1, 1 + rows*cols, D) on the encoder's grid, and a note (None =
     unchanged)."""
     if value.dim() != 3 or value.shape[-1] != target.shape[-1]:
-        _check_shape("pos_embed", value, target)
+        raise _shape_mismatch("pos_embed", value, target)
     positions = value.shape[1]
     for prefix in (1, 0):
         side = math.isqrt(positions - prefix)
