@@ -208,9 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--pretrain-steps",
         type=_non_negative_int,
-        default=300,
+        default=None,
         metavar="N",
-        help="MAE pretraining steps with the tiny config; 0 skips pretraining (default: %(default)s)",
+        help="MAE pretraining steps with the tiny config; 0 skips pretraining (default: the config's own, 3000)",
     )
     demo.set_defaults(handler=_cmd_demo)
     return parser

@@ -87,27 +87,32 @@ def _previews(out: Path, train_json: Path) -> dict[str, str]:
     return {"labeled": str(labeled_path), "augmented": str(augmented_path)}
 
 
-def _pretrain(out: Path, data_dir: Path, images: int, steps: int, seed: int) -> dict[str, Any]:
+def _pretrain(out: Path, data_dir: Path, images: int, steps: int | None, seed: int) -> dict[str, Any]:
     """The tiny MAE config on every synthetic image (labels are not needed for MIM) into ``out/pretrain``."""
     run = out / "pretrain"
     if run.exists():
         # The demo owns this folder: a re-run starts it over instead of refusing like `caries-mim pretrain` does.
         shutil.rmtree(run)
-    batch = min(load_pretrain_config("tiny", None).optim.batch_size, images)
-    config = load_pretrain_config("tiny", [f"train.steps={steps}", f"train.seed={seed}", f"optim.batch_size={batch}"])
+    tiny = load_pretrain_config("tiny", None)
+    overrides = [f"train.seed={seed}", f"optim.batch_size={min(tiny.optim.batch_size, images)}"]
+    if steps is not None:
+        overrides.append(f"train.steps={steps}")
+    config = load_pretrain_config("tiny", overrides)
     summary = run_pretrain([data_dir], run, config)
     pictures = sorted((run / "reconstructions").glob("step_*.png"))
     return {**summary, "reconstructions": str(pictures[-1]) if pictures else None}
 
 
 def run_demo(
-    out: Path, *, seed: int = 0, n_unlabeled: int = 96, n_labeled: int = 40, pretrain_steps: int = 300
+    out: Path, *, seed: int = 0, n_unlabeled: int = 96, n_labeled: int = 40, pretrain_steps: int | None = None
 ) -> dict[str, Any]:
-    """Run the demo into ``out`` and return (and print, and write as ``out/demo_summary.json``) its summary."""
+    """Run the demo into ``out`` and return (and print, and write as ``out/demo_summary.json``) its summary.
+
+    ``pretrain_steps``: None runs the tiny config's own length, 0 skips pretraining."""
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     data_dir = out / "synthetic"
-    stages = 5 if pretrain_steps else 4
+    stages = 4 if pretrain_steps == 0 else 5
 
     print(f"[1/{stages}] generating {n_unlabeled} unlabeled + {n_labeled} labeled synthetic radiographs in {data_dir}")
     synth = generate_dataset(
@@ -136,8 +141,9 @@ def run_demo(
     pictures = _previews(out, data_dir / "labeled" / "train.json")
 
     pretrain = None
-    if pretrain_steps:
-        print(f"[5/{stages}] pretraining a tiny MAE encoder for {pretrain_steps} steps (config: tiny)")
+    if pretrain_steps != 0:
+        steps = pretrain_steps or load_pretrain_config("tiny", None).train.steps
+        print(f"[5/{stages}] pretraining a tiny MAE encoder for {steps} steps (config: tiny)")
         pretrain = _pretrain(out, data_dir, read_back["files"], pretrain_steps, seed)
 
     summary = {

@@ -110,7 +110,8 @@ class MaskedAutoencoder(MaskedImageObjective):
         keep, mask, restore = random_masking(batch, num_patches, self.options.mask_ratio, tokens.device)
         visible = tokens.gather(1, keep.unsqueeze(-1).expand(-1, -1, dim))  # (B, K, D)
         latent = encoder.encode(visible, grid).tokens  # (B, 1 + K, D)
-        prediction = self._decode(latent, restore, grid)  # (B, N, p*p*C)
+        removed = restore.argsort(dim=1)[:, keep.shape[1] :]  # (B, R) indices of the removed patches
+        prediction = self._decode(latent, restore, removed, grid)  # (B, N, p*p*C)
 
         target = patchify(images, encoder.patch_size)  # (B, N, p*p*C)
         if self.options.norm_pix_loss:
@@ -119,8 +120,16 @@ class MaskedAutoencoder(MaskedImageObjective):
         loss = (per_patch * mask).sum() / mask.sum()
         return MIMOutput(loss=loss, mask=mask, prediction=prediction, grid=grid)
 
-    def _decode(self, latent: torch.Tensor, restore: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """(B, 1 + K, D) encoded CLS + visible tokens -> (B, N, p*p*C) predictions for every patch."""
+    def _decode(
+        self, latent: torch.Tensor, restore: torch.Tensor, removed: torch.Tensor, grid: tuple[int, int]
+    ) -> torch.Tensor:
+        """(B, 1 + K, D) encoded CLS + visible tokens -> (B, N, p*p*C) predictions, zero on visible patches.
+
+        Only removed patches are predicted: the loss and :meth:`reconstruct` never read the others. Every token
+        still goes through all blocks but the last, where the CLS and visible tokens are only keys and values, so
+        that block's queries, projection and MLP, and the prediction head, run on the R removed tokens only (the
+        loss and every gradient are those of predicting all N).
+        """
         tokens = self.decoder_embed(latent)  # (B, 1 + K, Dd)
         batch, visible_plus_cls, width = tokens.shape
         num_patches = restore.shape[1]
@@ -129,9 +138,13 @@ class MaskedAutoencoder(MaskedImageObjective):
         patches = shuffled.gather(1, restore.unsqueeze(-1).expand(-1, -1, width))  # back to patch order
         positions = resample_position_embedding(self.decoder_pos_embed[:, 1:], self.encoder.config.grid_size, grid)
         tokens = torch.cat([tokens[:, :1] + self.decoder_pos_embed[:, :1], patches + positions], dim=1)
-        for block in self.decoder_blocks:
+        *blocks, last = self.decoder_blocks
+        for block in blocks:
             tokens = block(tokens)[0]
-        return self.decoder_pred(self.decoder_norm(tokens))[:, 1:]
+        index = (removed + 1).unsqueeze(-1).expand(-1, -1, width)  # token 0 is CLS
+        predicted = self.decoder_pred(self.decoder_norm(last.forward_selected(tokens, index)))  # (B, R, p*p*C)
+        prediction = predicted.new_zeros(batch, num_patches, predicted.shape[-1])
+        return prediction.scatter(1, removed.unsqueeze(-1).expand_as(predicted), predicted)
 
     def prediction_to_pixels(self, prediction: torch.Tensor, target_patches: torch.Tensor) -> torch.Tensor:
         """Undo norm-pix with the input patch's own mean/std (MAE's visualization), else identity."""

@@ -31,9 +31,9 @@ class MIMOutput:
     Attributes:
         loss: scalar, averaged over removed patches only.
         mask: (B, N) float, 1 = removed (predicted), 0 = visible; N = patches of the input grid, row-major.
-        prediction: (B, N, p*p*C) the objective's prediction for every patch, in its target space (e.g.
-            per-patch normalized pixels for MAE with ``norm_pix_loss``); see
-            :meth:`MaskedImageObjective.prediction_to_pixels`.
+        prediction: (B, N, p*p*C) the objective's prediction in its target space (e.g. per-patch normalized
+            pixels for MAE with ``norm_pix_loss``; see :meth:`MaskedImageObjective.prediction_to_pixels`). Only
+            removed patches are defined: an objective may leave visible ones zero (MAE does not predict them).
         grid: (rows, columns) patch grid.
     """
 

@@ -60,6 +60,20 @@ class Attention(nn.Module):
             mixed = F.scaled_dot_product_attention(query, key, value)
         return self.proj(mixed.transpose(1, 2).reshape(batch, length, dim)), attention
 
+    def forward_selected(self, tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Attention output (B, R, D) for the tokens that ``index`` (B, R, D), a :func:`torch.gather` index along
+        dim 1, selects; every token is still a key and a value. Equals ``forward(tokens)[0].gather(1, index)``
+        without computing the queries and the output projection of the other tokens."""
+        batch, length, dim = tokens.shape
+        weight, bias = self.qkv.weight, self.qkv.bias
+        query = F.linear(tokens.gather(1, index), weight[:dim], None if bias is None else bias[:dim])
+        key_value = F.linear(tokens, weight[dim:], None if bias is None else bias[dim:])
+        count = index.shape[1]
+        query = query.view(batch, count, self.num_heads, self.head_dim).transpose(1, 2)
+        key, value = key_value.view(batch, length, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        mixed = F.scaled_dot_product_attention(query, key, value)
+        return self.proj(mixed.transpose(1, 2).reshape(batch, count, dim))
+
 
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden_dim: int) -> None:
@@ -90,6 +104,12 @@ class Block(nn.Module):
         tokens = tokens + self.drop_path(mixed)
         tokens = tokens + self.drop_path(self.mlp(self.norm2(tokens)))
         return tokens, attention
+
+    def forward_selected(self, tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Block output (B, R, D) for the tokens ``index`` selects (see :meth:`Attention.forward_selected`); equals
+        ``forward(tokens)[0].gather(1, index)``, with the MLP run on the selected tokens only."""
+        selected = tokens.gather(1, index) + self.drop_path(self.attn.forward_selected(self.norm1(tokens), index))
+        return selected + self.drop_path(self.mlp(self.norm2(selected)))
 
 
 @dataclass

@@ -134,6 +134,34 @@ def test_loss_gradient_reaches_removed_patches_only(norm_pix_loss):
     assert torch.all(gradient[~visible] > 0)
 
 
+def test_last_decoder_block_on_removed_tokens_only_is_exact():
+    """The last decoder block and the head run on removed tokens only; loss and every gradient equal decoding
+    all tokens (float64, same masks), and visible patches get no prediction (zeros)."""
+    torch.manual_seed(0)
+    options = MAEOptions(decoder_dim=32, decoder_depth=2, decoder_heads=4)
+    mae = MaskedAutoencoder(VisionTransformer(SMALL), options).double()
+    images = torch.rand(3, 1, 64, 64, dtype=torch.float64)
+
+    def loss_and_gradients(model: MaskedAutoencoder):
+        model.zero_grad()
+        torch.manual_seed(7)  # same masks for both runs
+        output = model(images)
+        output.loss.backward()
+        return output, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    pruned, pruned_grads = loss_and_gradients(mae)
+    last = mae.decoder_blocks[-1]
+    last.forward_selected = lambda tokens, index: last(tokens)[0].gather(1, index)  # decode every token
+    full, full_grads = loss_and_gradients(mae)
+    assert torch.equal(pruned.mask, full.mask)
+    assert torch.allclose(pruned.loss, full.loss, rtol=1e-12)
+    assert pruned_grads.keys() == full_grads.keys()
+    for name, gradient in pruned_grads.items():
+        assert torch.allclose(gradient, full_grads[name], rtol=1e-9, atol=1e-12), name
+    assert torch.all(pruned.prediction[pruned.mask == 0] == 0)
+    assert torch.all(pruned.prediction[pruned.mask == 1] != 0)
+
+
 @pytest.mark.parametrize("norm_pix_loss", [True, False])
 def test_loss_is_mean_patch_mse_over_removed_patches(norm_pix_loss):
     mae = make_mae(norm_pix_loss=norm_pix_loss)

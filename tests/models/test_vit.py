@@ -7,6 +7,7 @@ import torch
 
 from caries_mim.errors import InvalidArgumentError
 from caries_mim.models import VIT_SIZES, VisionTransformer, ViTConfig, build_encoder
+from caries_mim.models.vit import Block
 
 SMALL = ViTConfig(image_size=(64, 64), patch_size=16, embed_dim=64, depth=2, num_heads=4)
 
@@ -90,6 +91,18 @@ def test_explicit_attention_path_matches_sdpa_path(encoder):
         explicit = encoder(images, hidden_blocks=(0,), attention_blocks=(0, 1))
     assert torch.allclose(fused.hidden[0], explicit.hidden[0], atol=1e-5)
     assert torch.allclose(fused.tokens, explicit.tokens, atol=1e-5)
+
+
+@pytest.mark.parametrize("drop_path", [0.0, 0.3])
+def test_block_forward_selected_equals_full_forward_gathered(drop_path):
+    """Computing a block for some tokens only (MAE's last decoder block) changes nothing for those tokens."""
+    torch.manual_seed(0)
+    block = Block(32, 4, 4.0, True, drop_path, 1e-6).double().eval()
+    tokens = torch.randn(3, 11, 32, dtype=torch.float64)
+    selected = torch.stack([torch.randperm(11)[:5] for _ in range(3)])  # (B, R) distinct per row
+    index = selected.unsqueeze(-1).expand(-1, -1, 32)
+    full = block(tokens)[0].gather(1, index)
+    assert torch.allclose(block.forward_selected(tokens, index), full, atol=1e-12)
 
 
 def test_feature_map_refuses_masked_token_sequences(encoder):

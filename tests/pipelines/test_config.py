@@ -39,6 +39,14 @@ def test_overrides_win_over_the_file_and_parse_as_yaml():
     assert config.objective["mask_ratio"] == 0.75  # from the file: the objective section merges key by key
 
 
+def test_model_depth_replaces_the_named_size_depth_only():
+    assert load_pretrain_config("tiny", None).encoder_config().depth == 6
+    config = load_pretrain_config("tiny", ["model.depth=null"]).encoder_config()
+    assert (config.embed_dim, config.depth, config.num_heads) == (192, 12, 3)
+    with pytest.raises(InvalidConfigError, match=r"depth .*must be >= 1"):
+        load_pretrain_config("tiny", ["model.depth=0"])
+
+
 def test_parse_overrides_nests_dotted_keys():
     assert parse_overrides(["a.b=1", "a.c=x", "d=[1, 2]"]) == {"a": {"b": 1, "c": "x"}, "d": [1, 2]}
 
