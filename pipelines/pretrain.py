@@ -63,7 +63,8 @@ from pipelines.training import (
 log = logging.getLogger("caries_mim.pretrain")
 
 CHECKPOINT_FORMAT = "caries-mim-pretrain-checkpoint"
-CHECKPOINT_VERSION = 1
+#: 2: encoders standardize their input (ViTConfig.input_mean/input_std); a version-1 run cannot continue as one.
+CHECKPOINT_VERSION = 2
 #: Config sections that must not change when resuming (they decide parameter shapes or what the loss means).
 FROZEN_ON_RESUME = ("model", "objective", "data.image_size")
 
@@ -390,6 +391,12 @@ class _Pretraining:
         payload = read_weights_file(self.checkpoint_path)
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
             raise InvalidCheckpointError(f"{self.checkpoint_path} is not a caries-mim pretraining checkpoint")
+        if payload.get("version") != CHECKPOINT_VERSION:
+            raise InvalidCheckpointError(
+                f"{self.checkpoint_path}: checkpoint version {payload.get('version')} cannot be resumed by this "
+                f"version (which writes {CHECKPOINT_VERSION}); start a new run with --set model.init_from=<its "
+                "encoder.pt>"
+            )
         changed = _changed_keys(payload["config"], configs.to_dict(self.config), FROZEN_ON_RESUME)
         if changed:
             raise InvalidConfigError(

@@ -3,10 +3,12 @@
 The file is a plain dict readable with ``torch.load(weights_only=True)`` (no pickled classes, so loading an
 untrusted file cannot run code)::
 
-    {"format": "caries-mim-encoder", "version": 1, "config": ViTConfig.to_dict(),
+    {"format": "caries-mim-encoder", "version": 2, "config": ViTConfig.to_dict(),
      "state_dict": {...}, "metadata": {...}}
 
-``metadata`` is free-form provenance (objective, steps, final loss, ...) made of plain types.
+``metadata`` is free-form provenance (objective, steps, final loss, ...) made of plain types. Version 1 files
+predate input standardization (:attr:`ViTConfig.input_mean` / ``input_std``): their encoders saw raw [0, 1]
+pixels, so they load with mean 0 and std 1, the computation they were trained with.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from caries_mim.models.config import ViTConfig
 from caries_mim.models.vit import VisionTransformer
 
 ENCODER_FORMAT = "caries-mim-encoder"
-ENCODER_FORMAT_VERSION = 1
+ENCODER_FORMAT_VERSION = 2
+#: Config values a version-1 file implies for keys it does not have.
+_VERSION_1_DEFAULTS = {"input_mean": 0.0, "input_std": 1.0}
 
 
 @dataclass
@@ -68,10 +72,12 @@ def encoder_from_payload(payload: Any, source: str | os.PathLike, **config_overr
     """:func:`load_encoder` for a file already read with :func:`read_weights_file`; ``source`` names it in errors."""
     if not is_encoder_payload(payload):
         raise InvalidCheckpointError(f"{source} is not a caries-mim encoder file (no format '{ENCODER_FORMAT}')")
-    if payload.get("version") != ENCODER_FORMAT_VERSION:
-        raise InvalidCheckpointError(f"{source}: encoder file version {payload.get('version')} is not supported")
+    version = payload.get("version")
+    if version not in (1, ENCODER_FORMAT_VERSION):
+        raise InvalidCheckpointError(f"{source}: encoder file version {version} is not supported")
     try:
-        stored = ViTConfig.from_dict(payload["config"])
+        config = payload["config"]
+        stored = ViTConfig.from_dict({**_VERSION_1_DEFAULTS, **config} if version == 1 else config)
     except (KeyError, TypeError, CariesMimError) as exc:
         raise InvalidCheckpointError(f"{source}: unusable architecture config ({exc})") from None
     # The stored position embedding belongs to the stored grid: build at that grid, load, then apply overrides.

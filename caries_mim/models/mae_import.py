@@ -11,6 +11,9 @@ Two adaptations:
   as (g, g, g) gives ``sum_c W_c (g - m_c) / s_c``; folding that in (weight ``sum_c W_c / s_c``, bias
   ``b - sum_c sum(W_c) m_c / s_c``) makes the imported encoder see our [0, 1] radiographs exactly as MAE saw a gray
   picture. ``fold_imagenet_normalization=False`` gives the plain channel sum (timm's ``adapt_input_conv``).
+  Either gray projection (weight G, bias b acting on g) is then re-expressed for the encoder's standardized input
+  x = (g - mean) / std (:attr:`ViTConfig.input_mean`, ``input_std``): weight ``std * G``, bias ``b + mean *
+  sum(G)``, so the function of g does not change. A 1-channel projection is taken as it is.
 - **Position embedding** resampled from the checkpoint's square grid to the encoder's reference grid.
 """
 
@@ -117,12 +120,19 @@ def import_mae_weights(
             loaded[key] = value
             report.mapped.append(key)
     rgb_to_gray = report.adapted.get("patch_embed.proj.weight", "").startswith("RGB")
-    if fold_imagenet_normalization and rgb_to_gray and "patch_embed.proj.bias" in loaded:
-        loaded["patch_embed.proj.bias"] = loaded["patch_embed.proj.bias"] - _imagenet_offset(
-            state["patch_embed.proj.weight"]
-        )
-        report.mapped.remove("patch_embed.proj.bias")
-        report.adapted["patch_embed.proj.bias"] = "minus the folded ImageNet mean offset of the RGB weights"
+    if rgb_to_gray:
+        gray = loaded["patch_embed.proj.weight"]  # acts on raw gray pixels g in [0, 1]
+        loaded["patch_embed.proj.weight"] = gray * encoder.config.input_std
+        report.adapted["patch_embed.proj.weight"] += ", scaled for the encoder's standardized input"
+        if "patch_embed.proj.bias" in loaded:
+            bias = loaded["patch_embed.proj.bias"] + encoder.config.input_mean * gray.sum(dim=(1, 2, 3))
+            note = "plus the standardization offset"
+            if fold_imagenet_normalization:
+                bias = bias - _imagenet_offset(state["patch_embed.proj.weight"])
+                note = "minus the folded ImageNet mean offset of the RGB weights, " + note
+            loaded["patch_embed.proj.bias"] = bias
+            report.mapped.remove("patch_embed.proj.bias")
+            report.adapted["patch_embed.proj.bias"] = note
     report.missing = sorted(set(targets) - set(loaded))
     if strict and (report.missing or report.unexpected):
         raise InvalidCheckpointError(

@@ -21,14 +21,20 @@ from caries_mim.models.position import resample_position_embedding, sincos_posit
 
 
 class PatchEmbedding(nn.Module):
-    """(B, C, H, W) images -> (B, N, D) patch tokens, one linear projection per non-overlapping p x p patch."""
+    """(B, C, H, W) images in [0, 1] -> (B, N, D) patch tokens: standardized as ``(x - mean) / std``, then one
+    linear projection per non-overlapping p x p patch."""
 
-    def __init__(self, patch_size: int, in_channels: int, embed_dim: int) -> None:
+    def __init__(
+        self, patch_size: int, in_channels: int, embed_dim: int, input_mean: float = 0.0, input_std: float = 1.0
+    ) -> None:
         super().__init__()
+        self.input_mean = input_mean
+        self.input_std = input_std
         self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.proj(images).flatten(2).transpose(1, 2)
+        standardized = (images - self.input_mean) / self.input_std
+        return self.proj(standardized).flatten(2).transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -159,7 +165,9 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.config = config
         dim = config.embed_dim
-        self.patch_embed = PatchEmbedding(config.patch_size, config.in_channels, dim)
+        self.patch_embed = PatchEmbedding(
+            config.patch_size, config.in_channels, dim, config.input_mean, config.input_std
+        )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         # Fixed, not learned (MAE): a buffer, so optimizers never see it, but saved with the weights. Slot 0 is the
         # CLS token's (zeros), as in MAE checkpoints.

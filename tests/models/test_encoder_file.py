@@ -145,6 +145,20 @@ def test_unsupported_version(trained):
         load_encoder(path)
 
 
+def test_version_1_file_loads_with_the_raw_pixel_input_it_was_trained_on(trained):
+    """Version 1 predates input standardization: its encoder must keep computing proj(x), not proj((x - m) / s)."""
+    encoder, path = trained
+    config = SMALL.to_dict()
+    del config["input_mean"], config["input_std"]
+    _rewrite(path, version=1, config=config)
+    loaded = load_encoder(path).encoder.eval()
+    assert (loaded.config.input_mean, loaded.config.input_std) == (0.0, 1.0)
+    images = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        expected = encoder.patch_embed.proj(images).flatten(2).transpose(1, 2)
+        assert torch.allclose(loaded.patch_embed(images), expected, atol=1e-6)
+
+
 def test_unusable_config(trained):
     _, path = trained
     config = SMALL.to_dict()

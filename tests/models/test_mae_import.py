@@ -173,8 +173,9 @@ def test_folded_gray_projection_equals_rgb_conv_on_imagenet_normalized_gray(chec
         rgb.double(), state["patch_embed.proj.weight"].double(), state["patch_embed.proj.bias"].double(), stride=16
     )
     with torch.no_grad():
-        ours = encoder.patch_embed.proj(gray)
-    assert ours.shape == expected.shape == (2, DIM, 4, 3)
+        ours = encoder.patch_embed(gray)  # standardizes with the encoder's input_mean / input_std first
+    expected = expected.flatten(2).transpose(1, 2)
+    assert ours.shape == expected.shape == (2, 4 * 3, DIM)
     assert torch.allclose(ours.double(), expected, atol=1e-5, rtol=1e-4)
 
 
@@ -182,11 +183,14 @@ def test_unfolded_gray_projection_is_channel_sum(checkpoint_file):
     _, state = checkpoint_file
     encoder = make_encoder()
     report = import_mae_weights(encoder, {"model": state}, fold_imagenet_normalization=False)
-    loaded = encoder.state_dict()
-    assert torch.allclose(loaded["patch_embed.proj.weight"], state["patch_embed.proj.weight"].sum(dim=1, keepdim=True))
-    assert torch.equal(loaded["patch_embed.proj.bias"], state["patch_embed.proj.bias"])
-    assert "patch_embed.proj.bias" in report.mapped
-    assert report.adapted["patch_embed.proj.weight"] == "RGB summed to 1 channel"
+    gray = torch.rand(2, 1, 32, 48, generator=torch.Generator().manual_seed(2))
+    summed = state["patch_embed.proj.weight"].double().sum(dim=1, keepdim=True)
+    expected = F.conv2d(gray.double(), summed, state["patch_embed.proj.bias"].double(), stride=16)
+    with torch.no_grad():
+        ours = encoder.patch_embed(gray)
+    assert torch.allclose(ours.double(), expected.flatten(2).transpose(1, 2), atol=1e-5, rtol=1e-4)
+    assert report.adapted["patch_embed.proj.weight"].startswith("RGB summed to 1 channel,")
+    assert report.adapted["patch_embed.proj.bias"] == "plus the standardization offset"
 
 
 def test_rgb_encoder_takes_rgb_projection_unchanged(checkpoint_file):

@@ -140,6 +140,20 @@ def test_resume_without_a_checkpoint_is_a_clear_error(unlabeled, tmp_path, capsy
     assert "no checkpoint.pt" in capsys.readouterr().err
 
 
+def test_a_checkpoint_of_another_format_version_is_refused_by_name(unlabeled, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert pretrain(unlabeled, run, "--set", "train.steps=1") == 0
+    payload = torch.load(run / "checkpoint.pt", weights_only=False)
+    payload["version"] = 1
+    torch.save(payload, run / "checkpoint.pt")
+    capsys.readouterr()
+    assert pretrain(unlabeled, run, "--resume", "--set", "train.steps=2") == 2
+    err = capsys.readouterr().err
+    assert "checkpoint version 1 cannot be resumed" in err
+    assert "model.init_from" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_an_empty_data_folder_is_an_error_not_a_zero_step_run(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
