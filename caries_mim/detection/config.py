@@ -1,0 +1,190 @@
+"""Everything that determines a caries detector: encoder architecture, classes, input geometry, anchors, training
+sample selection and box selection, as one serializable config.
+
+A model package stores :meth:`DetectorConfig.to_dict` beside the weights, so prediction needs nothing from the
+training config.
+
+Coordinates: boxes are ``[x0, y0, x1, y1]`` with x along image columns (width) and y along rows (height); anchor
+shapes are given as (width, height) in the same convention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from caries_mim.errors import InvalidArgumentError
+from caries_mim.models.config import ViTConfig
+from caries_mim.typed_values import dataclass_kwargs
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """A RetinaNet-style caries detector on a ViT encoder with a simple feature pyramid.
+
+    Attributes:
+        encoder: ViT architecture (a :class:`ViTConfig` or its dict). Its ``image_size`` is set to
+            (``image_size``, ``image_size``): the detector input is the encoder's reference grid.
+        class_names: one name per class, in label order (labels are indices into this tuple).
+        image_size: long side in pixels of the image the model sees; intra-oral radiographs are scaled (aspect
+            kept) so their long side is this (see :mod:`caries_mim.detection.preprocessing`). A multiple of twice
+            the patch size (the coarsest pyramid stride).
+        max_downscale: largest factor an input is shrunk by. Images whose long side exceeds
+            ``image_size * max_downscale`` (panoramics, not intra-oral images) are shrunk by exactly this factor,
+            stay larger than ``image_size`` and go through the sliding window instead of being squeezed.
+        pyramid_channels: channels of every pyramid level and of the heads (a multiple of 8: MONAI's heads use
+            GroupNorm with 8 groups).
+        anchor_shapes: (width, height) in pixels of the anchors of the finest level (stride patch_size / 2);
+            the next levels use 2x and 4x these shapes.
+        atss_candidates: anchor positions per level that ATSS considers for each ground-truth box.
+        atss_center_in_gt: whether ATSS positives must have their centre inside the box (MONAI advises against
+            it for small objects).
+        sampler_batch_size: anchors per image in the classification loss (hard negative sampler).
+        sampler_positive_fraction: at most this fraction of them positive.
+        sampler_min_negatives: negatives kept even for an image with few positives (or none).
+        sampler_pool_size: hard negatives are drawn at random from the ``pool_size`` times as many
+            highest-scoring negatives.
+        score_threshold: detections scoring below this (sigmoid probability in [0, 1]) are discarded. Kept low:
+            the operating threshold is chosen later on a validation FROC and stored in the model package.
+        nms_threshold: IoU above which the lower-scoring of two overlapping detections is suppressed.
+        candidates_per_level: best-scoring boxes per pyramid level kept before NMS.
+        detections_per_image: most detections returned per image.
+        roi_size: side in pixels of the square sliding window used for inputs larger than it; ``None`` (the
+            default) means ``image_size``, the scale the model was trained at.
+        sliding_window_overlap: fraction in [0, 1) by which neighbouring windows overlap.
+        sliding_window_batch_size: windows run through the network at once.
+    """
+
+    encoder: ViTConfig = field(default_factory=ViTConfig)
+    class_names: tuple[str, ...] = ("caries",)
+    image_size: int = 512
+    max_downscale: float = 4.0
+    pyramid_channels: int = 256
+    anchor_shapes: tuple[tuple[float, float], ...] = ((16.0, 16.0), (12.0, 20.0), (20.0, 12.0))
+    atss_candidates: int = 4
+    atss_center_in_gt: bool = False
+    sampler_batch_size: int = 64
+    sampler_positive_fraction: float = 0.3
+    sampler_min_negatives: int = 16
+    sampler_pool_size: float = 20.0
+    score_threshold: float = 0.05
+    nms_threshold: float = 0.3
+    candidates_per_level: int = 1000
+    detections_per_image: int = 100
+    roi_size: int | None = None
+    sliding_window_overlap: float = 0.25
+    sliding_window_batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        encoder = self.encoder
+        if isinstance(encoder, dict):
+            encoder = _encoder_from_dict(encoder)
+        elif not isinstance(encoder, ViTConfig):
+            raise InvalidArgumentError(f"detector config encoder must be a ViT config mapping, got {encoder!r}")
+        if self.roi_size is None:
+            object.__setattr__(self, "roi_size", self.image_size)
+        problems = self._problems(encoder.patch_size)
+        if problems:
+            raise InvalidArgumentError("invalid detector config: " + "; ".join(problems))
+        if encoder.image_size != (self.image_size, self.image_size):
+            encoder = ViTConfig.from_dict({**encoder.to_dict(), "image_size": [self.image_size, self.image_size]})
+        object.__setattr__(self, "encoder", encoder)
+        object.__setattr__(self, "class_names", tuple(self.class_names))
+        object.__setattr__(self, "anchor_shapes", tuple((float(w), float(h)) for w, h in self.anchor_shapes))
+
+    def _problems(self, patch_size: int) -> list[str]:
+        problems = []
+        if patch_size % 2:
+            problems.append(
+                f"encoder patch_size {patch_size} must be even (the finest pyramid level has half its stride)"
+            )
+        coarsest = 2 * patch_size  # the stride of the max-pooled pyramid level
+        if not self.class_names or any(not isinstance(name, str) or not name.strip() for name in self.class_names):
+            problems.append(f"class_names must be one or more non-empty names, got {list(self.class_names)}")
+        elif len(set(self.class_names)) != len(self.class_names):
+            problems.append(f"class_names must be distinct, got {list(self.class_names)}")
+        for key in ("image_size", "roi_size"):
+            value = getattr(self, key)
+            if value < coarsest or value % coarsest:
+                problems.append(f"{key} {value} must be a positive multiple of {coarsest} (twice the patch size)")
+        if not 0.0 <= self.sliding_window_overlap < 1.0:
+            problems.append(f"sliding_window_overlap must be in [0, 1), got {self.sliding_window_overlap}")
+        else:
+            # MONAI places windows at multiples of this step (truncated to whole pixels); off the coarsest stride,
+            # the stitched maps of the coarse levels would no longer line up with their anchors.
+            step = int(self.roi_size * (1.0 - self.sliding_window_overlap))
+            if step < coarsest or step % coarsest:
+                problems.append(
+                    f"the sliding window step int(roi_size * (1 - overlap)) = {step} must be a positive multiple "
+                    f"of {coarsest}"
+                )
+        if self.max_downscale < 1.0:
+            problems.append(f"max_downscale must be >= 1, got {self.max_downscale}")
+        if self.pyramid_channels < 8 or self.pyramid_channels % 8:
+            problems.append(f"pyramid_channels {self.pyramid_channels} must be a positive multiple of 8")
+        if not self.anchor_shapes or any(len(s) != 2 or min(s) <= 0 for s in self.anchor_shapes):
+            problems.append(f"anchor_shapes must be one or more positive (width, height), got {self.anchor_shapes}")
+        counts = (
+            "atss_candidates",
+            "sampler_batch_size",
+            "candidates_per_level",
+            "detections_per_image",
+            "sliding_window_batch_size",
+        )
+        problems.extend(f"{key} must be >= 1, got {getattr(self, key)}" for key in counts if getattr(self, key) < 1)
+        if self.sampler_min_negatives < 0:
+            problems.append(f"sampler_min_negatives must be >= 0, got {self.sampler_min_negatives}")
+        if self.sampler_pool_size < 1.0:
+            problems.append(f"sampler_pool_size must be >= 1, got {self.sampler_pool_size}")
+        problems.extend(
+            f"{key} must be in (0, 1], got {getattr(self, key)}"
+            for key in ("sampler_positive_fraction", "nms_threshold")
+            if not 0.0 < getattr(self, key) <= 1.0
+        )
+        if not 0.0 <= self.score_threshold < 1.0:
+            problems.append(f"score_threshold must be in [0, 1), got {self.score_threshold}")
+        return problems
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def strides(self) -> tuple[int, int, int]:
+        """Pyramid strides in pixels, finest first: patch_size / 2, patch_size, 2 * patch_size."""
+        patch = self.encoder.patch_size
+        return patch // 2, patch, 2 * patch
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (lists, numbers, strings, bools), loadable with ``torch.load(weights_only=True)``."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values["encoder"] = self.encoder.to_dict()
+        values["class_names"] = list(self.class_names)
+        values["anchor_shapes"] = [list(shape) for shape in self.anchor_shapes]
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DetectorConfig:
+        """Inverse of :meth:`to_dict`; an unknown key or a value of the wrong type is an error that names it."""
+        if not isinstance(values, dict):
+            raise InvalidArgumentError(f"a detector config must be a mapping, got {values!r}")
+        checked, unknown, problems = dataclass_kwargs(cls, values)
+        if unknown:
+            known = sorted(f.name for f in dataclasses.fields(cls))
+            raise InvalidArgumentError(f"unknown detector config key(s): {', '.join(unknown)} (known: {known})")
+        if problems:
+            key, problem = next(iter(problems.items()))
+            raise InvalidArgumentError(f"detector config {key}: {problem}")
+        if "encoder" in checked and not isinstance(checked["encoder"], ViTConfig):
+            checked["encoder"] = _encoder_from_dict(checked["encoder"])
+        return cls(**checked)
+
+
+def _encoder_from_dict(values: Any) -> ViTConfig:
+    if not isinstance(values, dict):
+        raise InvalidArgumentError(f"detector config encoder must be a ViT config mapping, got {values!r}")
+    try:
+        return ViTConfig.from_dict(values)
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError(f"detector config encoder: {exc.message}") from None

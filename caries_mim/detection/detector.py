@@ -1,0 +1,246 @@
+"""``CariesDetector``: MONAI's RetinaNetDetector (anchors, ATSS matching, hard negative sampling, box coding,
+losses, box selection with NMS, sliding-window inference) around the ViT feature-pyramid network.
+
+Coordinates. Outside this module boxes are ``[x0, y0, x1, y1]`` with x along columns. MONAI's 2D detection
+components index box coordinates in tensor-dimension order instead ("ij"): for (B, C, H, W) images its
+``[x0, y0, x1, y1]`` runs along H first, i.e. it is ``[row0, col0, row1, col1]``. :class:`CariesDetector` swaps
+the axes on the way in and out, so callers never see MONAI's order; its anchor shapes are swapped the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
+from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
+from torch import nn
+
+from caries_mim.detection.config import DetectorConfig
+from caries_mim.detection.encoder_loading import load_detector_encoder
+from caries_mim.detection.network import ViTRetinaNet
+from caries_mim.errors import InvalidArgumentError
+from caries_mim.models.mae_import import ImportReport
+from caries_mim.models.vit import VisionTransformer
+
+#: [x0, y0, x1, y1] (x = column) <-> MONAI's [row0, col0, row1, col1]; the permutation is its own inverse.
+_SWAP_XY = [1, 0, 3, 2]
+
+
+class _ATSSRetinaNetDetector(RetinaNetDetector):
+    """RetinaNetDetector whose anchor matching calls its ATSS matcher directly.
+
+    MONAI's ``compute_anchor_matched_idxs`` first tests ``isinstance(matcher, torchvision Matcher)``; torchvision
+    is not a dependency of this project, and without it that test raises ``OptionalImportError`` before the ATSS
+    branch is reached. ATSS is the only matcher used here, so the test is skipped (the override MONAI's error
+    message itself points to for other matchers).
+    """
+
+    def compute_anchor_matched_idxs(
+        self,
+        anchors: list[torch.Tensor],
+        targets: list[dict[str, torch.Tensor]],
+        num_anchor_locs_per_level: Sequence[int],
+    ) -> list[torch.Tensor]:
+        matched = []
+        for anchors_per_image, targets_per_image in zip(anchors, targets, strict=True):
+            boxes = targets_per_image[self.target_box_key].to(anchors_per_image.device)
+            if boxes.numel() == 0:
+                # As MONAI does: every anchor is background (the matcher's own answer would land on the CPU).
+                matched.append(
+                    torch.full((anchors_per_image.shape[0],), -1, dtype=torch.int64, device=anchors_per_image.device)
+                )
+                continue
+            _, matched_per_image = self.proposal_matcher(
+                boxes, anchors_per_image, num_anchor_locs_per_level, self.num_anchors_per_loc
+            )
+            matched.append(matched_per_image)
+        return matched
+
+
+class CariesDetector(nn.Module):
+    """Caries detector: (B, 1, H, W) radiographs in [0, 1] -> boxes, scores and class labels.
+
+    Only :attr:`network` (encoder, pyramid, heads) has parameters; save and load this module's ``state_dict``
+    together with ``config.to_dict()``.
+
+    Inputs need not be padded: MONAI pads the bottom and right with zeros to a multiple of 2p (32 for 16 px
+    patches). Inputs larger than ``config.roi_size`` in either side are predicted with the sliding window, so the
+    cost grows linearly with the area (global attention over the whole image would grow with its square).
+
+    Args:
+        config: the detector's architecture and settings.
+        encoder: an encoder to use (see :func:`build_detector` to load one from ``encoder.pt``); by default a
+            freshly initialized one. Its config must equal ``config.encoder``.
+    """
+
+    def __init__(self, config: DetectorConfig, encoder: VisionTransformer | None = None) -> None:
+        super().__init__()
+        if encoder is None:
+            encoder = VisionTransformer(config.encoder)
+        elif encoder.config != config.encoder:
+            raise InvalidArgumentError(
+                f"the encoder's config {encoder.config.to_dict()} differs from the detector's "
+                f"{config.encoder.to_dict()}"
+            )
+        self.config = config
+        anchors = AnchorGeneratorWithAnchorShape(
+            feature_map_scales=(1, 2, 4),
+            base_anchor_shapes=[(height, width) for width, height in config.anchor_shapes],
+            indexing="ij",
+        )
+        network = ViTRetinaNet(encoder, config.num_classes, len(config.anchor_shapes), config.pyramid_channels)
+        detector = _ATSSRetinaNetDetector(network, anchors)
+        detector.set_atss_matcher(num_candidates=config.atss_candidates, center_in_gt=config.atss_center_in_gt)
+        detector.set_hard_negative_sampler(
+            batch_size_per_image=config.sampler_batch_size,
+            positive_fraction=config.sampler_positive_fraction,
+            min_neg=config.sampler_min_negatives,
+            pool_size=config.sampler_pool_size,
+        )
+        detector.set_box_selector_parameters(
+            score_thresh=config.score_threshold,
+            topk_candidates_per_level=config.candidates_per_level,
+            nms_thresh=config.nms_threshold,
+            detections_per_img=config.detections_per_image,
+        )
+        detector.set_sliding_window_inferer(
+            roi_size=(config.roi_size, config.roi_size),
+            sw_batch_size=config.sliding_window_batch_size,
+            overlap=config.sliding_window_overlap,
+            mode="constant",
+        )
+        self.retinanet = detector
+
+    @property
+    def network(self) -> ViTRetinaNet:
+        return self.retinanet.network
+
+    @property
+    def encoder(self) -> VisionTransformer:
+        return self.network.encoder
+
+    def forward(self, images: torch.Tensor, targets: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Same as :meth:`losses`: the training step goes through ``forward`` so DistributedDataParallel can
+        synchronize gradients."""
+        return self.losses(images, targets)
+
+    def losses(self, images: torch.Tensor, targets: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Training losses for a batch.
+
+        Args:
+            images: (B, 1, H, W) float in [0, 1], H and W at most a few multiples of ``roi_size`` (the whole image
+                goes through the encoder).
+            targets: B dicts with ``boxes`` float (N_i, 4) ``[x0, y0, x1, y1]`` in pixels of ``images``
+                (x1 > x0, y1 > y0) and ``labels`` int64 (N_i,) in [0, num_classes); N_i may be 0.
+        Returns:
+            scalar tensors ``classification`` (binary cross-entropy over the hard-negative-sampled anchors),
+            ``box_regression`` (smooth L1 on the encoded offsets of the positive anchors; 0 without positives)
+            and ``total``, their sum.
+
+        Dropout and stochastic depth follow the module's train/eval mode, so this also gives validation losses.
+        """
+        monai_targets = [self._monai_target(images, index, target) for index, target in enumerate(targets)]
+        if len(monai_targets) != images.shape[0]:
+            raise InvalidArgumentError(f"{images.shape[0]} images but {len(monai_targets)} targets")
+        self._drop_stale_anchors(images)
+        with _detector_mode(self.retinanet, training=True):
+            losses = self.retinanet(images, monai_targets)
+        classification = losses[self.retinanet.cls_key]
+        # MONAI returns a constant CPU zero when no anchor is positive.
+        box_regression = losses[self.retinanet.box_reg_key].to(classification.device)
+        return {
+            "classification": classification,
+            "box_regression": box_regression,
+            "total": classification + box_regression,
+        }
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Detections for a batch of same-size images (call ``eval()`` first for deterministic output).
+
+        Args:
+            images: (B, 1, H, W) float in [0, 1], any H and W.
+        Returns:
+            B dicts: ``boxes`` float (N, 4) ``[x0, y0, x1, y1]`` in pixels of ``images``, inside them;
+            ``scores`` float (N,) in [0, 1], descending; ``labels`` int64 (N,) class indices.
+        """
+        height, width = images.shape[-2:]
+        use_window = max(height, width) > self.config.roi_size
+        if use_window:
+            # MONAI's sliding window pads inputs smaller than the window on both sides, by amounts that need not
+            # be multiples of the coarsest stride, which would shift the stitched coarse maps against their
+            # anchors. Padded here (bottom/right) it never needs to.
+            roi = self.config.roi_size
+            images = F.pad(images, (0, max(roi - width, 0), 0, max(roi - height, 0)))
+        self._drop_stale_anchors(images)
+        with _detector_mode(self.retinanet, training=False):
+            detections = self.retinanet(images, use_inferer=use_window)
+        results = []
+        for detection in detections:
+            boxes = detection[self.retinanet.target_box_key][:, _SWAP_XY]
+            # MONAI clips to the tensor it was given, which may include the padding above.
+            boxes = torch.minimum(boxes, boxes.new_tensor([width, height, width, height]))
+            results.append(
+                {
+                    "boxes": boxes,
+                    "scores": detection[self.retinanet.pred_score_key],
+                    "labels": detection[self.retinanet.target_label_key],
+                }
+            )
+        return results
+
+    def _drop_stale_anchors(self, images: torch.Tensor) -> None:
+        """MONAI caches anchors by input shape only; after the module moved to another device they must be rebuilt."""
+        cached = self.retinanet.anchors
+        if cached and cached[0].device != images.device:
+            self.retinanet.anchors = None
+
+    def _monai_target(self, images: torch.Tensor, index: int, target: dict[str, torch.Tensor]) -> dict:
+        """Validate one target and put its boxes in MONAI's axis order."""
+        boxes, labels = target.get("boxes"), target.get("labels")
+        if not isinstance(boxes, torch.Tensor) or not isinstance(labels, torch.Tensor):
+            raise InvalidArgumentError(f"target {index} needs tensors 'boxes' and 'labels', got keys {sorted(target)}")
+        boxes = boxes.reshape(-1, 4).to(device=images.device, dtype=torch.float32)
+        labels = labels.reshape(-1).to(device=images.device, dtype=torch.long)
+        if boxes.shape[0] != labels.shape[0]:
+            raise InvalidArgumentError(f"target {index} has {boxes.shape[0]} boxes but {labels.shape[0]} labels")
+        if bool(((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any()):
+            raise InvalidArgumentError(f"target {index} has a box without area (need x1 > x0 and y1 > y0)")
+        if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < self.config.num_classes:
+            raise InvalidArgumentError(
+                f"target {index} has labels outside [0, {self.config.num_classes}) (classes: {self.config.class_names})"
+            )
+        return {self.retinanet.target_box_key: boxes[:, _SWAP_XY], self.retinanet.target_label_key: labels}
+
+
+@contextlib.contextmanager
+def _detector_mode(detector: RetinaNetDetector, *, training: bool) -> Iterator[None]:
+    """Set only the detector's own ``training`` flag for the duration.
+
+    MONAI's RetinaNetDetector decides between returning losses and returning detections by ``self.training``.
+    Flipping just that flag (not the submodules') keeps the network's dropout and stochastic depth in whatever
+    mode the caller chose, so losses can be computed in eval mode and predictions in train mode.
+    """
+    previous = detector.training
+    detector.training = training
+    try:
+        yield
+    finally:
+        detector.training = previous
+
+
+def build_detector(
+    config: DetectorConfig, encoder_path: str | os.PathLike | None = None
+) -> tuple[CariesDetector, ImportReport]:
+    """A detector for fine-tuning: encoder weights from ``encoder_path`` (an ``encoder.pt``) or freshly initialized,
+    pyramid and heads freshly initialized. Returns the report of :func:`load_detector_encoder`.
+
+    Raises:
+        InvalidCheckpointError: see :func:`load_detector_encoder`.
+    """
+    encoder, report = load_detector_encoder(config, encoder_path)
+    return CariesDetector(config, encoder), report

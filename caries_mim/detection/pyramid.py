@@ -1,0 +1,60 @@
+"""ViTDet's simple feature pyramid: three detection levels from the single stride-p map of a plain ViT.
+
+A ViT keeps one resolution throughout, so instead of an FPN over backbone stages the pyramid is built from the last
+patch-token map alone (Li et al., "Exploring Plain Vision Transformer Backbones for Object Detection", 2022): a 2x2
+transposed convolution for stride p/2, the map itself for stride p, 2x2 max pooling for stride 2p. For p = 16 the
+strides are 8, 16 and 32: the stride-8 level is what resolves caries of 15-30 px on a 512 px image.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) map at every position (ViTDet's "LN" for conv features).
+
+    Unlike GroupNorm(1, C) it does not mix statistics across positions, so a level's features at one place do not
+    depend on how much black padding the image has elsewhere.
+    """
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        return super().forward(maps.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _output_block(in_channels: int, channels: int) -> nn.Sequential:
+    """ViTDet's per-level head: 1x1 conv to ``channels``, LN, 3x3 conv, LN (no biases: each conv feeds a norm)."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, channels, kernel_size=1, bias=False),
+        ChannelLayerNorm(channels, eps=1e-6),
+        nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False),
+        ChannelLayerNorm(channels, eps=1e-6),
+    )
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """(B, D, h, w) patch-token map at stride p -> three (B, C, ., .) maps at strides p/2, p and 2p.
+
+    Args:
+        in_channels: D, the encoder width.
+        channels: C, the width of every output level.
+
+    The input's h and w must be even (images divisible by 2p, which the detector's padding guarantees) so that
+    the stride-2p level tiles the image exactly and its anchors line up.
+    """
+
+    def __init__(self, in_channels: int, channels: int = 256) -> None:
+        super().__init__()
+        self.out_channels = channels
+        # ViTDet halves the width on the way up: the upsampled map has 4x the positions.
+        self.rescale = nn.ModuleList(
+            [nn.ConvTranspose2d(in_channels, in_channels // 2, kernel_size=2, stride=2), nn.Identity(), nn.MaxPool2d(2)]
+        )
+        self.output = nn.ModuleList(
+            [_output_block(width, channels) for width in (in_channels // 2, in_channels, in_channels)]
+        )
+
+    def forward(self, feature_map: torch.Tensor) -> list[torch.Tensor]:
+        """(B, D, h, w) -> [(B, C, 2h, 2w), (B, C, h, w), (B, C, h/2, w/2)], finest level first."""
+        return [output(rescale(feature_map)) for rescale, output in zip(self.rescale, self.output, strict=True)]
