@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import signal
 import threading
 from collections.abc import Callable
@@ -63,18 +64,66 @@ def configure_threads(device: torch.device, local_world_size: int, threads: int 
     return threads
 
 
+def _skips_weight_decay(name: str, parameter: nn.Parameter) -> bool:
+    """Biases, norms (1-D tensors) and learned tokens or position embeddings are not decayed (MAE, timm)."""
+    return parameter.ndim <= 1 or name.endswith(("token", "pos_embed"))
+
+
 def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Two AdamW groups, as MAE/timm do: no weight decay on biases, norms (1-D tensors) and learned tokens or
     position embeddings (names ending in ``token`` or ``pos_embed``); decay on every other weight."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if _skips_weight_decay(name, parameter) else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+_ENCODER_STEM = re.compile(r"(^|\.)(patch_embed|cls_token|pos_embed)(\.|$)")
+_ENCODER_BLOCK = re.compile(r"(^|\.)blocks\.(\d+)\.")
+
+
+def vit_layer_id(name: str, depth: int) -> int:
+    """Layer of a parameter for layer-wise lr decay, as MAE's fine-tuning numbers them: the patch embedding, CLS
+    token and position embedding are layer 0, encoder block i is layer i + 1, everything after the blocks (final
+    norm, feature pyramid, detection heads) is layer depth + 1. ``name`` may carry any prefix
+    (``retinanet.network...encoder.blocks.3.attn.qkv.weight``)."""
+    if _ENCODER_STEM.search(name):
+        return 0
+    block = _ENCODER_BLOCK.search(name)
+    return int(block.group(2)) + 1 if block else depth + 1
+
+
+def layer_decay_param_groups(
+    model: nn.Module, *, base_lr: float, weight_decay: float, layer_decay: float, depth: int
+) -> list[dict[str, Any]]:
+    """AdamW groups with layer-wise lr decay (BEiT / MAE fine-tuning): a parameter at layer l (see
+    :func:`vit_layer_id`) learns at ``base_lr * layer_decay ** (depth + 1 - l)``, so the pretrained stem moves least
+    and the fresh heads at the full rate; weight decay is split as in :func:`adamw_param_groups`. Each group's
+    ``lr`` is its scaled rate (a LambdaLR schedule multiplies it) and ``lr_scale`` records the factor.
+
+    Raises:
+        InvalidConfigError: ``layer_decay`` outside (0, 1].
+    """
+    if not 0.0 < layer_decay <= 1.0:
+        raise InvalidConfigError(f"layer_decay must be in (0, 1], got {layer_decay}")
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        if parameter.ndim <= 1 or name.endswith(("token", "pos_embed")):
-            no_decay.append(parameter)
-        else:
-            decay.append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        layer = vit_layer_id(name, depth)
+        decayed = not _skips_weight_decay(name, parameter)
+        if (layer, decayed) not in groups:
+            scale = layer_decay ** (depth + 1 - layer)
+            groups[layer, decayed] = {
+                "params": [],
+                "weight_decay": weight_decay if decayed else 0.0,
+                "lr": base_lr * scale,
+                "lr_scale": scale,
+                "layer": layer,
+            }
+        groups[layer, decayed]["params"].append(parameter)
+    return [groups[key] for key in sorted(groups)]
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_lr_ratio: float) -> Callable[[int], float]:

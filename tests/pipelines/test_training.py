@@ -1,0 +1,82 @@
+"""Optimizer parameter groups: weight-decay split and layer-wise learning-rate decay for fine-tuning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from caries_mim.errors import InvalidConfigError
+from caries_mim.models import VisionTransformer, ViTConfig
+from pipelines.training import adamw_param_groups, layer_decay_param_groups, vit_layer_id
+
+TINY = ViTConfig(image_size=32, patch_size=16, embed_dim=32, depth=3, num_heads=2)
+
+
+class Detectorish(nn.Module):
+    """An encoder under a prefix, as the detector nests it, plus a head after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.ModuleDict({"encoder": VisionTransformer(TINY)})
+        self.head = nn.Linear(32, 4)
+
+
+@pytest.mark.parametrize(
+    ("name", "layer"),
+    [
+        ("patch_embed.proj.weight", 0),
+        ("cls_token", 0),
+        ("backbone.encoder.pos_embed", 0),
+        ("backbone.encoder.blocks.0.attn.qkv.weight", 1),
+        ("blocks.2.norm1.bias", 3),
+        ("backbone.encoder.norm.weight", 4),
+        ("head.weight", 4),
+        ("retinanet.network.classification_head.conv.0.weight", 4),
+    ],
+)
+def test_vit_layer_id_numbers_layers_like_mae(name, layer):
+    assert vit_layer_id(name, depth=3) == layer
+
+
+def test_layer_decay_scales_each_layer_and_keeps_every_parameter_once():
+    model = Detectorish()
+    groups = layer_decay_param_groups(model, base_lr=1e-3, weight_decay=0.05, layer_decay=0.5, depth=3)
+    grouped = [p for group in groups for p in group["params"]]
+    assert len(grouped) == len(list(model.parameters()))
+    assert len({id(p) for p in grouped}) == len(grouped)
+    by_parameter = {id(p): group for group in groups for p in group["params"]}
+    blocks = model.backbone["encoder"].blocks
+    assert by_parameter[id(model.head.weight)]["lr"] == pytest.approx(1e-3)
+    assert by_parameter[id(blocks[2].attn.qkv.weight)]["lr"] == pytest.approx(1e-3 * 0.5)
+    assert by_parameter[id(blocks[0].attn.qkv.weight)]["lr"] == pytest.approx(1e-3 * 0.5**3)
+    assert by_parameter[id(model.backbone["encoder"].cls_token)]["lr"] == pytest.approx(1e-3 * 0.5**4)
+    # weight decay split as adamw_param_groups does it
+    assert by_parameter[id(model.head.weight)]["weight_decay"] == 0.05
+    assert by_parameter[id(model.head.bias)]["weight_decay"] == 0.0
+    assert by_parameter[id(model.backbone["encoder"].cls_token)]["weight_decay"] == 0.0
+
+
+def test_layer_decay_one_equals_plain_groups():
+    model = Detectorish()
+    decayed = layer_decay_param_groups(model, base_lr=1e-3, weight_decay=0.05, layer_decay=1.0, depth=3)
+    plain = adamw_param_groups(model, 0.05)
+    assert all(group["lr"] == 1e-3 for group in decayed)
+    for weight_decay in (0.05, 0.0):
+        mine = {id(p) for g in decayed if g["weight_decay"] == weight_decay for p in g["params"]}
+        theirs = {id(p) for g in plain if g["weight_decay"] == weight_decay for p in g["params"]}
+        assert mine == theirs
+
+
+def test_groups_drive_a_scheduled_optimizer():
+    model = Detectorish()
+    groups = layer_decay_param_groups(model, base_lr=1e-3, weight_decay=0.05, layer_decay=0.5, depth=3)
+    optimizer = torch.optim.AdamW(groups)
+    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.1)  # multiplies each group's own initial lr
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([g["lr_scale"] * 1e-4 for g in groups])
+
+
+@pytest.mark.parametrize("layer_decay", [0.0, -0.5, 1.5])
+def test_bad_layer_decay_is_a_config_error(layer_decay):
+    with pytest.raises(InvalidConfigError, match="layer_decay must be in"):
+        layer_decay_param_groups(Detectorish(), base_lr=1e-3, weight_decay=0.05, layer_decay=layer_decay, depth=3)
