@@ -13,6 +13,8 @@ import types
 import typing
 from typing import Any
 
+from caries_mim.errors import InvalidArgumentError
+
 
 class ValueTypeError(ValueError):
     """A value that does not fit its annotation; the message says what was expected, not where (callers add that)."""
@@ -91,3 +93,17 @@ def dataclass_kwargs(schema: type, values: dict[str, Any]) -> tuple[dict[str, An
         except ValueTypeError as exc:
             problems[name] = str(exc)
     return checked, unknown, problems
+
+
+def checked_kwargs(schema: type, values: dict[str, Any], what: str) -> dict[str, Any]:
+    """:func:`dataclass_kwargs` for library configs rebuilt from stored dicts (``ViTConfig``, ``DetectorConfig``):
+    the checked keyword arguments, or :class:`~caries_mim.errors.InvalidArgumentError` naming the first unknown key
+    (with the known ones) or the first wrongly typed value, prefixed with ``what`` (e.g. "ViT config")."""
+    checked, unknown, problems = dataclass_kwargs(schema, values)
+    if unknown:
+        known = sorted(field.name for field in dataclasses.fields(schema))
+        raise InvalidArgumentError(f"unknown {what} key(s): {', '.join(unknown)} (known: {known})")
+    if problems:
+        key, problem = next(iter(problems.items()))
+        raise InvalidArgumentError(f"{what} {key}: {problem}")
+    return checked

@@ -16,7 +16,7 @@ from typing import Any
 
 from caries_mim.errors import InvalidArgumentError
 from caries_mim.models.config import ViTConfig
-from caries_mim.typed_values import dataclass_kwargs
+from caries_mim.typed_values import checked_kwargs
 
 
 @dataclass(frozen=True)
@@ -169,13 +169,7 @@ class DetectorConfig:
         """Inverse of :meth:`to_dict`; an unknown key or a value of the wrong type is an error that names it."""
         if not isinstance(values, dict):
             raise InvalidArgumentError(f"a detector config must be a mapping, got {values!r}")
-        checked, unknown, problems = dataclass_kwargs(cls, values)
-        if unknown:
-            known = sorted(f.name for f in dataclasses.fields(cls))
-            raise InvalidArgumentError(f"unknown detector config key(s): {', '.join(unknown)} (known: {known})")
-        if problems:
-            key, problem = next(iter(problems.items()))
-            raise InvalidArgumentError(f"detector config {key}: {problem}")
+        checked = checked_kwargs(cls, values, "detector config")
         if "encoder" in checked and not isinstance(checked["encoder"], ViTConfig):
             checked["encoder"] = _encoder_from_dict(checked["encoder"])
         return cls(**checked)

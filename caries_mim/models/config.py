@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from caries_mim.errors import InvalidArgumentError
-from caries_mim.typed_values import dataclass_kwargs
+from caries_mim.typed_values import checked_kwargs
 
 #: Named sizes: (embed_dim, depth, num_heads), the ViT paper / timm / MAE widths. ``vit_large`` exists so official
 #: MAE ViT-L checkpoints can be imported.
@@ -97,14 +97,7 @@ class ViTConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ViTConfig:
         """Inverse of :meth:`to_dict`; an unknown key or a value of the wrong type is an error that names it."""
-        checked, unknown, problems = dataclass_kwargs(cls, values)
-        if unknown:
-            known = sorted(field.name for field in dataclasses.fields(cls))
-            raise InvalidArgumentError(f"unknown ViT config key(s): {', '.join(unknown)} (known: {known})")
-        if problems:
-            key, problem = next(iter(problems.items()))
-            raise InvalidArgumentError(f"ViT config {key}: {problem}")
-        return cls(**checked)
+        return cls(**checked_kwargs(cls, values, "ViT config"))
 
     @classmethod
     def named(cls, name: str, **overrides: Any) -> ViTConfig:
