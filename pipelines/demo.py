@@ -87,17 +87,15 @@ def _previews(out: Path, train_json: Path) -> dict[str, str]:
     return {"labeled": str(labeled_path), "augmented": str(augmented_path)}
 
 
-def _pretrain(out: Path, data_dir: Path, images: int, steps: int | None, seed: int) -> dict[str, Any]:
+def _pretrain(out: Path, data_dir: Path, images: int, steps: int, seed: int) -> dict[str, Any]:
     """The tiny MAE config on every synthetic image (labels are not needed for MIM) into ``out/pretrain``."""
     run = out / "pretrain"
     if run.exists():
         # The demo owns this folder: a re-run starts it over instead of refusing like `caries-mim pretrain` does.
         shutil.rmtree(run)
     tiny = load_pretrain_config("tiny", None)
-    overrides = [f"train.seed={seed}", f"optim.batch_size={min(tiny.optim.batch_size, images)}"]
-    if steps is not None:
-        overrides.append(f"train.steps={steps}")
-    config = load_pretrain_config("tiny", overrides)
+    batch = min(tiny.optim.batch_size, images)
+    config = load_pretrain_config("tiny", [f"train.steps={steps}", f"train.seed={seed}", f"optim.batch_size={batch}"])
     summary = run_pretrain([data_dir], run, config)
     pictures = sorted((run / "reconstructions").glob("step_*.png"))
     return {**summary, "reconstructions": str(pictures[-1]) if pictures else None}
@@ -142,9 +140,9 @@ def run_demo(
 
     pretrain = None
     if pretrain_steps != 0:
-        steps = pretrain_steps or load_pretrain_config("tiny", None).train.steps
+        steps = load_pretrain_config("tiny", None).train.steps if pretrain_steps is None else pretrain_steps
         print(f"[5/{stages}] pretraining a tiny MAE encoder for {steps} steps (config: tiny)")
-        pretrain = _pretrain(out, data_dir, read_back["files"], pretrain_steps, seed)
+        pretrain = _pretrain(out, data_dir, read_back["files"], steps, seed)
 
     summary = {
         "data": str(data_dir),
