@@ -18,6 +18,9 @@ from caries_mim.errors import InvalidArgumentError
 from caries_mim.models.config import ViTConfig
 from caries_mim.typed_values import checked_kwargs
 
+#: Classification losses :class:`~caries_mim.detection.detector.CariesDetector` can train with.
+CLASSIFICATION_LOSSES = ("focal", "bce")
+
 
 @dataclass(frozen=True)
 class DetectorConfig:
@@ -40,6 +43,13 @@ class DetectorConfig:
         atss_candidates: anchor positions per level that ATSS considers for each ground-truth box.
         atss_center_in_gt: whether ATSS positives must have their centre inside the box (MONAI advises against
             it for small objects).
+        classification_loss: ``focal`` (RetinaNet's sigmoid focal loss over every anchor, divided by the number of
+            positive anchors) or ``bce`` (binary cross-entropy averaged over the anchors the hard negative sampler
+            picks, MONAI's default).
+        focal_gamma, focal_alpha: the focal loss's focusing exponent and positive-class weight (None: unweighted).
+        hard_negative_sampling: train the classifier on a sample of anchors per image (all positives up to
+            ``sampler_positive_fraction``, plus the hardest negatives) instead of on every anchor. Needed with
+            ``bce``; the focal loss is designed to use every anchor.
         sampler_batch_size: anchors per image in the classification loss (hard negative sampler).
         sampler_positive_fraction: at most this fraction of them positive.
         sampler_min_negatives: negatives kept even for an image with few positives (or none).
@@ -64,6 +74,10 @@ class DetectorConfig:
     anchor_shapes: tuple[tuple[float, float], ...] = ((16.0, 16.0), (12.0, 20.0), (20.0, 12.0))
     atss_candidates: int = 4
     atss_center_in_gt: bool = False
+    classification_loss: str = "focal"
+    focal_gamma: float = 2.0
+    focal_alpha: float | None = 0.25
+    hard_negative_sampling: bool = False
     sampler_batch_size: int = 64
     sampler_positive_fraction: float = 0.3
     sampler_min_negatives: int = 16
@@ -119,6 +133,20 @@ class DetectorConfig:
                     f"the sliding window step int(roi_size * (1 - overlap)) = {step} must be a positive multiple "
                     f"of {coarsest}"
                 )
+        if self.classification_loss not in CLASSIFICATION_LOSSES:
+            problems.append(
+                f"classification_loss must be one of {', '.join(CLASSIFICATION_LOSSES)}, "
+                f"got {self.classification_loss!r}"
+            )
+        if self.classification_loss == "bce" and not self.hard_negative_sampling:
+            problems.append(
+                "classification_loss bce needs hard_negative_sampling: true (averaged over every anchor, the "
+                "background would swamp the lesions)"
+            )
+        if self.focal_gamma < 0.0:
+            problems.append(f"focal_gamma must be >= 0, got {self.focal_gamma}")
+        if self.focal_alpha is not None and not 0.0 <= self.focal_alpha <= 1.0:
+            problems.append(f"focal_alpha must be in [0, 1] or null, got {self.focal_alpha}")
         if self.max_downscale < 1.0:
             problems.append(f"max_downscale must be >= 1, got {self.max_downscale}")
         if self.pyramid_channels < 8 or self.pyramid_channels % 8:

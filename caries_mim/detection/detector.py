@@ -1,5 +1,5 @@
-"""``CariesDetector``: MONAI's RetinaNetDetector (anchors, ATSS matching, hard negative sampling, box coding,
-losses, box selection with NMS, sliding-window inference) around the ViT feature-pyramid network.
+"""``CariesDetector``: MONAI's RetinaNetDetector (anchors, ATSS matching, focal loss or hard negative sampling,
+box coding, losses, box selection with NMS, sliding-window inference) around the ViT feature-pyramid network.
 
 Coordinates. Outside this module boxes are ``[x0, y0, x1, y1]`` with x along columns. MONAI's 2D detection
 components index box coordinates in tensor-dimension order instead ("ij"): for (B, C, H, W) images its
@@ -21,6 +21,7 @@ from torch import nn
 
 from caries_mim.detection.config import DetectorConfig
 from caries_mim.detection.encoder_loading import load_detector_encoder
+from caries_mim.detection.losses import FocalLossPerPositive
 from caries_mim.detection.network import ViTRetinaNet
 from caries_mim.errors import InvalidArgumentError
 from caries_mim.models.mae_import import ImportReport
@@ -95,12 +96,15 @@ class CariesDetector(nn.Module):
         network = ViTRetinaNet(encoder, config.num_classes, len(config.anchor_shapes), config.pyramid_channels)
         detector = _ATSSRetinaNetDetector(network, anchors)
         detector.set_atss_matcher(num_candidates=config.atss_candidates, center_in_gt=config.atss_center_in_gt)
-        detector.set_hard_negative_sampler(
-            batch_size_per_image=config.sampler_batch_size,
-            positive_fraction=config.sampler_positive_fraction,
-            min_neg=config.sampler_min_negatives,
-            pool_size=config.sampler_pool_size,
-        )
+        if config.hard_negative_sampling:
+            detector.set_hard_negative_sampler(
+                batch_size_per_image=config.sampler_batch_size,
+                positive_fraction=config.sampler_positive_fraction,
+                min_neg=config.sampler_min_negatives,
+                pool_size=config.sampler_pool_size,
+            )
+        if config.classification_loss == "focal":
+            detector.set_cls_loss(FocalLossPerPositive(gamma=config.focal_gamma, alpha=config.focal_alpha))
         detector.set_box_selector_parameters(
             score_thresh=config.score_threshold,
             topk_candidates_per_level=config.candidates_per_level,
@@ -137,7 +141,8 @@ class CariesDetector(nn.Module):
             targets: B dicts with ``boxes`` float (N_i, 4) ``[x0, y0, x1, y1]`` in pixels of ``images``
                 (x1 > x0, y1 > y0) and ``labels`` int64 (N_i,) in [0, num_classes); N_i may be 0.
         Returns:
-            scalar tensors ``classification`` (binary cross-entropy over the hard-negative-sampled anchors),
+            scalar tensors ``classification`` (``config.classification_loss``: the focal loss over every anchor per
+            positive anchor, or binary cross-entropy over the hard-negative-sampled anchors),
             ``box_regression`` (smooth L1 on the encoded offsets of the positive anchors; 0 without positives)
             and ``total``, their sum.
 

@@ -65,9 +65,33 @@ def test_bad_keys_and_types_are_named(values, message):
         ({"score_threshold": 1.0}, "score_threshold"),
         ({"max_downscale": 0.5}, "max_downscale"),
         ({"detections_per_image": 0}, "detections_per_image"),
+        ({"classification_loss": "hinge"}, "classification_loss must be one of focal, bce, got 'hinge'"),
+        ({"focal_gamma": -0.5}, "focal_gamma must be >= 0"),
+        ({"focal_alpha": 1.5}, r"focal_alpha must be in \[0, 1\] or null"),
+        ({"focal_alpha": -0.1}, "focal_alpha"),
         ({"encoder": {**TINY_ENCODER.to_dict(), "patch_size": 15, "image_size": 210}}, "patch_size 15 must be even"),
     ],
 )
 def test_unusable_values_are_named(overrides, message):
     with pytest.raises(InvalidArgumentError, match=message):
         tiny_config(**overrides)
+
+
+def test_loss_settings_round_trip_and_alpha_may_be_null():
+    config = tiny_config(classification_loss="bce", hard_negative_sampling=True, focal_gamma=0.0, focal_alpha=None)
+    assert DetectorConfig.from_dict(config.to_dict()) == config
+    assert tiny_config().classification_loss == "focal"
+    assert tiny_config().hard_negative_sampling is False
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"hard_negative_sampling": "yes"}, "detector config hard_negative_sampling"),
+        ({"focal_gamma": "two"}, "detector config focal_gamma"),
+        ({"classification_loss": 1}, "detector config classification_loss"),
+    ],
+)
+def test_loss_settings_of_the_wrong_type_are_named(values, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        DetectorConfig.from_dict({**tiny_config().to_dict(), **values})
