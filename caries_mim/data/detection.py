@@ -103,7 +103,11 @@ class DetectionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """The item described in the class doc. ``key`` is an index, or ``(index, augmentation_seed)`` as
+        :class:`~caries_mim.data.sampling.ResumableEpochSampler` yields: the transform is then seeded for this item
+        alone, so a resumed run draws the same crops and flips as an uninterrupted one."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
         record = self.records[index]
         radiograph = self.load(record.image_path)
         height, width = radiograph.height, radiograph.width
@@ -114,7 +118,10 @@ class DetectionDataset(Dataset):
         image = radiograph.pixels
         boxes, labels = clip_boxes(record.boxes, record.labels, height, width)
         if self.transform is not None:
-            self._transform_seed = reseed_for_worker(self.transform, self._transform_seed)
+            if seed is not None and hasattr(self.transform, "set_random_seed"):
+                self.transform.set_random_seed(seed)
+            else:
+                self._transform_seed = reseed_for_worker(self.transform, self._transform_seed)
             out = self.transform(image=image, bboxes=boxes, **{LABEL_FIELD: labels})
             image = out["image"]
             boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)

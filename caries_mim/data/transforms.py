@@ -108,22 +108,72 @@ def mim_pretrain_transform(
     )
 
 
+def model_scale_factor(height: int, width: int, image_size: int, max_downscale: float) -> float:
+    """Factor from original to model pixels: the long side goes to ``image_size``, but no image is shrunk by
+    more than ``max_downscale`` (a panoramic stays larger than ``image_size`` and is tiled instead of squeezed,
+    see :mod:`caries_mim.detection.preprocessing`)."""
+    return image_size / min(max(height, width), image_size * max_downscale)
+
+
+class ModelScale(A.LongestMaxSize):
+    """Resize by :func:`model_scale_factor`, aspect kept: exactly the geometry inference uses. Area averaging when
+    shrinking (anti-aliasing keeps thin enamel edges), linear when enlarging."""
+
+    def __init__(self, image_size: int, max_downscale: float) -> None:
+        super().__init__(max_size=image_size, interpolation=cv2.INTER_LINEAR, area_for_downscale="image", p=1.0)
+        self.image_size = image_size
+        self.max_downscale = max_downscale
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        return {"scale": model_scale_factor(height, width, self.image_size, self.max_downscale)}
+
+
 def detection_train_transform(
     size: int = 512,
     min_visibility: float = 0.3,
     seed: int | None = None,
+    *,
+    crop_size: int | None = None,
+    positive_fraction: float = 0.5,
+    max_downscale: float = 4.0,
 ) -> A.Compose:
-    """Box-aware training augmentation: letterbox to ``size`` x ``size``, horizontal flip (caries look the same
-    mirrored), small affine (scale 0.9-1.1, shift 5%, rotation 5 degrees: sensor placement varies that much),
-    CLAHE, brightness/contrast/gamma, Gaussian noise (quantum noise of low-dose sensors) and slight blur
-    (motion, focal spot). Boxes keeping under ``min_visibility`` of their area are dropped with their labels.
+    """Box-aware training augmentation in the geometry of inference, on patches of ``crop_size`` x ``crop_size``.
 
-    Call as ``transform(image=img, bboxes=boxes_xyxy, labels=labels)``; output image float32 (size, size) in
-    [0, 1].
+    1. Resize as inference does (:class:`ModelScale`: long side to ``size``, shrunk by at most
+       ``max_downscale``) and pad bottom/right with black to the ``size`` x ``size`` square (or, for a larger
+       image, to at least one patch).
+    2. Take a ``crop_size`` patch (default ``size``: the whole letterboxed intra-oral image). With probability
+       ``positive_fraction`` the patch contains a whole lesion, else it is drawn uniformly: lesions cover well
+       under 1% of a radiograph, so uniform patches would mostly teach "background" (MONAI's detection recipes
+       sample positive patches the same way, ``RandCropBoxByPosNegLabeld``). Inference then slides a window of
+       the same size (``DetectorConfig.roi_size``).
+    3. Horizontal flip (caries look the same mirrored), small affine (scale 0.9-1.1, shift 5%, rotation 5
+       degrees: sensor placement varies that much), CLAHE, brightness/contrast/gamma, Gaussian noise (quantum
+       noise of low-dose sensors) and slight blur (motion, focal spot).
+
+    Boxes keeping under ``min_visibility`` of their area are dropped with their labels. Call as
+    ``transform(image=img, bboxes=boxes_xyxy, labels=labels)``; output image float32 (crop_size, crop_size) in
+    [0, 1], boxes in its pixels.
     """
+    crop = size if crop_size is None else crop_size
+    if not 0 < crop <= size:
+        raise ValueError(f"crop_size must be in [1, {size}], got {crop}")
+    if not 0.0 <= positive_fraction <= 1.0:
+        raise ValueError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
     return A.Compose(
         [
-            *_letterbox(size),
+            ModelScale(size, max_downscale),
+            A.PadIfNeeded(
+                min_height=size, min_width=size, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0.0
+            ),
+            A.OneOf(
+                [
+                    A.AtLeastOneBBoxRandomCrop(crop, crop, erosion_factor=0.0, p=positive_fraction),
+                    A.RandomCrop(crop, crop, p=1.0 - positive_fraction),
+                ],
+                p=1.0,
+            ),
             A.HorizontalFlip(p=0.5),
             A.Affine(
                 scale=(0.9, 1.1),

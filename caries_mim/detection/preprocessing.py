@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 import torch
 
-from caries_mim.data.transforms import Letterbox
+from caries_mim.data.transforms import Letterbox, model_scale_factor
 from caries_mim.detection.config import DetectorConfig
 from caries_mim.detection.detector import CariesDetector
 from caries_mim.errors import InvalidArgumentError
@@ -51,7 +51,7 @@ class Detections:
 
 def model_scale(height: int, width: int, config: DetectorConfig) -> float:
     """Factor from original to model pixels for an image of ``height`` x ``width`` (the rule in the module doc)."""
-    return config.image_size / min(max(height, width), config.image_size * config.max_downscale)
+    return model_scale_factor(height, width, config.image_size, config.max_downscale)
 
 
 def model_geometry(height: int, width: int, config: DetectorConfig) -> Letterbox:

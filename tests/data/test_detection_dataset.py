@@ -16,6 +16,7 @@ from caries_mim.data import (
     DetectionDataset,
     DetectionRecord,
     Letterbox,
+    ResumableEpochSampler,
     collate_detection,
     detection_eval_transform,
     detection_train_transform,
@@ -143,3 +144,48 @@ def test_dataset_pickles_for_spawned_workers(coco_set, tmp_path):
     dataset = DetectionDataset(coco_set.records, cache=DecodeCache(tmp_path / "cache"), progress=False)
     clone = pickle.loads(pickle.dumps(dataset))
     assert clone[0]["boxes"].tolist() == dataset[0]["boxes"].tolist()
+
+
+def _assert_same_item(first: dict, second: dict) -> None:
+    assert torch.equal(first["image"], second["image"])
+    assert torch.equal(first["boxes"], second["boxes"])
+    assert torch.equal(first["labels"], second["labels"])
+
+
+def test_a_keyed_item_is_the_same_whenever_and_in_whatever_order_it_is_read(coco_set):
+    """``(index, augmentation_seed)`` keys (what ResumableEpochSampler yields) seed the transform for that item
+    alone: the same key gives the same crop, flip and noise, whatever was read before."""
+    transform = detection_train_transform(32, seed=0, crop_size=32)
+    dataset = DetectionDataset(coco_set.records, transform=transform, progress=False)
+    first = dataset[(0, 1234)]
+    for key in [(1, 99), (2, 5), 0, (0, 777)]:
+        dataset[key]
+    _assert_same_item(dataset[(0, 1234)], first)
+    # A fresh dataset (another worker, a resumed run) agrees too.
+    fresh = DetectionDataset(coco_set.records, transform=detection_train_transform(32, seed=9), progress=False)
+    _assert_same_item(fresh[(0, 1234)], first)
+    # Other seeds give other augmentations.
+    others = [dataset[(0, seed)]["image"] for seed in range(1, 9)]
+    assert any(not torch.equal(image, first["image"]) for image in others)
+
+
+def test_plain_indices_still_work_and_keep_the_original_boxes_without_a_transform(coco_set):
+    dataset = DetectionDataset(coco_set.records, progress=False)
+    _assert_same_item(dataset[(0, 42)], dataset[0])
+    assert dataset[(0, 42)]["boxes"].tolist() == coco_set.records[0].boxes.tolist()
+
+
+def test_batches_do_not_depend_on_the_number_of_workers(coco_set):
+    dataset = DetectionDataset(coco_set.records, transform=detection_train_transform(32, seed=0), progress=False)
+
+    def epoch(workers: int) -> list[dict]:
+        sampler = ResumableEpochSampler(len(dataset), batch_size=1, seed=3)
+        sampler.set_position(epoch=2)
+        loader = DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=workers, collate_fn=collate_detection)
+        return list(loader)
+
+    in_process, in_worker = epoch(0), epoch(1)
+    assert len(in_process) == len(in_worker) == 3
+    for first, second in zip(in_process, in_worker, strict=True):
+        assert torch.equal(first["image"], second["image"])
+        assert all(torch.equal(a, b) for a, b in zip(first["boxes"], second["boxes"], strict=True))

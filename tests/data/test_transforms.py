@@ -13,6 +13,10 @@ from caries_mim.data import (
     detection_train_transform,
     mim_pretrain_transform,
 )
+from caries_mim.data.transforms import ModelScale, model_scale_factor
+from caries_mim.detection import DetectorConfig
+from caries_mim.detection.preprocessing import model_geometry, prepare_image
+from caries_mim.models import ViTConfig
 
 
 def random_boxes(rng: np.random.Generator, height: int, width: int, count: int) -> np.ndarray:
@@ -122,3 +126,105 @@ def test_float_clahe_equalizes_a_low_contrast_image():
 def test_float_clahe_refuses_uint8():
     with pytest.raises(TypeError, match="float32"):
         FloatClahe(p=1.0)(image=np.zeros((16, 16), np.uint8))
+
+
+def test_patches_are_crop_size_with_valid_boxes_for_intra_oral_and_panoramic_sizes():
+    size, crop = 128, 64
+    transform = detection_train_transform(size, seed=5, crop_size=crop, positive_fraction=0.5)
+    rng = np.random.default_rng(2)
+    kept = 0
+    # Long sides from below size to above size * max_downscale (512): letterboxed squares and tiled panoramics.
+    for height, width in [(60, 90), (300, 400), (480, 640), (900, 700), (700, 1500), (1200, 2600)] * 15:
+        image = rng.random((height, width), dtype=np.float32)
+        count = int(rng.integers(0, 4))
+        boxes = random_boxes(rng, height, width, count)
+        labels = np.arange(count, dtype=np.int64)
+        out = transform(image=image, bboxes=boxes, labels=labels)
+        assert out["image"].shape == (crop, crop)
+        assert out["image"].dtype == np.float32
+        assert 0.0 <= float(out["image"].min()) <= float(out["image"].max()) <= 1.0
+        boxes_out = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
+        labels_out = np.asarray(out["labels"], dtype=np.int64)
+        assert_valid_boxes(boxes_out, labels_out, crop, set(labels.tolist()))
+        kept += len(labels_out)
+    assert kept > 0
+
+
+def test_positive_patches_hold_a_lesion_and_uniform_ones_mostly_do_not():
+    """A 1000 x 800 image with one 40 px lesion becomes 250 x 200 model pixels (shrunk by max_downscale 4); a
+    64 px patch drawn uniformly holds the 10 px lesion about one time in five, a positive patch always."""
+    rng = np.random.default_rng(4)
+    image = rng.random((1000, 800), dtype=np.float32)
+    lesion = np.array([[400.0, 300.0, 440.0, 340.0]], np.float32)
+
+    def lesions_found(positive_fraction: float) -> list[np.ndarray]:
+        transform = detection_train_transform(128, seed=11, crop_size=64, positive_fraction=positive_fraction)
+        found = []
+        for _ in range(100):
+            out = transform(image=image, bboxes=lesion, labels=np.array([1]))
+            found.append(np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4))
+        return found
+
+    positive = lesions_found(1.0)
+    assert sum(len(boxes) == 1 for boxes in positive) >= 95  # the affine may still push one out now and then
+    for boxes in positive:
+        if len(boxes):
+            # Whole (up to the small affine): about 10 x 10 model pixels, not a sliver cut at the patch edge.
+            width, height = boxes[0, 2] - boxes[0, 0], boxes[0, 3] - boxes[0, 1]
+            assert 6.0 < width < 14.0
+            assert 6.0 < height < 14.0
+    assert sum(len(boxes) == 1 for boxes in lesions_found(0.0)) <= 50
+
+
+def test_without_any_box_a_positive_patch_falls_back_to_a_uniform_one():
+    transform = detection_train_transform(128, seed=3, crop_size=64, positive_fraction=1.0)
+    out = transform(image=np.ones((300, 400), np.float32), bboxes=np.zeros((0, 4)), labels=np.zeros(0))
+    assert out["image"].shape == (64, 64)
+    assert len(out["bboxes"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"crop_size": 256}, "crop_size must be in"),
+        ({"crop_size": 0}, "crop_size must be in"),
+        ({"positive_fraction": 1.5}, "positive_fraction"),
+    ],
+)
+def test_bad_patch_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        detection_train_transform(128, **kwargs)
+
+
+def test_model_scale_factor_is_the_inference_rule():
+    assert model_scale_factor(300, 400, 128, 4.0) == pytest.approx(128 / 400)  # long side to 128
+    assert model_scale_factor(40, 50, 128, 4.0) == pytest.approx(128 / 50)  # small images are enlarged
+    assert model_scale_factor(1200, 2600, 128, 4.0) == pytest.approx(1 / 4)  # never shrunk by more than 4
+    assert model_scale_factor(512, 100, 128, 4.0) == pytest.approx(1 / 4)  # continuous at the switch
+
+
+@pytest.mark.parametrize(
+    ("height", "width"),
+    [(300, 400), (50, 70), (128, 128), (900, 700), (700, 1500), (1200, 2600)],
+    ids=["bitewing", "enlarged", "exact", "periapical-portrait", "panoramic", "large-panoramic"],
+)
+def test_the_training_resize_is_prepare_image_s_geometry_and_pixels(height, width):
+    """ModelScale (the first step of detection_train_transform) gives exactly the pixels inference computes, for
+    intra-oral sizes (long side to image_size, then the square letterbox) and for panoramic ones (long side above
+    image_size * max_downscale: shrunk by max_downscale only, no squeeze)."""
+    config = DetectorConfig(encoder=ViTConfig(embed_dim=32, depth=1, num_heads=2), image_size=128, max_downscale=4.0)
+    image = np.random.default_rng(height + width).random((height, width), dtype=np.float32)
+    resized = ModelScale(128, 4.0)(image=image)["image"]
+    geometry = model_geometry(height, width, config)
+    assert resized.shape == geometry.resized
+    prepared, _ = prepare_image(image, config)
+    prepared = prepared[0, 0].numpy()
+    np.testing.assert_array_equal(resized, prepared[: resized.shape[0], : resized.shape[1]])
+    if max(height, width) > 128 * 4:
+        assert max(resized.shape) > 128
+        assert prepared.shape == resized.shape
+    else:
+        assert max(resized.shape) == 128
+        assert prepared.shape == (128, 128)
+        assert not prepared[resized.shape[0] :].any()
+        assert not prepared[:, resized.shape[1] :].any()
