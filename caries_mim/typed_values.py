@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import types
 import typing
 from typing import Any
 
 from caries_mim.errors import InvalidArgumentError
+
+#: A number in scientific notation without a dot (1e-4, 5E3), which YAML 1.1 loaders leave as text.
+_SCIENTIFIC = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
 
 
 class ValueTypeError(ValueError):
@@ -48,6 +52,9 @@ def check_value(hint: Any, value: Any) -> Any:
         raise ValueTypeError(f"expected a whole number, got {value!r}")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML follows YAML 1.1, where 1e-4 (no dot) is a string, not a float; users write it everywhere.
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
             return float(value)
         raise ValueTypeError(f"expected a number, got {value!r}")
     if hint is str:

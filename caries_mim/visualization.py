@@ -7,12 +7,16 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from caries_mim.metrics import EvaluatedImage
+
 #: Colour per label: warm for findings, so they stand out on a gray radiograph; unknown labels get white.
 LABEL_COLOURS = {
     "caries": (255, 196, 0),
     "deep_caries": (255, 64, 64),
 }
 DEFAULT_COLOUR = (255, 255, 255)
+#: Colour of ground-truth boxes: green, apart from the warm colours of findings.
+TRUTH_COLOUR = (64, 220, 96)
 
 
 def to_uint8(pixels: np.ndarray) -> np.ndarray:
@@ -65,3 +69,28 @@ def tile(images: Sequence[Image.Image], *, columns: int = 4, cell_width: int = 4
     for index, image in enumerate(scaled):
         sheet.paste(image.convert("RGB"), ((index % columns) * cell_width, (index // columns) * cell_height))
     return sheet
+
+
+def draw_predictions_and_truth(
+    pixels: np.ndarray, image: EvaluatedImage, class_names: Sequence[str], threshold: float
+) -> Image.Image:
+    """Findings at the operating point (warm colours, with scores) and ground truth (green, "truth" captions).
+
+    Args:
+        pixels: (H, W) float in [0, 1], the image ``image``'s boxes refer to.
+    """
+    kept = image.pred_scores >= threshold
+    picture = draw_findings(
+        pixels,
+        image.pred_boxes[kept],
+        [class_names[label] for label in image.pred_labels[kept]],
+        image.pred_scores[kept].tolist(),
+    )
+    draw = ImageDraw.Draw(picture)
+    width = max(2, round(max(picture.size) * 0.003))
+    for box, label in zip(image.gt_boxes, image.gt_labels, strict=True):
+        x0, y0, x1, y1 = (float(value) for value in box)
+        draw.rectangle((x0, y0, x1, y1), outline=TRUTH_COLOUR, width=width)
+        # Below the box: the findings' captions sit above theirs.
+        draw.text((x0 + width, y1 + width), f"truth {class_names[label]}", fill=TRUTH_COLOUR)
+    return picture

@@ -104,7 +104,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from pipelines.config import to_dict
-    from pipelines.pretrain import load_pretrain_config, read_run_config, run_pretrain
+    from pipelines.pretrain import load_pretrain_config, run_pretrain
+    from pipelines.run_folder import read_run_config
 
     base = read_run_config(args.out) if args.resume else None
     config = load_pretrain_config(args.config, args.set, base=base)
@@ -121,6 +122,88 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from pipelines.config import to_dict
+    from pipelines.finetune import load_finetune_config, run_finetune
+    from pipelines.run_folder import read_run_config
+
+    base = read_run_config(args.out) if args.resume else None
+    overrides = list(args.set or [])
+    if args.encoder is not None:
+        # Quoted: --set values are parsed as YAML, and a path may contain "#", ": " or be a word like "null".
+        overrides.append(f"model.encoder={json.dumps(args.encoder)}")
+    config = load_finetune_config(args.config, overrides, base=base)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+        return EXIT_OK
+    if not args.train or not args.val:
+        raise InvalidArgumentError("--train and --val: give the training and validation annotation files")
+    summary = run_finetune(args.train, args.val, args.out, config, resume=args.resume, progress=not args.quiet)
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(summary))
+    return EXIT_OK
+
+
+def _cmd_study_label_efficiency(args: argparse.Namespace) -> int:
+    from pipelines.study import command_line, parse_fractions, run_label_efficiency
+
+    summary = run_label_efficiency(
+        train=args.train,
+        val=args.val,
+        test=args.test,
+        encoder=args.encoder,
+        out=args.out,
+        config=args.config,
+        overrides=args.set or [],
+        fractions=parse_fractions(args.fractions),
+        seeds=args.seeds,
+        bootstrap=args.bootstrap,
+        progress=not args.quiet,
+        command=command_line(args.argv),
+    )
+    print(Path(summary["markdown"]).read_text(encoding="utf-8"), end="")
+    print(json.dumps({key: value for key, value in summary.items() if key != "rows"}))
+    return EXIT_OK
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipelines.evaluate import run_evaluate
+
+    summary = run_evaluate(
+        args.model,
+        args.data,
+        args.out,
+        overlays=args.overlays,
+        bootstrap=args.bootstrap,
+        seed=args.seed,
+        progress=not args.quiet,
+        device=args.device,
+        options=_read_options(args),
+    )
+    print(json.dumps(summary))
+    return EXIT_OK
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from pipelines.predict import run_predict
+
+    predicted, seen = run_predict(
+        args.model,
+        args.files,
+        overlay_dir=args.overlay,
+        options=_read_options(args),
+        out=sys.stdout,
+        device=args.device,
+        include_below_threshold=args.all_findings,
+    )
+    if seen == 0:
+        raise InvalidArgumentError("no radiograph files found under the given paths")
+    print(f"predict: {predicted} of {seen} file(s) predicted", file=sys.stderr)
+    return EXIT_OK if predicted == seen else EXIT_USER_ERROR
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
@@ -130,6 +213,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         n_unlabeled=args.unlabeled,
         n_labeled=args.labeled,
         pretrain_steps=args.pretrain_steps,
+        finetune_steps=args.finetune_steps,
     )
     return EXIT_OK
 
@@ -195,11 +279,124 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--quiet", action="store_true", help="no progress bars")
     pretrain.set_defaults(handler=_cmd_pretrain)
 
+    finetune = commands.add_parser(
+        "finetune",
+        help="fine-tune the caries detector on annotated radiographs (COCO, DENTEX or CSV), from a MIM encoder",
+        description="Writes RUN/model.cmpkg (the best validation AP50, with its operating threshold), checkpoints, "
+        "TensorBoard logs and validation overlays. Runs on one CPU or GPU as is, and on many GPUs under torchrun.",
+    )
+    finetune.add_argument("--train", nargs="+", type=Path, metavar="FILE", help="training annotation file(s)")
+    finetune.add_argument("--val", nargs="+", type=Path, metavar="FILE", help="validation annotation file(s)")
+    finetune.add_argument(
+        "--encoder", metavar="ENCODER_PT", help="encoder.pt from `caries-mim pretrain` (default: random init)"
+    )
+    finetune.add_argument("--out", type=Path, required=True, metavar="RUN", help="run folder")
+    finetune.add_argument(
+        "--config",
+        metavar="FILE|NAME",
+        help="YAML config, or a shipped one: tiny (CPU, minutes), vit_small (GPU hosts); default: built-in ViT-S "
+        "recipe",
+    )
+    finetune.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override one config value, e.g. --set optim.lr=1e-4 --set data.label_fraction=0.25 (repeatable)",
+    )
+    finetune.add_argument("--resume", action="store_true", help="continue the run in RUN from its last checkpoint")
+    finetune.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    finetune.add_argument("--quiet", action="store_true", help="no progress bars")
+    finetune.set_defaults(handler=_cmd_finetune)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="evaluate a model package on annotated radiographs (COCO AP, FROC, image-level, 95%% CIs, plots)",
+        description="Writes OUT/metrics.json, OUT/predictions.json (pycocotools results), OUT/pr_curve.png, "
+        "OUT/froc.png and OUT/overlays/*.png; prints a one-line JSON summary.",
+    )
+    evaluate.add_argument("--model", type=Path, required=True, metavar="PKG", help="model package (model.cmpkg)")
+    evaluate.add_argument(
+        "--data",
+        nargs="+",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="annotation files: COCO json, DENTEX json or box CSV; classes must be the package's (by name)",
+    )
+    evaluate.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    evaluate.add_argument(
+        "--overlays", type=_non_negative_int, default=8, metavar="N", help="overlay pictures (default: %(default)s)"
+    )
+    evaluate.add_argument(
+        "--bootstrap",
+        type=_non_negative_int,
+        default=1000,
+        metavar="N",
+        help="bootstrap resamples for 95%% confidence intervals; 0 skips them (default: %(default)s)",
+    )
+    evaluate.add_argument("--seed", type=_non_negative_int, default=0, help="bootstrap seed (default: %(default)s)")
+    evaluate.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_read_options(evaluate)
+    evaluate.set_defaults(handler=_cmd_evaluate)
+
+    predict = commands.add_parser(
+        "predict",
+        help="find caries on radiograph files with a model package (JSON lines)",
+        description="One JSON line per file on stdout: its findings at the package's operating point, or why it "
+        "cannot be read. Exit status 0 when every file was predicted, 2 otherwise.",
+    )
+    predict.add_argument("--model", type=Path, required=True, metavar="PKG", help="model package (model.cmpkg)")
+    predict.add_argument("files", nargs="+", metavar="FILE", help="files, or folders to search for radiographs")
+    predict.add_argument("--overlay", type=Path, metavar="DIR", help="also write DIR/<file stem>.png with findings")
+    predict.add_argument(
+        "--all-findings", action="store_true", help="list detections below the operating threshold too"
+    )
+    predict.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
+    _add_read_options(predict)
+    predict.set_defaults(handler=_cmd_predict)
+
+    study = commands.add_parser("study", help="experiments made of many runs (label-efficiency)")
+    studies = study.add_subparsers(dest="study", required=True, metavar="STUDY")
+    label_efficiency = studies.add_parser(
+        "label-efficiency",
+        help="fine-tune from scratch and from the MIM encoder on growing label fractions; AP50 on one test split",
+        description="For each label fraction and seed, fine-tunes twice (random encoder of the same architecture, "
+        "and the MIM encoder) and evaluates both on the test split. Writes OUT/label_efficiency.{md,csv,png} and "
+        "one run folder per fine-tuning; finished runs are reused when the command is repeated.",
+    )
+    label_efficiency.add_argument("--train", nargs="+", type=Path, required=True, metavar="FILE")
+    label_efficiency.add_argument("--val", nargs="+", type=Path, required=True, metavar="FILE")
+    label_efficiency.add_argument("--test", nargs="+", type=Path, required=True, metavar="FILE")
+    label_efficiency.add_argument(
+        "--encoder", type=Path, required=True, metavar="ENCODER_PT", help="encoder.pt from `caries-mim pretrain`"
+    )
+    label_efficiency.add_argument("--out", type=Path, required=True, metavar="DIR")
+    label_efficiency.add_argument(
+        "--fractions",
+        default="5,10,25,50,100",
+        metavar="PERCENTS",
+        help="label fractions in percent of the training images (default: %(default)s)",
+    )
+    label_efficiency.add_argument(
+        "--seeds", type=_non_negative_int, nargs="+", default=[0], metavar="N", help="seeds (default: 0)"
+    )
+    label_efficiency.add_argument("--config", metavar="FILE|NAME", help="fine-tuning config (as for finetune)")
+    label_efficiency.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="fine-tuning config override (repeatable)"
+    )
+    label_efficiency.add_argument(
+        "--bootstrap", type=_non_negative_int, default=1000, metavar="N", help="bootstrap resamples for the CIs"
+    )
+    label_efficiency.add_argument("--quiet", action="store_true", help="no progress bars")
+    label_efficiency.set_defaults(handler=_cmd_study_label_efficiency)
+
     demo = commands.add_parser(
         "demo",
         help="run the main job on embedded synthetic data (what `make demo` runs)",
         description="Generates a small synthetic set, reads every file back, loads the annotations, writes "
-        "preview pictures, and pretrains a tiny MAE encoder on the images.",
+        "preview pictures, pretrains a tiny MAE encoder on the images, fine-tunes the caries detector from it, "
+        "evaluates it on the test split and predicts on a few files.",
     )
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: %(default)s)")
     demo.add_argument("--seed", type=_non_negative_int, default=0)
@@ -210,14 +407,24 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative_int,
         default=None,
         metavar="N",
-        help="MAE pretraining steps with the tiny config; 0 skips pretraining (default: the config's own, 3000)",
+        help="MAE pretraining steps with the tiny config; 0 skips pretraining (default: the config's own)",
+    )
+    demo.add_argument(
+        "--finetune-steps",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="detector fine-tuning steps with the tiny config (default: the config's own)",
     )
     demo.set_defaults(handler=_cmd_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    # What the user typed, for outputs that record their own command (the study's table).
+    args.argv = argv
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

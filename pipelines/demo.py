@@ -1,10 +1,14 @@
-"""``caries-mim demo``: the main job on embedded synthetic data.
+"""``caries-mim demo``: the whole chain on embedded synthetic data, sized for 2 CPU cores.
 
-Today: generate a synthetic set, read every file back through the same reader real data uses, load the COCO
-splits through the same loaders (and pycocotools), draw what a person would want to see (labeled images with
-their boxes, the detection augmentation applied to them), then pretrain a tiny MAE encoder on every image with
-the shipped ``tiny`` config and show its reconstructions. Later issues extend it to fine-tune -> evaluate ->
-predict.
+1. generate a synthetic set (unlabeled + labeled DICOM, COCO train/val/test splits);
+2. read every file back through the same reader real data uses, and load the COCO splits through the same loaders
+   (and pycocotools);
+3. draw what a person would want to see first (labeled images with their boxes, the training augmentation);
+4. pretrain a tiny MAE encoder on every image (labels unused) with the shipped ``tiny`` config;
+5. fine-tune the caries detector from that encoder on the train split (shipped ``tiny`` fine-tuning config),
+   choosing the checkpoint and the operating threshold on the val split;
+6. evaluate the model package on the test split (COCO AP, FROC, image-level metrics with 95% CIs, plots);
+7. predict on a few test files as a user would, with overlays.
 """
 
 from __future__ import annotations
@@ -27,10 +31,15 @@ from caries_mim.errors import CariesMimError, InvalidArgumentError
 from caries_mim.io import read_radiograph
 from caries_mim.synth import generate_dataset
 from caries_mim.visualization import draw_findings, tile
+from pipelines.evaluate import run_evaluate
+from pipelines.finetune import load_finetune_config, run_finetune
+from pipelines.predict import run_predict
 from pipelines.pretrain import load_pretrain_config, run_pretrain
 
 SPLITS = ("train", "val", "test")
 PREVIEW_IMAGES = 8
+#: Test files the predict stage runs on (as a user would: files in, JSON lines and overlays out).
+PREDICT_FILES = 4
 
 
 def _read_back(data_dir: Path) -> dict[str, Any]:
@@ -95,32 +104,93 @@ def _pretrain(out: Path, data_dir: Path, images: int, steps: int, seed: int) -> 
         shutil.rmtree(run)
     tiny = load_pretrain_config("tiny", None)
     batch = min(tiny.optim.batch_size, images)
-    config = load_pretrain_config("tiny", [f"train.steps={steps}", f"train.seed={seed}", f"optim.batch_size={batch}"])
+    config = load_pretrain_config(
+        "tiny",
+        [
+            f"train.steps={steps}",
+            f"train.seed={seed}",
+            f"optim.batch_size={batch}",
+            # One decode cache for pretraining and fine-tuning: the labeled images are decoded once.
+            f"data.cache_dir={json.dumps(str(out / 'decode_cache'))}",
+        ],
+    )
     summary = run_pretrain([data_dir], run, config)
     pictures = sorted((run / "reconstructions").glob("step_*.png"))
     return {**summary, "reconstructions": str(pictures[-1]) if pictures else None}
 
 
+def _finetune(out: Path, data_dir: Path, encoder: str | None, steps: int | None, seed: int) -> dict[str, Any]:
+    """The shipped ``tiny`` fine-tuning config from the demo's encoder into ``out/finetune``."""
+    run = out / "finetune"
+    if run.exists():
+        shutil.rmtree(run)
+    settings = [f"train.seed={seed}", f"data.cache_dir={json.dumps(str(out / 'decode_cache'))}"]
+    if steps is not None:
+        settings.append(f"train.steps={steps}")
+    if encoder is not None:
+        settings.append(f"model.encoder={json.dumps(encoder)}")
+    config = load_finetune_config("tiny", settings)
+    labeled = data_dir / "labeled"
+    return run_finetune([labeled / "train.json"], [labeled / "val.json"], run, config)
+
+
+def _predict(out: Path, package: Path, test_json: Path) -> dict[str, Any]:
+    """``caries-mim predict`` on a few test files: JSON lines to a file, overlays beside it."""
+    files = [record.image_path for record in load_annotations(test_json).records[:PREDICT_FILES]]
+    folder = out / "predict"
+    folder.mkdir(exist_ok=True)
+    with (folder / "predictions.jsonl").open("w", encoding="utf-8") as lines:
+        predicted, seen = run_predict(package, files, overlay_dir=folder / "overlays", out=lines)
+    findings = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    return {
+        "files": seen,
+        "predicted": predicted,
+        "findings_at_threshold": sum(len(row["findings"]) for row in findings if row.get("ok")),
+        "jsonl": str(folder / "predictions.jsonl"),
+        "overlays": str(folder / "overlays"),
+    }
+
+
 def run_demo(
-    out: Path, *, seed: int = 0, n_unlabeled: int = 96, n_labeled: int = 40, pretrain_steps: int | None = None
+    out: Path,
+    *,
+    seed: int = 0,
+    n_unlabeled: int = 96,
+    n_labeled: int = 40,
+    pretrain_steps: int | None = None,
+    finetune_steps: int | None = None,
 ) -> dict[str, Any]:
     """Run the demo into ``out`` and return (and print, and write as ``out/demo_summary.json``) its summary.
 
-    ``pretrain_steps``: None runs the tiny config's own length, 0 skips pretraining."""
+    ``pretrain_steps`` / ``finetune_steps``: None runs the tiny configs' own lengths; ``pretrain_steps=0`` skips
+    pretraining (the detector then starts from a random encoder)."""
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     data_dir = out / "synthetic"
-    stages = 4 if pretrain_steps == 0 else 5
+    stages = 7 if pretrain_steps == 0 else 8
+    stage = iter(range(1, stages + 1))
+    timings: dict[str, float] = {}
 
-    print(f"[1/{stages}] generating {n_unlabeled} unlabeled + {n_labeled} labeled synthetic radiographs in {data_dir}")
+    def begin(name: str, text: str) -> float:
+        print(f"[{next(stage)}/{stages}] {text}", flush=True)
+        return time.perf_counter()
+
+    def done(name: str, since: float) -> None:
+        timings[name] = round(time.perf_counter() - since, 1)
+
+    since = begin(
+        "synth", f"generating {n_unlabeled} unlabeled + {n_labeled} labeled synthetic radiographs in {data_dir}"
+    )
     synth = generate_dataset(
         data_dir, n_unlabeled=n_unlabeled, n_labeled=n_labeled, seed=seed, progress=True, workers=2
     )
+    done("synth", since)
 
-    print(f"[2/{stages}] reading every file back through caries_mim.io.read_radiograph")
+    since = begin("read_back", "reading every file back through caries_mim.io.read_radiograph")
     read_back = _read_back(data_dir)
+    done("read_back", since)
 
-    print(f"[3/{stages}] loading the COCO splits (caries_mim.data and pycocotools)")
+    since = begin("splits", "loading the COCO splits (caries_mim.data and pycocotools)")
     splits: dict[str, Any] = {}
     for split in SPLITS:
         path = data_dir / "labeled" / f"{split}.json"
@@ -134,15 +204,31 @@ def run_demo(
             "images_without_lesions": sum(1 for r in annotations.records if not len(r.boxes)),
             "boxes": dict(per_class),
         }
+    done("splits", since)
 
-    print(f"[4/{stages}] drawing previews")
+    since = begin("previews", "drawing previews")
     pictures = _previews(out, data_dir / "labeled" / "train.json")
+    done("previews", since)
 
     pretrain = None
     if pretrain_steps != 0:
         steps = load_pretrain_config("tiny", None).train.steps if pretrain_steps is None else pretrain_steps
-        print(f"[5/{stages}] pretraining a tiny MAE encoder for {steps} steps (config: tiny)")
+        since = begin("pretrain", f"pretraining a tiny MAE encoder for {steps} steps (config: tiny)")
         pretrain = _pretrain(out, data_dir, read_back["files"], steps, seed)
+        done("pretrain", since)
+
+    since = begin("finetune", "fine-tuning the caries detector (config: tiny) on the train split, val for selection")
+    finetune = _finetune(out, data_dir, pretrain["encoder"] if pretrain else None, finetune_steps, seed)
+    done("finetune", since)
+
+    package = Path(finetune["package"])
+    since = begin("evaluate", f"evaluating {package} on the test split")
+    evaluation = run_evaluate(package, [data_dir / "labeled" / "test.json"], out / "evaluate", seed=seed)
+    done("evaluate", since)
+
+    since = begin("predict", f"predicting on {PREDICT_FILES} test files (caries-mim predict)")
+    predict = _predict(out, package, data_dir / "labeled" / "test.json")
+    done("predict", since)
 
     summary = {
         "data": str(data_dir),
@@ -151,6 +237,11 @@ def run_demo(
         "splits": splits,
         "pictures": pictures,
         "pretrain": pretrain,
+        "finetune": finetune,
+        "evaluate": {key: value for key, value in evaluation.items() if key != "overlays"},
+        "evaluate_overlays": str(out / "evaluate" / "overlays"),
+        "predict": predict,
+        "stage_seconds": timings,
         "elapsed_s": round(time.perf_counter() - started, 1),
     }
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
@@ -182,4 +273,34 @@ def _print_summary(summary: dict[str, Any]) -> None:
         )
         print(f"              encoder {pretrain['encoder']}")
         print(f"              reconstructions {pretrain['reconstructions']}")
+    finetune = summary["finetune"]
+    print(
+        f"  finetune:   {finetune['steps']} steps on {finetune['train_images']} images, best val AP50 "
+        f"{finetune['best_val_ap50']:.3f} at step {finetune['best_step']}, package {finetune['package']}"
+    )
+    evaluation = summary["evaluate"]
+    ci = evaluation["ap50_ci"]
+    interval = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+    print(
+        f"  test:       AP50 {evaluation['ap50']:.3f}{interval}, AP {evaluation['ap']:.3f}, FROC "
+        f"{evaluation['froc_score']:.3f} on {evaluation['images']} images / {evaluation['lesions']} lesions"
+    )
+    print(
+        f"              at threshold {evaluation['threshold']:.3f}: image sensitivity "
+        f"{_fmt(evaluation['sensitivity'])}, specificity {_fmt(evaluation['specificity'])}, "
+        f"AUC {_fmt(evaluation['auc'])}"
+    )
+    print(f"              {evaluation['metrics']}, plots {', '.join(evaluation['plots'])}")
+    print(f"              overlays {summary['evaluate_overlays']}")
+    predict = summary["predict"]
+    print(
+        f"  predict:    {predict['predicted']}/{predict['files']} files, {predict['findings_at_threshold']} findings "
+        f"-> {predict['jsonl']}, overlays {predict['overlays']}"
+    )
+    stages = ", ".join(f"{name} {seconds:.0f}" for name, seconds in summary["stage_seconds"].items())
+    print(f"  seconds:    {stages}")
     print(f"  summary:    {Path(summary['data']).parent / 'demo_summary.json'}")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

@@ -49,8 +49,10 @@ from caries_mim.visualization import tile, to_uint8
 from pipelines import config as configs
 from pipelines import distributed
 from pipelines.distributed import Distributed
+from pipelines.run_folder import append_metrics, changed_keys, require_checkpoint, truncate_metrics
 from pipelines.training import (
     GracefulStop,
+    TrainConfig,
     adamw_param_groups,
     capture_rng,
     configure_threads,
@@ -120,25 +122,6 @@ class OptimConfig:
             raise ValueError("need base_lr > 0, 0 <= min_lr_ratio <= 1, weight_decay >= 0, warmup_steps >= 0")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ValueError(f"clip_grad must be > 0 or null, got {self.clip_grad}")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    #: Optimizer steps in the whole run.
-    steps: int = 1000
-    seed: int = 0
-    device: str = "auto"
-    #: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16.
-    precision: str = "auto"
-    compile: bool = False
-    #: Intra-op CPU threads per process; null = cores / processes on this node.
-    threads: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1 or null, got {self.threads}")
 
 
 @dataclass(frozen=True)
@@ -226,20 +209,6 @@ def run_pretrain(
         distributed.stop(context)
 
 
-def _require_checkpoint(out: Path) -> None:
-    if not (out / "checkpoint.pt").is_file():
-        raise InvalidArgumentError(f"--resume: {out} holds no checkpoint.pt to resume from")
-
-
-def read_run_config(out: Path) -> dict[str, Any]:
-    """The resolved config of an existing run (``RUN/config.yaml``), the base of ``--resume``."""
-    path = out / "config.yaml"
-    _require_checkpoint(out)
-    if not path.is_file():
-        raise InvalidArgumentError(f"--resume: {out} has a checkpoint but no config.yaml")
-    return configs.read_yaml_mapping(path)
-
-
 class _Pretraining:
     def __init__(
         self,
@@ -265,7 +234,7 @@ class _Pretraining:
 
     def _prepare_folder(self) -> None:
         if self.resume:
-            _require_checkpoint(self.out)
+            require_checkpoint(self.out)
             return
         for existing in ("checkpoint.pt", "encoder.pt"):
             if (self.out / existing).exists():
@@ -397,7 +366,7 @@ class _Pretraining:
                 f"version (which writes {CHECKPOINT_VERSION}); start a new run with --set model.init_from=<its "
                 "encoder.pt>"
             )
-        changed = _changed_keys(payload["config"], configs.to_dict(self.config), FROZEN_ON_RESUME)
+        changed = changed_keys(payload["config"], configs.to_dict(self.config), FROZEN_ON_RESUME)
         if changed:
             raise InvalidConfigError(
                 f"cannot resume with a changed {', '.join(changed)}: these decide the model's shapes or loss "
@@ -423,35 +392,9 @@ class _Pretraining:
             # Same images consumed, counted in the new batch size (rounded down: a few may be seen twice).
             position.batch_in_epoch = position.batch_in_epoch * saved_global_batch // global_batch
         if self.context.is_main:
-            _truncate_metrics(self.out / "metrics.jsonl", position.step)
+            truncate_metrics(self.out / "metrics.jsonl", position.step)
             log.info("resumed from %s at step %d", self.checkpoint_path, position.step)
         return position
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metric rows past ``last_step``: the interrupted attempt logged them after its last checkpoint, and the
-    resumed run logs those steps again."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by the kill
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
-            kept.append(line)
-    with atomic_path(path) as temporary:
-        temporary.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-
-
-def _changed_keys(saved: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
-    def lookup(tree: dict[str, Any], dotted: str) -> Any:
-        for part in dotted.split("."):
-            tree = tree.get(part, {}) if isinstance(tree, dict) else {}
-        return tree
-
-    return [key for key in keys if lookup(saved, key) != lookup(current, key)]
 
 
 class _Loop:
@@ -629,8 +572,7 @@ class _Loop:
         if grad_norm is not None:
             row["grad_norm"] = float(grad_norm)
             self.writer.add_scalar("train/grad_norm", float(grad_norm), step)
-        with (self.out / "metrics.jsonl").open("a", encoding="utf-8") as metrics:
-            metrics.write(json.dumps(row) + "\n")
+        append_metrics(self.out / "metrics.jsonl", row)
 
     def _write_reconstructions(self, step: int) -> None:
         if not self.context.is_main:

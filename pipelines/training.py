@@ -189,3 +189,22 @@ def ignore_stop_signals(worker_id: int) -> None:
     :class:`GracefulStop` could checkpoint. The main process shuts its workers down itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    #: Optimizer steps in the whole run.
+    steps: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    #: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16.
+    precision: str = "auto"
+    compile: bool = False
+    #: Intra-op CPU threads per process; null = cores / processes on this node.
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 or null, got {self.threads}")

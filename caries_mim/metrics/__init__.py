@@ -3,6 +3,7 @@
 * :class:`EvaluatedImage` - ground truth and predictions of one image (boxes [x0, y0, x1, y1] in original-image
   pixels), validated once; every metric takes a sequence of them.
 * :func:`coco_metrics` - COCO AP (IoU 0.50:0.95), AP50, AP75, AR, overall and per class, through MONAI.
+* :func:`precision_recall_curve` - per-class precision-recall curves at one IoU, from the COCO matching.
 * :func:`froc` - lesion-level sensitivity at fixed false positives per image, the FROC score and curve.
 * :func:`image_level_metrics` - per-image sensitivity and specificity at a threshold, ROC AUC.
 * :func:`bootstrap_ci`, :func:`metric_confidence_intervals` - percentile bootstrap over images.
@@ -36,6 +37,7 @@ from caries_mim.metrics.image_level import (
 from caries_mim.metrics.inputs import EvaluatedImage
 from caries_mim.metrics.matching import LesionMatches, box_iou, match_lesions
 from caries_mim.metrics.operating_point import OperatingPoint, select_operating_point
+from caries_mim.metrics.pr_curve import PrecisionRecallCurve, precision_recall_curve
 
 __all__ = [
     "COCO_IOU_THRESHOLDS",
@@ -51,6 +53,7 @@ __all__ = [
     "LesionMatches",
     "MetricConfidenceIntervals",
     "OperatingPoint",
+    "PrecisionRecallCurve",
     "ap50_from_matches",
     "bootstrap_ci",
     "box_iou",
@@ -65,6 +68,7 @@ __all__ = [
     "match_detections",
     "match_lesions",
     "metric_confidence_intervals",
+    "precision_recall_curve",
     "roc_auc",
     "select_operating_point",
 ]

@@ -1,0 +1,900 @@
+"""``caries-mim finetune``: train the caries detector on annotated radiographs, from a MIM encoder or from scratch.
+
+Run folder (``--out RUN``)::
+
+    config.yaml          the resolved config (defaults + file + --set), what --resume starts from
+    checkpoint.pt        last full training state (model, optimizer, schedule, scaler, RNG, data position, best)
+    model.cmpkg          the model package of the best validation AP50 so far, with its operating threshold
+    metrics.jsonl        one line per logged interval (``split: train``) and per validation (``split: val``)
+    tensorboard/         scalars and validation overlays
+    overlays/            step_NNNNNN.png: validation images, true boxes green, predictions at the threshold
+    decode_cache/        decoded pixels (unless data.cache_dir points elsewhere)
+    summary.json         written when the run completes
+
+Validation runs every ``eval.every`` steps on the whole validation set through the inference path
+(:func:`caries_mim.detection.detect`: the same resize, sliding window and box mapping as the model package), so the
+AP50 that picks the best checkpoint is the AP50 the package will have. Each validation also chooses the operating
+threshold for ``eval.target_sensitivity`` and writes a checkpoint; training stops early after ``eval.patience``
+validations without a better AP50.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from caries_mim import __version__
+from caries_mim.atomic_files import atomic_path
+from caries_mim.data import (
+    AnnotationSet,
+    DecodeCache,
+    DetectionDataset,
+    DetectionRecord,
+    ResumableEpochSampler,
+    detection_train_transform,
+    load_annotations,
+)
+from caries_mim.detection import CariesDetector, DetectorConfig, build_detector, detect
+from caries_mim.errors import (
+    CariesMimError,
+    InvalidArgumentError,
+    InvalidCheckpointError,
+    InvalidConfigError,
+    InvalidDatasetError,
+)
+from caries_mim.io import DEFAULT_ALLOWED_MODALITIES, ReadOptions
+from caries_mim.metrics import EvaluatedImage, coco_metrics, froc, select_operating_point
+from caries_mim.models import ViTConfig, load_encoder
+from caries_mim.models.encoder_file import read_weights_file
+from caries_mim.package import ModelPackage, read_package, save_package
+from caries_mim.visualization import draw_predictions_and_truth, tile
+from pipelines import config as configs
+from pipelines import distributed
+from pipelines.distributed import Distributed
+from pipelines.run_folder import append_metrics, changed_keys, require_checkpoint, truncate_metrics
+from pipelines.training import (
+    GracefulStop,
+    TrainConfig,
+    capture_rng,
+    configure_threads,
+    ignore_stop_signals,
+    layer_decay_param_groups,
+    resolve_precision,
+    restore_rng,
+    warmup_cosine,
+)
+
+log = logging.getLogger("caries_mim.finetune")
+
+CHECKPOINT_FORMAT = "caries-mim-finetune-checkpoint"
+CHECKPOINT_VERSION = 1
+PACKAGE_NAME = "model.cmpkg"
+#: Config sections that must not change when resuming (they decide parameter shapes or what the data means).
+FROZEN_ON_RESUME = ("model", "detector", "data.label_fraction", "data.seed")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The encoder. With ``encoder`` (``--encoder``) its architecture comes from that file and ``size``,
+    ``patch_size`` and ``depth`` are not used."""
+
+    #: An ``encoder.pt`` from ``caries-mim pretrain``; null trains from a random initialization.
+    encoder: str | None = None
+    #: Take only the architecture of ``encoder`` and start from random weights: the from-scratch arm of a
+    #: comparison, with exactly the pretrained model's shape.
+    reinitialize: bool = False
+    size: str = "vit_small"
+    patch_size: int = 16
+    depth: int | None = None
+    drop_path_rate: float = 0.1
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    workers: int = 2
+    #: Decoded-pixel cache folder; null = RUN/decode_cache. Share one folder between runs on the same data.
+    cache_dir: str | None = None
+    modalities: list[str] = field(default_factory=lambda: sorted(DEFAULT_ALLOWED_MODALITIES))
+    allow_non_dicom: bool = True
+    #: Fraction of the training images used (label-efficiency studies); a seeded subset, nested across fractions.
+    label_fraction: float = 1.0
+    #: Seed of that subset (independent of train.seed, so runs with other training seeds share the images).
+    seed: int = 0
+    #: Chance that a training patch is drawn around a lesion (the rest uniformly); see detection_train_transform.
+    positive_fraction: float = 0.5
+    #: Boxes cut by a crop or affine below this fraction of their area are dropped from that sample.
+    min_visibility: float = 0.3
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
+        if not 0.0 <= self.positive_fraction <= 1.0 or not 0.0 <= self.min_visibility <= 1.0:
+            raise ValueError("positive_fraction and min_visibility must be in [0, 1]")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    #: Patches per process per micro-batch; the effective batch is batch_size * accumulate * processes.
+    batch_size: int = 8
+    accumulate: int = 1
+    #: Peak learning rate of the pyramid and heads; encoder block i learns at lr * layer_decay ** (depth - i).
+    lr: float = 2e-4
+    layer_decay: float = 0.75
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.01
+    #: Max gradient norm; null = no clipping.
+    clip_grad: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.accumulate < 1:
+            raise ValueError("batch_size and accumulate must be >= 1")
+        if self.lr <= 0 or not 0.0 < self.layer_decay <= 1.0 or self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ValueError("need lr > 0, 0 < layer_decay <= 1, weight_decay >= 0, warmup_steps >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ValueError(f"clip_grad must be > 0 or null, got {self.clip_grad}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    #: Optimizer steps between validations (each also writes a checkpoint); the last step always validates.
+    every: int = 200
+    #: Validations without a better AP50 before training stops; null = never stop early.
+    patience: int | None = None
+    #: Lesion-level sensitivity the operating threshold is chosen for on the validation set.
+    target_sensitivity: float = 0.9
+    #: Validation images drawn in each overlay picture.
+    overlays: int = 6
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.overlays < 0:
+            raise ValueError("every must be >= 1 and overlays >= 0")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be >= 1 or null, got {self.patience}")
+        if not 0.0 < self.target_sensitivity <= 1.0:
+            raise ValueError(f"target_sensitivity must be in (0, 1], got {self.target_sensitivity}")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError("every must be >= 1")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    #: :class:`~caries_mim.detection.DetectorConfig` fields (image_size, roi_size, pyramid_channels, anchors, loss,
+    #: box selection); the encoder and the class names are filled in from the model section and the data.
+    detector: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=2000))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        reserved = {"encoder", "class_names"} & set(self.detector)
+        if reserved:
+            keys = ", ".join(f"detector.{key}" for key in sorted(reserved))
+            raise ValueError(f"{keys}: set from the model section and the training data, not in detector")
+
+
+def load_finetune_config(
+    config: str | None, overrides: list[str] | None, *, base: dict[str, Any] | None = None
+) -> FinetuneConfig:
+    """Defaults <- ``base`` (a resumed run's config.yaml) <- ``config`` file or shipped name <- ``--set`` overrides."""
+    values: dict[str, Any] = dict(base or {})
+    origin = "defaults"
+    if config is not None:
+        path = configs.shipped_config("finetune", config)
+        values = configs.merge(values, configs.read_yaml_mapping(path))
+        origin = str(path)
+    override_values = configs.parse_overrides(overrides)
+    if override_values:
+        values = configs.merge(values, override_values)
+        origin = f"{origin} + --set"
+    built = configs.build(FinetuneConfig, values, origin)
+    try:
+        detector_config(built, ("caries",), _encoder_architecture(built))
+    except InvalidArgumentError as exc:
+        raise InvalidConfigError(f"detector: {exc.message} ({origin})") from None
+    return built
+
+
+def _encoder_architecture(config: FinetuneConfig) -> ViTConfig:
+    """The encoder's architecture: from ``model.encoder`` when given (checked and read once here), else named."""
+    if config.model.encoder is not None:
+        architecture = load_encoder(config.model.encoder).encoder.config
+        if architecture.in_channels != 1:
+            raise InvalidConfigError(
+                f"model.encoder: {config.model.encoder} takes {architecture.in_channels}-channel images; "
+                "radiographs have one channel"
+            )
+        return architecture
+    depth = {} if config.model.depth is None else {"depth": config.model.depth}
+    try:
+        return ViTConfig.named(config.model.size, patch_size=config.model.patch_size, **depth)
+    except InvalidArgumentError as exc:
+        raise InvalidConfigError(f"model: {exc.message}") from None
+
+
+def detector_config(config: FinetuneConfig, class_names: Sequence[str], encoder: ViTConfig) -> DetectorConfig:
+    """The :class:`DetectorConfig` of a run: the detector section, the encoder (with the run's drop-path) and the
+    training data's classes."""
+    encoder_values = {**encoder.to_dict(), "drop_path_rate": config.model.drop_path_rate}
+    return DetectorConfig.from_dict({**config.detector, "encoder": encoder_values, "class_names": list(class_names)})
+
+
+def label_subset(records: Sequence[DetectionRecord], fraction: float, seed: int) -> list[DetectionRecord]:
+    """The first ``ceil(fraction * n)`` records (at least one) of a seeded permutation of ``records``.
+
+    The permutation depends only on ``seed`` and the number of records, so subsets are nested: the 10% subset
+    contains the 5% one, and a study's curve measures more labels, not other images."""
+    if fraction >= 1.0:
+        return list(records)
+    order = np.random.default_rng(seed).permutation(len(records))
+    # The tolerance keeps a product like 0.07 * 100 = 7.000000000000001 at 7 images, not 8.
+    keep = max(1, math.ceil(fraction * len(records) - 1e-9))
+    return [records[index] for index in sorted(order[:keep])]
+
+
+def data_fingerprint(files: Sequence[Path], records: Sequence[DetectionRecord]) -> str:
+    """sha256 over the annotation files' bytes and the images used (names and boxes): what a model learned from."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(Path(path).read_bytes())
+    for record in records:
+        digest.update(str(record.image_path.name).encode())
+        digest.update(np.ascontiguousarray(record.boxes, dtype=np.float32).tobytes())
+        digest.update(np.ascontiguousarray(record.labels, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def _load_sets(files: Sequence[Path], what: str) -> list[AnnotationSet]:
+    if not files:
+        raise InvalidArgumentError(f"--{what}: give at least one annotation file")
+    return [load_annotations(path) for path in files]
+
+
+def _merged_records(sets: Sequence[AnnotationSet], classes: Sequence[str], what: str) -> list[DetectionRecord]:
+    """Records of several annotation sets with labels re-indexed into ``classes`` (by name)."""
+    records: list[DetectionRecord] = []
+    for annotation_set in sets:
+        unknown = sorted(
+            {annotation_set.classes[label] for record in annotation_set.records for label in record.labels.tolist()}
+            - set(classes)
+        )
+        if unknown:
+            raise InvalidDatasetError(
+                f"--{what}: class(es) {', '.join(unknown)} are not in the training classes {', '.join(classes)}"
+            )
+        index = {name: classes.index(name) for name in annotation_set.classes if name in classes}
+        for record in annotation_set.records:
+            labels = np.asarray([index[annotation_set.classes[label]] for label in record.labels.tolist()], np.int64)
+            records.append(dataclasses.replace(record, labels=labels))
+    return records
+
+
+def _training_classes(sets: Sequence[AnnotationSet]) -> tuple[str, ...]:
+    """Class names in first-seen order across the training files (a class listed by any file counts)."""
+    classes: list[str] = []
+    for annotation_set in sets:
+        classes.extend(name for name in annotation_set.classes if name not in classes)
+    if not classes:
+        raise InvalidDatasetError("--train: the annotation files define no classes")
+    return tuple(classes)
+
+
+@dataclass
+class TrainingState:
+    """What decides the rest of a run besides the weights: data position and the best validation so far."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_ap50: float | None = None
+    best_step: int | None = None
+    validations_since_best: int = 0
+
+
+def run_finetune(
+    train: Sequence[Path],
+    val: Sequence[Path],
+    out: Path,
+    config: FinetuneConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune a detector; returns the summary (also written to RUN/summary.json on rank 0)."""
+    context = distributed.start(config.train.device)
+    try:
+        return _Finetuning(list(train), list(val), out, config, context, resume=resume, progress=progress).run()
+    finally:
+        distributed.stop(context)
+
+
+class _Finetuning:
+    def __init__(
+        self,
+        train_files: list[Path],
+        val_files: list[Path],
+        out: Path,
+        config: FinetuneConfig,
+        context: Distributed,
+        *,
+        resume: bool,
+        progress: bool,
+    ) -> None:
+        self.train_files = train_files
+        self.val_files = val_files
+        self.out = out
+        self.config = config
+        self.context = context
+        self.device = context.device
+        self.resume = resume
+        self.progress = progress and context.is_main
+        self.precision = resolve_precision(config.train.precision, self.device)
+        self.checkpoint_path = out / "checkpoint.pt"
+
+    def _prepare_folder(self) -> None:
+        if self.resume:
+            require_checkpoint(self.out)
+            return
+        # A package without a checkpoint is someone's model (a run never writes one before its first
+        # checkpoint), so it is not overwritten either.
+        for existing in ("checkpoint.pt", PACKAGE_NAME):
+            if (self.out / existing).exists():
+                raise InvalidArgumentError(
+                    f"{self.out} already holds a fine-tuning run ({existing}); pass --resume to continue it or "
+                    "choose another --out"
+                )
+        if self.context.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        distributed.barrier(self.context)
+
+    def _datasets(self, encoder: ViTConfig) -> tuple[DetectionDataset, DetectionDataset, DetectorConfig]:
+        config = self.config
+        train_sets = _load_sets(self.train_files, "train")
+        val_sets = _load_sets(self.val_files, "val")
+        classes = _training_classes(train_sets)
+        all_train = _merged_records(train_sets, classes, "train")
+        train_records = label_subset(all_train, config.data.label_fraction, config.data.seed)
+        val_records = _merged_records(val_sets, classes, "val")
+        if not any(len(record.boxes) for record in train_records):
+            raise InvalidDatasetError(
+                f"--train: none of the {len(train_records)} training image(s) has a lesion box; nothing to learn"
+            )
+        if not any(len(record.boxes) for record in val_records):
+            raise InvalidDatasetError("--val: no validation image has a lesion box, so AP50 is undefined")
+        data = config.data
+        cache_dir = Path(data.cache_dir).expanduser() if data.cache_dir else self.out / "decode_cache"
+        cache = DecodeCache(cache_dir)
+        options = ReadOptions(allowed_modalities=frozenset(data.modalities), allow_non_dicom=data.allow_non_dicom)
+        detector = detector_config(config, classes, encoder)
+        transform = detection_train_transform(
+            detector.image_size,
+            min_visibility=data.min_visibility,
+            crop_size=detector.roi_size,
+            positive_fraction=data.positive_fraction,
+            max_downscale=detector.max_downscale,
+        )
+        with distributed.main_first(self.context):
+            train_set = DetectionDataset(
+                train_records, cache=cache, options=options, transform=transform, progress=self.progress
+            )
+            val_set = DetectionDataset(val_records, cache=cache, options=options, progress=self.progress)
+        global_batch = config.optim.batch_size * self.context.world_size
+        if len(train_set) < global_batch:
+            raise InvalidConfigError(
+                f"optim.batch_size: {len(train_set)} readable training image(s) cannot fill one batch of "
+                f"{global_batch} ({config.optim.batch_size} per process x {self.context.world_size} process(es)); "
+                "lower optim.batch_size, raise data.label_fraction or add images"
+            )
+        self.fingerprint = data_fingerprint(self.train_files, train_set.records)
+        self.all_train_images = len(all_train)
+        return train_set, val_set, detector
+
+    def _detector(self, config: DetectorConfig) -> CariesDetector:
+        encoder_path = None if self.config.model.reinitialize else self.config.model.encoder
+        detector, report = build_detector(config, encoder_path)
+        if self.context.is_main:
+            if encoder_path is None:
+                log.info("encoder: random initialization (%d tensors)", len(report.missing))
+            else:
+                log.info("encoder from %s: %s", encoder_path, report.summary())
+        return detector
+
+    def run(self) -> dict[str, Any]:
+        config, context = self.config, self.context
+        self._prepare_folder()
+        threads = configure_threads(self.device, context.local_world_size, config.train.threads)
+        torch.manual_seed(config.train.seed * 1000 + context.rank)
+        train_set, val_set, detector_settings = self._datasets(_encoder_architecture(config))
+        classes = detector_settings.class_names
+        # Same initial weights on every rank: seeded identically for the build, then per rank for drop-path.
+        torch.manual_seed(config.train.seed)
+        detector = self._detector(detector_settings).to(self.device)
+        torch.manual_seed(config.train.seed * 1000 + context.rank)
+        model: torch.nn.Module = detector
+        if context.enabled:
+            model = DistributedDataParallel(
+                detector, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        if config.train.compile:
+            model = torch.compile(model)
+
+        optim = config.optim
+        optimizer = torch.optim.AdamW(
+            layer_decay_param_groups(
+                detector,
+                base_lr=optim.lr,
+                weight_decay=optim.weight_decay,
+                layer_decay=optim.layer_decay,
+                depth=detector.config.encoder.depth,
+            ),
+            lr=optim.lr,
+            betas=optim.betas,
+            fused=self.device.type in ("cpu", "cuda"),
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(config.train.steps, optim.warmup_steps, optim.min_lr_ratio)
+        )
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.needs_scaler)
+        sampler = ResumableEpochSampler(
+            len(train_set),
+            batch_size=optim.batch_size,
+            rank=context.rank,
+            world_size=context.world_size,
+            seed=config.train.seed,
+        )
+        state = TrainingState()
+        if self.resume:
+            state = self._load_checkpoint(detector, optimizer, scheduler, scaler)
+        elif context.is_main:
+            configs.write_yaml(self.out / "config.yaml", configs.to_dict(config))
+        if context.is_main:
+            log.info(
+                "fine-tuning %s on %d training image(s) (%d%% of %d), %d validation image(s), classes %s, %s x %d "
+                "process(es), %s, %d thread(s)",
+                "from scratch"
+                if config.model.reinitialize or not config.model.encoder
+                else f"from {config.model.encoder}",
+                len(train_set),
+                round(100 * config.data.label_fraction),
+                self.all_train_images,
+                len(val_set),
+                ", ".join(classes),
+                self.device,
+                context.world_size,
+                self.precision.name,
+                threads,
+            )
+        loop = _Loop(self, train_set, val_set, sampler, detector, model, optimizer, scheduler, scaler, state)
+        return loop.run()
+
+    def _load_checkpoint(self, detector, optimizer, scheduler, scaler) -> TrainingState:
+        payload = read_weights_file(self.checkpoint_path)
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            raise InvalidCheckpointError(f"{self.checkpoint_path} is not a caries-mim fine-tuning checkpoint")
+        if payload.get("version") != CHECKPOINT_VERSION:
+            raise InvalidCheckpointError(
+                f"{self.checkpoint_path}: checkpoint version {payload.get('version')} cannot be resumed by this "
+                f"version (which writes {CHECKPOINT_VERSION})"
+            )
+        changed = changed_keys(payload["config"], configs.to_dict(self.config), FROZEN_ON_RESUME)
+        if changed:
+            raise InvalidConfigError(
+                f"cannot resume with a changed {', '.join(changed)}: these decide the model's shapes or its "
+                "training images (start a new run)"
+            )
+        detector.load_state_dict(payload["detector"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        scaler.load_state_dict(payload["scaler"])
+        rng_states = payload["rng"]
+        if len(rng_states) == self.context.world_size:
+            restore_rng(rng_states[self.context.rank], self.device)
+        else:
+            log.warning(
+                "resuming with %d process(es) instead of %d: drop-path draws will not continue the old streams",
+                self.context.world_size,
+                len(rng_states),
+            )
+        state = TrainingState(**payload["state"])
+        if state.best_step is not None and _package_step(self.out / PACKAGE_NAME) != state.best_step:
+            # Killed between a checkpoint and the package of its new best: the next validation writes one.
+            log.warning(
+                "%s does not hold the best step %d; the next validation writes it", PACKAGE_NAME, state.best_step
+            )
+            state.best_ap50 = state.best_step = None
+        saved_global_batch = payload["global_batch"]
+        global_batch = self.config.optim.batch_size * self.context.world_size
+        if saved_global_batch != global_batch:
+            state.batch_in_epoch = state.batch_in_epoch * saved_global_batch // global_batch
+        if self.context.is_main:
+            truncate_metrics(self.out / "metrics.jsonl", state.step)
+            log.info("resumed from %s at step %d", self.checkpoint_path, state.step)
+        return state
+
+
+def _package_step(path: Path) -> int | None:
+    """The training step a run's model package was saved at, or None when it is missing or unreadable."""
+    try:
+        return read_package(path).provenance.get("step")
+    except CariesMimError:
+        return None
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "image": torch.stack([item["image"] for item in items]),
+        "targets": [{"boxes": item["boxes"], "labels": item["labels"]} for item in items],
+    }
+
+
+class _Loop:
+    """The optimization loop and everything it writes (rank 0): metrics, TensorBoard, overlays, checkpoints,
+    the model package."""
+
+    def __init__(
+        self,
+        run: _Finetuning,
+        train_set: DetectionDataset,
+        val_set: DetectionDataset,
+        sampler: ResumableEpochSampler,
+        detector: CariesDetector,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LambdaLR,
+        scaler: torch.amp.GradScaler,
+        state: TrainingState,
+    ) -> None:
+        self.run_state = run
+        self.config = run.config
+        self.context = run.context
+        self.device = run.device
+        self.out = run.out
+        self.train_set = train_set
+        self.val_set = val_set
+        self.sampler = sampler
+        self.detector = detector
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.scaler = scaler
+        self.state = state
+        self.loader = DataLoader(
+            train_set,
+            batch_size=self.config.optim.batch_size,
+            sampler=sampler,
+            num_workers=self.config.data.workers,
+            collate_fn=_collate,
+            pin_memory=self.device.type == "cuda",
+            drop_last=True,
+            persistent_workers=self.config.data.workers > 0,
+            worker_init_fn=ignore_stop_signals,
+            generator=torch.Generator(),
+        )
+        self.writer = (
+            SummaryWriter(str(self.out / "tensorboard"), purge_step=state.step or None)
+            if self.context.is_main
+            else None
+        )
+        self.first_loss: float | None = None
+        self.last_loss: float | None = None
+        self.last_validation: dict[str, Any] | None = None
+        self.pending_package: tuple[Any, dict[str, Any]] | None = None
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        while True:
+            if self.state.batch_in_epoch >= self.sampler.batches_per_epoch:
+                self.state.epoch += 1
+                self.state.batch_in_epoch = 0
+            self.sampler.set_position(self.state.epoch, self.state.batch_in_epoch)
+            for batch in self.loader:
+                self.state.batch_in_epoch += 1
+                yield batch
+
+    def run(self) -> dict[str, Any]:
+        config = self.config
+        total = config.train.steps
+        batches = self._batches()
+        bar = tqdm(
+            total=total,
+            initial=self.state.step,
+            desc="finetune",
+            unit="step",
+            disable=not self.run_state.progress,
+            dynamic_ncols=True,
+        )
+        interval: dict[str, torch.Tensor] = {}
+        interval_steps = 0
+        interval_start = started = time.perf_counter()
+        start_step = self.state.step
+        stopped_early = False
+        try:
+            with GracefulStop() as stop:
+                while self.state.step < total:
+                    self.model.train()
+                    grad_norm = self._train_step(batches, interval)
+                    self.state.step += 1
+                    interval_steps += 1
+                    bar.update(1)
+                    step = self.state.step
+                    stopping = distributed.any_rank(stop.requested, self.context)
+                    validating = step % config.eval.every == 0 or step == total
+                    if step % config.log.every == 0 or validating or stopping:
+                        elapsed = time.perf_counter() - interval_start
+                        self._log(interval, interval_steps, elapsed, grad_norm, bar)
+                        interval.clear()
+                        interval_steps = 0
+                        interval_start = time.perf_counter()
+                    if validating:
+                        stopped_early = self._validate(bar)
+                    if validating or stopping:
+                        self._save_checkpoint()
+                    if self.pending_package is not None:
+                        self._save_package(*self.pending_package)
+                        self.pending_package = None
+                    if stopping:
+                        log.warning("stopped at step %d, checkpoint saved: continue with --resume", step)
+                        raise KeyboardInterrupt
+                    if stopped_early:
+                        break
+        finally:
+            bar.close()
+            if self.writer is not None:
+                self.writer.close()
+        return self._finish(time.perf_counter() - started, self.state.step - start_step, stopped_early)
+
+    def _train_step(self, batches: Iterator[dict[str, Any]], interval: dict[str, torch.Tensor]) -> float | None:
+        accumulate = self.config.optim.accumulate
+        self.optimizer.zero_grad(set_to_none=True)
+        for micro in range(accumulate):
+            batch = next(batches)
+            images = batch["image"].to(self.device, non_blocking=True)
+            targets = [{key: value.to(self.device) for key, value in target.items()} for target in batch["targets"]]
+            skip_sync = micro < accumulate - 1 and isinstance(self.model, DistributedDataParallel)
+            with (
+                self.model.no_sync() if skip_sync else contextlib.nullcontext(),
+                self.run_state.precision.autocast(self.device),
+            ):
+                losses = self.model(images, targets)
+            self.scaler.scale(losses["total"] / accumulate).backward()
+            for name, value in losses.items():
+                interval[name] = interval.get(name, torch.zeros((), device=self.device)) + value.detach() / accumulate
+        grad_norm = None
+        if self.config.optim.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.detector.parameters(), self.config.optim.clip_grad))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return grad_norm
+
+    def _log(self, interval: dict[str, torch.Tensor], steps: int, elapsed: float, grad_norm, bar) -> None:
+        means = {
+            name: distributed.mean_across_ranks(value / max(steps, 1), self.context).item()
+            for name, value in sorted(interval.items())
+        }
+        total = means.get("total", float("nan"))
+        if not math.isfinite(total):
+            raise FloatingPointError(
+                f"loss became {total} by step {self.state.step}; lower optim.lr, set optim.clip_grad, or use "
+                "train.precision=fp32 (the last checkpoint is from before)"
+            )
+        if not self.context.is_main:
+            return
+        images = steps * self.config.optim.batch_size * self.config.optim.accumulate * self.context.world_size
+        throughput = images / max(elapsed, 1e-9)
+        lr = max(group["lr"] for group in self.optimizer.param_groups)
+        step = self.state.step
+        if self.first_loss is None:
+            self.first_loss = total
+        self.last_loss = total
+        bar.set_postfix(loss=f"{total:.4f}", img_s=f"{throughput:.1f}", lr=f"{lr:.2e}")
+        row = {"split": "train", "step": step, "epoch": self.state.epoch, "lr": lr, "img_s": throughput}
+        row.update({f"loss_{name}": value for name, value in means.items()})
+        for name, value in means.items():
+            self.writer.add_scalar(f"train/loss_{name}", value, step)
+        self.writer.add_scalar("train/lr", lr, step)
+        self.writer.add_scalar("train/images_per_second", throughput, step)
+        if grad_norm is not None:
+            row["grad_norm"] = grad_norm
+            self.writer.add_scalar("train/grad_norm", grad_norm, step)
+        append_metrics(self.out / "metrics.jsonl", row)
+
+    # -- validation -----------------------------------------------------------------------------------------
+
+    def _predict_validation(self) -> list[EvaluatedImage]:
+        self.detector.eval()
+        evaluated = []
+        with torch.inference_mode(), self.run_state.precision.autocast(self.device):
+            for index, record in enumerate(self.val_set.records):
+                pixels = self.val_set.load(record.image_path).pixels
+                found = detect(self.detector, pixels)
+                evaluated.append(
+                    EvaluatedImage(
+                        image_id=index,
+                        gt_boxes=record.boxes,
+                        gt_labels=record.labels,
+                        pred_boxes=found.boxes,
+                        pred_labels=found.labels,
+                        pred_scores=found.scores,
+                    )
+                )
+        self.detector.train()
+        return evaluated
+
+    def _validate(self, bar) -> bool:
+        """Validate on rank 0 (the others wait); returns whether training should stop early (same on all ranks)."""
+        stop = False
+        if self.context.is_main:
+            started = time.perf_counter()
+            bar.set_description("finetune (validating)")
+            evaluated = self._predict_validation()
+            classes = self.detector.config.class_names
+            metrics = coco_metrics(evaluated, classes)
+            lesion_froc = froc(evaluated)
+            point = select_operating_point(evaluated, target_sensitivity=self.config.eval.target_sensitivity)
+            ap50 = float(metrics.ap50)
+            step = self.state.step
+            row = {
+                "split": "val",
+                "step": step,
+                "ap50": ap50,
+                "ap": float(metrics.ap),
+                "ap50_per_class": {name: per_class.ap50 for name, per_class in metrics.per_class.items()},
+                "froc": lesion_froc.score,
+                "threshold": point.threshold,
+                "sensitivity_at_threshold": point.sensitivity,
+                "seconds": round(time.perf_counter() - started, 2),
+            }
+            append_metrics(self.out / "metrics.jsonl", row)
+            self.writer.add_scalar("val/ap50", ap50, step)
+            self.writer.add_scalar("val/ap", float(metrics.ap), step)
+            self.writer.add_scalar("val/froc", lesion_froc.score, step)
+            for name, per_class in metrics.per_class.items():
+                if per_class.ap50 is not None:
+                    self.writer.add_scalar(f"val/ap50_{name}", per_class.ap50, step)
+            self._write_overlays(evaluated, point.threshold, step)
+            improved = self.state.best_ap50 is None or ap50 > self.state.best_ap50
+            if improved:
+                self.state.best_ap50, self.state.best_step = ap50, step
+                self.state.validations_since_best = 0
+                # Written after this validation's checkpoint (see run()): a kill in between leaves a checkpoint
+                # whose best step has no package yet, which a resume detects and repairs.
+                self.pending_package = (point, row)
+            else:
+                self.state.validations_since_best += 1
+            patience = self.config.eval.patience
+            stop = patience is not None and self.state.validations_since_best >= patience
+            self.last_validation = row
+            bar.set_description("finetune")
+            bar.write(
+                f"step {step}: val AP50 {ap50:.3f} (best {self.state.best_ap50:.3f} at step {self.state.best_step}), "
+                f"FROC {lesion_froc.score:.3f}, threshold {point.threshold:.3f} for sensitivity "
+                f"{point.sensitivity if point.sensitivity is not None else float('nan'):.2f}"
+                + (" - stopping early" if stop else ""),
+                file=sys.stderr,  # stdout carries only the run's JSON summary
+            )
+        stop = distributed.any_rank(stop, self.context)
+        distributed.barrier(self.context)
+        return stop
+
+    def _write_overlays(self, evaluated: list[EvaluatedImage], threshold: float, step: int) -> None:
+        count = min(self.config.eval.overlays, len(evaluated))
+        if count == 0:
+            return
+        # Images with lesions first, in file order: the same images at every validation, comparable over steps.
+        order = sorted(range(len(evaluated)), key=lambda index: (len(evaluated[index].gt_boxes) == 0, index))
+        names = self.detector.config.class_names
+        cells = [
+            draw_predictions_and_truth(
+                self.val_set.load(self.val_set.records[index].image_path).pixels, evaluated[index], names, threshold
+            )
+            for index in order[:count]
+        ]
+        grid = tile(cells, columns=min(3, count), cell_width=480)
+        folder = self.out / "overlays"
+        folder.mkdir(exist_ok=True)
+        with atomic_path(folder / f"step_{step:06d}.png") as temporary:
+            grid.save(temporary, format="PNG")
+        self.writer.add_image("val/overlays", np.asarray(grid.convert("RGB")), step, dataformats="HWC")
+
+    def _save_package(self, point, row: dict[str, Any]) -> None:
+        package = ModelPackage.from_detector(
+            self.detector,
+            point.threshold,
+            target_sensitivity=self.config.eval.target_sensitivity,
+            version=__version__,
+            provenance={
+                "trained_by": f"caries-mim {__version__} finetune",
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "config": configs.to_dict(self.config),
+                "train_files": [Path(path).name for path in self.run_state.train_files],
+                "train_images": len(self.train_set),
+                "data_fingerprint": self.run_state.fingerprint,
+                "step": self.state.step,
+                "validation": {key: value for key, value in row.items() if key not in ("split", "seconds")},
+            },
+        )
+        save_package(package, self.out / PACKAGE_NAME)
+
+    def _save_checkpoint(self) -> None:
+        rng_states = distributed.gather_objects(capture_rng(self.device), self.context)
+        if not self.context.is_main:
+            return
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "detector": self.detector.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_states,
+            "state": dataclasses.asdict(self.state),
+            "global_batch": self.config.optim.batch_size * self.context.world_size,
+            "config": configs.to_dict(self.config),
+        }
+        with atomic_path(self.run_state.checkpoint_path) as temporary:
+            torch.save(payload, temporary)
+
+    def _finish(self, seconds: float, steps_run: int, stopped_early: bool) -> dict[str, Any]:
+        config = self.config
+        images = steps_run * config.optim.batch_size * config.optim.accumulate * self.context.world_size
+        summary = {
+            "out": str(self.out),
+            "package": str(self.out / PACKAGE_NAME),
+            "encoder": None if config.model.reinitialize else config.model.encoder,
+            "label_fraction": config.data.label_fraction,
+            "train_images": len(self.train_set),
+            "val_images": len(self.val_set),
+            "steps": self.state.step,
+            "steps_this_run": steps_run,
+            "stopped_early": stopped_early,
+            "best_val_ap50": self.state.best_ap50,
+            "best_step": self.state.best_step,
+            "last_validation": self.last_validation,
+            "first_loss": self.first_loss,
+            "last_loss": self.last_loss,
+            "seconds": round(seconds, 2),
+            "images_per_second": round(images / seconds, 2) if seconds > 0 else None,
+            "device": str(self.device),
+            "processes": self.context.world_size,
+            "precision": self.run_state.precision.name,
+        }
+        if self.device.type == "cuda":
+            summary["max_memory_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+        if self.context.is_main:
+            with atomic_path(self.out / "summary.json") as temporary:
+                temporary.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        return summary
