@@ -139,3 +139,26 @@ def _build(schema: type, values: Any, prefix: str, origin: str) -> Any:
         return schema(**checked)
     except (TypeError, ValueError) as exc:
         raise InvalidConfigError(f"{section}: {exc} ({origin})") from None
+
+
+def load_layered(
+    schema: type[Schema],
+    prefix: str,
+    config: str | None,
+    overrides: list[str] | None,
+    base: dict[str, Any] | None = None,
+) -> tuple[Schema, str]:
+    """Defaults <- ``base`` (a resumed run's config.yaml) <- ``config`` (a file or the shipped
+    ``{prefix}_{name}.yaml``) <- ``--set`` overrides, built into ``schema``; returns it with its origin (for
+    messages)."""
+    values: dict[str, Any] = dict(base or {})
+    origin = "defaults"
+    if config is not None:
+        path = shipped_config(prefix, config)
+        values = merge(values, read_yaml_mapping(path))
+        origin = str(path)
+    override_values = parse_overrides(overrides)
+    if override_values:
+        values = merge(values, override_values)
+        origin = f"{origin} + --set"
+    return build(schema, values, origin), origin

@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -74,10 +73,11 @@ from pipelines.training import (
     TrainConfig,
     capture_rng,
     configure_threads,
-    ignore_stop_signals,
+    endless_batches,
     layer_decay_param_groups,
     resolve_precision,
-    restore_rng,
+    restore_optimization,
+    resumable_loader,
     warmup_cosine,
 )
 
@@ -209,17 +209,7 @@ def load_finetune_config(
     config: str | None, overrides: list[str] | None, *, base: dict[str, Any] | None = None
 ) -> FinetuneConfig:
     """Defaults <- ``base`` (a resumed run's config.yaml) <- ``config`` file or shipped name <- ``--set`` overrides."""
-    values: dict[str, Any] = dict(base or {})
-    origin = "defaults"
-    if config is not None:
-        path = configs.shipped_config("finetune", config)
-        values = configs.merge(values, configs.read_yaml_mapping(path))
-        origin = str(path)
-    override_values = configs.parse_overrides(overrides)
-    if override_values:
-        values = configs.merge(values, override_values)
-        origin = f"{origin} + --set"
-    built = configs.build(FinetuneConfig, values, origin)
+    built, origin = configs.load_layered(FinetuneConfig, "finetune", config, overrides, base)
     try:
         detector_config(built, ("caries",), _encoder_architecture(built))
     except InvalidArgumentError as exc:
@@ -516,29 +506,24 @@ class _Finetuning:
                 "training images (start a new run)"
             )
         detector.load_state_dict(payload["detector"])
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        scaler.load_state_dict(payload["scaler"])
-        rng_states = payload["rng"]
-        if len(rng_states) == self.context.world_size:
-            restore_rng(rng_states[self.context.rank], self.device)
-        else:
-            log.warning(
-                "resuming with %d process(es) instead of %d: drop-path draws will not continue the old streams",
-                self.context.world_size,
-                len(rng_states),
-            )
         state = TrainingState(**payload["state"])
+        restore_optimization(
+            payload,
+            optimizer,
+            scheduler,
+            scaler,
+            rank=self.context.rank,
+            world_size=self.context.world_size,
+            device=self.device,
+            position=state,
+            global_batch=self.config.optim.batch_size * self.context.world_size,
+        )
         if state.best_step is not None and _package_step(self.out / PACKAGE_NAME) != state.best_step:
             # Killed between a checkpoint and the package of its new best: the next validation writes one.
             log.warning(
                 "%s does not hold the best step %d; the next validation writes it", PACKAGE_NAME, state.best_step
             )
             state.best_ap50 = state.best_step = None
-        saved_global_batch = payload["global_batch"]
-        global_batch = self.config.optim.batch_size * self.context.world_size
-        if saved_global_batch != global_batch:
-            state.batch_in_epoch = state.batch_in_epoch * saved_global_batch // global_batch
         if self.context.is_main:
             truncate_metrics(self.out / "metrics.jsonl", state.step)
             log.info("resumed from %s at step %d", self.checkpoint_path, state.step)
@@ -591,17 +576,13 @@ class _Loop:
         self.scheduler = scheduler
         self.scaler = scaler
         self.state = state
-        self.loader = DataLoader(
+        self.loader = resumable_loader(
             train_set,
+            sampler,
             batch_size=self.config.optim.batch_size,
-            sampler=sampler,
-            num_workers=self.config.data.workers,
+            workers=self.config.data.workers,
+            device=self.device,
             collate_fn=_collate,
-            pin_memory=self.device.type == "cuda",
-            drop_last=True,
-            persistent_workers=self.config.data.workers > 0,
-            worker_init_fn=ignore_stop_signals,
-            generator=torch.Generator(),
         )
         self.writer = (
             SummaryWriter(str(self.out / "tensorboard"), purge_step=state.step or None)
@@ -613,20 +594,10 @@ class _Loop:
         self.last_validation: dict[str, Any] | None = None
         self.pending_package: tuple[Any, dict[str, Any]] | None = None
 
-    def _batches(self) -> Iterator[dict[str, Any]]:
-        while True:
-            if self.state.batch_in_epoch >= self.sampler.batches_per_epoch:
-                self.state.epoch += 1
-                self.state.batch_in_epoch = 0
-            self.sampler.set_position(self.state.epoch, self.state.batch_in_epoch)
-            for batch in self.loader:
-                self.state.batch_in_epoch += 1
-                yield batch
-
     def run(self) -> dict[str, Any]:
         config = self.config
         total = config.train.steps
-        batches = self._batches()
+        batches = endless_batches(self.loader, self.sampler, self.state)
         bar = tqdm(
             total=total,
             initial=self.state.step,

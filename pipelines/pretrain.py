@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -56,9 +55,10 @@ from pipelines.training import (
     adamw_param_groups,
     capture_rng,
     configure_threads,
-    ignore_stop_signals,
+    endless_batches,
     resolve_precision,
-    restore_rng,
+    restore_optimization,
+    resumable_loader,
     warmup_cosine,
 )
 
@@ -166,17 +166,7 @@ def load_pretrain_config(
     config: str | None, overrides: list[str] | None, *, base: dict[str, Any] | None = None
 ) -> PretrainConfig:
     """Defaults <- ``base`` (a resumed run's config.yaml) <- ``config`` file or shipped name <- ``--set`` overrides."""
-    values: dict[str, Any] = dict(base or {})
-    origin = "defaults"
-    if config is not None:
-        path = configs.shipped_config("pretrain", config)
-        values = configs.merge(values, configs.read_yaml_mapping(path))
-        origin = str(path)
-    override_values = configs.parse_overrides(overrides)
-    if override_values:
-        values = configs.merge(values, override_values)
-        origin = f"{origin} + --set"
-    built = configs.build(PretrainConfig, values, origin)
+    built, origin = configs.load_layered(PretrainConfig, "pretrain", config, overrides, base)
     try:
         built.encoder_config()
     except InvalidArgumentError as exc:
@@ -373,24 +363,18 @@ class _Pretraining:
                 "(start a new run, or init_from the old encoder.pt)"
             )
         objective.load_state_dict(payload["objective"])
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        scaler.load_state_dict(payload["scaler"])
-        rng_states = payload["rng"]
-        if len(rng_states) == self.context.world_size:
-            restore_rng(rng_states[self.context.rank], self.device)
-        else:
-            log.warning(
-                "resuming with %d process(es) instead of %d: random masks will not continue the old streams",
-                self.context.world_size,
-                len(rng_states),
-            )
         position = DataPosition(**payload["position"])
-        saved_global_batch = payload["global_batch"]
-        global_batch = self.config.optim.batch_size * self.context.world_size
-        if saved_global_batch != global_batch:
-            # Same images consumed, counted in the new batch size (rounded down: a few may be seen twice).
-            position.batch_in_epoch = position.batch_in_epoch * saved_global_batch // global_batch
+        restore_optimization(
+            payload,
+            optimizer,
+            scheduler,
+            scaler,
+            rank=self.context.rank,
+            world_size=self.context.world_size,
+            device=self.device,
+            position=position,
+            global_batch=self.config.optim.batch_size * self.context.world_size,
+        )
         if self.context.is_main:
             truncate_metrics(self.out / "metrics.jsonl", position.step)
             log.info("resumed from %s at step %d", self.checkpoint_path, position.step)
@@ -425,18 +409,12 @@ class _Loop:
         self.scheduler = scheduler
         self.scaler = scaler
         self.position = position
-        self.loader = DataLoader(
+        self.loader = resumable_loader(
             dataset,
+            sampler,
             batch_size=self.config.optim.batch_size,
-            sampler=sampler,
-            num_workers=self.config.data.workers,
-            pin_memory=self.device.type == "cuda",
-            drop_last=True,
-            persistent_workers=self.config.data.workers > 0,
-            worker_init_fn=ignore_stop_signals,
-            # Its own generator: creating an iterator must not consume the global RNG that draws the masks,
-            # or a resumed run (which creates one more iterator) would draw different masks.
-            generator=torch.Generator(),
+            workers=self.config.data.workers,
+            device=self.device,
         )
         self.writer = (
             SummaryWriter(str(self.out / "tensorboard"), purge_step=position.step or None)
@@ -446,19 +424,6 @@ class _Loop:
         self.preview = self._preview_batch() if self.context.is_main else None
         self.first_loss: float | None = None
         self.last_loss: float | None = None
-
-    def _micro_batches(self) -> Iterator[torch.Tensor]:
-        """Endless stream over epochs from the current position; the position advances as batches are taken."""
-        if self.sampler.batches_per_epoch == 0:
-            raise InvalidConfigError("optim.batch_size: not one full batch per epoch")
-        while True:
-            if self.position.batch_in_epoch >= self.sampler.batches_per_epoch:
-                self.position.epoch += 1
-                self.position.batch_in_epoch = 0
-            self.sampler.set_position(self.position.epoch, self.position.batch_in_epoch)
-            for batch in self.loader:
-                self.position.batch_in_epoch += 1
-                yield batch
 
     def _preview_batch(self) -> torch.Tensor:
         """Fixed views for reconstruction grids, the same at every step: crops at the middle of the training crop
@@ -477,7 +442,7 @@ class _Loop:
     def run(self) -> dict[str, Any]:
         config = self.config
         total = config.train.steps
-        batches = self._micro_batches()
+        batches = endless_batches(self.loader, self.sampler, self.position)
         bar = tqdm(
             total=total,
             initial=self.position.step,

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import re
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
+from caries_mim.data import ResumableEpochSampler
 from caries_mim.errors import InvalidConfigError
+
+log = logging.getLogger("caries_mim.training")
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -208,3 +213,82 @@ class TrainConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 or null, got {self.threads}")
+
+
+class DataPosition(Protocol):
+    """Where a run stands in its data: the epoch and the micro-batches consumed in it."""
+
+    epoch: int
+    batch_in_epoch: int
+
+
+def resumable_loader(
+    dataset: Dataset,
+    sampler: ResumableEpochSampler,
+    *,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+) -> DataLoader:
+    """The DataLoader of a resumable run: batches from ``sampler`` (set its position before each iterator)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_fn,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        persistent_workers=workers > 0,
+        worker_init_fn=ignore_stop_signals,
+        # Its own generator: creating an iterator must not consume the global RNG (masks, drop-path), or a resumed
+        # run (which creates one more iterator) would draw differently.
+        generator=torch.Generator(),
+    )
+
+
+def endless_batches(loader: DataLoader, sampler: ResumableEpochSampler, position: DataPosition) -> Iterator[Any]:
+    """Batches over epochs from ``position``, which advances as batches are taken (and is what a checkpoint
+    stores, so a resumed run continues inside the epoch where it stopped)."""
+    if sampler.batches_per_epoch == 0:
+        raise InvalidConfigError("optim.batch_size: not one full batch per epoch")
+    while True:
+        if position.batch_in_epoch >= sampler.batches_per_epoch:
+            position.epoch += 1
+            position.batch_in_epoch = 0
+        sampler.set_position(position.epoch, position.batch_in_epoch)
+        for batch in loader:
+            position.batch_in_epoch += 1
+            yield batch
+
+
+def restore_optimization(
+    payload: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    *,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    position: DataPosition,
+    global_batch: int,
+) -> None:
+    """Restore a checkpoint's optimizer, schedule, loss scaler and this rank's RNG, and re-express the position
+    inside the epoch in the current global batch (rounded down: a few images may be seen twice)."""
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    scaler.load_state_dict(payload["scaler"])
+    rng_states = payload["rng"]
+    if len(rng_states) == world_size:
+        restore_rng(rng_states[rank], device)
+    else:
+        log.warning(
+            "resuming with %d process(es) instead of %d: random draws will not continue the old streams",
+            world_size,
+            len(rng_states),
+        )
+    saved_global_batch = payload["global_batch"]
+    if saved_global_batch != global_batch:
+        position.batch_in_epoch = position.batch_in_epoch * saved_global_batch // global_batch
