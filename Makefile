@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.caries-mim-installed
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo study test lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,15 @@ setup: $(STAMP)
 
 demo: setup
 	$(BIN)/caries-mim demo --out runs/demo
+
+# Label-efficiency study on the demo's synthetic data and MIM encoder (run `make demo` first).
+DEMO := runs/demo
+study: setup
+	@test -f $(DEMO)/pretrain/encoder.pt || { echo "make study needs $(DEMO)/pretrain/encoder.pt: run make demo first"; exit 2; }
+	$(BIN)/caries-mim study label-efficiency --config tiny \
+		--train $(DEMO)/synthetic/labeled/train.json --val $(DEMO)/synthetic/labeled/val.json \
+		--test $(DEMO)/synthetic/labeled/test.json --encoder $(DEMO)/pretrain/encoder.pt \
+		--set data.cache_dir=$(DEMO)/decode_cache --out runs/study
 
 lint: setup
 	$(BIN)/ruff check .

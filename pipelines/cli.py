@@ -401,13 +401,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: %(default)s)")
     demo.add_argument("--seed", type=_non_negative_int, default=0)
     demo.add_argument("--unlabeled", type=_non_negative_int, default=96, metavar="N")
-    demo.add_argument("--labeled", type=_non_negative_int, default=40, metavar="M")
+    demo.add_argument("--labeled", type=_non_negative_int, default=80, metavar="M")
     demo.add_argument(
         "--pretrain-steps",
         type=_non_negative_int,
-        default=None,
+        default=1500,
         metavar="N",
-        help="MAE pretraining steps with the tiny config; 0 skips pretraining (default: the config's own)",
+        help="MAE pretraining steps with the tiny config (half its own 3000, to leave time for the detector); "
+        "0 skips pretraining (default: %(default)s)",
     )
     demo.add_argument(
         "--finetune-steps",

@@ -119,12 +119,19 @@ def _pretrain(out: Path, data_dir: Path, images: int, steps: int, seed: int) -> 
     return {**summary, "reconstructions": str(pictures[-1]) if pictures else None}
 
 
-def _finetune(out: Path, data_dir: Path, encoder: str | None, steps: int | None, seed: int) -> dict[str, Any]:
+def _finetune(
+    out: Path, data_dir: Path, encoder: str | None, steps: int | None, seed: int, train_images: int
+) -> dict[str, Any]:
     """The shipped ``tiny`` fine-tuning config from the demo's encoder into ``out/finetune``."""
     run = out / "finetune"
     if run.exists():
         shutil.rmtree(run)
-    settings = [f"train.seed={seed}", f"data.cache_dir={json.dumps(str(out / 'decode_cache'))}"]
+    batch = min(load_finetune_config("tiny", None).optim.batch_size, train_images)
+    settings = [
+        f"train.seed={seed}",
+        f"optim.batch_size={batch}",
+        f"data.cache_dir={json.dumps(str(out / 'decode_cache'))}",
+    ]
     if steps is not None:
         settings.append(f"train.steps={steps}")
     if encoder is not None:
@@ -156,8 +163,8 @@ def run_demo(
     *,
     seed: int = 0,
     n_unlabeled: int = 96,
-    n_labeled: int = 40,
-    pretrain_steps: int | None = None,
+    n_labeled: int = 80,
+    pretrain_steps: int | None = 1500,
     finetune_steps: int | None = None,
 ) -> dict[str, Any]:
     """Run the demo into ``out`` and return (and print, and write as ``out/demo_summary.json``) its summary.
@@ -218,7 +225,8 @@ def run_demo(
         done("pretrain", since)
 
     since = begin("finetune", "fine-tuning the caries detector (config: tiny) on the train split, val for selection")
-    finetune = _finetune(out, data_dir, pretrain["encoder"] if pretrain else None, finetune_steps, seed)
+    encoder = pretrain["encoder"] if pretrain else None
+    finetune = _finetune(out, data_dir, encoder, finetune_steps, seed, splits["train"]["images"])
     done("finetune", since)
 
     package = Path(finetune["package"])

@@ -8,6 +8,7 @@ import pydicom
 import pytest
 from pydicom.uid import DigitalIntraOralXRayImageStorageForPresentation
 
+from caries_mim.package import load_package
 from pipelines.cli import main
 
 
@@ -42,22 +43,42 @@ def test_synth_with_nothing_to_do_is_a_user_error(tmp_path, capsys):
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["demo", "--out", str(out), "--unlabeled", "3", "--labeled", "12", "--seed", "1", "--pretrain-steps", "4"]
+    argv = [
+        "demo", "--out", str(out), "--unlabeled", "3", "--labeled", "16", "--seed", "1",
+        "--pretrain-steps", "4", "--finetune-steps", "3",
+    ]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "caries-mim demo finished" in printed
     summary = json.loads((out / "demo_summary.json").read_text())
-    assert summary["read_back"]["files"] == 15
-    assert sum(summary["read_back"]["transfer_syntaxes"].values()) == 15
-    assert sum(split["images"] for split in summary["splits"].values()) == 12
+    assert summary["read_back"]["files"] == 19
+    assert sum(summary["read_back"]["transfer_syntaxes"].values()) == 19
+    assert sum(split["images"] for split in summary["splits"].values()) == 16
     for picture in summary["pictures"].values():
         with open(picture, "rb") as handle:
             assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     pretrain = summary["pretrain"]
     assert pretrain["steps"] == 4
-    assert pretrain["images_in_dataset"] == 15
+    assert pretrain["images_in_dataset"] == 19
     assert (out / "pretrain" / "encoder.pt").is_file()
     with open(pretrain["reconstructions"], "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    # The detector was fine-tuned from that encoder, packaged, evaluated on the test split and used to predict.
+    finetune = summary["finetune"]
+    assert finetune["steps"] == 3
+    assert finetune["encoder"] == pretrain["encoder"]
+    predictor = load_package(finetune["package"])
+    assert predictor.class_names == ("caries", "deep_caries")
+    metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
+    assert metrics["data"]["images"] == summary["splits"]["test"]["images"]
+    assert 0.0 <= summary["evaluate"]["ap50"] <= 1.0
+    assert summary["evaluate"]["ap50"] == metrics["coco"]["ap50"]
+    assert "AP50" in printed
+    rows = [json.loads(line) for line in (out / "predict" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == min(4, summary["splits"]["test"]["images"])
+    assert all(row["ok"] for row in rows)
+    assert set(summary["stage_seconds"]) == {
+        "synth", "read_back", "splits", "previews", "pretrain", "finetune", "evaluate", "predict"
+    }  # fmt: skip
     # A second run replaces the demo's own pretraining run instead of refusing it.
     assert main(argv) == 0
