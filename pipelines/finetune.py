@@ -401,13 +401,6 @@ class _Finetuning:
                 train_records, cache=cache, options=options, transform=transform, progress=self.progress
             )
             val_set = DetectionDataset(val_records, cache=cache, options=options, progress=self.progress)
-        global_batch = config.optim.batch_size * self.context.world_size
-        if len(train_set) < global_batch:
-            raise InvalidConfigError(
-                f"optim.batch_size: {len(train_set)} readable training image(s) cannot fill one batch of "
-                f"{global_batch} ({config.optim.batch_size} per process x {self.context.world_size} process(es)); "
-                "lower optim.batch_size, raise data.label_fraction or add images"
-            )
         self.fingerprint = data_fingerprint(self.train_files, train_set.records)
         self.all_train_images = len(all_train)
         return train_set, val_set, detector
@@ -458,8 +451,15 @@ class _Finetuning:
             optimizer, warmup_cosine(config.train.steps, optim.warmup_steps, optim.min_lr_ratio)
         )
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.needs_scaler)
+        global_batch = optim.batch_size * context.world_size
+        # Patches, not images, are the training samples: a set smaller than one batch (a 5% label fraction) is
+        # repeated so that an epoch holds a whole batch; every repetition draws other patches and augmentations.
+        repeats = math.ceil(global_batch / len(train_set))
+        epoch_set = RepeatedDataset(train_set, repeats) if repeats > 1 else train_set
+        if repeats > 1 and context.is_main:
+            log.info("%d training image(s) repeated %dx to fill a batch of %d", len(train_set), repeats, global_batch)
         sampler = ResumableEpochSampler(
-            len(train_set),
+            len(epoch_set),
             batch_size=optim.batch_size,
             rank=context.rank,
             world_size=context.world_size,
@@ -487,7 +487,7 @@ class _Finetuning:
                 self.precision.name,
                 threads,
             )
-        loop = _Loop(self, train_set, val_set, sampler, detector, model, optimizer, scheduler, scaler, state)
+        loop = _Loop(self, epoch_set, val_set, sampler, detector, model, optimizer, scheduler, scaler, state)
         return loop.run()
 
     def _load_checkpoint(self, detector, optimizer, scheduler, scaler) -> TrainingState:
@@ -528,6 +528,23 @@ class _Finetuning:
             truncate_metrics(self.out / "metrics.jsonl", state.step)
             log.info("resumed from %s at step %d", self.checkpoint_path, state.step)
         return state
+
+
+class RepeatedDataset(torch.utils.data.Dataset):
+    """``dataset`` ``times`` over; keys are indices or ``(index, augmentation_seed)`` as the sampler yields."""
+
+    def __init__(self, dataset: DetectionDataset, times: int) -> None:
+        self.dataset = dataset
+        self.times = times
+        self.records = dataset.records
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.times
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        index %= len(self.dataset)
+        return self.dataset[index if seed is None else (index, seed)]
 
 
 def _package_step(path: Path) -> int | None:
@@ -812,7 +829,7 @@ class _Loop:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "config": configs.to_dict(self.config),
                 "train_files": [Path(path).name for path in self.run_state.train_files],
-                "train_images": len(self.train_set),
+                "train_images": len(self.train_set.records),
                 "data_fingerprint": self.run_state.fingerprint,
                 "step": self.state.step,
                 "validation": {key: value for key, value in row.items() if key not in ("split", "seconds")},
@@ -847,7 +864,7 @@ class _Loop:
             "package": str(self.out / PACKAGE_NAME),
             "encoder": None if config.model.reinitialize else config.model.encoder,
             "label_fraction": config.data.label_fraction,
-            "train_images": len(self.train_set),
+            "train_images": len(self.train_set.records),
             "val_images": len(self.val_set),
             "steps": self.state.step,
             "steps_this_run": steps_run,

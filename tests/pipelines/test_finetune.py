@@ -466,12 +466,29 @@ def test_a_training_set_without_any_box_is_refused(labeled, tmp_path, capsys):
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
-def test_a_batch_larger_than_the_data_names_the_key(labeled, tmp_path, capsys):
-    assert finetune(labeled, tmp_path / "run", "--set", "optim.batch_size=16") == 2
-    err = capsys.readouterr().err.strip()
-    assert "optim.batch_size" in err
-    assert "10 readable training image(s)" in err
-    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+def test_a_set_smaller_than_a_batch_is_repeated_with_other_patches(labeled, tmp_path, capsys):
+    """A 5% label fraction can hold fewer images than one batch: the images repeat (with other patches) instead
+    of the run refusing, and the summary still counts distinct images."""
+    run = tmp_path / "run"
+    assert finetune(labeled, run, "--set", "optim.batch_size=16", "--set", "train.steps=1") == 0
+    summary = summary_line(capsys.readouterr().out)
+    assert summary["train_images"] == 10
+    assert summary["steps"] == 1
+
+
+def test_repeated_dataset_maps_keys_onto_the_images_and_keeps_the_seed():
+    class Keys(list):
+        def __init__(self) -> None:
+            super().__init__([0, 1, 2])
+            self.records = ["a", "b", "c"]
+
+        def __getitem__(self, key):
+            return key
+
+    repeated = finetune_module.RepeatedDataset(Keys(), 2)
+    assert len(repeated) == 6
+    assert repeated[(4, 7)] == (1, 7)
+    assert repeated[5] == 2
 
 
 def test_a_checkpoint_write_that_dies_leaves_the_previous_one_intact(labeled, tmp_path, monkeypatch):
