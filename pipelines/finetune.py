@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import sys
@@ -67,7 +66,15 @@ from caries_mim.visualization import draw_predictions_and_truth, tile
 from pipelines import config as configs
 from pipelines import distributed
 from pipelines.distributed import Distributed
-from pipelines.run_folder import append_metrics, changed_keys, require_checkpoint, truncate_metrics
+from pipelines.run_folder import (
+    append_metrics,
+    changed_keys,
+    check_finite_loss,
+    finish_summary,
+    prepare_run_folder,
+    save_checkpoint,
+    truncate_metrics,
+)
 from pipelines.training import (
     GracefulStop,
     TrainConfig,
@@ -354,20 +361,15 @@ class _Finetuning:
         self.checkpoint_path = out / "checkpoint.pt"
 
     def _prepare_folder(self) -> None:
-        if self.resume:
-            require_checkpoint(self.out)
-            return
         # A package without a checkpoint is someone's model (a run never writes one before its first
         # checkpoint), so it is not overwritten either.
-        for existing in ("checkpoint.pt", PACKAGE_NAME):
-            if (self.out / existing).exists():
-                raise InvalidArgumentError(
-                    f"{self.out} already holds a fine-tuning run ({existing}); pass --resume to continue it or "
-                    "choose another --out"
-                )
-        if self.context.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        prepare_run_folder(
+            self.out,
+            resume=self.resume,
+            outputs=("checkpoint.pt", PACKAGE_NAME),
+            kind="fine-tuning",
+            is_main=self.context.is_main,
+        )
         distributed.barrier(self.context)
 
     def _datasets(self, encoder: ViTConfig) -> tuple[DetectionDataset, DetectionDataset, DetectorConfig]:
@@ -694,11 +696,7 @@ class _Loop:
             for name, value in sorted(interval.items())
         }
         total = means.get("total", float("nan"))
-        if not math.isfinite(total):
-            raise FloatingPointError(
-                f"loss became {total} by step {self.state.step}; lower optim.lr, set optim.clip_grad, or use "
-                "train.precision=fp32 (the last checkpoint is from before)"
-            )
+        check_finite_loss(total, self.state.step, "optim.lr")
         if not self.context.is_main:
             return
         images = steps * self.config.optim.batch_size * self.config.optim.accumulate * self.context.world_size
@@ -853,8 +851,7 @@ class _Loop:
             "global_batch": self.config.optim.batch_size * self.context.world_size,
             "config": configs.to_dict(self.config),
         }
-        with atomic_path(self.run_state.checkpoint_path) as temporary:
-            torch.save(payload, temporary)
+        save_checkpoint(self.run_state.checkpoint_path, payload)
 
     def _finish(self, seconds: float, steps_run: int, stopped_early: bool) -> dict[str, Any]:
         config = self.config
@@ -874,15 +871,14 @@ class _Loop:
             "last_validation": self.last_validation,
             "first_loss": self.first_loss,
             "last_loss": self.last_loss,
-            "seconds": round(seconds, 2),
-            "images_per_second": round(images / seconds, 2) if seconds > 0 else None,
-            "device": str(self.device),
-            "processes": self.context.world_size,
-            "precision": self.run_state.precision.name,
         }
-        if self.device.type == "cuda":
-            summary["max_memory_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
-        if self.context.is_main:
-            with atomic_path(self.out / "summary.json") as temporary:
-                temporary.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        return summary
+        return finish_summary(
+            self.out,
+            summary,
+            seconds=seconds,
+            images=images,
+            device=self.device,
+            processes=self.context.world_size,
+            precision=self.run_state.precision.name,
+            is_main=self.context.is_main,
+        )

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -48,7 +46,15 @@ from caries_mim.visualization import tile, to_uint8
 from pipelines import config as configs
 from pipelines import distributed
 from pipelines.distributed import Distributed
-from pipelines.run_folder import append_metrics, changed_keys, require_checkpoint, truncate_metrics
+from pipelines.run_folder import (
+    append_metrics,
+    changed_keys,
+    check_finite_loss,
+    finish_summary,
+    prepare_run_folder,
+    save_checkpoint,
+    truncate_metrics,
+)
 from pipelines.training import (
     GracefulStop,
     TrainConfig,
@@ -223,18 +229,13 @@ class _Pretraining:
     # -- set-up ---------------------------------------------------------------------------------------------
 
     def _prepare_folder(self) -> None:
-        if self.resume:
-            require_checkpoint(self.out)
-            return
-        for existing in ("checkpoint.pt", "encoder.pt"):
-            if (self.out / existing).exists():
-                raise InvalidArgumentError(
-                    f"{self.out} already holds a pretraining run ({existing}); pass --resume to continue it or "
-                    "choose another --out"
-                )
-        if self.context.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        prepare_run_folder(
+            self.out,
+            resume=self.resume,
+            outputs=("checkpoint.pt", "encoder.pt"),
+            kind="pretraining",
+            is_main=self.context.is_main,
+        )
         distributed.barrier(self.context)
 
     def _dataset(self) -> UnlabeledRadiographs:
@@ -513,13 +514,7 @@ class _Loop:
 
     def _log(self, loss: torch.Tensor, steps: int, elapsed: float, grad_norm, bar) -> None:
         mean_loss = distributed.mean_across_ranks(loss, self.context).item()
-        if not math.isfinite(mean_loss):
-            # Checked here, where the value is read anyway, not per step (a per-step check stalls GPUs); the
-            # checkpoint is written after this check, so a diverged model never replaces a good checkpoint.
-            raise FloatingPointError(
-                f"loss became {mean_loss} by step {self.position.step}; lower optim.base_lr, set optim.clip_grad, "
-                "or use train.precision=fp32 (the last checkpoint is from before)"
-            )
+        check_finite_loss(mean_loss, self.position.step, "optim.base_lr")
         if not self.context.is_main:
             return
         images = steps * self.config.optim.batch_size * self.config.optim.accumulate * self.context.world_size
@@ -578,8 +573,7 @@ class _Loop:
             "global_batch": self.config.optim.batch_size * self.context.world_size,
             "config": configs.to_dict(self.config),
         }
-        with atomic_path(self.run_state.checkpoint_path) as temporary:
-            torch.save(payload, temporary)
+        save_checkpoint(self.run_state.checkpoint_path, payload)
         save_encoder(self.objective.encoder, self.out / "encoder.pt", self._encoder_metadata())
 
     def _encoder_metadata(self) -> dict[str, Any]:
@@ -608,16 +602,14 @@ class _Loop:
             "images_in_dataset": len(self.dataset),
             "first_loss": self.first_loss,
             "last_loss": self.last_loss,
-            "seconds": round(seconds, 2),
-            "images_per_second": round(images / seconds, 2) if seconds > 0 else None,
-            "device": str(self.device),
-            "processes": self.context.world_size,
-            "precision": self.run_state.precision.name,
-            "encoder": str(self.out / "encoder.pt"),
         }
-        if self.device.type == "cuda":
-            summary["max_memory_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
-        if self.context.is_main:
-            with atomic_path(self.out / "summary.json") as temporary:
-                temporary.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        return summary
+        return finish_summary(
+            self.out,
+            summary,
+            seconds=seconds,
+            images=images,
+            device=self.device,
+            processes=self.context.world_size,
+            precision=self.run_state.precision.name,
+            is_main=self.context.is_main,
+        )

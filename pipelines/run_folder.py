@@ -4,8 +4,11 @@ run continues it."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from caries_mim.atomic_files import atomic_path
 from caries_mim.errors import InvalidArgumentError
@@ -61,3 +64,67 @@ def changed_keys(saved: dict[str, Any], current: dict[str, Any], keys: tuple[str
         return tree
 
     return [key for key in keys if lookup(saved, key) != lookup(current, key)]
+
+
+def prepare_run_folder(out: Path, *, resume: bool, outputs: tuple[str, ...], kind: str, is_main: bool) -> None:
+    """Check ``out`` for a new run or a resumed one; a new run never overwrites an earlier run's ``outputs``.
+
+    Raises:
+        InvalidArgumentError: ``--resume`` without a checkpoint, or a new run in a folder holding one of
+            ``outputs``.
+    """
+    if resume:
+        require_checkpoint(out)
+        return
+    for existing in outputs:
+        if (out / existing).exists():
+            raise InvalidArgumentError(
+                f"{out} already holds a {kind} run ({existing}); pass --resume to continue it or choose another --out"
+            )
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / METRICS_NAME).unlink(missing_ok=True)
+
+
+def check_finite_loss(loss: float, step: int, lr_key: str) -> None:
+    """Raise when the logged loss diverged. Checked where the value is read anyway, not per step (a per-step check
+    stalls GPUs); checkpoints are written after this check, so a diverged model never replaces a good one."""
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"loss became {loss} by step {step}; lower {lr_key}, set optim.clip_grad, or use train.precision=fp32 "
+            "(the last checkpoint is from before)"
+        )
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """``torch.save`` through a temporary file and a rename: a kill never leaves half a checkpoint."""
+    with atomic_path(path) as temporary:
+        torch.save(payload, temporary)
+
+
+def finish_summary(
+    out: Path,
+    summary: dict[str, Any],
+    *,
+    seconds: float,
+    images: int,
+    device: torch.device,
+    processes: int,
+    precision: str,
+    is_main: bool,
+) -> dict[str, Any]:
+    """Add the run's speed and hardware to ``summary`` and write it as ``RUN/summary.json`` (rank 0)."""
+    summary = {
+        **summary,
+        "seconds": round(seconds, 2),
+        "images_per_second": round(images / seconds, 2) if seconds > 0 else None,
+        "device": str(device),
+        "processes": processes,
+        "precision": precision,
+    }
+    if device.type == "cuda":
+        summary["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    if is_main:
+        with atomic_path(out / "summary.json") as temporary:
+            temporary.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary

@@ -179,7 +179,7 @@ def test_the_shipped_tiny_recipe_resolves(tmp_path, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["detector"] == {"image_size": 384, "roi_size": 128, "pyramid_channels": 64}
     assert printed["model"]["size"] == "vit_tiny"
-    assert printed["data"]["positive_fraction"] == 0.5
+    assert printed["data"]["positive_fraction"] == 1.0
     assert not (tmp_path / "run").exists()
 
 
