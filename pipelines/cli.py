@@ -58,7 +58,7 @@ def _add_read_options(parser: argparse.ArgumentParser) -> None:
         type=_modalities,
         default=DEFAULT_ALLOWED_MODALITIES,
         metavar="LIST",
-        help="DICOM modalities accepted, comma-separated (default: %(default)s)",
+        help=f"DICOM modalities accepted, comma-separated (default: {','.join(sorted(DEFAULT_ALLOWED_MODALITIES))})",
     )
     parser.add_argument(
         "--dicom-only", action="store_true", help="refuse PNG/JPEG/TIFF/MHA/NRRD/NIfTI files (default: accept them)"
