@@ -602,6 +602,7 @@ class _Loop:
             "images_in_dataset": len(self.dataset),
             "first_loss": self.first_loss,
             "last_loss": self.last_loss,
+            "encoder": str(self.out / "encoder.pt"),
         }
         return finish_summary(
             self.out,

@@ -61,6 +61,9 @@ def test_tiny_run_learns_and_writes_every_output(unlabeled, tmp_path, capsys):
     assert pretrain(unlabeled, run, "--set", "train.steps=50", "--set", "log.images_every=25") == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 50
+    assert summary["encoder"] == str(run / "encoder.pt")
+    assert summary["device"] == "cpu"
+    assert summary["images_per_second"] > 0
     curve = losses(run)
     first, last = sum(curve[s] for s in range(1, 6)) / 5, sum(curve[s] for s in range(46, 51)) / 5
     assert last < 0.6 * first, f"loss did not fall clearly: first 5 steps {first:.4f}, last 5 {last:.4f}"
