@@ -331,6 +331,8 @@ def _data_section(data: EvaluationData, class_names: Sequence[str]) -> dict[str,
         "positive_images": sum(len(item.gt_labels) > 0 for item in data.items),
         "lesions": {name: int(count) for name, count in zip(class_names, counts, strict=True)},
         "ids": data.ids,
+        # predictions.json refers to images by id; with numbered ids this is the only way back to the files.
+        "image_ids": [{"id": item.result_id, "file": item.image_path.name} for item in data.items],
     }
 
 

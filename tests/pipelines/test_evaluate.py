@@ -115,6 +115,7 @@ def test_every_output_is_written_and_described(evaluated, dataset, package):
     assert data["lesions"] == lesions
     assert data["positive_images"] == sum(len(r.labels) > 0 for r in annotations.records)
     assert data["ids"] == "source"
+    assert data["image_ids"] == [{"id": r.image_id, "file": r.image_path.name} for r in annotations.records]
 
     assert metrics["threshold"] == THRESHOLD == metrics["image_level"]["threshold"]
     assert metrics["froc"]["n_lesions"] == sum(lesions.values()) == summary["lesions"]
