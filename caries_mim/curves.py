@@ -235,7 +235,7 @@ def plot_label_efficiency(
             [100.0 * x for x in xs], points, yerr=[below, above], marker="o", capsize=3, label=init, linewidth=1.5
         )
     if groups:
-        axes.legend(loc="lower right")
+        axes.legend(loc="upper left")  # AP50 rises to the right: the top left stays empty
         ticks = sorted(100.0 * x for x in fractions)
         axes.set_xscale("log")
         axes.set_xticks(ticks, [f"{tick:g}%" for tick in ticks])
