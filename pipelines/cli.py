@@ -218,6 +218,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_run_options(parser: argparse.ArgumentParser, *, shipped: str, example: str) -> None:
+    """--out, --config, --set, --resume, --print-config and --quiet: what every training command takes."""
+    parser.add_argument("--out", type=Path, required=True, metavar="RUN", help="run folder")
+    parser.add_argument("--config", metavar="FILE|NAME", help=f"YAML config, or a shipped one: {shipped}")
+    parser.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help=f"override one config value, e.g. {example} (repeatable)"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue the run in RUN from its last checkpoint")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="caries-mim",
@@ -261,22 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
         "CPU or GPU as is, and on many GPUs or nodes under torchrun (same arguments).",
     )
     pretrain.add_argument("--data", nargs="+", type=Path, metavar="DIR", help="folders (or files) of radiographs")
-    pretrain.add_argument("--out", type=Path, required=True, metavar="RUN", help="run folder")
-    pretrain.add_argument(
-        "--config",
-        metavar="FILE|NAME",
-        help="YAML config, or a shipped one: tiny (CPU, minutes), vit_small, vit_base (GPU hosts); "
-        "default: built-in ViT-S/16 MAE recipe",
+    _add_run_options(
+        pretrain,
+        shipped="tiny (CPU, minutes), vit_small, vit_base (GPU hosts); default: built-in ViT-S/16 MAE recipe",
+        example="--set optim.batch_size=32 --set objective.name=simmim",
     )
-    pretrain.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override one config value, e.g. --set optim.batch_size=32 --set objective.name=simmim (repeatable)",
-    )
-    pretrain.add_argument("--resume", action="store_true", help="continue the run in RUN from its last checkpoint")
-    pretrain.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    pretrain.add_argument("--quiet", action="store_true", help="no progress bars")
     pretrain.set_defaults(handler=_cmd_pretrain)
 
     finetune = commands.add_parser(
@@ -290,22 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument(
         "--encoder", metavar="ENCODER_PT", help="encoder.pt from `caries-mim pretrain` (default: random init)"
     )
-    finetune.add_argument("--out", type=Path, required=True, metavar="RUN", help="run folder")
-    finetune.add_argument(
-        "--config",
-        metavar="FILE|NAME",
-        help="YAML config, or a shipped one: tiny (CPU, minutes), vit_small (GPU hosts); default: built-in ViT-S "
-        "recipe",
+    _add_run_options(
+        finetune,
+        shipped="tiny (CPU, minutes), vit_small (GPU hosts); default: built-in ViT-S recipe",
+        example="--set optim.lr=1e-4 --set data.label_fraction=0.25",
     )
-    finetune.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override one config value, e.g. --set optim.lr=1e-4 --set data.label_fraction=0.25 (repeatable)",
-    )
-    finetune.add_argument("--resume", action="store_true", help="continue the run in RUN from its last checkpoint")
-    finetune.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    finetune.add_argument("--quiet", action="store_true", help="no progress bars")
     finetune.set_defaults(handler=_cmd_finetune)
 
     evaluate = commands.add_parser(
