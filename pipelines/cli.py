@@ -123,15 +123,14 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from pipelines.config import to_dict
+    from pipelines.config import path_override, to_dict
     from pipelines.finetune import load_finetune_config, run_finetune
     from pipelines.run_folder import read_run_config
 
     base = read_run_config(args.out) if args.resume else None
     overrides = list(args.set or [])
     if args.encoder is not None:
-        # Quoted: --set values are parsed as YAML, and a path may contain "#", ": " or be a word like "null".
-        overrides.append(f"model.encoder={json.dumps(args.encoder)}")
+        overrides.append(path_override("model.encoder", args.encoder))
     config = load_finetune_config(args.config, overrides, base=base)
     if args.print_config:
         import yaml

@@ -9,6 +9,7 @@ sections validated by their consumer (e.g. an objective's options).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import typing
 from pathlib import Path
@@ -72,6 +73,12 @@ def parse_overrides(assignments: list[str] | None) -> dict[str, Any]:
             node = child
         node[leaf] = value
     return nested
+
+
+def path_override(key: str, path: str | os.PathLike) -> str:
+    """A ``--set`` assignment of a path, quoted: values are parsed as YAML, where ``runs/mim #2/encoder.pt`` would
+    lose its tail to a comment, ``a: b`` become a mapping and ``null`` or ``on`` stop being paths."""
+    return f"{key}={json.dumps(str(path))}"
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

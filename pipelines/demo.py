@@ -31,6 +31,7 @@ from caries_mim.errors import CariesMimError, InvalidArgumentError
 from caries_mim.io import read_radiograph
 from caries_mim.synth import generate_dataset
 from caries_mim.visualization import draw_findings, tile
+from pipelines.config import path_override
 from pipelines.evaluate import run_evaluate
 from pipelines.finetune import load_finetune_config, run_finetune
 from pipelines.predict import run_predict
@@ -111,7 +112,7 @@ def _pretrain(out: Path, data_dir: Path, images: int, steps: int, seed: int) -> 
             f"train.seed={seed}",
             f"optim.batch_size={batch}",
             # One decode cache for pretraining and fine-tuning: the labeled images are decoded once.
-            f"data.cache_dir={json.dumps(str(out / 'decode_cache'))}",
+            path_override("data.cache_dir", out / "decode_cache"),
         ],
     )
     summary = run_pretrain([data_dir], run, config)
@@ -130,12 +131,12 @@ def _finetune(
     settings = [
         f"train.seed={seed}",
         f"optim.batch_size={batch}",
-        f"data.cache_dir={json.dumps(str(out / 'decode_cache'))}",
+        path_override("data.cache_dir", out / "decode_cache"),
     ]
     if steps is not None:
         settings.append(f"train.steps={steps}")
     if encoder is not None:
-        settings.append(f"model.encoder={json.dumps(encoder)}")
+        settings.append(path_override("model.encoder", encoder))
     config = load_finetune_config("tiny", settings)
     labeled = data_dir / "labeled"
     return run_finetune([labeled / "train.json"], [labeled / "val.json"], run, config)

@@ -131,15 +131,14 @@ def load_evaluation_data(paths: Sequence[str | os.PathLike], class_names: Sequen
 
 def _class_map(annotation_set: AnnotationSet, names: list[str]) -> np.ndarray:
     """int64 (C,): the annotation set's label -> the package's label, refusing classes the package lacks."""
-    used = {int(label) for record in annotation_set.records for label in record.labels}
-    unknown = sorted(annotation_set.classes[label] for label in used if annotation_set.classes[label] not in names)
+    unknown = annotation_set.classes_outside(names)
     if unknown:
         raise InvalidArgumentError(
             f"{annotation_set.source}: boxes of class(es) {unknown} that the model package does not predict "
             f"(its classes: {names}); classes are matched by name"
         )
     # Classes listed without any box are harmless; they map to -1 and never occur.
-    return np.array([names.index(name) if name in names else -1 for name in annotation_set.classes], dtype=np.int64)
+    return annotation_set.label_map(names)
 
 
 def _distinct(values: Any) -> bool:

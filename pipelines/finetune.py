@@ -283,18 +283,15 @@ def _merged_records(sets: Sequence[AnnotationSet], classes: Sequence[str], what:
     """Records of several annotation sets with labels re-indexed into ``classes`` (by name)."""
     records: list[DetectionRecord] = []
     for annotation_set in sets:
-        unknown = sorted(
-            {annotation_set.classes[label] for record in annotation_set.records for label in record.labels.tolist()}
-            - set(classes)
-        )
+        unknown = annotation_set.classes_outside(classes)
         if unknown:
             raise InvalidDatasetError(
                 f"--{what}: class(es) {', '.join(unknown)} are not in the training classes {', '.join(classes)}"
             )
-        index = {name: classes.index(name) for name in annotation_set.classes if name in classes}
-        for record in annotation_set.records:
-            labels = np.asarray([index[annotation_set.classes[label]] for label in record.labels.tolist()], np.int64)
-            records.append(dataclasses.replace(record, labels=labels))
+        to_training = annotation_set.label_map(classes)
+        records.extend(
+            dataclasses.replace(record, labels=to_training[record.labels]) for record in annotation_set.records
+        )
     return records
 
 

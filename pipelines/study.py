@@ -32,6 +32,7 @@ from typing import Any
 from caries_mim.atomic_files import atomic_path
 from caries_mim.curves import plot_label_efficiency
 from caries_mim.errors import InvalidArgumentError
+from pipelines.config import path_override
 from pipelines.evaluate import run_evaluate
 from pipelines.finetune import load_finetune_config, run_finetune
 from pipelines.run_folder import read_run_config
@@ -103,7 +104,7 @@ def run_label_efficiency(
         if not files:
             raise InvalidArgumentError(f"--{name}: give at least one annotation file")
     # Resolved once up front: a bad key fails before the first hour of training, not after it.
-    load_finetune_config(config, [*overrides, _encoder_setting(encoder)])
+    load_finetune_config(config, [*overrides, path_override("model.encoder", encoder)])
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     plan = [StudyRun(init, fraction, seed) for seed in seeds for fraction in fractions for init in INITS]
@@ -119,12 +120,6 @@ def run_label_efficiency(
         "seconds": round(time.perf_counter() - started, 1),
         **written,
     }
-
-
-def _encoder_setting(encoder: Path) -> str:
-    # --set values are parsed as YAML: quoted, a path such as "runs/mim #2/encoder.pt" stays a path instead of
-    # losing its tail to a comment (or becoming a mapping at ": ").
-    return f"model.encoder={json.dumps(str(encoder))}"
 
 
 def _run_one(
@@ -148,7 +143,7 @@ def _run_one(
         f"train.seed={planned.seed}",
         f"data.seed={planned.seed}",
         # Both arms read the architecture from the encoder file; only the pretrained one keeps its weights.
-        _encoder_setting(encoder),
+        path_override("model.encoder", encoder),
         f"model.reinitialize={planned.init == 'scratch'}",
     ]
     summary_path = folder / "summary.json"

@@ -81,6 +81,19 @@ class AnnotationSet:
     format: str
     stats: AnnotationStats
 
+    def classes_outside(self, class_names: Sequence[str]) -> list[str]:
+        """Sorted names of this set's classes that label at least one box but are not in ``class_names``."""
+        used = {self.classes[label] for record in self.records for label in record.labels.tolist()}
+        return sorted(used - set(class_names))
+
+    def label_map(self, class_names: Sequence[str]) -> np.ndarray:
+        """int64 (C,): this set's label -> index of the same name in ``class_names``, -1 where it has none.
+
+        Index it with a record's labels (``label_map[record.labels]``) to relabel by name; check
+        :meth:`classes_outside` first, since a -1 is not a label."""
+        names = list(class_names)
+        return np.array([names.index(name) if name in names else -1 for name in self.classes], dtype=np.int64)
+
 
 class ClassMapping:
     """Source category names -> label indices into ``classes``.
