@@ -8,6 +8,7 @@ y times the row spacing. Nothing here logs or returns patient identifiers or fil
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from caries_mim.detection.detector import CariesDetector
-from caries_mim.detection.preprocessing import detect
+from caries_mim.detection.preprocessing import Detections, detect_batch
 from caries_mim.errors import InvalidArgumentError, InvalidCheckpointError
 from caries_mim.io import Radiograph, read_radiograph
 from caries_mim.io.options import ReadOptions
@@ -133,15 +134,33 @@ class Predictor:
         Raises:
             InvalidArgumentError: not a single-channel image with finite values in [0, 1], or a bad spacing.
         """
-        if isinstance(image, Radiograph):
-            pixels = image.pixels
-            spacing = spacing_mm if spacing_mm is not None else image.spacing_mm
-        else:
-            pixels, spacing = image, spacing_mm
-        pixels = _checked_pixels(pixels)
-        spacing = _checked_spacing(spacing)
+        return self.predict_batch([image], spacing_mm=[spacing_mm])[0]
+
+    def predict_batch(
+        self,
+        images: Sequence[Radiograph | np.ndarray],
+        *,
+        spacing_mm: Sequence[tuple[float, float] | None] | None = None,
+    ) -> list[Findings]:
+        """:meth:`predict` for several radiographs at once (intra-oral images share one forward pass).
+
+        Args:
+            spacing_mm: one entry per image, as :meth:`predict`'s argument; None for all means none given.
+        Raises:
+            InvalidArgumentError: as :meth:`predict`, for the first unusable image (nothing is predicted then).
+        """
+        spacings = [None] * len(images) if spacing_mm is None else list(spacing_mm)
+        if len(spacings) != len(images):
+            raise InvalidArgumentError(f"{len(images)} images but {len(spacings)} spacings")
+        checked = [_pixels_and_spacing(image, spacing) for image, spacing in zip(images, spacings, strict=True)]
         with torch.inference_mode():
-            found = detect(self.detector, pixels)
+            found = detect_batch(self.detector, [pixels for pixels, _ in checked])
+        return [
+            self._findings(detections, pixels.shape, spacing)
+            for detections, (pixels, spacing) in zip(found, checked, strict=True)
+        ]
+
+    def _findings(self, found: Detections, shape: tuple[int, ...], spacing: tuple[float, float] | None) -> Findings:
         findings = []
         for box, score, label in zip(found.boxes.tolist(), found.scores.tolist(), found.labels.tolist(), strict=True):
             box_mm = None
@@ -160,7 +179,7 @@ class Predictor:
         return Findings(
             findings=tuple(findings),
             threshold=self.threshold,
-            image_shape=(int(pixels.shape[0]), int(pixels.shape[1])),
+            image_shape=(int(shape[0]), int(shape[1])),
             spacing_mm=spacing,
             package_version=self.package.version,
         )
@@ -186,6 +205,18 @@ def _choose_device(device: str | torch.device | None) -> torch.device:
     if chosen.type not in ("cpu", "cuda"):
         raise InvalidArgumentError(f"device must be cpu or cuda, got {device!r}")
     return chosen
+
+
+def _pixels_and_spacing(
+    image: Radiograph | np.ndarray, spacing_mm: tuple[float, float] | None
+) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """Checked pixels and spacing of one input: a :class:`Radiograph` brings its own spacing unless one is given."""
+    if isinstance(image, Radiograph):
+        pixels = image.pixels
+        spacing = spacing_mm if spacing_mm is not None else image.spacing_mm
+    else:
+        pixels, spacing = image, spacing_mm
+    return _checked_pixels(pixels), _checked_spacing(spacing)
 
 
 def _checked_pixels(pixels: Any) -> np.ndarray:

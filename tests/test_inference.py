@@ -137,3 +137,28 @@ def test_bad_spacing_and_device_are_refused(predictor, pixels, package):
         predictor.predict(pixels, spacing_mm=(0.0, 0.1))
     with pytest.raises(InvalidArgumentError, match="device"):
         Predictor(package, device="tpu")
+
+
+def test_predict_batch_equals_one_by_one_for_mixed_sizes(predictor, pixels):
+    rng = np.random.default_rng(5)
+    config = predictor.package.config
+    # Two images that fit the model square share a forward pass; one larger than image_size * max_downscale
+    # goes through the sliding window alone.
+    large_side = int(config.image_size * config.max_downscale) + 40
+    images = [pixels, rng.random((70, 40), dtype=np.float32), rng.random((large_side, 60), dtype=np.float32)]
+    spacings = [(0.1, 0.2), None, (0.05, 0.05)]
+    batched = predictor.predict_batch(images, spacing_mm=spacings)
+    assert len(batched) == 3
+    for image, spacing, together in zip(images, spacings, batched, strict=True):
+        alone = predictor.predict(image, spacing_mm=spacing)
+        assert together.image_shape == alone.image_shape and together.spacing_mm == alone.spacing_mm
+        assert [f.label for f in together.findings] == [f.label for f in alone.findings]
+        np.testing.assert_allclose([f.score for f in together.findings], [f.score for f in alone.findings], atol=1e-5)
+        np.testing.assert_allclose([f.box for f in together.findings], [f.box for f in alone.findings], atol=1e-3)
+
+
+def test_predict_batch_refuses_mismatched_spacings_and_bad_images(predictor, pixels):
+    with pytest.raises(InvalidArgumentError, match="2 images but 1 spacings"):
+        predictor.predict_batch([pixels, pixels], spacing_mm=[None])
+    with pytest.raises(InvalidArgumentError):
+        predictor.predict_batch([pixels, np.full((4, 4), 2.0, dtype=np.float32)])

@@ -22,6 +22,7 @@ only, so the map back to original pixels stays a pure scale (:class:`~caries_mim
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -93,9 +94,31 @@ def detect(detector: CariesDetector, pixels: np.ndarray) -> Detections:
 
     Runs on the detector's device, in the detector's current mode (call ``eval()`` first).
     """
-    image, geometry = prepare_image(pixels, detector.config)
+    return detect_batch(detector, [pixels])[0]
+
+
+def detect_batch(detector: CariesDetector, images: Sequence[np.ndarray]) -> list[Detections]:
+    """:func:`detect` for several radiographs, one :class:`Detections` per image, in order.
+
+    Images that fit the model square (every intra-oral image) become (S, S) inputs and go through the network
+    together, in one forward pass: what the service's micro-batching gains on a GPU. Larger images (sliding
+    window, each its own size) are predicted one at a time. Results equal :func:`detect` per image.
+    """
+    prepared = [prepare_image(pixels, detector.config) for pixels in images]
     device = next(detector.parameters()).device
-    (found,) = detector.predict(image.to(device))
+    side = detector.config.image_size
+    square = [index for index, (image, _) in enumerate(prepared) if image.shape[-2:] == (side, side)]
+    found: dict[int, dict[str, torch.Tensor]] = {}
+    if square:
+        stacked = torch.cat([prepared[index][0] for index in square]).to(device)
+        found.update(zip(square, detector.predict(stacked), strict=True))
+    for index, (image, _) in enumerate(prepared):
+        if index not in found:
+            (found[index],) = detector.predict(image.to(device))
+    return [_to_original(found[index], geometry) for index, (_, geometry) in enumerate(prepared)]
+
+
+def _to_original(found: dict[str, torch.Tensor], geometry: Letterbox) -> Detections:
     boxes = geometry.to_original(found["boxes"].float().cpu().numpy())
     # A detection wholly in the black padding is clipped to a line at the image border: no finding.
     inside = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
