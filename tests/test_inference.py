@@ -151,7 +151,8 @@ def test_predict_batch_equals_one_by_one_for_mixed_sizes(predictor, pixels):
     assert len(batched) == 3
     for image, spacing, together in zip(images, spacings, batched, strict=True):
         alone = predictor.predict(image, spacing_mm=spacing)
-        assert together.image_shape == alone.image_shape and together.spacing_mm == alone.spacing_mm
+        assert together.image_shape == alone.image_shape
+        assert together.spacing_mm == alone.spacing_mm
         assert [f.label for f in together.findings] == [f.label for f in alone.findings]
         np.testing.assert_allclose([f.score for f in together.findings], [f.score for f in alone.findings], atol=1e-5)
         np.testing.assert_allclose([f.box for f in together.findings], [f.box for f in alone.findings], atol=1e-3)
