@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from caries_mim import __version__
-from caries_mim.errors import CariesMimError, InvalidArgumentError
+from caries_mim.errors import CariesMimError, InvalidArgumentError, InvalidConfigError
 from caries_mim.io import DEFAULT_ALLOWED_MODALITIES, DEFAULT_MAX_PIXELS, ReadOptions
 
 EXIT_OK = 0
@@ -217,6 +217,38 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    # The service is its own top-level package (DESIGN: pipelines build on caries_mim only); the CLI is merely
+    # its launcher, so it is imported here, when asked for, and nowhere else in pipelines/.
+    from pydantic import ValidationError
+
+    from service.server import serve
+    from service.settings import ServiceSettings
+
+    given = {
+        name: value
+        for name, value in (
+            ("model", args.model),
+            ("host", args.host),
+            ("port", args.port),
+            ("workers", args.workers),
+            ("device", args.device),
+            ("api_keys_file", args.api_keys_file),
+            ("log_level", args.log_level),
+        )
+        if value is not None
+    }
+    if args.insecure:
+        given["insecure"] = True
+    try:
+        settings = ServiceSettings(**given)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}" for item in exc.errors())
+        raise InvalidConfigError(f"invalid service settings (flags or CARIES_MIM_* variables): {problems}") from None
+    serve(settings)
+    return EXIT_OK
+
+
 def _add_run_options(parser: argparse.ArgumentParser, *, shipped: str, example: str) -> None:
     """--out, --config, --set, --resume, --print-config and --quiet: what every training command takes."""
     parser.add_argument("--out", type=Path, required=True, metavar="RUN", help="run folder")
@@ -407,6 +439,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="detector fine-tuning steps with the tiny config (default: the config's own)",
     )
     demo.set_defaults(handler=_cmd_demo)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model package over HTTP (FastAPI: DICOM in; JSON, DICOM SR or PNG out)",
+        description="Starts the inference service. Every flag can also come from a CARIES_MIM_* environment "
+        "variable (CARIES_MIM_MODEL, CARIES_MIM_API_KEYS=key1,key2, CARIES_MIM_MAX_BATCH_SIZE, ...; see the "
+        "README); flags win. Listening beyond loopback needs API keys or --insecure.",
+    )
+    serve.add_argument("--model", type=Path, metavar="PKG", help="model package (model.cmpkg)")
+    serve.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=_non_negative_int, help="port (default: 8000)")
+    serve.add_argument("--workers", type=_positive_int, help="worker processes, each with its own model (default: 1)")
+    serve.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
+    serve.add_argument("--api-keys-file", type=Path, metavar="FILE", help="accepted API keys, one per line")
+    serve.add_argument(
+        "--insecure", action="store_true", help="allow a non-loopback address without API keys (no authentication)"
+    )
+    serve.add_argument("--log-level", help="JSON log level (default: INFO)")
+    serve.set_defaults(handler=_cmd_serve)
     return parser
 
 

@@ -1,0 +1,154 @@
+"""``create_app(settings)``: the FastAPI application, its lifespan (model loading, draining) and error handlers.
+
+Routes stay thin (``service.routes``); everything they need is on ``app.state``: ``settings``, ``metrics``,
+``api_keys`` and, once the model is loaded, ``runtime``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+
+from caries_mim import __version__
+from caries_mim.errors import CariesMimError
+from caries_mim.inference import Predictor
+from caries_mim.io.options import ReadOptions
+from caries_mim.package import load_package
+from service.batching import InferenceWorker
+from service.errors import ServiceError, error_response, library_error_response, service_error_response
+from service.logs import LOGGER_NAME, configure_logging
+from service.metrics import ServiceMetrics
+from service.middleware import BodySizeLimit, RequestContext
+from service.routes import router
+from service.runtime import ModelIdentity, Runtime
+from service.settings import ServiceSettings
+
+log = logging.getLogger(LOGGER_NAME)
+
+#: HTTP status -> error code for the errors Starlette and FastAPI raise themselves.
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def create_app(settings: ServiceSettings, predictor: Predictor | None = None) -> FastAPI:
+    """The service application.
+
+    Args:
+        settings: see :class:`ServiceSettings`; ``settings.model`` is loaded at start-up unless ``predictor`` is
+            given (tests, embedding).
+    Raises:
+        InvalidConfigError: the API key file cannot be read.
+    """
+    configure_logging(settings.log_level)
+    metrics = ServiceMetrics()
+    api_keys = settings.accepted_keys()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loaded = predictor
+        if loaded is None:
+            if settings.model is None:
+                raise RuntimeError("no model package: set --model or CARIES_MIM_MODEL")
+            log.info("loading model package", extra={"fields": {"device": settings.device or "auto"}})
+            loaded = await asyncio.to_thread(load_package, settings.model, settings.device)
+        app.state.runtime = _runtime(loaded, settings, metrics)
+        app.state.runtime.worker.start()
+        log.info("ready", extra={"fields": {"model": app.state.runtime.identity.to_dict()}})
+        try:
+            yield
+        finally:
+            log.info("draining", extra={"fields": {"queued": app.state.runtime.worker.depth}})
+            await app.state.runtime.worker.drain()
+            app.state.runtime = None
+
+    app = FastAPI(
+        title="caries-mim",
+        version=__version__,
+        summary="Caries detection on dental radiographs: DICOM in; JSON, DICOM SR or an overlay PNG out.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.api_keys = api_keys
+    app.state.runtime = None
+    app.include_router(router)
+    _add_error_handlers(app)
+    # Outermost first: the request context sees every answer, the 413s of the size limit included.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestContext, metrics=metrics)
+    return app
+
+
+def _runtime(predictor: Predictor, settings: ServiceSettings, metrics: ServiceMetrics) -> Runtime:
+    worker = InferenceWorker(
+        predictor,
+        max_batch_size=settings.max_batch_size,
+        max_wait_s=settings.max_batch_wait_ms / 1000.0,
+        queue_size=settings.queue_size,
+        retry_after_s=settings.retry_after_s,
+        metrics=metrics,
+    )
+    identity = ModelIdentity(
+        name=settings.model_name,
+        version=predictor.package.version,
+        checksum=predictor.package.to_payload()["checksum"]["value"],
+    )
+    options = ReadOptions(
+        allowed_modalities=frozenset(settings.modalities),
+        allow_non_dicom=settings.allow_non_dicom,
+        max_pixels=settings.max_pixels,
+    )
+    return Runtime(predictor=predictor, worker=worker, identity=identity, read_options=options)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(CariesMimError)
+    async def library_error(request: Request, error: CariesMimError):
+        return library_error_response(error)
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, error: ServiceError):
+        return service_error_response(error)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):
+        code = _HTTP_CODES.get(error.status_code, "http_error")
+        return error_response(error.status_code, code, str(error.detail), getattr(error, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError):
+        content_type = request.headers.get("content-type", "")
+        if request.url.path.endswith("/predictions") and not content_type.startswith("multipart/form-data"):
+            return error_response(
+                415,
+                "unsupported_media_type",
+                f"send the radiograph as multipart/form-data in a field named 'file', not {content_type or 'no body'}",
+            )
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in item.get('loc', ()))}: {item.get('msg', 'invalid')}"
+            for item in error.errors()
+        )
+        return error_response(422, "invalid_request", problems or "the request is invalid")
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception):
+        request_id = request.scope.get("state", {}).get("request_id")
+        log.error(
+            "unhandled error",
+            exc_info=(type(error), error, error.__traceback__),
+            extra={"fields": {"request_id": request_id}},
+        )
+        return error_response(500, "internal_error", f"the service failed; quote request id {request_id}")

@@ -1,0 +1,202 @@
+"""The HTTP routes: predictions (JSON, DICOM SR, PNG), the model card, liveness, readiness and metrics."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from caries_mim.errors import InvalidArgumentError
+from caries_mim.io import read_radiograph
+from caries_mim.io.radiograph import hash_uid
+from service.errors import ERROR_EXAMPLE, ServiceError
+from service.logs import LOGGER_NAME
+from service.rendering import DICOM, JSON, PNG, findings_json, negotiate, overlay_png, structured_report
+from service.runtime import Runtime
+
+log = logging.getLogger(LOGGER_NAME)
+router = APIRouter()
+
+_ERROR = {"content": {JSON: {"example": ERROR_EXAMPLE}}}
+_PREDICTION_EXAMPLE = {
+    "model": {"name": "caries-mim caries detector", "version": "1.0.0", "checksum": "3f5c...e1"},
+    "image": {
+        "rows": 900,
+        "columns": 1200,
+        "spacing_mm": [0.03, 0.03],
+        "sop_instance_uid": "1.2.826.0.1.3680043.8.498.1",
+        "source_format": "dicom",
+    },
+    "threshold": 0.42,
+    "findings": [
+        {
+            "label": "caries",
+            "score": 0.87,
+            "box": [412.0, 300.5, 447.0, 338.0],
+            "box_mm": [12.36, 9.015, 13.41, 10.14],
+            "above_threshold": True,
+        }
+    ],
+    "timings_ms": {"read": 35.2, "queue": 1.1, "inference": 180.4, "render": 0.1, "total": 217.9},
+}
+
+
+def require_api_key(request: Request) -> None:
+    """``Authorization: Bearer <key>`` with one of the configured keys; no keys configured means open."""
+    keys: frozenset[str] = request.app.state.api_keys
+    if not keys:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ServiceError(401, "unauthorized", "an API key is required: Authorization: Bearer <key>", challenge)
+    offered = token.strip().encode()
+    # compare_digest on every key: the time taken does not tell how much of a key was right.
+    if not any(hmac.compare_digest(offered, key.encode()) for key in keys):
+        raise ServiceError(401, "unauthorized", "the API key is not valid", challenge)
+
+
+def ready_runtime(request: Request) -> Runtime:
+    runtime: Runtime | None = request.app.state.runtime
+    if runtime is None:
+        raise ServiceError(503, "not_ready", "the model is not loaded yet", {"Retry-After": "5"})
+    return runtime
+
+
+Authorized = Annotated[None, Depends(require_api_key)]
+Ready = Annotated[Runtime, Depends(ready_runtime)]
+
+
+def parse_spacing(text: str | None) -> tuple[float, float] | None:
+    """``"0.1"`` (square pixels) or ``"0.1,0.12"`` (row, column) in mm -> (row, column); None when not given.
+
+    Raises:
+        InvalidArgumentError: not one or two positive finite numbers.
+    """
+    if text is None or not text.strip():
+        return None
+    try:
+        values = [float(part) for part in text.replace(";", ",").split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or not all(math.isfinite(v) and 0.0 < v < 10.0 for v in values):
+        raise InvalidArgumentError(
+            f"pixel_spacing_mm must be one or two positive numbers below 10 mm ('0.03' or '0.03,0.03'), got {text!r}"
+        )
+    return (values[0], values[-1])
+
+
+@router.post(
+    "/v1/predictions",
+    summary="Find caries on one radiograph",
+    description=(
+        "Upload one radiograph as multipart/form-data field `file`: a DICOM Part 10 file (single-frame grayscale "
+        "DX/IO/PX/CR), or a PNG/JPEG/TIFF with an optional `pixel_spacing_mm`. The Accept header chooses the "
+        "answer: `application/json` (default), `application/dicom` (a TID 1500 Structured Report referencing the "
+        "image; DICOM uploads only) or `image/png` (the radiograph with the findings drawn on it). Findings below "
+        "the model's operating threshold are left out unless `all_findings=true`."
+    ),
+    responses={
+        200: {
+            "content": {
+                JSON: {"example": _PREDICTION_EXAMPLE},
+                DICOM: {"schema": {"type": "string", "format": "binary"}},
+                PNG: {"schema": {"type": "string", "format": "binary"}},
+            },
+            "description": "Findings, as JSON, a DICOM SR or a PNG overlay",
+        },
+        401: {**_ERROR, "description": "missing or wrong API key"},
+        406: {**_ERROR, "description": "the Accept header allows none of JSON, DICOM, PNG"},
+        413: {**_ERROR, "description": "the upload is larger than the limit"},
+        415: {**_ERROR, "description": "not a DICOM file or an image"},
+        422: {**_ERROR, "description": "an image we cannot use (corrupt, colour, multi-frame, too large, ...)"},
+        503: {**_ERROR, "description": "not ready, or too many requests waiting (see Retry-After)"},
+        504: {**_ERROR, "description": "no result within the request timeout"},
+    },
+)
+async def create_prediction(
+    request: Request,
+    _: Authorized,
+    runtime: Ready,
+    file: Annotated[UploadFile, File(description="the radiograph: DICOM Part 10, PNG, JPEG or TIFF")],
+    pixel_spacing_mm: Annotated[
+        str | None, Form(description="pixel spacing in mm for images without their own: '0.03' or 'row,column'")
+    ] = None,
+    all_findings: Annotated[bool, Query(description="also return findings below the operating threshold")] = False,
+) -> Response:
+    started = time.perf_counter()
+    media_type = negotiate(request.headers.get("accept"))
+    spacing = parse_spacing(pixel_spacing_mm)
+    data = await file.read()
+    radiograph = await run_in_threadpool(read_radiograph, data, runtime.read_options)
+    read_done = time.perf_counter()
+    settings = request.app.state.settings
+    result = await runtime.worker.predict(
+        radiograph, spacing if radiograph.spacing_mm is None else None, settings.request_timeout_s
+    )
+    findings = result.findings
+    render_started = time.perf_counter()
+    if media_type == DICOM:
+        body: Any = await run_in_threadpool(
+            structured_report, data, radiograph, findings, runtime.identity, all_findings=all_findings
+        )
+    elif media_type == PNG:
+        body = await run_in_threadpool(overlay_png, radiograph, findings, all_findings=all_findings)
+    else:
+        body = None
+    finished = time.perf_counter()
+    timings = {
+        "read": 1000.0 * (read_done - started),
+        "queue": result.queue_ms,
+        "inference": result.inference_ms,
+        "render": 1000.0 * (finished - render_started),
+        "total": 1000.0 * (finished - started),
+    }
+    log.info(
+        "prediction",
+        extra={
+            "fields": {
+                "request_id": request.scope.get("state", {}).get("request_id"),
+                "sop_instance_uid_hash": hash_uid(radiograph.dicom.sop_instance_uid if radiograph.dicom else None),
+                "source_format": radiograph.source_format,
+                "findings": len(findings.above_threshold),
+                "batch_size": result.batch_size,
+                "answer": media_type,
+                "timings_ms": {key: round(value, 1) for key, value in timings.items()},
+            }
+        },
+    )
+    if media_type == JSON:
+        return JSONResponse(findings_json(radiograph, findings, runtime.identity, timings, all_findings=all_findings))
+    return Response(body, media_type=media_type)
+
+
+@router.get("/v1/model", summary="The model card: classes, threshold, version, provenance, intended use")
+async def model_card(_: Authorized, runtime: Ready) -> dict[str, Any]:
+    return runtime.model_card()
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness: the model is loaded and requests are accepted",
+    responses={503: {**_ERROR, "description": "not ready yet"}},
+)
+async def readyz(runtime: Ready) -> dict[str, Any]:
+    return {"status": "ready", "model": runtime.identity.to_dict(), "queued": runtime.worker.depth}
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,64 @@
+"""Running the service with uvicorn: ``caries-mim serve`` calls :func:`serve`.
+
+Settings travel to the worker processes as ``CARIES_MIM_*`` environment variables (uvicorn starts each worker
+from an import string, so :func:`app_from_environment` rebuilds the settings there). Uvicorn handles SIGTERM and
+Ctrl-C: it stops accepting connections, lets in-flight requests finish, then runs the lifespan's shutdown, which
+drains the inference queue.
+"""
+
+from __future__ import annotations
+
+import os
+
+import uvicorn
+from fastapi import FastAPI
+
+from service.app import create_app
+from service.settings import ServiceSettings
+
+#: Seconds uvicorn waits for in-flight requests after SIGTERM before closing them.
+GRACEFUL_SHUTDOWN_S = 30
+
+
+def app_from_environment() -> FastAPI:
+    """The application configured from ``CARIES_MIM_*`` variables (uvicorn's factory in each worker)."""
+    return create_app(ServiceSettings())
+
+
+def settings_environment(settings: ServiceSettings) -> dict[str, str]:
+    """``settings`` as the ``CARIES_MIM_*`` variables that rebuild it (lists comma-separated, None left out)."""
+    values = {}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(item) for item in value)
+        values[f"CARIES_MIM_{name.upper()}"] = str(value)
+    return values
+
+
+def serve(settings: ServiceSettings) -> None:
+    """Check the settings, then run uvicorn until SIGTERM / Ctrl-C.
+
+    Raises:
+        InvalidConfigError: no model, a model file that does not exist, or a non-loopback host without API keys
+            and without ``insecure``.
+    """
+    from caries_mim.errors import InvalidConfigError
+
+    if settings.model is None:
+        raise InvalidConfigError("no model package: pass --model PKG or set CARIES_MIM_MODEL")
+    if not settings.model.is_file():
+        raise InvalidConfigError(f"model package {settings.model} does not exist")
+    settings.check_bind_security()
+    os.environ.update(settings_environment(settings))
+    uvicorn.run(
+        "service.server:app_from_environment",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )

@@ -1,0 +1,112 @@
+"""Every setting of the service in one pydantic settings class: command-line flags and ``CARIES_MIM_*`` variables.
+
+Environment variables use the ``CARIES_MIM_`` prefix and the field name in capitals, e.g.
+``CARIES_MIM_MODEL=/models/model.cmpkg``, ``CARIES_MIM_API_KEYS=key1,key2``, ``CARIES_MIM_MAX_BATCH_SIZE=8``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from caries_mim.errors import InvalidConfigError
+from caries_mim.io.options import DEFAULT_ALLOWED_MODALITIES, DEFAULT_MAX_PIXELS
+
+
+class ServiceSettings(BaseSettings):
+    """Settings of one service process.
+
+    Attributes:
+        model: path of the model package (``model.cmpkg``) loaded at start-up.
+        host, port: where uvicorn listens. A host other than loopback needs API keys, or ``insecure``.
+        workers: uvicorn worker processes (each loads its own copy of the model).
+        device: "cpu", "cuda", "cuda:N", or None for CUDA when available.
+        api_keys: accepted ``Authorization: Bearer`` keys; empty means no authentication (loopback only).
+        api_keys_file: a file with one key per line (blank lines and ``#`` comments ignored), added to ``api_keys``.
+        insecure: allow binding a non-loopback address without keys.
+        max_upload_bytes: largest request body; larger ones get 413 while they stream in.
+        max_pixels: largest image (rows x columns) decoded; larger ones get 422 before their pixels are decoded.
+        modalities: DICOM modalities accepted.
+        allow_non_dicom: accept PNG, JPEG, TIFF, ... besides DICOM.
+        max_batch_size: most requests run through the model together.
+        max_batch_wait_ms: how long the first request of a batch waits for others to join it.
+        queue_size: requests waiting for the model; one more gets 503 with Retry-After.
+        request_timeout_s: a request still waiting for its result after this gets 504.
+        retry_after_s: the Retry-After a 503 suggests.
+        model_name: the name the API reports for the model.
+        log_level: level of the JSON logs on stderr.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="CARIES_MIM_", extra="ignore")
+
+    model: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1)
+    device: str | None = None
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    api_keys_file: Path | None = None
+    insecure: bool = False
+    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+    modalities: Annotated[list[str], NoDecode] = Field(default_factory=lambda: sorted(DEFAULT_ALLOWED_MODALITIES))
+    allow_non_dicom: bool = True
+    max_batch_size: int = Field(8, ge=1)
+    max_batch_wait_ms: float = Field(5.0, ge=0.0)
+    queue_size: int = Field(64, ge=1)
+    request_timeout_s: float = Field(60.0, gt=0.0)
+    retry_after_s: int = Field(1, ge=1)
+    model_name: str = "caries-mim caries detector"
+    log_level: str = "INFO"
+
+    @field_validator("api_keys", "modalities", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        """An environment variable gives "a,b,c"; a list stays a list."""
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    def accepted_keys(self) -> frozenset[str]:
+        """``api_keys`` plus the keys in ``api_keys_file``.
+
+        Raises:
+            InvalidConfigError: the key file cannot be read.
+        """
+        keys = set(self.api_keys)
+        if self.api_keys_file is not None:
+            try:
+                lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                raise InvalidConfigError(
+                    f"api_keys_file {self.api_keys_file}: cannot be read ({exc.strerror})"
+                ) from None
+            keys.update(line.strip() for line in lines if line.strip() and not line.strip().startswith("#"))
+        return frozenset(keys)
+
+    def check_bind_security(self) -> None:
+        """Refuse to listen beyond this machine without API keys, unless ``insecure`` says so deliberately.
+
+        Raises:
+            InvalidConfigError: a non-loopback host, no keys, and not ``insecure``.
+        """
+        if self.insecure or self.accepted_keys() or is_loopback(self.host):
+            return
+        raise InvalidConfigError(
+            f"refusing to listen on {self.host} without API keys: set CARIES_MIM_API_KEYS or "
+            "CARIES_MIM_API_KEYS_FILE (--api-keys-file), or pass --insecure to serve unauthenticated"
+        )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine ("localhost", 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

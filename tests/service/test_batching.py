@@ -1,0 +1,146 @@
+"""The inference worker: micro-batches, a bounded queue (503), timeouts (504), per-image errors, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from caries_mim.errors import InvalidArgumentError
+from caries_mim.inference import Findings
+from caries_mim.io import Radiograph
+from service.batching import InferenceWorker
+from service.errors import ServiceError
+from service.metrics import ServiceMetrics
+
+
+class RecordingPredictor:
+    """Stands in for Predictor: records batch sizes, can be held at a gate, refuses images whose first pixel is 1."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def predict_batch(self, images, spacing_mm=None):
+        self.gate.wait(10)
+        self.batches.append(len(images))
+        return [self.predict(image) for image in images]
+
+    def predict(self, image, spacing_mm=None):
+        if image.pixels[0, 0] == 1.0:
+            raise InvalidArgumentError("this image is refused")
+        return Findings(
+            findings=(), threshold=0.5, image_shape=image.pixels.shape, spacing_mm=None, package_version="t"
+        )
+
+
+def radiograph(value: float = 0.0) -> Radiograph:
+    return Radiograph(pixels=np.full((8, 8), value, dtype=np.float32), spacing_mm=None, source_format="png")
+
+
+def make_worker(predictor, **overrides) -> InferenceWorker:
+    settings = {"max_batch_size": 8, "max_wait_s": 0.05, "queue_size": 16, "retry_after_s": 3}
+    settings.update(overrides)
+    worker = InferenceWorker(predictor, metrics=ServiceMetrics(), **settings)
+    worker.start()
+    return worker
+
+
+def test_concurrent_requests_share_batches():
+    async def scenario():
+        predictor = RecordingPredictor()
+        predictor.gate.clear()  # hold the first batch so that the others queue up behind it
+        worker = make_worker(predictor, max_batch_size=4)
+        tasks = [asyncio.create_task(worker.predict(radiograph(), None, 10)) for _ in range(9)]
+        await asyncio.sleep(0.2)
+        predictor.gate.set()
+        results = await asyncio.gather(*tasks)
+        await worker.drain()
+        return predictor.batches, results
+
+    batches, results = asyncio.run(scenario())
+    assert sum(batches) == 9
+    assert max(batches) == 4
+    assert len(batches) <= 4
+    assert all(result.batch_size >= 1 for result in results)
+
+
+def test_full_queue_is_503_with_retry_after():
+    async def scenario():
+        predictor = RecordingPredictor()
+        predictor.gate.clear()
+        worker = make_worker(predictor, max_batch_size=1, queue_size=2, max_wait_s=0.0)
+        running = asyncio.create_task(worker.predict(radiograph(), None, 10))
+        await asyncio.sleep(0.2)  # the worker took it and waits at the gate; the queue is empty again
+        queued = [asyncio.create_task(worker.predict(radiograph(), None, 10)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(ServiceError) as refused:
+            await worker.predict(radiograph(), None, 10)
+        predictor.gate.set()
+        await asyncio.gather(running, *queued)
+        await worker.drain()
+        return refused.value
+
+    error = asyncio.run(scenario())
+    assert error.status == 503
+    assert error.code == "busy"
+    assert error.headers == {"Retry-After": "3"}
+
+
+def test_a_slow_result_is_504_and_the_worker_carries_on():
+    async def scenario():
+        predictor = RecordingPredictor()
+        predictor.gate.clear()
+        worker = make_worker(predictor, max_batch_size=1)
+        with pytest.raises(ServiceError) as late:
+            await worker.predict(radiograph(), None, 0.1)
+        predictor.gate.set()
+        later = await worker.predict(radiograph(), None, 10)
+        await worker.drain()
+        return late.value, later
+
+    late, later = asyncio.run(scenario())
+    assert late.status == 504
+    assert later.findings.threshold == 0.5
+
+
+def test_one_bad_image_fails_alone_in_its_batch():
+    async def scenario():
+        predictor = RecordingPredictor()
+        predictor.gate.clear()
+        worker = make_worker(predictor)
+        good = [asyncio.create_task(worker.predict(radiograph(0.0), None, 10)) for _ in range(3)]
+        bad = asyncio.create_task(worker.predict(radiograph(1.0), None, 10))
+        await asyncio.sleep(0.1)
+        predictor.gate.set()
+        outcomes = await asyncio.gather(*good, bad, return_exceptions=True)
+        await worker.drain()
+        return outcomes
+
+    *good, bad = asyncio.run(scenario())
+    assert all(result.findings.threshold == 0.5 for result in good)
+    assert isinstance(bad, InvalidArgumentError)
+
+
+def test_drain_finishes_queued_requests_then_refuses_new_ones():
+    async def scenario():
+        predictor = RecordingPredictor()
+        predictor.gate.clear()
+        worker = make_worker(predictor, max_batch_size=1, max_wait_s=0.0)
+        pending = [asyncio.create_task(worker.predict(radiograph(), None, 10)) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        draining = asyncio.create_task(worker.drain())
+        await asyncio.sleep(0.05)
+        with pytest.raises(ServiceError) as refused:
+            await worker.predict(radiograph(), None, 10)
+        predictor.gate.set()
+        await draining
+        return await asyncio.gather(*pending), refused.value
+
+    finished, refused = asyncio.run(scenario())
+    assert len(finished) == 3
+    assert refused.status == 503
+    assert refused.code == "shutting_down"

@@ -1,0 +1,167 @@
+"""Operating the service: API keys, readiness, the model card, metrics, settings, logs without patient data."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from caries_mim.errors import InvalidConfigError
+from service import ServiceSettings, create_app
+from service.settings import is_loopback
+
+
+def test_no_key_wrong_key_right_key(make_client, synthetic_dicom):
+    client = make_client(api_keys=["s3cret", "other"])
+    files = {"file": ("a.dcm", synthetic_dicom.read_bytes())}
+    missing = client.post("/v1/predictions", files=files)
+    assert missing.status_code == 401
+    assert missing.json()["error"]["code"] == "unauthorized"
+    assert missing.headers["www-authenticate"] == "Bearer"
+    wrong = client.post("/v1/predictions", files=files, headers={"authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    basic = client.post("/v1/predictions", files=files, headers={"authorization": "Basic s3cret"})
+    assert basic.status_code == 401
+    right = client.post("/v1/predictions", files=files, headers={"authorization": "Bearer s3cret"})
+    assert right.status_code == 200
+    assert client.get("/v1/model").status_code == 401
+    assert client.get("/v1/model", headers={"authorization": "Bearer other"}).status_code == 200
+    # Probes and metrics stay open for the orchestrator.
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert client.get(path).status_code == 200
+
+
+def test_keys_from_a_file(make_client, tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# operators\nfile-key\n\n")
+    client = make_client(api_keys_file=keys)
+    assert client.get("/v1/model").status_code == 401
+    assert client.get("/v1/model", headers={"authorization": "Bearer file-key"}).status_code == 200
+
+
+def test_unreadable_key_file_is_a_config_error(tmp_path):
+    with pytest.raises(InvalidConfigError, match="api_keys_file"):
+        ServiceSettings(api_keys_file=tmp_path / "missing").accepted_keys()
+
+
+def test_readiness_before_and_after_the_model_loads(predictor):
+    app = create_app(ServiceSettings(), predictor=predictor)
+    client = TestClient(app)  # not entered: the lifespan (model loading) has not run
+    assert client.get("/healthz").status_code == 200
+    not_ready = client.get("/readyz")
+    assert not_ready.status_code == 503
+    assert not_ready.json()["error"]["code"] == "not_ready"
+    assert not_ready.headers["retry-after"]
+    with client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json()["status"] == "ready"
+
+
+def test_model_loads_from_the_package_file_at_start_up(package_path, package):
+    with TestClient(create_app(ServiceSettings(model=package_path, device="cpu"))) as client:
+        card = client.get("/v1/model").json()
+    assert card["classes"] == ["caries", "deep_caries"]
+    assert card["threshold"] == package.threshold
+    assert card["model"]["version"] == "0.1.0"
+    assert card["provenance"] == {"purpose": "tests"}
+    assert "second reader" in card["intended_use"]
+    assert card["input"]["preprocessing"]["image_size"] == package.config.image_size
+
+
+def test_metrics_count_requests_by_route_and_status(client, synthetic_dicom):
+    client.post("/v1/predictions", files={"file": ("a.dcm", synthetic_dicom.read_bytes())})
+    client.post("/v1/predictions", files={"file": ("a.txt", b"nothing")})
+    text = client.get("/metrics").text
+    assert 'caries_mim_requests_total{method="POST",route="/v1/predictions",status="200"} 1.0' in text
+    assert 'caries_mim_requests_total{method="POST",route="/v1/predictions",status="415"} 1.0' in text
+    assert "caries_mim_request_seconds_bucket" in text
+    assert "caries_mim_inference_seconds_count 1.0" in text
+    assert "caries_mim_batch_size_count 1.0" in text
+    assert "caries_mim_queue_depth" in text
+
+
+def test_openapi_documents_the_routes_and_answers(client):
+    schema = client.get("/openapi.json").json()
+    prediction = schema["paths"]["/v1/predictions"]["post"]
+    assert set(prediction["responses"]["200"]["content"]) == {"application/json", "application/dicom", "image/png"}
+    assert prediction["responses"]["200"]["content"]["application/json"]["example"]["findings"]
+    assert {"401", "406", "413", "415", "422", "503", "504"} <= set(prediction["responses"])
+    assert {"/v1/model", "/healthz", "/readyz", "/metrics"} <= set(schema["paths"])
+
+
+def test_logs_carry_the_hashed_uid_never_patient_identifiers(client, synthetic_dicom, capfd):
+    import pydicom
+
+    from caries_mim.io.radiograph import hash_uid
+
+    source = pydicom.dcmread(synthetic_dicom, stop_before_pixels=True)
+    for accept in ("application/json", "application/dicom", "image/png"):
+        response = client.post(
+            "/v1/predictions", files={"file": ("a.dcm", synthetic_dicom.read_bytes())}, headers={"accept": accept}
+        )
+        assert response.status_code == 200
+    logged = capfd.readouterr().err
+    assert hash_uid(source.SOPInstanceUID) in logged
+    for identifier in (str(source.PatientName), source.PatientID, source.SOPInstanceUID, source.StudyInstanceUID):
+        assert identifier not in logged
+    assert "SYNTH^PATIENT" not in logged
+
+
+def test_request_id_is_echoed_when_tame_and_replaced_when_not(client):
+    assert client.get("/healthz", headers={"x-request-id": "abc-123"}).headers["x-request-id"] == "abc-123"
+    replaced = client.get("/healthz", headers={"x-request-id": "bad id\twith spaces"}).headers["x-request-id"]
+    assert replaced != "bad id\twith spaces"
+    assert len(replaced) == 32
+
+
+def test_settings_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("CARIES_MIM_API_KEYS", "a, b")
+    monkeypatch.setenv("CARIES_MIM_MAX_BATCH_SIZE", "16")
+    monkeypatch.setenv("CARIES_MIM_MODALITIES", "IO,DX")
+    monkeypatch.setenv("CARIES_MIM_MODEL", str(tmp_path / "m.cmpkg"))
+    settings = ServiceSettings()
+    assert settings.accepted_keys() == {"a", "b"}
+    assert settings.max_batch_size == 16
+    assert settings.modalities == ["IO", "DX"]
+    assert settings.model == tmp_path / "m.cmpkg"
+    assert ServiceSettings(max_batch_size=2).max_batch_size == 2  # explicit values win
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("::1", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("10.0.0.5", False),
+        ("example.org", False),
+    ],
+)
+def test_loopback_detection(host, loopback):
+    assert is_loopback(host) is loopback
+
+
+def test_non_loopback_bind_needs_keys_or_insecure():
+    with pytest.raises(InvalidConfigError, match="without API keys"):
+        ServiceSettings(host="0.0.0.0").check_bind_security()
+    ServiceSettings(host="0.0.0.0", api_keys=["k"]).check_bind_security()
+    ServiceSettings(host="0.0.0.0", insecure=True).check_bind_security()
+    ServiceSettings(host="127.0.0.1").check_bind_security()
+
+
+def test_header_text_in_pydicom_warnings_never_reaches_the_logs(client, capfd):
+    import warnings
+
+    from tests.dicom_factory import make_dataset, ramp, to_bytes
+
+    dataset = make_dataset(ramp(), window=(2048, 4096))
+    dataset.StudyInstanceUID = "SECRET^PATIENT^NAME"  # not a UID: pydicom quotes it in a warning when reading
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = to_bytes(dataset)
+    capfd.readouterr()
+    response = client.post("/v1/predictions", files={"file": ("a.dcm", data)})
+    assert response.status_code == 200
+    captured = capfd.readouterr()
+    assert "SECRET^PATIENT" not in captured.err + captured.out
