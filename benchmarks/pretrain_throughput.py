@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -39,6 +38,7 @@ from pathlib import Path
 
 import monai
 import torch
+from machine import cpu_name  # benchmarks/machine.py (this folder is on sys.path when run as a script)
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -305,14 +305,6 @@ def loader_images_per_second(
 
 
 # ---------------------------------------------------------------------------------------------------------- main
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} logical cores"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores"
 
 
 def parse_args() -> argparse.Namespace:

@@ -8,7 +8,9 @@
 5. fine-tune the caries detector from that encoder on the train split (shipped ``tiny`` fine-tuning config),
    choosing the checkpoint and the operating threshold on the val split;
 6. evaluate the model package on the test split (COCO AP, FROC, image-level metrics with 95% CIs, plots);
-7. predict on a few test files as a user would, with overlays.
+7. predict on a few test files as a user would, with overlays;
+8. start the inference service (``caries-mim serve``) on loopback, send it one synthetic DICOM, keep its JSON
+   findings, DICOM SR and PNG overlay, and stop it with SIGTERM.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pipelines.evaluate import run_evaluate
 from pipelines.finetune import load_finetune_config, run_finetune
 from pipelines.predict import run_predict
 from pipelines.pretrain import load_pretrain_config, run_pretrain
+from pipelines.service_client import LocalService, post_radiograph
 
 SPLITS = ("train", "val", "test")
 PREVIEW_IMAGES = 8
@@ -159,6 +162,37 @@ def _predict(out: Path, package: Path, test_json: Path) -> dict[str, Any]:
     }
 
 
+def _query_service(out: Path, package: Path, test_json: Path) -> dict[str, Any]:
+    """Serve the package for a moment and ask it about one test DICOM, as a PACS or a viewer would."""
+    folder = out / "service"
+    folder.mkdir(exist_ok=True)
+    dicom = load_annotations(test_json).records[0].image_path
+    data = dicom.read_bytes()
+    with LocalService(package, folder / "server.log") as service:
+        answers = {
+            accept: post_radiograph(service.base_url, data, accept=accept)
+            for accept in ("application/json", "application/dicom", "image/png")
+        }
+        url = service.base_url
+    for accept, answer in answers.items():
+        if answer.status != 200:
+            raise RuntimeError(f"the service answered {answer.status} for {accept}: {answer.body[:300]!r}")
+    saved = {"application/json": "findings.json", "application/dicom": "report.dcm", "image/png": "overlay.png"}
+    for accept, name in saved.items():
+        (folder / name).write_bytes(answers[accept].body)
+    body = answers["application/json"].json()
+    return {
+        "url": url,
+        "file": dicom.name,
+        "findings": body["findings"],
+        "threshold": body["threshold"],
+        "timings_ms": body["timings_ms"],
+        "exit_status": service.exit_status,
+        "outputs": {accept: str(folder / name) for accept, name in saved.items()},
+        "log": str(folder / "server.log"),
+    }
+
+
 def run_demo(
     out: Path,
     *,
@@ -175,7 +209,7 @@ def run_demo(
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     data_dir = out / "synthetic"
-    stages = 7 if pretrain_steps == 0 else 8
+    stages = 8 if pretrain_steps == 0 else 9
     stage = iter(range(1, stages + 1))
     timings: dict[str, float] = {}
 
@@ -239,6 +273,10 @@ def run_demo(
     predict = _predict(out, package, data_dir / "labeled" / "test.json")
     done("predict", since)
 
+    since = begin("service", "serving the package (caries-mim serve) and sending it one DICOM over HTTP")
+    service = _query_service(out, package, data_dir / "labeled" / "test.json")
+    done("service", since)
+
     summary = {
         "data": str(data_dir),
         "synth": synth.to_dict(),
@@ -250,6 +288,7 @@ def run_demo(
         "evaluate": {key: value for key, value in evaluation.items() if key != "overlays"},
         "evaluate_overlays": str(out / "evaluate" / "overlays"),
         "predict": predict,
+        "service": service,
         "stage_seconds": timings,
         "elapsed_s": round(time.perf_counter() - started, 1),
     }
@@ -305,6 +344,22 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print(
         f"  predict:    {predict['predicted']}/{predict['files']} files, {predict['findings_at_threshold']} findings "
         f"-> {predict['jsonl']}, overlays {predict['overlays']}"
+    )
+    service = summary["service"]
+    print(
+        f"  service:    {service['url']}/v1/predictions answered for {service['file']} in "
+        f"{service['timings_ms']['total']:.0f} ms, threshold {service['threshold']:.3f}:"
+    )
+    for finding in service["findings"] or [{"label": None}]:
+        if finding["label"] is None:
+            print("              no findings at the operating threshold")
+            continue
+        box = ", ".join(f"{value:.0f}" for value in finding["box"])
+        print(f"              {finding['label']} score {finding['score']:.2f} box [{box}] px")
+    outputs = service["outputs"]
+    print(
+        f"              JSON {outputs['application/json']}, SR {outputs['application/dicom']}, "
+        f"PNG {outputs['image/png']}"
     )
     stages = ", ".join(f"{name} {seconds:.0f}" for name, seconds in summary["stage_seconds"].items())
     print(f"  seconds:    {stages}")

@@ -92,7 +92,16 @@ def create_app(settings: ServiceSettings, predictor: Predictor | None = None) ->
     return app
 
 
+#: Sliding windows per forward pass on a GPU unless the settings say otherwise.
+GPU_WINDOW_BATCH_SIZE = 64
+
+
 def _runtime(predictor: Predictor, settings: ServiceSettings, metrics: ServiceMetrics) -> Runtime:
+    windows = settings.window_batch_size
+    if windows is None and predictor.device.type == "cuda":
+        windows = GPU_WINDOW_BATCH_SIZE
+    if windows is not None:
+        predictor.detector.set_window_batch_size(windows)
     worker = InferenceWorker(
         predictor,
         max_batch_size=settings.max_batch_size,

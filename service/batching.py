@@ -1,8 +1,11 @@
 """Inference off the event loop: one worker thread runs the model on micro-batches of queued requests.
 
-Requests wait in a bounded queue. The worker takes the first, waits up to ``max_wait_s`` for more to join (never
-past ``max_batch_size``) and runs them through ``Predictor.predict_batch`` together: on a GPU a batch of 8 costs
-little more than one image. A full queue is refused at once (503 with Retry-After) instead of letting latency
+Requests wait in a bounded queue. The worker takes the first and every other one already waiting, optionally waits
+up to ``max_wait_s`` for more to join (never past ``max_batch_size``), and runs them through
+``Predictor.predict_batch`` together: on a GPU a batch of 8 costs little more than one image. With no wait (the
+service's default) a batch is what queued while the previous batch ran, so it grows with the load and a lone
+request is never delayed; on a CPU, where a batch costs its images one after another, that is all batching can
+offer. A full queue is refused at once (503 with Retry-After) instead of letting latency
 grow without bound; a request whose result has not come within its timeout gets 504, and if it had not started
 yet the worker skips it. ``drain()`` stops taking requests and finishes every queued one (SIGTERM).
 """

@@ -13,6 +13,8 @@ import os
 import uvicorn
 from fastapi import FastAPI
 
+from caries_mim.errors import InvalidConfigError
+from caries_mim.package import read_package
 from service.app import create_app
 from service.settings import ServiceSettings
 
@@ -43,14 +45,17 @@ def serve(settings: ServiceSettings) -> None:
     Raises:
         InvalidConfigError: no model, a model file that does not exist, or a non-loopback host without API keys
             and without ``insecure``.
+        InvalidCheckpointError: the file is not a valid model package.
     """
-    from caries_mim.errors import InvalidConfigError
 
     if settings.model is None:
         raise InvalidConfigError("no model package: pass --model PKG or set CARIES_MIM_MODEL")
     if not settings.model.is_file():
         raise InvalidConfigError(f"model package {settings.model} does not exist")
     settings.check_bind_security()
+    # Verified here (format, checksum, config) so that a bad package is one clear line and exit status 2, not a
+    # start-up traceback in every worker.
+    read_package(settings.model)
     os.environ.update(settings_environment(settings))
     uvicorn.run(
         "service.server:app_from_environment",

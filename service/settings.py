@@ -33,7 +33,11 @@ class ServiceSettings(BaseSettings):
         modalities: DICOM modalities accepted.
         allow_non_dicom: accept PNG, JPEG, TIFF, ... besides DICOM.
         max_batch_size: most requests run through the model together.
-        max_batch_wait_ms: how long the first request of a batch waits for others to join it.
+        window_batch_size: sliding windows per forward pass; None: 64 on a GPU (a micro-batch's windows in a few
+            passes), the package's own value on a CPU.
+        max_batch_wait_ms: how long the first request of a batch waits for others to join it. 0 (the default)
+            never delays a request: a batch is whatever queued while the previous one ran, so batches grow with
+            the load and a lone request pays nothing. A few ms can fill GPU batches better at moderate load.
         queue_size: requests waiting for the model; one more gets 503 with Retry-After.
         request_timeout_s: a request still waiting for its result after this gets 504.
         retry_after_s: the Retry-After a 503 suggests.
@@ -56,7 +60,8 @@ class ServiceSettings(BaseSettings):
     modalities: Annotated[list[str], NoDecode] = Field(default_factory=lambda: sorted(DEFAULT_ALLOWED_MODALITIES))
     allow_non_dicom: bool = True
     max_batch_size: int = Field(8, ge=1)
-    max_batch_wait_ms: float = Field(5.0, ge=0.0)
+    window_batch_size: int | None = Field(None, ge=1)
+    max_batch_wait_ms: float = Field(0.0, ge=0.0)
     queue_size: int = Field(64, ge=1)
     request_timeout_s: float = Field(60.0, gt=0.0)
     retry_after_s: int = Field(1, ge=1)

@@ -111,13 +111,21 @@ class CariesDetector(nn.Module):
             nms_thresh=config.nms_threshold,
             detections_per_img=config.detections_per_image,
         )
-        detector.set_sliding_window_inferer(
-            roi_size=(config.roi_size, config.roi_size),
-            sw_batch_size=config.sliding_window_batch_size,
-            overlap=config.sliding_window_overlap,
+        self.retinanet = detector
+        self.set_window_batch_size(config.sliding_window_batch_size)
+
+    def set_window_batch_size(self, windows: int) -> None:
+        """How many sliding windows go through the network at once: the config's value by default; a GPU wants
+        many more (all windows of a micro-batch in one pass), a CPU gains nothing from it. Results do not change.
+        """
+        if windows < 1:
+            raise InvalidArgumentError(f"the sliding window batch size must be >= 1, got {windows}")
+        self.retinanet.set_sliding_window_inferer(
+            roi_size=(self.config.roi_size, self.config.roi_size),
+            sw_batch_size=windows,
+            overlap=self.config.sliding_window_overlap,
             mode="constant",
         )
-        self.retinanet = detector
 
     @property
     def network(self) -> ViTRetinaNet:

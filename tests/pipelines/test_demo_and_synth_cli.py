@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -77,8 +78,20 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     rows = [json.loads(line) for line in (out / "predict" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == min(4, summary["splits"]["test"]["images"])
     assert all(row["ok"] for row in rows)
+    # The service answered over HTTP in all three forms, and the SR references the DICOM it was sent.
+    service = summary["service"]
+    assert service["exit_status"] in (0, -15)
+    served = json.loads(Path(service["outputs"]["application/json"]).read_text())
+    assert served["findings"] == service["findings"]
+    report = pydicom.dcmread(service["outputs"]["application/dicom"])
+    assert report.Modality == "SR"
+    source = pydicom.dcmread(out / "synthetic" / "labeled" / "images" / service["file"], stop_before_pixels=True)
+    evidence = report.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert Path(service["outputs"]["image/png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "service:" in printed
     assert set(summary["stage_seconds"]) == {
-        "synth", "read_back", "splits", "previews", "pretrain", "finetune", "evaluate", "predict"
+        "synth", "read_back", "splits", "previews", "pretrain", "finetune", "evaluate", "predict", "service"
     }  # fmt: skip
     # A second run replaces the demo's own pretraining run instead of refusing it.
     assert main(argv) == 0
