@@ -73,7 +73,11 @@ def start(requested_device: str = "auto") -> Distributed:
 
 
 def stop(context: Distributed) -> None:
+    """Leave the process group together: a rank that tears gloo down while another is still finishing (rank 0
+    writes the last checkpoint) can abort the other's connection threads ("terminate called without an active
+    exception", seen once in CI-sized runs), so every rank waits at a barrier first."""
     if context.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
