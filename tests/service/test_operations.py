@@ -165,3 +165,26 @@ def test_header_text_in_pydicom_warnings_never_reaches_the_logs(client, capfd):
     assert response.status_code == 200
     captured = capfd.readouterr()
     assert "SECRET^PATIENT" not in captured.err + captured.out
+
+
+def test_a_failing_model_is_a_500_with_a_request_id_and_no_traceback(predictor, synthetic_dicom, monkeypatch, capfd):
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(predictor, "predict_batch", broken)
+    monkeypatch.setattr(predictor, "predict", broken)
+    app = create_app(ServiceSettings(), predictor=predictor)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.post(
+            "/v1/predictions",
+            files={"file": ("a.dcm", synthetic_dicom.read_bytes())},
+            headers={"x-request-id": "req-42"},
+        )
+        assert client.get("/readyz").status_code == 200  # the worker survives a failed batch
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["code"] == "internal_error"
+    assert "req-42" in error["message"]
+    assert "Traceback" not in response.text
+    assert "illegal memory access" not in response.text
+    assert "illegal memory access" in capfd.readouterr().err  # the operator's log has it
