@@ -53,14 +53,12 @@ from caries_mim.detection import CariesDetector, DetectorConfig, build_detector,
 from caries_mim.errors import (
     CariesMimError,
     InvalidArgumentError,
-    InvalidCheckpointError,
     InvalidConfigError,
     InvalidDatasetError,
 )
 from caries_mim.io import DEFAULT_ALLOWED_MODALITIES, ReadOptions
 from caries_mim.metrics import EvaluatedImage, coco_metrics, froc, select_operating_point
 from caries_mim.models import ViTConfig, load_encoder
-from caries_mim.models.encoder_file import read_weights_file
 from caries_mim.package import ModelPackage, read_package, save_package
 from caries_mim.visualization import draw_predictions_and_truth, tile
 from pipelines import config as configs
@@ -68,10 +66,10 @@ from pipelines import distributed
 from pipelines.distributed import Distributed
 from pipelines.run_folder import (
     append_metrics,
-    changed_keys,
     check_finite_loss,
     finish_summary,
     prepare_run_folder,
+    read_resumable_checkpoint,
     save_checkpoint,
     truncate_metrics,
 )
@@ -490,20 +488,15 @@ class _Finetuning:
         return loop.run()
 
     def _load_checkpoint(self, detector, optimizer, scheduler, scaler) -> TrainingState:
-        payload = read_weights_file(self.checkpoint_path)
-        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-            raise InvalidCheckpointError(f"{self.checkpoint_path} is not a caries-mim fine-tuning checkpoint")
-        if payload.get("version") != CHECKPOINT_VERSION:
-            raise InvalidCheckpointError(
-                f"{self.checkpoint_path}: checkpoint version {payload.get('version')} cannot be resumed by this "
-                f"version (which writes {CHECKPOINT_VERSION})"
-            )
-        changed = changed_keys(payload["config"], configs.to_dict(self.config), FROZEN_ON_RESUME)
-        if changed:
-            raise InvalidConfigError(
-                f"cannot resume with a changed {', '.join(changed)}: these decide the model's shapes or its "
-                "training images (start a new run)"
-            )
+        payload = read_resumable_checkpoint(
+            self.checkpoint_path,
+            checkpoint_format=CHECKPOINT_FORMAT,
+            version=CHECKPOINT_VERSION,
+            kind="fine-tuning",
+            config=self.config,
+            frozen=FROZEN_ON_RESUME,
+            frozen_reason="these decide the model's shapes or its training images (start a new run)",
+        )
         detector.load_state_dict(payload["detector"])
         state = TrainingState(**payload["state"])
         restore_optimization(

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from caries_mim import __version__
 from caries_mim.atomic_files import atomic_path
 from caries_mim.data import DecodeCache, ResumableEpochSampler, UnlabeledRadiographs, mim_pretrain_transform
-from caries_mim.errors import InvalidArgumentError, InvalidCheckpointError, InvalidConfigError
+from caries_mim.errors import InvalidArgumentError, InvalidConfigError
 from caries_mim.io import DEFAULT_ALLOWED_MODALITIES, ReadOptions
 from caries_mim.mim import MaskedImageObjective, build_objective
 from caries_mim.models import VisionTransformer, ViTConfig, import_mae_weights, save_encoder
@@ -48,10 +48,10 @@ from pipelines import distributed
 from pipelines.distributed import Distributed
 from pipelines.run_folder import (
     append_metrics,
-    changed_keys,
     check_finite_loss,
     finish_summary,
     prepare_run_folder,
+    read_resumable_checkpoint,
     save_checkpoint,
     truncate_metrics,
 )
@@ -348,21 +348,16 @@ class _Pretraining:
         return trainer.run()
 
     def _load_checkpoint(self, objective, optimizer, scheduler, scaler) -> DataPosition:
-        payload = read_weights_file(self.checkpoint_path)
-        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-            raise InvalidCheckpointError(f"{self.checkpoint_path} is not a caries-mim pretraining checkpoint")
-        if payload.get("version") != CHECKPOINT_VERSION:
-            raise InvalidCheckpointError(
-                f"{self.checkpoint_path}: checkpoint version {payload.get('version')} cannot be resumed by this "
-                f"version (which writes {CHECKPOINT_VERSION}); start a new run with --set model.init_from=<its "
-                "encoder.pt>"
-            )
-        changed = changed_keys(payload["config"], configs.to_dict(self.config), FROZEN_ON_RESUME)
-        if changed:
-            raise InvalidConfigError(
-                f"cannot resume with a changed {', '.join(changed)}: these decide the model's shapes or loss "
-                "(start a new run, or init_from the old encoder.pt)"
-            )
+        payload = read_resumable_checkpoint(
+            self.checkpoint_path,
+            checkpoint_format=CHECKPOINT_FORMAT,
+            version=CHECKPOINT_VERSION,
+            kind="pretraining",
+            config=self.config,
+            frozen=FROZEN_ON_RESUME,
+            version_advice="; start a new run with --set model.init_from=<its encoder.pt>",
+            frozen_reason="these decide the model's shapes or loss (start a new run, or init_from the old encoder.pt)",
+        )
         objective.load_state_dict(payload["objective"])
         position = DataPosition(**payload["position"])
         restore_optimization(

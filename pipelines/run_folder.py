@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from caries_mim.atomic_files import atomic_path
-from caries_mim.errors import InvalidArgumentError
+from caries_mim.errors import InvalidArgumentError, InvalidCheckpointError, InvalidConfigError
+from caries_mim.models.encoder_file import read_weights_file
 from pipelines import config as configs
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -64,6 +65,43 @@ def changed_keys(saved: dict[str, Any], current: dict[str, Any], keys: tuple[str
         return tree
 
     return [key for key in keys if lookup(saved, key) != lookup(current, key)]
+
+
+def read_resumable_checkpoint(
+    path: Path,
+    *,
+    checkpoint_format: str,
+    version: int,
+    kind: str,
+    config: Any,
+    frozen: tuple[str, ...],
+    version_advice: str = "",
+    frozen_reason: str,
+) -> dict[str, Any]:
+    """Read a training checkpoint for ``--resume`` and refuse one this run cannot continue.
+
+    Args:
+        checkpoint_format, version: what the pipeline writes (its ``format`` and ``version`` keys).
+        kind: names the pipeline in the message for a foreign file ("fine-tuning", "pretraining").
+        config: the run's config now; the ``frozen`` dotted keys must equal the checkpoint's.
+        version_advice: appended to the message for another version (e.g. how to start over from it).
+        frozen_reason: why those keys may not change, and what to do instead.
+    Raises:
+        InvalidCheckpointError: not this pipeline's checkpoint, or another version.
+        InvalidConfigError: a frozen key changed.
+    """
+    payload = read_weights_file(path)
+    if not isinstance(payload, dict) or payload.get("format") != checkpoint_format:
+        raise InvalidCheckpointError(f"{path} is not a caries-mim {kind} checkpoint")
+    if payload.get("version") != version:
+        raise InvalidCheckpointError(
+            f"{path}: checkpoint version {payload.get('version')} cannot be resumed by this version (which writes "
+            f"{version}){version_advice}"
+        )
+    changed = changed_keys(payload["config"], configs.to_dict(config), frozen)
+    if changed:
+        raise InvalidConfigError(f"cannot resume with a changed {', '.join(changed)}: {frozen_reason}")
+    return payload
 
 
 def prepare_run_folder(out: Path, *, resume: bool, outputs: tuple[str, ...], kind: str, is_main: bool) -> None:
