@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from caries_mim import __version__
-from caries_mim.errors import CariesMimError, InvalidArgumentError, InvalidConfigError
+from caries_mim.errors import CariesMimError, InvalidArgumentError
 from caries_mim.io import DEFAULT_ALLOWED_MODALITIES, DEFAULT_MAX_PIXELS, ReadOptions
 
 EXIT_OK = 0
@@ -220,8 +220,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     # The service is its own top-level package (DESIGN: pipelines build on caries_mim only); the CLI is merely
     # its launcher, so it is imported here, when asked for, and nowhere else in pipelines/.
-    from pydantic import ValidationError
-
     from service.server import serve
     from service.settings import ServiceSettings
 
@@ -240,11 +238,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     }
     if args.insecure:
         given["insecure"] = True
-    try:
-        settings = ServiceSettings(**given)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}" for item in exc.errors())
-        raise InvalidConfigError(f"invalid service settings (flags or CARIES_MIM_* variables): {problems}") from None
+    settings = ServiceSettings.from_flags(given)
     serve(settings)
     return EXIT_OK
 

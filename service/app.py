@@ -21,7 +21,13 @@ from caries_mim.inference import Predictor
 from caries_mim.io.options import ReadOptions
 from caries_mim.package import load_package
 from service.batching import InferenceWorker
-from service.errors import ServiceError, error_response, library_error_response, service_error_response
+from service.errors import (
+    ServiceError,
+    describe_validation_errors,
+    error_response,
+    library_error_response,
+    service_error_response,
+)
 from service.logs import LOGGER_NAME, configure_logging
 from service.metrics import ServiceMetrics
 from service.middleware import BodySizeLimit, RequestContext
@@ -146,10 +152,7 @@ def _add_error_handlers(app: FastAPI) -> None:
                 "unsupported_media_type",
                 f"send the radiograph as multipart/form-data in a field named 'file', not {content_type or 'no body'}",
             )
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in item.get('loc', ()))}: {item.get('msg', 'invalid')}"
-            for item in error.errors()
-        )
+        problems = describe_validation_errors(error.errors())
         return error_response(422, "invalid_request", problems or "the request is invalid")
 
     @app.exception_handler(Exception)

@@ -7,6 +7,9 @@ A client's mistake is always a 4xx that names the problem; a 5xx means the servi
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 from fastapi.responses import JSONResponse
 
 from caries_mim.errors import CariesMimError
@@ -41,6 +44,13 @@ class ServiceError(Exception):
         self.code = code
         self.message = message
         self.headers = headers or {}
+
+
+def describe_validation_errors(errors: Sequence[Mapping[str, Any]]) -> str:
+    """pydantic's (and FastAPI's) error list as one line: ``"loc.path: message; ..."``."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in item.get('loc', ()))}: {item.get('msg', 'invalid')}" for item in errors
+    )
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:

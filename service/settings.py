@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from caries_mim.errors import InvalidConfigError
 from caries_mim.io.options import DEFAULT_ALLOWED_MODALITIES, DEFAULT_MAX_PIXELS
+from service.errors import describe_validation_errors
 
 
 class ServiceSettings(BaseSettings):
@@ -75,6 +76,21 @@ class ServiceSettings(BaseSettings):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @classmethod
+    def from_flags(cls, flags: dict[str, Any]) -> ServiceSettings:
+        """Settings from command-line values (which win) over ``CARIES_MIM_*`` variables.
+
+        Raises:
+            InvalidConfigError: a value of the wrong type or out of range, from either source, named.
+        """
+        try:
+            return cls(**flags)
+        except ValidationError as exc:
+            raise InvalidConfigError(
+                "invalid service settings (flags or CARIES_MIM_* variables): "
+                + describe_validation_errors(exc.errors())
+            ) from None
 
     def accepted_keys(self) -> frozenset[str]:
         """``api_keys`` plus the keys in ``api_keys_file``.
