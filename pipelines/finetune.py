@@ -504,11 +504,9 @@ class _Finetuning:
             optimizer,
             scheduler,
             scaler,
-            rank=self.context.rank,
-            world_size=self.context.world_size,
-            device=self.device,
+            context=self.context,
             position=state,
-            global_batch=self.config.optim.batch_size * self.context.world_size,
+            batch_size=self.config.optim.batch_size,
         )
         if state.best_step is not None and _package_step(self.out / PACKAGE_NAME) != state.best_step:
             # Killed between a checkpoint and the package of its new best: the next validation writes one.

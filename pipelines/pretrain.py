@@ -365,11 +365,9 @@ class _Pretraining:
             optimizer,
             scheduler,
             scaler,
-            rank=self.context.rank,
-            world_size=self.context.world_size,
-            device=self.device,
+            context=self.context,
             position=position,
-            global_batch=self.config.optim.batch_size * self.context.world_size,
+            batch_size=self.config.optim.batch_size,
         )
         if self.context.is_main:
             truncate_metrics(self.out / "metrics.jsonl", position.step)

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from caries_mim.data import ResumableEpochSampler
 from caries_mim.errors import InvalidConfigError
+from pipelines.distributed import Distributed
 
 log = logging.getLogger("caries_mim.training")
 
@@ -269,14 +270,15 @@ def restore_optimization(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
     *,
-    rank: int,
-    world_size: int,
-    device: torch.device,
+    context: Distributed,
     position: DataPosition,
-    global_batch: int,
+    batch_size: int,
 ) -> None:
     """Restore a checkpoint's optimizer, schedule, loss scaler and this rank's RNG, and re-express the position
-    inside the epoch in the current global batch (rounded down: a few images may be seen twice)."""
+    inside the epoch in the current global batch, ``batch_size`` per process times the processes (rounded down: a
+    few images may be seen twice)."""
+    rank, world_size, device = context.rank, context.world_size, context.device
+    global_batch = batch_size * world_size
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     scaler.load_state_dict(payload["scaler"])
