@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import tempfile
 
 import numpy as np
 import pydicom
@@ -261,3 +262,19 @@ def test_unknown_route_and_method_use_the_error_shape(client):
     response = client.get("/v1/predictions")
     assert response.status_code == 405
     assert response.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_uploads_of_several_megabytes_stay_in_memory(client, monkeypatch):
+    """Starlette spools uploads past 1 MB to a temporary file by default; the service reads every upload into
+    memory anyway, so the disk round trip would only slow a 2-5 MB bitewing down."""
+    rollovers = []
+    original = tempfile.SpooledTemporaryFile.rollover
+
+    def counting_rollover(self):
+        rollovers.append(self)
+        return original(self)
+
+    monkeypatch.setattr(tempfile.SpooledTemporaryFile, "rollover", counting_rollover)
+    response = post(client, b"not an image " * 300_000)  # 3.9 MB
+    assert response.status_code == 415
+    assert rollovers == []
