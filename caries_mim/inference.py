@@ -108,7 +108,7 @@ class Predictor:
         self, package: ModelPackage, device: str | torch.device | None = None, *, source: str = "model package"
     ) -> None:
         self.package = package
-        self.device = _choose_device(device)
+        self.device = inference_device(device)
         detector = CariesDetector(package.config)
         try:
             detector.load_state_dict(package.state_dict)
@@ -193,7 +193,12 @@ class Predictor:
         return self.predict(read_radiograph(path, options))
 
 
-def _choose_device(device: str | torch.device | None) -> torch.device:
+def inference_device(device: str | torch.device | None) -> torch.device:
+    """The device a :class:`Predictor` runs on: ``device`` checked, or CUDA when available, else the CPU.
+
+    Raises:
+        InvalidArgumentError: an unknown device, or CUDA asked for where none is available.
+    """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -242,4 +247,4 @@ def _checked_spacing(spacing: Any) -> tuple[float, float] | None:
     return row, column
 
 
-__all__ = ["Finding", "Findings", "Predictor"]
+__all__ = ["Finding", "Findings", "Predictor", "inference_device"]

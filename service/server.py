@@ -14,6 +14,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from caries_mim.errors import InvalidConfigError
+from caries_mim.inference import inference_device
 from caries_mim.package import read_package
 from service.app import create_app
 from service.settings import ServiceSettings
@@ -46,6 +47,7 @@ def serve(settings: ServiceSettings) -> None:
         InvalidConfigError: no model, a model file that does not exist, or a non-loopback host without API keys
             and without ``insecure``.
         InvalidCheckpointError: the file is not a valid model package.
+        InvalidArgumentError: an unknown device, or CUDA where none is available.
     """
 
     if settings.model is None:
@@ -56,6 +58,8 @@ def serve(settings: ServiceSettings) -> None:
     # Verified here (format, checksum, config) so that a bad package is one clear line and exit status 2, not a
     # start-up traceback in every worker.
     read_package(settings.model)
+    # Likewise the device: CUDA asked for on a host (or container) that does not see a GPU.
+    inference_device(settings.device)
     os.environ.update(settings_environment(settings))
     uvicorn.run(
         "service.server:app_from_environment",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 
 import pytest
+import torch
 
 from pipelines.cli import main
 from pipelines.service_client import LocalService, ServiceStartError, post_radiograph
@@ -68,3 +69,15 @@ def test_serve_refuses_a_corrupt_package_in_one_line(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "invalid_checkpoint" in error
     assert "Traceback" not in error
+
+
+def test_serve_refuses_a_device_it_cannot_use_before_starting(package_path, capsys, monkeypatch):
+    """A GPU container started without a visible GPU (CARIES_MIM_DEVICE=cuda) must say so in one line, not fail
+    inside uvicorn's start-up with a traceback."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["serve", "--model", str(package_path), "--device", "cuda"]) == 2
+    error = capsys.readouterr().err
+    assert "no CUDA device is available" in error
+    assert "Traceback" not in error
+    assert main(["serve", "--model", str(package_path), "--device", "tpu"]) == 2
+    assert "unknown device 'tpu'" in capsys.readouterr().err
