@@ -7,9 +7,13 @@ In one run, on one realistic 12-bit bitewing DICOM (the largest uncompressed "Bi
   * predict  - ``Predictor.predict(radiograph)`` in this process (preprocessing + forward + mapping back), and
     read     - ``read_radiograph(bytes)`` (the DICOM decode), to split the service's overhead;
   * e2e      - ``POST /v1/predictions`` answered by ``caries-mim serve`` started as a subprocess on loopback, one
-               request at a time over a kept-alive connection (p50/p95/p99), timed in blocks alternating with the
-               in-process blocks above while the server is idle, so machine noise hits both alike;
-               overhead_ratio = e2e p50 / forward p50;
+               request at a time over a kept-alive connection (p50/p95/p99), alternating with the in-process
+               timings above (one of each in turn by default, ``--block``) while the server is idle, so the
+               machine's drift hits both alike; overhead_ratio = e2e p50 / forward p50, and
+               overhead_ratio_paired = the median of each request's e2e over the forward timed just before it
+               (steadier on a shared machine, whose speed wanders by +-10% within seconds);
+               overhead_ratio_unbatched_server: the same for the second server (same service, batch size 1),
+               a second sample of a figure that also moves between processes on a shared machine;
   * rps      - requests/s with 1, 4 and 16 concurrent clients (threads, each its own connection, each sending the
                same DICOM back to back for ``--seconds``), against a server with micro-batching
                (CARIES_MIM_MAX_BATCH_SIZE=16, no batch wait: the service's default) and against a second server without
@@ -383,7 +387,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--requests", type=int, help="sequential requests and forwards timed (default 50)")
     parser.add_argument("--seconds", type=float, help="seconds per concurrency level and server (default 12)")
     parser.add_argument("--warmup", type=int, help="untimed requests and forwards first (default 3)")
-    parser.add_argument("--block", type=int, default=10, help="requests per alternating e2e / in-process block")
+    parser.add_argument("--block", type=int, default=1, help="requests per alternating e2e / in-process block")
     parser.add_argument("--threads", type=int, help="torch threads here and in the server (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 10 requests, 4 s per level, 1 warm-up")
     args = parser.parse_args()
@@ -480,6 +484,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     server_timings: list[dict[str, float]] = []
     e2e: list[float] = []
     e2e_unbatched: list[float] = []
+    forward_unbatched: list[float] = []
     foreign: list[float] = []
 
     for label, settings in (("batched", BATCHED), ("unbatched", UNBATCHED)):
@@ -503,10 +508,12 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
                 done = 0
                 while done < args.requests:
                     block = min(args.block, args.requests - done)
-                    if label == "batched":
-                        for _ in range(block):  # round-robin, so a noisy moment hits each alike
+                    for _ in range(block):  # round-robin, so a noisy moment hits each alike
+                        if label == "batched":
                             for name, function in in_process.items():
                                 samples[name].append(timed(function, sync))
+                        else:  # the second server's own ratio: one more sample of the machine's variance
+                            forward_unbatched.append(timed(forward, sync))
                     for _ in range(block):
                         answer, seconds = checked_post(client, server)
                         (e2e if label == "batched" else e2e_unbatched).append(seconds)
@@ -571,6 +578,13 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
         "server_timings_p50_ms": {key: r1(value) for key, value in handler.items()},
         "outside_handler_p50_ms": r1(e2e_p50 - handler["total"]),
         "overhead_ratio": round(e2e_p50 / forward_p50, 2),
+        # The i-th request and the i-th in-process forward were timed in the same block.
+        "overhead_ratio_paired": round(
+            statistics.median(a / b for a, b in zip(e2e, samples["forward"], strict=True)), 2
+        ),
+        "overhead_ratio_unbatched_server": round(
+            percentile(e2e_unbatched, 50) / statistics.median(forward_unbatched), 2
+        ),
     }
     for suffix, levels in (("", batched), ("_unbatched", unbatched)):
         for clients, level in levels.items():
@@ -646,7 +660,9 @@ def print_table(summary: dict[str, Any], batched: dict[int, dict], unbatched: di
         print(f"  {name:<42}{value if value is not None else float('nan'):>10.1f}")
     print(
         f"  e2e p95 {summary['e2e_p95_ms']:.1f} ms, p99 {summary['e2e_p99_ms']:.1f} ms; "
-        f"overhead ratio e2e p50 / forward p50 = {summary['overhead_ratio']:.2f}x"
+        f"overhead ratio e2e p50 / forward p50 = {summary['overhead_ratio']:.2f}x "
+        f"(median of paired ratios {summary['overhead_ratio_paired']:.2f}x; "
+        f"unbatched server {summary['overhead_ratio_unbatched_server']:.2f}x)"
     )
     header = ("concurrency", "batched req/s", "mean batch", "p50 ms", "unbatched req/s", "p50 ms")
     widths = (15, 12, 10, 18, 10)
