@@ -36,6 +36,7 @@ study: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint --failure-threshold style docker/Dockerfile docker/Dockerfile.cpu
 
 test: lint
 	$(BIN)/python -m pytest
