@@ -123,8 +123,11 @@ def _prepare_out_dir(out: Path) -> None:
                 stale.unlink()
         for name in COCO_SPLITS:
             (out / "labeled" / f"{name}.json").unlink(missing_ok=True)
-    (out / "unlabeled").mkdir(parents=True, exist_ok=True)
-    (out / "labeled" / "images").mkdir(parents=True, exist_ok=True)
+    try:
+        (out / "unlabeled").mkdir(parents=True, exist_ok=True)
+        (out / "labeled" / "images").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a parent folder should be, no permission, a full disk
+        raise InvalidArgumentError(f"cannot create the output folders under {out}: {exc.strerror or exc}") from None
 
 
 def _produce(job: tuple[str, str, int, int, dict[str, Any]]) -> dict[str, Any]:

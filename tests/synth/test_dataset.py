@@ -92,6 +92,12 @@ def test_refuses_foreign_non_empty_folder(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["data.dcm"]
 
 
+def test_an_output_folder_that_cannot_be_created_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("a file where a folder should be")
+    with pytest.raises(InvalidArgumentError, match="cannot create the output folders"):
+        generate_dataset(tmp_path / "file" / "out", n_unlabeled=1, n_labeled=0, progress=False)
+
+
 @pytest.mark.parametrize(
     ("n_unlabeled", "n_labeled", "seed", "workers"),
     [(-1, 2, 0, 1), (2, -1, 0, 1), (0, 0, 0, 1), (1, 1, -3, 1), (1, 1, 0, 0), (1.5, 1, 0, 1)],
