@@ -1,7 +1,8 @@
 """``create_app(settings)``: the FastAPI application, its lifespan (model loading, draining) and error handlers.
 
-Routes stay thin (``service.routes``); everything they need is on ``app.state``: ``settings``, ``metrics``,
-``api_keys`` and, once the model is loaded, ``runtime``.
+Routes stay thin (``service.routes``); everything they need is on ``app.state``: ``settings``, ``metrics`` and,
+once the model is loaded, ``runtime``. API keys are checked by middleware (``service.middleware.ApiKeyGate``)
+before a request's body is read.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from service.errors import (
 )
 from service.logs import LOGGER_NAME, configure_logging
 from service.metrics import ServiceMetrics
-from service.middleware import BodySizeLimit, RequestContext
+from service.middleware import ApiKeyGate, BodySizeLimit, RequestContext
 from service.routes import router
 from service.runtime import ModelIdentity, Runtime
 from service.settings import ServiceSettings
@@ -90,22 +91,29 @@ def create_app(settings: ServiceSettings, predictor: Predictor | None = None) ->
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.api_keys = api_keys
     app.state.runtime = None
     app.include_router(router)
     _add_error_handlers(app)
-    # Outermost first: the request context sees every answer, the 413s of the size limit included.
+    # Each one added wraps the ones before: the request context sees every answer (401s and 413s included), and
+    # the key is checked before the size limit lets the body in.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(ApiKeyGate, keys=api_keys, max_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestContext, metrics=metrics)
     return app
 
 
+#: Uploads up to this size stay in memory while the form is parsed; larger ones (panoramics, multi-MB
+#: uncompressed files) go to a temporary file as Starlette does past its default of 1 MB.
+UPLOAD_MEMORY_BYTES = 16 * 1024 * 1024
+
+
 def _keep_uploads_in_memory(max_upload_bytes: int) -> None:
-    """Let Starlette hold an upload of up to ``max_upload_bytes`` in memory instead of rolling it to a temporary
-    file at 1 MB: a bitewing DICOM is 2-5 MB, and the handler reads the whole upload into memory anyway, so the
-    file only added disk writes and a thread hop per 64 KB chunk. The body size limit still bounds each request.
-    ``spool_max_size`` is Starlette's documented class-level knob (one application per process here)."""
-    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, max_upload_bytes)
+    """Let Starlette hold an intra-oral upload in memory instead of rolling it to a temporary file at 1 MB: a
+    bitewing DICOM is 2-5 MB and the handler reads the whole upload into memory anyway, so the file only added
+    disk writes and a thread hop per 64 KB chunk. Only clients with a key get this far (ApiKeyGate answers the
+    others from the headers). ``spool_max_size`` is Starlette's documented class-level knob; one application
+    runs per process."""
+    MultiPartParser.spool_max_size = min(max(max_upload_bytes, 1024 * 1024), UPLOAD_MEMORY_BYTES)
 
 
 #: Sliding windows per forward pass on a GPU unless the settings say otherwise.

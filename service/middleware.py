@@ -1,8 +1,9 @@
-"""Pure ASGI middleware: the request-body size limit (enforced while the body streams in) and the request context
-(request id, one JSON log line and the Prometheus counters per request)."""
+"""Pure ASGI middleware: the API key check and the request-body size limit (both before the body is read) and the
+request context (request id, one JSON log line and the Prometheus counters per request)."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 import re
 import time
@@ -11,7 +12,7 @@ import uuid
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_response
+from service.errors import ServiceError, error_response, service_error_response
 from service.logs import LOGGER_NAME
 from service.metrics import ServiceMetrics
 
@@ -27,6 +28,65 @@ class RequestTooLarge(HTTPException):
 
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"the request body exceeds the limit of {limit} bytes")
+
+
+#: Routes under this prefix need a key when keys are configured; probes, /metrics and the docs stay open.
+PROTECTED_PREFIX = "/v1/"
+
+
+def api_key_refusal(authorization: str, keys: frozenset[str]) -> ServiceError | None:
+    """None when ``authorization`` (the header's value) is ``Bearer <one of keys>`` or no keys are configured,
+    else the 401 to answer."""
+    if not keys:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if scheme.lower() != "bearer" or not token.strip():
+        return ServiceError(401, "unauthorized", "an API key is required: Authorization: Bearer <key>", challenge)
+    offered = token.strip().encode()
+    # compare_digest on every key: the time taken does not tell how much of a key was right.
+    if not any(hmac.compare_digest(offered, key.encode()) for key in keys):
+        return ServiceError(401, "unauthorized", "the API key is not valid", challenge)
+    return None
+
+
+class ApiKeyGate:
+    """401 for a request under ``/v1/`` without a valid ``Authorization: Bearer`` key, decided from the headers:
+    the upload of a client without a key is never parsed or held in memory.
+
+    A client that sent ``Expect: 100-continue`` (curl does for bodies over 1 MB) gets the 401 before it sends its
+    body. Any other client is already sending it: the body is read and dropped (up to ``max_bytes``) before the
+    answer, because answering first makes uvicorn close the connection under a client still writing, which most
+    HTTP libraries report as a broken pipe instead of the 401.
+    """
+
+    def __init__(self, app: ASGIApp, keys: frozenset[str], max_bytes: int) -> None:
+        self.app = app
+        self.keys = keys
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.keys and scope["path"].startswith(PROTECTED_PREFIX):
+            headers = dict(scope.get("headers") or [])
+            refusal = api_key_refusal(headers.get(b"authorization", b"").decode("latin-1"), self.keys)
+            if refusal is not None:
+                if headers.get(b"expect", b"").lower() != b"100-continue":
+                    await _discard_body(receive, self.max_bytes)
+                await service_error_response(refusal)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _discard_body(receive: Receive, max_bytes: int) -> None:
+    """Read the request body to its end (or past ``max_bytes``, or the client's disconnect), keeping none of it."""
+    received = 0
+    while received <= max_bytes:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        received += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 class BodySizeLimit:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
+from starlette.formparsers import MultiPartParser
 
 from caries_mim.errors import InvalidConfigError
 from service import ServiceSettings, create_app
@@ -28,6 +29,34 @@ def test_no_key_wrong_key_right_key(make_client, synthetic_dicom):
     # Probes and metrics stay open for the orchestrator.
     for path in ("/healthz", "/readyz", "/metrics"):
         assert client.get(path).status_code == 200
+
+
+@pytest.mark.parametrize("expect_continue", [False, True])
+def test_the_upload_of_a_client_without_a_key_is_never_parsed(make_client, monkeypatch, expect_continue):
+    """The key is checked from the headers: the form is never parsed (nothing held in memory for it); a client
+    waiting for 100 Continue is refused before it sends its body, any other gets its body read and dropped first
+    (so it reads a 401 rather than a broken pipe)."""
+    parsed = []
+    monkeypatch.setattr(MultiPartParser, "parse", lambda self: parsed.append(self))
+    client = make_client(api_keys=["s3cret"])
+    sent = []
+
+    def chunks():
+        yield b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.dcm"\r\n\r\n'
+        for _ in range(50):
+            sent.append(1)
+            yield b"\x00" * 65536
+        yield b"\r\n--x--\r\n"
+
+    headers = {"content-type": "multipart/form-data; boundary=x"}
+    if expect_continue:
+        headers["expect"] = "100-continue"
+    response = client.post("/v1/predictions", content=chunks(), headers=headers)
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "unauthorized"
+    assert response.headers["x-request-id"]  # still logged and counted by the request context
+    assert parsed == []
+    assert (len(sent) < 50) == expect_continue
 
 
 def test_keys_from_a_file(make_client, tmp_path):
