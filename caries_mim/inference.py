@@ -197,7 +197,8 @@ def inference_device(device: str | torch.device | None) -> torch.device:
     """The device a :class:`Predictor` runs on: ``device`` checked, or CUDA when available, else the CPU.
 
     Raises:
-        InvalidArgumentError: an unknown device, or CUDA asked for where none is available.
+        InvalidArgumentError: an unknown device, CUDA asked for where none is available, or a GPU number past the
+            visible ones (a container given one GPU sees it as cuda:0, whatever its number on the host).
     """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -207,6 +208,11 @@ def inference_device(device: str | torch.device | None) -> torch.device:
         raise InvalidArgumentError(f"unknown device {device!r} ({exc})") from None
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise InvalidArgumentError(f"device {device!r} was asked for but no CUDA device is available")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise InvalidArgumentError(
+            f"device {device!r} was asked for but only {torch.cuda.device_count()} CUDA device(s) are visible "
+            "(numbered from cuda:0)"
+        )
     if chosen.type not in ("cpu", "cuda"):
         raise InvalidArgumentError(f"device must be cpu or cuda, got {device!r}")
     return chosen

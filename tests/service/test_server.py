@@ -81,3 +81,8 @@ def test_serve_refuses_a_device_it_cannot_use_before_starting(package_path, caps
     assert "Traceback" not in error
     assert main(["serve", "--model", str(package_path), "--device", "tpu"]) == 2
     assert "unknown device 'tpu'" in capsys.readouterr().err
+    # One GPU given to a container is its cuda:0, whatever its number on the host.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main(["serve", "--model", str(package_path), "--device", "cuda:1"]) == 2
+    assert "only 1 CUDA device(s) are visible" in capsys.readouterr().err
