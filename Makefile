@@ -13,10 +13,11 @@ STAMP := $(VENV)/.caries-mim-installed
 
 .PHONY: setup demo study test lint format clean
 
-$(STAMP): pyproject.toml
+# docker/constraints.txt pins the runtime dependencies to the versions the images install, so CI tests those.
+$(STAMP): pyproject.toml docker/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev]" --constraint docker/constraints.txt
 	touch $(STAMP)
 
 setup: $(STAMP)

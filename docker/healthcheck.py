@@ -23,8 +23,11 @@ def main(argv: list[str]) -> int:
         print(f"healthcheck: the path must start with '/', got {path!r}", file=sys.stderr)
         return 2
     url = f"http://127.0.0.1:{os.environ.get('CARIES_MIM_PORT', '8000')}{path}"
+    # No proxy: Docker passes the client's HTTP_PROXY settings into containers, and urllib would send even a
+    # loopback probe through them.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as answer:
+        with opener.open(url, timeout=TIMEOUT_S) as answer:
             status = answer.status
     except urllib.error.HTTPError as error:
         status = error.code

@@ -134,3 +134,19 @@ def test_variables_override_the_defaults():
 def test_every_variable_has_a_default():
     for match in VARIABLE.finditer(COMPOSE.read_text()):
         assert match.group(2) is not None or match.group(1) in os.environ, match.group(0)
+
+
+def test_the_compose_variables_are_not_the_service_settings():
+    """A CARIES_MIM_MODEL exported in the shell for a local `caries-mim serve` must not reach the container."""
+    settings = {f"CARIES_MIM_{name.upper()}" for name in ServiceSettings.model_fields}
+    variables = {match.group(1) for match in VARIABLE.finditer(COMPOSE.read_text())}
+    assert not variables & settings
+
+
+def test_the_api_container_is_hardened(compose):
+    api = compose["services"]["api"]
+    assert api["read_only"] is True
+    assert api["tmpfs"] == ["/tmp"]
+    for service in compose["services"].values():
+        assert service["cap_drop"] == ["ALL"]
+        assert service["security_opt"] == ["no-new-privileges:true"]

@@ -31,7 +31,10 @@ def image_environment(**overrides: str) -> dict[str, str]:
 
 
 def healthcheck(port: int, *path: str) -> subprocess.CompletedProcess:
+    # A proxy nobody listens on: the probe must not use it (Docker copies the client's proxy into containers).
+    proxy = f"http://127.0.0.1:{free_port()}"
     env = {**os.environ, "CARIES_MIM_PORT": str(port), "CARIES_MIM_HEALTHCHECK_TIMEOUT_S": "2"}
+    env.update(http_proxy=proxy, HTTP_PROXY=proxy, no_proxy="", NO_PROXY="")
     return subprocess.run(
         [sys.executable, str(HEALTHCHECK), *path], env=env, capture_output=True, text=True, check=False
     )
