@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -126,9 +127,21 @@ class ModelPackage:
     def preprocessing(self) -> dict[str, Any]:
         return preprocessing_description(self.config)
 
+    @cached_property
+    def checksum(self) -> str:
+        """SHA-256 (hex) of the package's contents, as its file records it. Computed once (it hashes every weight);
+        :func:`read_package` sets it to the value it has just verified."""
+        return package_checksum(self._contents())
+
     def to_payload(self) -> dict[str, Any]:
         """The dict written to the file, checksum included."""
-        payload: dict[str, Any] = {
+        payload = self._contents()
+        payload["checksum"] = {"algorithm": CHECKSUM_ALGORITHM, "value": self.checksum}
+        return payload
+
+    def _contents(self) -> dict[str, Any]:
+        """Everything the file holds but the checksum."""
+        return {
             "format": PACKAGE_FORMAT,
             "version": PACKAGE_FORMAT_VERSION,
             "package_version": self.version,
@@ -139,8 +152,6 @@ class ModelPackage:
             "provenance": self.provenance,
             "state_dict": self.state_dict,
         }
-        payload["checksum"] = {"algorithm": CHECKSUM_ALGORITHM, "value": package_checksum(payload)}
-        return payload
 
 
 def preprocessing_description(config: DetectorConfig) -> dict[str, Any]:
@@ -242,6 +253,8 @@ def read_package(path: str | os.PathLike) -> ModelPackage:
             f"{path}: the package's preprocessing differs from what this version of caries-mim does "
             f"(method {payload['preprocessing'].get('method')!r}, expected {PREPROCESSING_METHOD!r})"
         )
+    # The contents were hashed and verified above: the package keeps that value instead of hashing them again.
+    package.__dict__["checksum"] = actual
     return package
 
 

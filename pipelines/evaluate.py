@@ -51,7 +51,7 @@ from caries_mim.metrics import (
     metric_confidence_intervals,
     precision_recall_curve,
 )
-from caries_mim.package import PACKAGE_FORMAT_VERSION, load_package
+from caries_mim.package import CHECKSUM_ALGORITHM, PACKAGE_FORMAT_VERSION, load_package
 from caries_mim.visualization import draw_predictions_and_truth
 from pipelines.predict import overlay_path
 
@@ -310,7 +310,7 @@ def _model_section(model: Path, predictor: Predictor) -> dict[str, Any]:
     package = predictor.package
     return {
         "path": str(model),
-        "checksum": package.to_payload()["checksum"],
+        "checksum": {"algorithm": CHECKSUM_ALGORITHM, "value": package.checksum},
         "package_version": package.version,
         "format_version": PACKAGE_FORMAT_VERSION,
         "class_names": list(package.class_names),

@@ -137,7 +137,7 @@ def _runtime(predictor: Predictor, settings: ServiceSettings, metrics: ServiceMe
     identity = ModelIdentity(
         name=settings.model_name,
         version=predictor.package.version,
-        checksum=predictor.package.to_payload()["checksum"]["value"],
+        checksum=predictor.package.checksum,
     )
     options = ReadOptions(
         allowed_modalities=frozenset(settings.modalities),

@@ -76,6 +76,19 @@ def test_checksum_is_deterministic_and_covers_weights_and_metadata(package):
     assert package_checksum(changed) != first["checksum"]["value"]
 
 
+def test_a_read_package_hashes_its_weights_once(saved, monkeypatch):
+    """read_package verifies the checksum; the package reports that value instead of hashing every weight again."""
+    import caries_mim.package as package_module
+
+    calls = []
+    original = package_module.package_checksum
+    monkeypatch.setattr(package_module, "package_checksum", lambda payload: calls.append(1) or original(payload))
+    loaded = read_package(saved)
+    assert loaded.checksum == torch.load(saved, weights_only=True)["checksum"]["value"]
+    assert loaded.to_payload()["checksum"]["value"] == loaded.checksum
+    assert len(calls) == 1
+
+
 def test_round_trip_gives_identical_predictions(package, saved):
     pixels = np.random.default_rng(0).random((50, 77), dtype=np.float32)
     before = Predictor(package, device="cpu").predict(pixels)
