@@ -37,7 +37,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -58,7 +57,7 @@ from caries_mim.detection.preprocessing import prepare_image
 from caries_mim.errors import CariesMimError
 from caries_mim.io import read_radiograph
 from caries_mim.package import load_package
-from pipelines.service_client import multipart_body
+from pipelines.service_client import LocalService, ServiceStartError, multipart_body
 from service.app import GPU_WINDOW_BATCH_SIZE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,41 +78,29 @@ class BenchmarkError(RuntimeError):
 # ------------------------------------------------------------------------------------------------------ the server
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
-
-
-class Server:
-    """``caries-mim serve`` in a subprocess on a free loopback port; its log goes to a file (a pipe could fill)."""
+class Server(LocalService):
+    """``caries-mim serve`` on a free loopback port (:class:`LocalService`: its log goes to a file, SIGTERM on
+    exit), configured by ``settings`` alone, with what the benchmark reads from it."""
 
     def __init__(self, model: Path, device: str, settings: dict[str, str], log_path: Path, threads: int | None):
-        self.port = free_port()
-        self.ready_s: float | None = None
-        self.log_path = log_path
-        env = {key: value for key, value in os.environ.items() if not key.startswith("CARIES_MIM_")}
-        env.update(settings)
+        environment = {"CARIES_MIM_DEVICE": device, **settings}
         if threads:
-            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-        command = [sys.executable, "-m", "pipelines.cli", "serve", "--model", str(model), "--host", HOST]
-        command += ["--port", str(self.port), "--device", device]
-        self._log = log_path.open("wb")
-        self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+            environment["OMP_NUM_THREADS"] = environment["MKL_NUM_THREADS"] = str(threads)
+        super().__init__(
+            model, log_path, environment=environment, ready_timeout_s=READY_TIMEOUT_S, inherit_settings=False
+        )
+        self.ready_s: float | None = None
 
     @property
     def pid(self) -> int:
+        assert self.process is not None
         return self.process.pid
 
-    def tail(self, lines: int = 25) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return "(no server log)"
-
     def failure(self, what: str) -> BenchmarkError:
+        assert self.process is not None
         code = self.process.poll()
         state = "still running" if code is None else f"exited with status {code}"
-        return BenchmarkError(f"{what} (server {state}); last lines of its log {self.log_path}:\n{self.tail()}")
+        return BenchmarkError(f"{what} (server {state}); its log {self.log_path} ends with:\n{self.log_tail()}")
 
     def get(self, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
         connection = http.client.HTTPConnection(HOST, self.port, timeout=timeout)
@@ -124,19 +111,8 @@ class Server:
         finally:
             connection.close()
 
-    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> float:
-        """Seconds until /readyz answered 200."""
-        started = time.perf_counter()
-        while time.perf_counter() - started < timeout_s:
-            if self.process.poll() is not None:
-                raise self.failure("the server stopped before it was ready")
-            with contextlib.suppress(OSError, http.client.HTTPException):
-                if self.get("/readyz", timeout=2.0)[0] == 200:
-                    return time.perf_counter() - started
-            time.sleep(0.2)
-        raise self.failure(f"the server was not ready within {timeout_s:.0f} s")
-
     def check_alive(self) -> None:
+        assert self.process is not None
         if self.process.poll() is not None:
             raise self.failure("the server stopped during the run")
 
@@ -167,30 +143,20 @@ class Server:
                     return round(int(line.split()[1]) / 1024, 1)
         return None
 
-    def stop(self) -> None:
-        """SIGTERM (uvicorn drains and exits), then SIGKILL if it has not gone within 20 s."""
-        try:
-            if self.process.poll() is None:
-                self.process.send_signal(signal.SIGTERM)
-                try:
-                    self.process.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait(timeout=10)
-        finally:
-            self._log.close()
-
 
 @contextlib.contextmanager
 def running_server(
     model: Path, device: str, settings: dict[str, str], log_path: Path, threads: int | None
 ) -> Iterator[Server]:
+    """A started server, ready (``ready_s``: seconds from launch to /readyz 200); stopped on exit."""
     server = Server(model, device, settings, log_path, threads)
+    started = time.perf_counter()
     try:
-        server.ready_s = server.wait_ready()
-        yield server
-    finally:
-        server.stop()
+        with server:
+            server.ready_s = time.perf_counter() - started
+            yield server
+    except ServiceStartError as exc:
+        raise BenchmarkError(exc.message) from None
 
 
 # ------------------------------------------------------------------------------------------------------ the client

@@ -2,7 +2,8 @@
 
 :class:`LocalService` starts ``caries-mim serve`` in its own process on a free loopback port, waits until
 ``/readyz`` says the model is loaded, and on exit stops it with SIGTERM as an orchestrator would (uvicorn then
-finishes in-flight requests and the service drains its queue). The demo's last stage and the end-to-end test use it.
+finishes in-flight requests and the service drains its queue). The demo's last stage, the end-to-end test and
+``benchmarks/service_latency.py`` use it.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ class LocalService:
         log_path: where the server's stdout and stderr (its JSON logs) go.
         environment: extra ``CARIES_MIM_*`` settings (e.g. API keys, batching).
         ready_timeout_s: how long start-up (imports and model loading) may take.
+        inherit_settings: let the service see the ``CARIES_MIM_*`` variables of this process too; False leaves
+            ``environment`` as its only settings (a benchmark must not measure whatever a shell exported).
     """
 
     def __init__(
@@ -90,11 +93,13 @@ class LocalService:
         *,
         environment: dict[str, str] | None = None,
         ready_timeout_s: float = 120.0,
+        inherit_settings: bool = True,
     ) -> None:
         self.package = Path(package)
         self.log_path = Path(log_path)
         self.environment = environment or {}
         self.ready_timeout_s = ready_timeout_s
+        self.inherit_settings = inherit_settings
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
@@ -104,9 +109,14 @@ class LocalService:
         command = [sys.executable, "-m", "pipelines.cli", "serve", "--model", str(self.package)]
         command += ["--host", "127.0.0.1", "--port", str(self.port)]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        inherited = {
+            key: value
+            for key, value in os.environ.items()
+            if self.inherit_settings or not key.startswith("CARIES_MIM_")
+        }
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.environment}
+                command, stdout=log, stderr=subprocess.STDOUT, env={**inherited, **self.environment}
             )
         try:
             self._wait_until_ready()

@@ -86,3 +86,28 @@ def test_serve_refuses_a_device_it_cannot_use_before_starting(package_path, caps
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert main(["serve", "--model", str(package_path), "--device", "cuda:1"]) == 2
     assert "only 1 CUDA device(s) are visible" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("inherit", [True, False])
+def test_local_service_passes_this_process_settings_only_when_asked(tmp_path, monkeypatch, inherit):
+    import pipelines.service_client as service_client
+
+    seen = {}
+
+    class RefusedError(Exception):
+        pass
+
+    def fake_popen(command, *, env, **_):
+        seen.update(env)
+        raise RefusedError
+
+    monkeypatch.setenv("CARIES_MIM_API_KEYS", "from-the-shell")
+    monkeypatch.setattr(service_client.subprocess, "Popen", fake_popen)
+    service = LocalService(
+        tmp_path / "m.cmpkg", tmp_path / "log", environment={"CARIES_MIM_QUEUE_SIZE": "3"}, inherit_settings=inherit
+    )
+    with pytest.raises(RefusedError), service:
+        pass
+    assert seen["CARIES_MIM_QUEUE_SIZE"] == "3"
+    assert ("CARIES_MIM_API_KEYS" in seen) == inherit
+    assert "PATH" in seen
