@@ -10,20 +10,16 @@ Development extras (pytest, ruff, ...) are left out too. Run it in the CI enviro
 
 from __future__ import annotations
 
-import re
 import sys
 from importlib.metadata import PackageNotFoundError, distribution
 
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 PROJECT = "caries-mim"
 #: Installed with torch from the PyTorch index (a CUDA or a CPU build), so not pinned here.
 TORCH_SIDE = {"torch", "triton", "setuptools"}
-
-
-def canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def runtime_requirements(name: str, extras: frozenset[str] = frozenset()) -> list[Requirement]:
@@ -44,7 +40,7 @@ def closure(root: str) -> dict[str, str]:
     pending = [(requirement.name, frozenset(requirement.extras)) for requirement in runtime_requirements(root)]
     while pending:
         name, extras = pending.pop()
-        key = canonical(name)
+        key = canonicalize_name(name)
         if key in TORCH_SIDE or key.startswith("nvidia-") or key in versions:
             continue
         try:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from service.settings import ServiceSettings
 from tests.docker.conftest import DOCKER, DOCKERFILES, REPO
@@ -183,12 +184,12 @@ def test_constraints_pin_every_runtime_dependency_but_torch():
             name, separator, version = line.partition("==")
             assert separator, f"not name==version: {line}"
             assert version, f"not name==version: {line}"
-            constraints[re.sub(r"[-_.]+", "-", name).lower()] = version
+            constraints[canonicalize_name(name)] = version
     for text in distribution("caries-mim").requires or []:
         requirement = Requirement(text)
         if requirement.marker is not None and "extra" in str(requirement.marker):
             continue  # the dev extras are not in the image
-        name = re.sub(r"[-_.]+", "-", requirement.name).lower()
+        name = canonicalize_name(requirement.name)
         if requirement.marker is not None and not requirement.marker.evaluate():
             continue
         if name == "torch":
