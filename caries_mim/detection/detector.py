@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
 from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
+from monai.data.box_utils import clip_boxes_to_image
 from torch import nn
 
+from caries_mim.detection.box_selection import batched_nms
 from caries_mim.detection.config import DetectorConfig
 from caries_mim.detection.encoder_loading import load_detector_encoder
 from caries_mim.detection.losses import FocalLossPerPositive
@@ -31,13 +33,19 @@ from caries_mim.models.vit import VisionTransformer
 _SWAP_XY = [1, 0, 3, 2]
 
 
-class _ATSSRetinaNetDetector(RetinaNetDetector):
-    """RetinaNetDetector whose anchor matching calls its ATSS matcher directly.
+class _RetinaNetDetector(RetinaNetDetector):
+    """RetinaNetDetector whose anchor matching calls its ATSS matcher directly and whose box selection runs one
+    non-maximum suppression for the whole batch.
 
     MONAI's ``compute_anchor_matched_idxs`` first tests ``isinstance(matcher, torchvision Matcher)``; torchvision
     is not a dependency of this project, and without it that test raises ``OptionalImportError`` before the ATSS
     branch is reached. ATSS is the only matcher used here, so the test is skipped (the override MONAI's error
     message itself points to for other matchers).
+
+    MONAI's ``postprocess_detections`` runs its looped NMS image by image (see
+    :mod:`caries_mim.detection.box_selection` for what that cost); the override keeps MONAI's decoding, per-level
+    top-k and clipping and hands every image's candidates to :func:`batched_nms` together. It assumes MONAI's
+    default IoU overlap metric, the one :class:`CariesDetector` configures.
     """
 
     def compute_anchor_matched_idxs(
@@ -60,6 +68,58 @@ class _ATSSRetinaNetDetector(RetinaNetDetector):
             )
             matched.append(matched_per_image)
         return matched
+
+    def postprocess_detections(
+        self,
+        head_outputs_reshape: dict[str, torch.Tensor],
+        anchors: list[torch.Tensor],
+        image_sizes: list[list[int]],
+        num_anchor_locs_per_level: Sequence[int],
+        need_sigmoid: bool = True,
+    ) -> list[dict[str, torch.Tensor]]:
+        """MONAI's detections (same arguments, same result), with one NMS for the batch.
+
+        Args:
+            head_outputs_reshape: ``cls_key`` (B, sum(HWA), num_classes) logits and ``box_reg_key``
+                (B, sum(HWA), 4) box offsets.
+            anchors: B tensors (sum(HWA), 4) in MONAI's axis order.
+            image_sizes: B spatial sizes the boxes are clipped to.
+            num_anchor_locs_per_level: H * W of each pyramid level.
+            need_sigmoid: unused, as in MONAI (the box selector applies the sigmoid).
+        Returns:
+            B dicts: ``target_box_key`` (N, 4), ``pred_score_key`` (N,) descending, ``target_label_key`` (N,).
+        """
+        per_level = [count * self.num_anchors_per_loc for count in num_anchor_locs_per_level]
+        logits = head_outputs_reshape[self.cls_key].split(per_level, dim=1)
+        offsets = head_outputs_reshape[self.box_reg_key].split(per_level, dim=1)
+        compute_dtype = logits[0].dtype
+        selector = self.box_selector
+        candidates = []
+        for index, image_anchors in enumerate(anchors):
+            boxes_per_level, scores_per_level, labels_per_level = [], [], []
+            for level_logits, level_offsets, level_anchors in zip(
+                logits, offsets, image_anchors.split(per_level), strict=True
+            ):
+                top, scores, labels = selector.select_top_score_idx_per_level(level_logits[index])
+                # Decoding is per box, so decoding only the top candidates gives MONAI's boxes for them.
+                level_boxes = self.box_coder.decode_single(
+                    level_offsets[index][top].to(torch.float32), level_anchors[top]
+                ).to(compute_dtype)
+                kept_boxes, inside = clip_boxes_to_image(level_boxes, image_sizes[index], remove_empty=True)
+                boxes_per_level.append(kept_boxes)
+                scores_per_level.append(scores[inside])
+                labels_per_level.append(labels[inside])
+            candidates.append((torch.cat(boxes_per_level), torch.cat(scores_per_level), torch.cat(labels_per_level)))
+        boxes, scores, labels = zip(*candidates, strict=True)
+        kept = batched_nms(boxes, scores, labels, selector.nms_thresh, selector.detections_per_img)
+        return [
+            {
+                self.target_box_key: image_boxes[keep].to(compute_dtype),
+                self.pred_score_key: image_scores[keep].to(compute_dtype),
+                self.target_label_key: image_labels[keep],
+            }
+            for image_boxes, image_scores, image_labels, keep in zip(boxes, scores, labels, kept, strict=True)
+        ]
 
 
 class CariesDetector(nn.Module):
@@ -94,7 +154,7 @@ class CariesDetector(nn.Module):
             indexing="ij",
         )
         network = ViTRetinaNet(encoder, config.num_classes, len(config.anchor_shapes), config.pyramid_channels)
-        detector = _ATSSRetinaNetDetector(network, anchors)
+        detector = _RetinaNetDetector(network, anchors)
         detector.set_atss_matcher(num_candidates=config.atss_candidates, center_in_gt=config.atss_center_in_gt)
         if config.hard_negative_sampling:
             detector.set_hard_negative_sampler(
