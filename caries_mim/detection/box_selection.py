@@ -51,34 +51,59 @@ def batched_nms(
     """
     if not len(boxes) == len(scores) == len(labels):
         raise ValueError(f"{len(boxes)} box sets, {len(scores)} score sets and {len(labels)} label sets")
-    if max_kept < 1:
-        raise ValueError(f"max_kept must be >= 1, got {max_kept}")
-    counts = [int(b.shape[0]) for b in boxes]
+    counts = [int(image_boxes.shape[0]) for image_boxes in boxes]
     if not counts:
         return []
     device = boxes[0].device
     width = max(counts)
-    if width == 0:
-        return [torch.zeros(0, dtype=torch.long, device=device) for _ in counts]
-
-    # Pad to (B, width): padding scores -inf (sorted last), never valid.
     padded_boxes = torch.zeros((len(counts), width, 4), dtype=torch.float32, device=device)
-    padded_scores = torch.full((len(counts), width), float("-inf"), dtype=torch.float32, device=device)
-    padded_labels = torch.full((len(counts), width), -1, dtype=torch.long, device=device)
+    padded_scores = torch.zeros((len(counts), width), dtype=torch.float32, device=device)
+    padded_labels = torch.zeros((len(counts), width), dtype=torch.long, device=device)
     for row, (image_boxes, image_scores, image_labels) in enumerate(zip(boxes, scores, labels, strict=True)):
         padded_boxes[row, : counts[row]] = image_boxes.to(torch.float32)
         padded_scores[row, : counts[row]] = image_scores.to(torch.float32)
         padded_labels[row, : counts[row]] = image_labels
-    order = torch.argsort(padded_scores, dim=1, descending=True, stable=True)  # (B, W): candidate at each rank
-    rows = torch.arange(len(counts), device=device)[:, None]
-    sorted_boxes = padded_boxes[rows, order]
-    sorted_labels = padded_labels[rows, order]
+    valid = torch.arange(width, device=device)[None, :] < torch.tensor(counts, device=device)[:, None]
+    return padded_nms(padded_boxes, padded_scores, padded_labels, valid, iou_threshold, max_kept)
+
+
+def padded_nms(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    valid: torch.Tensor,
+    iou_threshold: float,
+    max_kept: int,
+) -> list[torch.Tensor]:
+    """:func:`batched_nms` on candidates already laid out in rows, one row per image.
+
+    Args:
+        boxes: (B, W, 4) float32, as :func:`batched_nms`.
+        scores: (B, W) float32.
+        labels: (B, W) int64.
+        valid: (B, W) bool: which entries are candidates (the others are ignored wherever they are in the row).
+    Returns:
+        per image, int64 (K_i,) positions in its row, by descending score (ties: lower position first).
+    """
+    if max_kept < 1:
+        raise ValueError(f"max_kept must be >= 1, got {max_kept}")
+    images, width = scores.shape
+    device = scores.device
+    if images == 0:
+        return []
+    # Non-candidates sort last, so each row's candidates keep their own relative order (the stable sort) in front.
+    ranked = scores.to(torch.float32).masked_fill(~valid, float("-inf"))
+    order = torch.argsort(ranked, dim=1, descending=True, stable=True)  # (B, W): position at each rank
+    rows = torch.arange(images, device=device)[:, None]
+    sorted_boxes = boxes.to(torch.float32)[rows, order]
+    sorted_labels = labels[rows, order]
+    counts = valid.sum(dim=1).tolist()
 
     # Greedy NMS decides a candidate from the higher-ranked ones only, so the first P ranks can be settled alone;
     # they are widened until each image has max_kept boxes or no candidates left. Kept boxes cluster near the top
     # (the 100th of a busy image is near rank 500 of 2,000), so usually one prefix does.
-    kept: dict[int, np.ndarray] = {}
-    pending = list(range(len(counts)))
+    kept: dict[int, np.ndarray] = {row: np.zeros(0, dtype=np.int64) for row in range(images) if counts[row] == 0}
+    pending = [row for row in range(images) if counts[row] > 0]
     prefix = min(width, _FIRST_PREFIX_PER_KEPT * max_kept)
     while pending:
         kept_in_prefix = _greedy(
@@ -93,7 +118,7 @@ def batched_nms(
             else:
                 kept[row] = ranks
         pending, prefix = still_pending, min(width, 2 * prefix)
-    return [order[row, torch.as_tensor(kept[row], dtype=torch.long, device=device)] for row in range(len(counts))]
+    return [order[row, torch.as_tensor(kept[row], dtype=torch.long, device=device)] for row in range(images)]
 
 
 def _suppression(boxes: torch.Tensor, labels: torch.Tensor, iou_threshold: float) -> np.ndarray:

@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
 from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
-from monai.data.box_utils import clip_boxes_to_image
 from torch import nn
 
-from caries_mim.detection.box_selection import batched_nms
+from caries_mim.detection.box_selection import padded_nms
 from caries_mim.detection.config import DetectorConfig
 from caries_mim.detection.encoder_loading import load_detector_encoder
 from caries_mim.detection.losses import FocalLossPerPositive
 from caries_mim.detection.network import ViTRetinaNet
+from caries_mim.detection.sliding_window import BatchSlidingWindow
 from caries_mim.errors import InvalidArgumentError
 from caries_mim.models.mae_import import ImportReport
 from caries_mim.models.vit import VisionTransformer
@@ -42,10 +42,10 @@ class _RetinaNetDetector(RetinaNetDetector):
     branch is reached. ATSS is the only matcher used here, so the test is skipped (the override MONAI's error
     message itself points to for other matchers).
 
-    MONAI's ``postprocess_detections`` runs its looped NMS image by image (see
-    :mod:`caries_mim.detection.box_selection` for what that cost); the override keeps MONAI's decoding, per-level
-    top-k and clipping and hands every image's candidates to :func:`batched_nms` together. It assumes MONAI's
-    default IoU overlap metric, the one :class:`CariesDetector` configures.
+    MONAI's ``postprocess_detections`` selects boxes image by image and runs a looped NMS (see
+    :mod:`caries_mim.detection.box_selection` for what that cost); the override runs the same steps on the whole
+    batch's tensors, with MONAI's box coder, and one NMS for all images. It assumes MONAI's default IoU overlap
+    metric, the one :class:`CariesDetector` configures.
     """
 
     def compute_anchor_matched_idxs(
@@ -77,7 +77,12 @@ class _RetinaNetDetector(RetinaNetDetector):
         num_anchor_locs_per_level: Sequence[int],
         need_sigmoid: bool = True,
     ) -> list[dict[str, torch.Tensor]]:
-        """MONAI's detections (same arguments, same result), with one NMS for the batch.
+        """MONAI's detections (same arguments, same steps and result), computed for the batch at once.
+
+        Per level, as MONAI's ``BoxSelector``: scores (sigmoid of the logits) above the score threshold, the top
+        ``topk_candidates_per_level`` of them, their boxes decoded with MONAI's box coder and clipped to the image
+        (boxes under 1 px dropped, MONAI's ``clip_boxes_to_image``); then one NMS for all images. MONAI runs those
+        steps image by image with 500-odd tensor operations each; here they run on (B, ...) tensors.
 
         Args:
             head_outputs_reshape: ``cls_key`` (B, sum(HWA), num_classes) logits and ``box_reg_key``
@@ -89,36 +94,48 @@ class _RetinaNetDetector(RetinaNetDetector):
         Returns:
             B dicts: ``target_box_key`` (N, 4), ``pred_score_key`` (N,) descending, ``target_label_key`` (N,).
         """
-        per_level = [count * self.num_anchors_per_loc for count in num_anchor_locs_per_level]
-        logits = head_outputs_reshape[self.cls_key].split(per_level, dim=1)
-        offsets = head_outputs_reshape[self.box_reg_key].split(per_level, dim=1)
-        compute_dtype = logits[0].dtype
         selector = self.box_selector
-        candidates = []
-        for index, image_anchors in enumerate(anchors):
-            boxes_per_level, scores_per_level, labels_per_level = [], [], []
-            for level_logits, level_offsets, level_anchors in zip(
-                logits, offsets, image_anchors.split(per_level), strict=True
-            ):
-                top, scores, labels = selector.select_top_score_idx_per_level(level_logits[index])
-                # Decoding is per box, so decoding only the top candidates gives MONAI's boxes for them.
-                level_boxes = self.box_coder.decode_single(
-                    level_offsets[index][top].to(torch.float32), level_anchors[top]
-                ).to(compute_dtype)
-                kept_boxes, inside = clip_boxes_to_image(level_boxes, image_sizes[index], remove_empty=True)
-                boxes_per_level.append(kept_boxes)
-                scores_per_level.append(scores[inside])
-                labels_per_level.append(labels[inside])
-            candidates.append((torch.cat(boxes_per_level), torch.cat(scores_per_level), torch.cat(labels_per_level)))
-        boxes, scores, labels = zip(*candidates, strict=True)
-        kept = batched_nms(boxes, scores, labels, selector.nms_thresh, selector.detections_per_img)
+        per_level = [count * self.num_anchors_per_loc for count in num_anchor_locs_per_level]
+        logits = head_outputs_reshape[self.cls_key]
+        compute_dtype = logits.dtype
+        classes = logits.shape[-1]
+        limits = torch.tensor(image_sizes, dtype=torch.float32, device=logits.device)[:, None, :].repeat(1, 1, 2)
+        levels = zip(
+            logits.split(per_level, dim=1),
+            head_outputs_reshape[self.box_reg_key].split(per_level, dim=1),
+            torch.stack(anchors).split(per_level, dim=1),
+            strict=True,
+        )
+        boxes, scores, labels, valid = [], [], [], []
+        for level_logits, level_offsets, level_anchors in levels:
+            flat = level_logits.to(torch.float32).flatten(1)  # (B, HWA * classes)
+            level_scores = torch.sigmoid(flat) if selector.apply_sigmoid else flat
+            above = level_scores > selector.score_thresh
+            top = min(selector.topk_candidates_per_level, level_scores.shape[1])
+            top_scores, top_index = level_scores.masked_fill(~above, float("-inf")).topk(top, dim=1)  # (B, top)
+            anchor_index = (top_index // classes)[..., None].expand(-1, -1, 4)
+            decoded = self.box_coder.decode_single(
+                level_offsets.gather(1, anchor_index).reshape(-1, 4).to(torch.float32),
+                level_anchors.gather(1, anchor_index).reshape(-1, 4),
+            ).to(compute_dtype)
+            # MONAI's clip_boxes_to_image: clamp to [0, size] in float32, keep boxes at least 1 px in every axis.
+            clipped = torch.minimum(decoded.to(torch.float32).view(*top_index.shape, 4).clamp(min=0), limits)
+            nonempty = (clipped[..., 2] >= clipped[..., 0] + 1) & (clipped[..., 3] >= clipped[..., 1] + 1)
+            boxes.append(clipped.to(compute_dtype))
+            scores.append(top_scores)
+            labels.append(top_index % classes)
+            valid.append((top_scores > selector.score_thresh) & nonempty)  # the -inf fill is never above
+        boxes_t, scores_t, labels_t = torch.cat(boxes, dim=1), torch.cat(scores, dim=1), torch.cat(labels, dim=1)
+        kept = padded_nms(
+            boxes_t, scores_t, labels_t, torch.cat(valid, dim=1), selector.nms_thresh, selector.detections_per_img
+        )
         return [
             {
-                self.target_box_key: image_boxes[keep].to(compute_dtype),
-                self.pred_score_key: image_scores[keep].to(compute_dtype),
-                self.target_label_key: image_labels[keep],
+                self.target_box_key: boxes_t[row, keep],
+                self.pred_score_key: scores_t[row, keep].to(compute_dtype),
+                self.target_label_key: labels_t[row, keep],
             }
-            for image_boxes, image_scores, image_labels, keep in zip(boxes, scores, labels, kept, strict=True)
+            for row, keep in enumerate(kept)
         ]
 
 
@@ -180,12 +197,8 @@ class CariesDetector(nn.Module):
         """
         if windows < 1:
             raise InvalidArgumentError(f"the sliding window batch size must be >= 1, got {windows}")
-        self.retinanet.set_sliding_window_inferer(
-            roi_size=(self.config.roi_size, self.config.roi_size),
-            sw_batch_size=windows,
-            overlap=self.config.sliding_window_overlap,
-            mode="constant",
-        )
+        # MONAI's SlidingWindowInferer(mode="constant"), stitching a batch at once (see BatchSlidingWindow).
+        self.retinanet.inferer = BatchSlidingWindow(self.config.roi_size, windows, self.config.sliding_window_overlap)
 
     @property
     def network(self) -> ViTRetinaNet:

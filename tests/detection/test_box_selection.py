@@ -80,11 +80,19 @@ def test_no_images_and_bad_arguments():
         batched_nms([box], [score, score], [label], 0.3, 1)
 
 
-def test_detector_selection_equals_monai_postprocessing_for_a_batch():
-    """The override (MONAI's decoding, top-k and clipping; one NMS for the batch) gives what MONAI's own
-    postprocess_detections gives image by image, on an untrained detector's dense outputs."""
+@pytest.mark.parametrize(
+    ("score_quantile", "per_level", "sizes"),
+    [
+        (None, 1000, [[64, 64]] * 3),  # the tiny config's threshold 0: every anchor is a candidate
+        (0.6, 1000, [[64, 64]] * 3),  # some images have fewer candidates above the threshold than others
+        (0.3, 50, [[64, 64], [40, 64], [64, 30]]),  # top-k cuts; each image clipped to its own size
+    ],
+)
+def test_detector_selection_equals_monai_postprocessing_for_a_batch(score_quantile, per_level, sizes):
+    """The override (MONAI's steps on the whole batch; one NMS) gives what MONAI's own postprocess_detections gives
+    image by image, on an untrained detector's dense outputs."""
     torch.manual_seed(0)
-    detector = CariesDetector(tiny_config(detections_per_image=50, nms_threshold=0.3)).eval()
+    detector = CariesDetector(tiny_config(detections_per_image=50, candidates_per_level=per_level)).eval()
     retinanet = detector.retinanet
     images = torch.rand(3, 1, 64, 64)
     with torch.no_grad():
@@ -92,7 +100,9 @@ def test_detector_selection_equals_monai_postprocessing_for_a_batch():
     retinanet.generate_anchors(images, head)
     locations = [level.shape[2:].numel() for level in head[retinanet.cls_key]]
     reshaped = {key: retinanet._reshape_maps(head[key]) for key in (retinanet.cls_key, retinanet.box_reg_key)}
-    sizes = [[64, 64]] * 3
+    if score_quantile is not None:
+        scores = torch.sigmoid(reshaped[retinanet.cls_key])
+        retinanet.box_selector.score_thresh = float(torch.quantile(scores.flatten(), score_quantile))
     ours = retinanet.postprocess_detections(reshaped, retinanet.anchors, sizes, locations)
     theirs = RetinaNetDetector.postprocess_detections(retinanet, reshaped, retinanet.anchors, sizes, locations)
     assert sum(len(found[retinanet.pred_score_key]) for found in ours) > 30  # dense enough to need NMS
