@@ -82,7 +82,10 @@ class _RetinaNetDetector(RetinaNetDetector):
         Per level, as MONAI's ``BoxSelector``: scores (sigmoid of the logits) above the score threshold, the top
         ``topk_candidates_per_level`` of them, their boxes decoded with MONAI's box coder and clipped to the image
         (boxes under 1 px dropped, MONAI's ``clip_boxes_to_image``); then one NMS for all images. MONAI runs those
-        steps image by image with 500-odd tensor operations each; here they run on (B, ...) tensors.
+        steps image by image with 500-odd tensor operations each; here they run on (B, ...) tensors. The result is
+        MONAI's bit for bit, except where scores tie exactly: ``torch.topk`` orders tied values as it pleases (in
+        MONAI too), and here it sees the whole row with the scores under the threshold masked instead of only the
+        ones above, so tied candidates may come out in another order and NMS may keep the other of two tied boxes.
 
         Args:
             head_outputs_reshape: ``cls_key`` (B, sum(HWA), num_classes) logits and ``box_reg_key``
@@ -108,9 +111,13 @@ class _RetinaNetDetector(RetinaNetDetector):
         )
         boxes, scores, labels, valid = [], [], [], []
         for level_logits, level_offsets, level_anchors in levels:
-            flat = level_logits.to(torch.float32).flatten(1)  # (B, HWA * classes)
-            level_scores = torch.sigmoid(flat) if selector.apply_sigmoid else flat
-            above = level_scores > selector.score_thresh
+            flat = level_logits.flatten(1)  # (B, HWA * classes)
+            if selector.apply_sigmoid:
+                level_scores = torch.sigmoid(flat.to(torch.float32))
+                above = level_scores > selector.score_thresh
+            else:  # MONAI compares raw scores in their own dtype, then ranks them in float32
+                above = flat > selector.score_thresh
+                level_scores = flat.to(torch.float32)
             top = min(selector.topk_candidates_per_level, level_scores.shape[1])
             top_scores, top_index = level_scores.masked_fill(~above, float("-inf")).topk(top, dim=1)  # (B, top)
             anchor_index = (top_index // classes)[..., None].expand(-1, -1, 4)

@@ -14,20 +14,22 @@ from tests.detection.tiny import tiny_config
 
 
 @pytest.mark.parametrize(
-    ("height", "width", "windows", "overlap"),
+    ("images", "height", "width", "windows", "overlap", "dtype"),
     [
-        (64, 64, 4, 0.5),  # exactly one window
-        (64, 160, 3, 0.5),  # a row of windows, the last one shifted back to the edge; chunks split an image
-        (128, 96, 64, 0.25),  # every window of the batch in one call
-        (100, 75, 1, 0.25),  # sides that are no multiple of any stride: MONAI's truncated corners
+        (3, 64, 64, 4, 0.5, torch.float32),  # exactly one window
+        (3, 64, 160, 3, 0.5, torch.float32),  # a row of windows, the last one shifted to the edge; chunks split images
+        (3, 128, 96, 64, 0.25, torch.float32),  # every window of the batch in one call
+        (3, 100, 75, 1, 0.25, torch.float32),  # sides that are no multiple of any stride: MONAI's truncated corners
+        (1, 64, 192, 2, 0.0, torch.float32),  # one image, windows side by side
+        (2, 96, 96, 4, 0.5, torch.bfloat16),  # maps accumulated in the inputs' dtype, as MONAI does
     ],
 )
-def test_detector_maps_equal_monai_stitching_bit_for_bit(height, width, windows, overlap):
+def test_detector_maps_equal_monai_stitching_bit_for_bit(images, height, width, windows, overlap, dtype):
     torch.manual_seed(0)
-    detector = CariesDetector(tiny_config()).eval()  # only its network is used; any overlap goes
+    detector = CariesDetector(tiny_config()).eval().to(dtype)  # only its network is used; any overlap goes
     network = detector.network
     keys = [network.cls_key, network.box_reg_key]
-    images = torch.rand(3, 1, height, width)
+    images = torch.rand(images, 1, height, width).to(dtype)
     ours = BatchSlidingWindow(64, windows, overlap)
     theirs = SlidingWindowInferer((64, 64), sw_batch_size=windows, overlap=overlap, mode="constant")
     with torch.no_grad():
@@ -38,6 +40,7 @@ def test_detector_maps_equal_monai_stitching_bit_for_bit(height, width, windows,
         assert len(stitched[key]) == len(expected[key]) == 3
         for level, (map_, reference, repeat) in enumerate(zip(stitched[key], expected[key], again[key], strict=True)):
             assert map_.shape == reference.shape, (key, level)
+            assert map_.dtype == reference.dtype == dtype, (key, level)
             assert torch.equal(map_, reference), (key, level)
             assert torch.equal(repeat, reference), (key, level)
 
