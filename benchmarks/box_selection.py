@@ -11,6 +11,7 @@ Both must keep the same boxes (checked); prints milliseconds per image, then a f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -22,10 +23,12 @@ import torch
 from machine import cpu_name  # benchmarks/machine.py (this folder is on sys.path when run as a script)
 from monai.data.box_utils import batched_nms as monai_batched_nms
 
+from caries_mim.detection import DetectorConfig
 from caries_mim.detection.box_selection import batched_nms
 
-#: The demo model's box selection (config defaults): IoU threshold and boxes kept per image.
-IOU_THRESHOLD, MAX_KEPT = 0.3, 100
+#: The demo model's box selection (DetectorConfig's defaults): IoU threshold and boxes kept per image.
+_DEFAULTS = {field.name: field.default for field in dataclasses.fields(DetectorConfig)}
+IOU_THRESHOLD, MAX_KEPT = _DEFAULTS["nms_threshold"], _DEFAULTS["detections_per_image"]
 BATCHES = (1, 8, 16)
 
 

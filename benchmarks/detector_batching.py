@@ -14,6 +14,7 @@ the arithmetic, bound a small model's batch), then a final JSON line.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -32,10 +33,9 @@ from caries_mim.detection import CariesDetector, prepare_image
 from caries_mim.io import read_radiograph
 from caries_mim.package import load_package
 from caries_mim.synth import SynthConfig, render_indexed, write_dicom
+from service.app import GPU_WINDOW_BATCH_SIZE  # the service's windows per network call on a GPU
 
 BATCHES = (1, 8, 16)
-#: The service's windows per network call on a GPU (service.app); the package's own value on a CPU.
-GPU_WINDOWS = 64
 
 
 def monai_path(detector: CariesDetector, windows: int) -> CariesDetector:
@@ -86,8 +86,8 @@ def main() -> int:
             torch.cuda.synchronize(device)
 
     ours = load_package(args.model, device).detector
-    peer = load_package(args.model, device).detector
-    windows = GPU_WINDOWS if device.type == "cuda" else ours.config.sliding_window_batch_size
+    peer = copy.deepcopy(ours)  # the same weights, switched to MONAI's path below
+    windows = GPU_WINDOW_BATCH_SIZE if device.type == "cuda" else ours.config.sliding_window_batch_size
     ours.set_window_batch_size(windows)
     monai_path(peer, windows)
     with tempfile.TemporaryDirectory() as tmp:
