@@ -7,7 +7,6 @@ before a request's body is read.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,7 +21,7 @@ from caries_mim.errors import CariesMimError
 from caries_mim.inference import Predictor
 from caries_mim.io.options import ReadOptions
 from caries_mim.package import load_package
-from service.batching import InferenceWorker
+from service.batching import InferenceWorker, ModelThread
 from service.errors import (
     ServiceError,
     describe_validation_errors,
@@ -67,13 +66,18 @@ def create_app(settings: ServiceSettings, predictor: Predictor | None = None) ->
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loaded = predictor
-        if loaded is None:
-            if settings.model is None:
-                raise RuntimeError("no model package: set --model or CARIES_MIM_MODEL")
-            log.info("loading model package", extra={"fields": {"device": settings.device or "auto"}})
-            loaded = await asyncio.to_thread(load_package, settings.model, settings.device)
-        app.state.runtime = _runtime(loaded, settings, metrics)
+        if predictor is None and settings.model is None:
+            raise RuntimeError("no model package: set --model or CARIES_MIM_MODEL")
+        model_thread = ModelThread()  # loads and runs the model: one thread for all its work (see ModelThread)
+        try:
+            loaded = predictor
+            if loaded is None:
+                log.info("loading model package", extra={"fields": {"device": settings.device or "auto"}})
+                loaded = await model_thread.run(load_package, settings.model, settings.device)
+            app.state.runtime = _runtime(loaded, settings, metrics, model_thread)
+        except BaseException:
+            model_thread.shutdown()
+            raise
         app.state.runtime.worker.start()
         log.info("ready", extra={"fields": {"model": app.state.runtime.identity.to_dict()}})
         try:
@@ -120,7 +124,9 @@ def _keep_uploads_in_memory(max_upload_bytes: int) -> None:
 GPU_WINDOW_BATCH_SIZE = 64
 
 
-def _runtime(predictor: Predictor, settings: ServiceSettings, metrics: ServiceMetrics) -> Runtime:
+def _runtime(
+    predictor: Predictor, settings: ServiceSettings, metrics: ServiceMetrics, model_thread: ModelThread
+) -> Runtime:
     windows = settings.window_batch_size
     if windows is None and predictor.device.type == "cuda":
         windows = GPU_WINDOW_BATCH_SIZE
@@ -133,6 +139,7 @@ def _runtime(predictor: Predictor, settings: ServiceSettings, metrics: ServiceMe
         queue_size=settings.queue_size,
         retry_after_s=settings.retry_after_s,
         metrics=metrics,
+        thread=model_thread,
     )
     identity = ModelIdentity(
         name=settings.model_name,

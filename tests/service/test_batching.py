@@ -11,7 +11,7 @@ import pytest
 from caries_mim.errors import InvalidArgumentError
 from caries_mim.inference import Findings
 from caries_mim.io import Radiograph
-from service.batching import InferenceWorker
+from service.batching import InferenceWorker, ModelThread
 from service.errors import ServiceError
 from service.metrics import ServiceMetrics
 
@@ -144,3 +144,44 @@ def test_drain_finishes_queued_requests_then_refuses_new_ones():
     assert len(finished) == 3
     assert refused.status == 503
     assert refused.code == "shutting_down"
+
+
+def test_model_thread_runs_calls_in_order_on_one_thread_and_hands_back_errors():
+    async def scenario():
+        thread = ModelThread(name="test-model-thread")
+        names = [await thread.run(lambda: threading.current_thread().name) for _ in range(3)]
+        with pytest.raises(ZeroDivisionError):
+            await thread.run(lambda: 1 / 0)
+        after_error = await thread.run(threading.get_ident)
+        thread.shutdown()
+        return names, after_error
+
+    names, after_error = asyncio.run(scenario())
+    assert names == ["test-model-thread"] * 3
+    assert after_error != threading.get_ident()
+
+
+def test_the_worker_runs_batches_on_the_thread_it_was_given():
+    class ThreadRecordingPredictor(RecordingPredictor):
+        def __init__(self) -> None:
+            super().__init__()
+            self.threads: set[int] = set()
+
+        def predict_batch(self, images, spacing_mm=None):
+            self.threads.add(threading.get_ident())
+            return super().predict_batch(images, spacing_mm)
+
+    async def scenario():
+        thread = ModelThread()
+        loaded_on = await thread.run(threading.get_ident)
+        predictor = ThreadRecordingPredictor()
+        settings = {"max_batch_size": 4, "max_wait_s": 0.0, "queue_size": 4, "retry_after_s": 1}
+        worker = InferenceWorker(predictor, metrics=ServiceMetrics(), thread=thread, **settings)
+        worker.start()
+        await asyncio.gather(*(worker.predict(radiograph(), None, 10) for _ in range(3)))
+        await worker.drain()
+        return loaded_on, predictor
+
+    loaded_on, predictor = asyncio.run(scenario())
+    assert sum(predictor.batches) == 3
+    assert predictor.threads == {loaded_on}

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from fastapi.testclient import TestClient
 from starlette.formparsers import MultiPartParser
 
+import service.app
 from caries_mim.errors import InvalidConfigError
+from caries_mim.inference import Predictor
 from service import ServiceSettings, create_app
 from service.settings import is_loopback
 
@@ -95,6 +99,30 @@ def test_model_loads_from_the_package_file_at_start_up(package_path, package):
     assert card["provenance"] == {"purpose": "tests"}
     assert "second reader" in card["intended_use"]
     assert card["input"]["preprocessing"]["image_size"] == package.config.image_size
+
+
+def test_the_model_is_loaded_on_the_thread_that_runs_it(package_path, synthetic_dicom, monkeypatch):
+    # One thread for all of the model's work keeps PyTorch to one OpenMP team (service.batching.ModelThread).
+    threads = {"load": set(), "predict": set()}
+    load_package = service.app.load_package
+    predict_batch = Predictor.predict_batch
+
+    def recording_load(*args, **kwargs):
+        threads["load"].add(threading.get_ident())
+        return load_package(*args, **kwargs)
+
+    def recording_predict(self, *args, **kwargs):
+        threads["predict"].add(threading.get_ident())
+        return predict_batch(self, *args, **kwargs)
+
+    monkeypatch.setattr(service.app, "load_package", recording_load)
+    monkeypatch.setattr(Predictor, "predict_batch", recording_predict)
+    with TestClient(create_app(ServiceSettings(model=package_path, device="cpu"))) as client:
+        answer = client.post("/v1/predictions", files={"file": ("x.dcm", synthetic_dicom.read_bytes())})
+    assert answer.status_code == 200
+    assert len(threads["load"]) == 1
+    assert threads["predict"] == threads["load"]
+    assert threading.get_ident() not in threads["load"]
 
 
 def test_metrics_count_requests_by_route_and_status(client, synthetic_dicom):
