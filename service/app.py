@@ -140,6 +140,7 @@ def _runtime(
         retry_after_s=settings.retry_after_s,
         metrics=metrics,
         thread=model_thread,
+        stall_timeout_s=settings.stall_timeout_s,
     )
     identity = ModelIdentity(
         name=settings.model_name,

@@ -16,6 +16,7 @@ Every piece of the model's work runs on one OS thread, :class:`ModelThread`; see
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -114,6 +115,7 @@ class InferenceWorker:
         metrics: where queue depth, batch sizes and inference times are recorded.
         thread: the thread the model was loaded on (a new one if None); the worker runs there and shuts it down
             when drained.
+        stall_timeout_s: a batch running longer than this is reported by :meth:`problem` (the model hangs).
     """
 
     def __init__(
@@ -126,6 +128,7 @@ class InferenceWorker:
         retry_after_s: int,
         metrics: ServiceMetrics,
         thread: ModelThread | None = None,
+        stall_timeout_s: float = 300.0,
     ) -> None:
         self.predictor = predictor
         self.max_batch_size = max_batch_size
@@ -137,9 +140,23 @@ class InferenceWorker:
         self._stopping = threading.Event()
         self._thread = thread or ModelThread()
         self._running: Future[None] | None = None
+        self.stall_timeout_s = stall_timeout_s
+        self._batch_started: float | None = None  # time.monotonic() of the batch being computed, None when idle
 
     def start(self) -> None:
         self._running = self._thread.submit(self._run)
+        self._running.add_done_callback(_log_unexpected_end)
+
+    def problem(self) -> str | None:
+        """Why this worker can no longer answer (its loop ended, or a batch hangs), or None while it can."""
+        if self._running is not None and self._running.done() and not self._stopping.is_set():
+            return "the inference thread has stopped"
+        started = self._batch_started
+        if started is not None:
+            running_s = time.monotonic() - started
+            if running_s > self.stall_timeout_s:
+                return f"a model batch has been running for {running_s:.0f} s (stall limit {self.stall_timeout_s:g} s)"
+        return None
 
     @property
     def depth(self) -> int:
@@ -152,11 +169,14 @@ class InferenceWorker:
         """Queue one radiograph and wait for its findings.
 
         Raises:
-            ServiceError: 503 when the queue is full or the service is shutting down, 504 after ``timeout_s``.
+            ServiceError: 503 when the queue is full, the service is shutting down or its inference thread has
+                stopped; 504 after ``timeout_s``.
             CariesMimError: the predictor refused the image (e.g. a bad spacing).
         """
         if not self._accepting:
             raise ServiceError(503, "shutting_down", "the service is shutting down", self._retry_after())
+        if self._running is not None and self._running.done():
+            raise ServiceError(503, "unhealthy", "the inference thread has stopped; the service needs a restart")
         loop = asyncio.get_running_loop()
         job = _Job(radiograph, spacing_mm, loop, loop.create_future())
         try:
@@ -178,7 +198,8 @@ class InferenceWorker:
         self._accepting = False
         self._stopping.set()
         if self._running is not None:
-            await asyncio.wrap_future(self._running)
+            # A loop that ended on an error was logged when it ended; draining goes on either way.
+            await asyncio.wait([asyncio.wrap_future(self._running)])
         await asyncio.to_thread(self._thread.shutdown)
 
     def _retry_after(self) -> dict[str, str]:
@@ -192,11 +213,17 @@ class InferenceWorker:
                 if self._stopping.is_set():
                     return
                 continue
-            batch = [first, *self._more(first)]
-            self.metrics.queue_depth.set(self.depth)
-            live = [job for job in batch if not job.future.cancelled()]
-            if live:
-                self._run_batch(live)
+            batch = [first]
+            try:
+                batch.extend(self._more(first))
+                self.metrics.queue_depth.set(self.depth)
+                live = [job for job in batch if not job.future.cancelled()]
+                if live:
+                    self._run_batch(live)
+            except Exception as exc:  # a fault of the worker itself: its requests hear of it, the next batch runs
+                log.exception("the inference worker failed on a batch of %d", len(batch))
+                for job in batch:
+                    _answer(job, _set_exception, exc)
 
     def _more(self, first: _Job) -> list[_Job]:
         """Jobs that arrive within ``max_wait_s`` of the first one, up to the batch size."""
@@ -211,6 +238,13 @@ class InferenceWorker:
         return more
 
     def _run_batch(self, jobs: Sequence[_Job]) -> None:
+        self._batch_started = time.monotonic()
+        try:
+            self._compute(jobs)
+        finally:
+            self._batch_started = None
+
+    def _compute(self, jobs: Sequence[_Job]) -> None:
         started = time.perf_counter()
         for job in jobs:
             job.started_at = started
@@ -231,7 +265,7 @@ class InferenceWorker:
         self.metrics.inference_seconds.observe(elapsed)
         for job, result in zip(jobs, results, strict=True):
             if isinstance(result, BaseException):
-                job.loop.call_soon_threadsafe(_set_exception, job.future, result)
+                _answer(job, _set_exception, result)
             else:
                 outcome = InferenceResult(
                     findings=result,
@@ -239,13 +273,25 @@ class InferenceWorker:
                     inference_ms=1000.0 * elapsed,
                     batch_size=len(jobs),
                 )
-                job.loop.call_soon_threadsafe(_set_result, job.future, outcome)
+                _answer(job, _set_result, outcome)
 
     def _predict_alone(self, job: _Job) -> Findings | BaseException:
         try:
             return self.predictor.predict(job.radiograph, spacing_mm=job.spacing_mm)
         except Exception as exc:  # handed to the waiting request, which maps it to its HTTP answer
             return exc
+
+
+def _answer(job: _Job, setter: Callable[..., None], value: object) -> None:
+    """Hand a result or an error to the event loop the request waits on (nothing to do if that loop has closed)."""
+    with contextlib.suppress(RuntimeError):
+        job.loop.call_soon_threadsafe(setter, job.future, value)
+
+
+def _log_unexpected_end(running: Future[None]) -> None:
+    if not running.cancelled() and running.exception() is not None:
+        error = running.exception()
+        log.error("the inference loop ended", exc_info=(type(error), error, error.__traceback__))
 
 
 def _set_result(future: asyncio.Future, value: InferenceResult) -> None:

@@ -165,17 +165,31 @@ async def model_card(runtime: Ready) -> dict[str, Any]:
     return runtime.model_card()
 
 
-@router.get("/healthz", summary="Liveness: the process answers")
-async def healthz() -> dict[str, str]:
+def _check_inference_alive(runtime: Runtime | None) -> None:
+    problem = runtime.worker.problem() if runtime is not None else None
+    if problem is not None:
+        raise ServiceError(503, "unhealthy", problem)
+
+
+@router.get(
+    "/healthz",
+    summary="Liveness: the process answers and its model is not hung",
+    description="200 while the process runs, the model loading included; 503 `unhealthy` when the inference "
+    "thread has stopped or one model batch has run past the stall limit (`CARIES_MIM_STALL_TIMEOUT_S`): restart it.",
+    responses={503: {**_ERROR, "description": "the inference thread stopped or hangs"}},
+)
+async def healthz(request: Request) -> dict[str, str]:
+    _check_inference_alive(request.app.state.runtime)
     return {"status": "ok"}
 
 
 @router.get(
     "/readyz",
     summary="Readiness: the model is loaded and requests are accepted",
-    responses={503: {**_ERROR, "description": "not ready yet"}},
+    responses={503: {**_ERROR, "description": "not ready yet, or the model hangs"}},
 )
 async def readyz(runtime: Ready) -> dict[str, Any]:
+    _check_inference_alive(runtime)
     return {"status": "ready", "model": runtime.identity.to_dict(), "queued": runtime.worker.depth}
 
 

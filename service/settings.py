@@ -41,6 +41,9 @@ class ServiceSettings(BaseSettings):
             the load and a lone request pays nothing. A few ms can fill GPU batches better at moderate load.
         queue_size: requests waiting for the model; one more gets 503 with Retry-After.
         request_timeout_s: a request still waiting for its result after this gets 504.
+        stall_timeout_s: a model batch running longer than this makes ``/healthz`` answer 503, so that an
+            orchestrator restarts a process whose model hangs (a stuck GPU kernel, a deadlock); it must exceed the
+            slowest batch (a full batch of panoramics on a CPU).
         retry_after_s: the Retry-After a 503 suggests.
         model_name: the name the API reports for the model.
         log_level: level of the JSON logs on stderr.
@@ -65,6 +68,7 @@ class ServiceSettings(BaseSettings):
     max_batch_wait_ms: float = Field(0.0, ge=0.0)
     queue_size: int = Field(64, ge=1)
     request_timeout_s: float = Field(60.0, gt=0.0)
+    stall_timeout_s: float = Field(300.0, gt=0.0)
     retry_after_s: int = Field(1, ge=1)
     model_name: str = "caries-mim caries detector"
     log_level: str = "INFO"

@@ -185,3 +185,71 @@ def test_the_worker_runs_batches_on_the_thread_it_was_given():
     loaded_on, predictor = asyncio.run(scenario())
     assert sum(predictor.batches) == 3
     assert predictor.threads == {loaded_on}
+
+
+def test_a_batch_past_the_stall_limit_is_reported_until_it_ends():
+    async def scenario():
+        predictor = RecordingPredictor()
+        predictor.gate.clear()
+        worker = make_worker(predictor, max_wait_s=0.0, stall_timeout_s=0.1)
+        healthy_before = worker.problem()
+        pending = asyncio.create_task(worker.predict(radiograph(), None, 10))
+        await asyncio.sleep(0.3)
+        stalled = worker.problem()
+        predictor.gate.set()
+        await pending
+        healthy_after = worker.problem()
+        await worker.drain()
+        return healthy_before, stalled, healthy_after
+
+    healthy_before, stalled, healthy_after = asyncio.run(scenario())
+    assert healthy_before is None
+    assert "running for" in stalled
+    assert "stall limit 0.1 s" in stalled
+    assert healthy_after is None
+
+
+def test_a_fault_of_the_worker_itself_answers_its_batch_and_the_next_batch_runs(monkeypatch, caplog):
+    async def scenario():
+        worker = make_worker(RecordingPredictor(), max_wait_s=0.0)
+        more = worker._more
+        monkeypatch.setattr(worker, "_more", lambda first: 1 / 0)  # a bug in the worker, not in the model
+        with pytest.raises(ZeroDivisionError):
+            await worker.predict(radiograph(), None, 10)
+        monkeypatch.setattr(worker, "_more", more)
+        after = await worker.predict(radiograph(), None, 10)
+        problem = worker.problem()
+        await worker.drain()
+        return after, problem
+
+    after, problem = asyncio.run(scenario())
+    assert after.batch_size == 1
+    assert problem is None
+    assert "the inference worker failed on a batch of 1" in caplog.text
+
+
+class _ThreadKilled(BaseException):
+    """Stands in for what no ``except Exception`` catches."""
+
+
+def test_a_dead_inference_loop_is_reported_and_refuses_requests(monkeypatch, caplog):
+    async def scenario():
+        worker = make_worker(RecordingPredictor(), max_wait_s=0.0)
+
+        def killed(first):
+            raise _ThreadKilled
+
+        monkeypatch.setattr(worker, "_more", killed)
+        with pytest.raises(ServiceError) as timed_out:  # the request the loop died on is never answered
+            await worker.predict(radiograph(), None, 0.3)
+        problem = worker.problem()
+        with pytest.raises(ServiceError) as refused:
+            await worker.predict(radiograph(), None, 10)
+        await worker.drain()
+        return timed_out.value, problem, refused.value
+
+    timed_out, problem, refused = asyncio.run(scenario())
+    assert timed_out.status == 504
+    assert problem == "the inference thread has stopped"
+    assert (refused.status, refused.code) == (503, "unhealthy")
+    assert "the inference loop ended" in caplog.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -245,3 +246,36 @@ def test_a_failing_model_is_a_500_with_a_request_id_and_no_traceback(predictor, 
     assert "Traceback" not in response.text
     assert "illegal memory access" not in response.text
     assert "illegal memory access" in capfd.readouterr().err  # the operator's log has it
+
+
+def test_liveness_and_readiness_fail_while_a_model_batch_hangs(predictor, synthetic_dicom, monkeypatch):
+    release = threading.Event()
+    predict_batch = Predictor.predict_batch
+
+    def hanging(self, *args, **kwargs):
+        release.wait(10)
+        return predict_batch(self, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "predict_batch", hanging)
+    with TestClient(create_app(ServiceSettings(stall_timeout_s=0.2), predictor=predictor)) as client:
+        assert client.get("/healthz").status_code == 200
+        answers = []
+        upload = threading.Thread(
+            target=lambda: answers.append(
+                client.post("/v1/predictions", files={"file": ("x.dcm", synthetic_dicom.read_bytes())})
+            )
+        )
+        upload.start()
+        deadline = time.monotonic() + 10
+        while client.get("/healthz").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        alive, ready = client.get("/healthz"), client.get("/readyz")
+        release.set()
+        upload.join(10)
+        recovered = client.get("/healthz")
+    assert alive.status_code == 503
+    assert alive.json()["error"]["code"] == "unhealthy"
+    assert "stall limit 0.2 s" in alive.json()["error"]["message"]
+    assert ready.status_code == 503
+    assert answers[0].status_code == 200
+    assert recovered.status_code == 200
