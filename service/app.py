@@ -86,6 +86,7 @@ def create_app(settings: ServiceSettings, predictor: Predictor | None = None) ->
             log.info("draining", extra={"fields": {"queued": app.state.runtime.worker.depth}})
             await app.state.runtime.worker.drain()
             app.state.runtime = None
+            metrics.process_exiting()
 
     app = FastAPI(
         title="caries-mim",

@@ -1,11 +1,27 @@
-"""Prometheus metrics of one application instance (its own registry, so tests and several apps never collide)."""
+"""Prometheus metrics of one application instance (its own registry, so tests and several apps never collide).
+
+With several uvicorn workers each process counts its own requests, and a scrape reaches one of them at random.
+``caries-mim serve --workers N`` (N > 1) therefore runs prometheus-client's multiprocess mode: it points
+``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before the workers start, every worker's metrics live in files
+there, and ``/metrics`` answers with their sum over all workers, whichever worker answers.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+
+#: prometheus-client's switch for multiprocess mode; it must be set before the worker processes import it.
+MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 #: Seconds; from a fast GPU batch to a slow CPU panoramic.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def multiprocess_mode() -> bool:
+    """Whether metrics go to the shared directory (several workers) rather than this process's memory."""
+    return bool(os.environ.get(MULTIPROCESS_DIR_VARIABLE))
 
 
 class ServiceMetrics:
@@ -32,7 +48,26 @@ class ServiceMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64),
             registry=self.registry,
         )
-        self.queue_depth = Gauge("caries_mim_queue_depth", "requests waiting for the model", registry=self.registry)
+        # Several workers: the requests waiting in all live workers together.
+        self.queue_depth = Gauge(
+            "caries_mim_queue_depth",
+            "requests waiting for the model",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
         self.rejected = Counter(
             "caries_mim_rejected", "requests refused because the queue was full", registry=self.registry
         )
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format: this application's metrics, or in multiprocess mode all workers' summed."""
+        if not multiprocess_mode():
+            return generate_latest(self.registry)
+        everyone = CollectorRegistry()
+        multiprocess.MultiProcessCollector(everyone)
+        return generate_latest(everyone)
+
+    def process_exiting(self) -> None:
+        """Drop this process's live gauges from the shared directory (a worker shutting down); its counts stay."""
+        if multiprocess_mode():
+            multiprocess.mark_process_dead(os.getpid())

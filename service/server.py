@@ -8,7 +8,11 @@ drains the inference queue.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 
 import uvicorn
 from fastapi import FastAPI
@@ -17,6 +21,7 @@ from caries_mim.errors import InvalidConfigError
 from caries_mim.inference import inference_device
 from caries_mim.package import read_package
 from service.app import create_app
+from service.metrics import MULTIPROCESS_DIR_VARIABLE
 from service.settings import ServiceSettings
 
 #: Seconds uvicorn waits for in-flight requests after SIGTERM before closing them.
@@ -61,13 +66,31 @@ def serve(settings: ServiceSettings) -> None:
     # Likewise the device: CUDA asked for on a host (or container) that does not see a GPU.
     inference_device(settings.device)
     os.environ.update(settings_environment(settings))
-    uvicorn.run(
-        "service.server:app_from_environment",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-    )
+    with _shared_metrics_directory(settings.workers):
+        uvicorn.run(
+            "service.server:app_from_environment",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        )
+
+
+@contextlib.contextmanager
+def _shared_metrics_directory(workers: int) -> Iterator[None]:
+    """With several workers, a fresh ``PROMETHEUS_MULTIPROC_DIR`` for their metrics (``service.metrics``), removed
+    afterwards; the workers, started after this, inherit it. A directory the operator set is used as it is: it must
+    be empty when the service starts (prometheus-client's rule)."""
+    if workers == 1 or os.environ.get(MULTIPROCESS_DIR_VARIABLE):
+        yield
+        return
+    directory = tempfile.mkdtemp(prefix="caries-mim-metrics-")
+    os.environ[MULTIPROCESS_DIR_VARIABLE] = directory
+    try:
+        yield
+    finally:
+        os.environ.pop(MULTIPROCESS_DIR_VARIABLE, None)
+        shutil.rmtree(directory, ignore_errors=True)

@@ -3,7 +3,9 @@ and the command's refusals."""
 
 from __future__ import annotations
 
+import json
 import signal
+import urllib.request
 
 import pytest
 import torch
@@ -32,6 +34,37 @@ def test_serve_answers_over_http_and_stops_on_sigterm(package_path, synthetic_di
     output = service.log_tail(1_000_000)
     assert "SYNTH^PATIENT" not in output
     assert '"message": "draining"' in output
+
+
+def _count(metrics_text: str, name: str, *labels: str) -> float:
+    """The value of the sample ``name{...}`` whose labels include every one of ``labels`` (0 if none)."""
+    for line in metrics_text.splitlines():
+        if line.startswith((name + "{", name + " ")) and all(label in line for label in labels):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.mark.slow
+def test_metrics_add_up_every_worker_whichever_answers_the_scrape(package_path, synthetic_dicom, tmp_path):
+    environment = {"CARIES_MIM_WORKERS": "2", "OMP_NUM_THREADS": "1"}
+    log_path = tmp_path / "server.log"
+    with LocalService(package_path, log_path, environment=environment, ready_timeout_s=240) as service:
+        data = synthetic_dicom.read_bytes()
+        requests = 12
+        for _ in range(requests):
+            assert post_radiograph(service.base_url, data).status == 200
+        scrapes = []
+        for _ in range(8):
+            with urllib.request.urlopen(f"{service.base_url}/metrics", timeout=30) as answer:
+                scrapes.append(answer.read().decode())
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    answered_by = {line["pid"] for line in lines if line["message"] == "prediction"}
+    assert len(answered_by) == 2, "one worker answered every request: the test would prove nothing"
+    counts = [_count(text, "caries_mim_requests_total", 'route="/v1/predictions"', 'status="200"') for text in scrapes]
+    assert counts == [requests] * len(scrapes)
+    batches = [_count(text, "caries_mim_batch_size_count") for text in scrapes]
+    assert batches == [batches[0]] * len(scrapes)
+    assert 1 <= batches[0] <= requests
 
 
 def test_a_service_that_cannot_start_is_a_clear_error(tmp_path):
