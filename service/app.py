@@ -7,7 +7,9 @@ before a request's body is read.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -75,14 +77,20 @@ def create_app(settings: ServiceSettings, predictor: Predictor | None = None) ->
                 log.info("loading model package", extra={"fields": {"device": settings.device or "auto"}})
                 loaded = await model_thread.run(load_package, settings.model, settings.device)
             app.state.runtime = _runtime(loaded, settings, metrics, model_thread)
+            app.state.runtime.worker.start()
         except BaseException:
-            model_thread.shutdown()
+            # Not joined: start-up may have been cancelled while the package is still loading on that thread.
+            model_thread.shutdown(wait=False)
             raise
-        app.state.runtime.worker.start()
         log.info("ready", extra={"fields": {"model": app.state.runtime.identity.to_dict()}})
+        watchdog = None
+        if settings.workers > 1:
+            watchdog = asyncio.create_task(watch_inference(app.state.runtime.worker, metrics))
         try:
             yield
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             log.info("draining", extra={"fields": {"queued": app.state.runtime.worker.depth}})
             await app.state.runtime.worker.drain()
             app.state.runtime = None
@@ -105,6 +113,28 @@ def create_app(settings: ServiceSettings, predictor: Predictor | None = None) ->
     app.add_middleware(ApiKeyGate, keys=api_keys, max_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestContext, metrics=metrics)
     return app
+
+
+#: Seconds between a worker's checks of its own inference thread, and its exit status when that thread is lost.
+WATCHDOG_PERIOD_S = 5.0
+WATCHDOG_EXIT_STATUS = 70
+
+
+async def watch_inference(
+    worker: InferenceWorker, metrics: ServiceMetrics, *, period_s: float = WATCHDOG_PERIOD_S, exit_process=os._exit
+) -> None:
+    """With several workers, a worker whose model hangs past the stall limit, or whose inference loop died, exits
+    so that uvicorn's supervisor starts a fresh one (gunicorn treats a worker past its timeout the same way). One
+    worker's ``/healthz`` cannot speak for the others, and a probe reaches one of them at random. ``os._exit``: a
+    hung model thread cannot be stopped, and a graceful shutdown would wait for it."""
+    while True:
+        await asyncio.sleep(period_s)
+        problem = worker.problem()
+        if problem is not None:
+            log.critical("worker exiting to be replaced", extra={"fields": {"problem": problem}})
+            metrics.process_exiting()
+            exit_process(WATCHDOG_EXIT_STATUS)
+            return
 
 
 #: Uploads up to this size stay in memory while the form is parsed; larger ones (panoramics, multi-MB

@@ -67,10 +67,11 @@ class ModelThread:
         """``function(*args)`` on the model thread, awaited (e.g. loading the package)."""
         return await asyncio.wrap_future(self.submit(function, *args))
 
-    def shutdown(self) -> None:
-        """Finish the calls already queued, then end the thread."""
+    def shutdown(self, *, wait: bool = True) -> None:
+        """Finish the calls already queued, then end the thread (``wait``: and wait for that)."""
         self._calls.put(None)
-        self._thread.join()
+        if wait:
+            self._thread.join()
 
     def _serve(self) -> None:
         while (call := self._calls.get()) is not None:
@@ -145,7 +146,17 @@ class InferenceWorker:
 
     def start(self) -> None:
         self._running = self._thread.submit(self._run)
-        self._running.add_done_callback(_log_unexpected_end)
+        self._running.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, running: Future[None]) -> None:
+        """The inference loop returned (drained) or died: in the second case, log why and answer everyone waiting."""
+        error = None if running.cancelled() else running.exception()
+        if error is None:
+            return
+        log.error("the inference loop ended", exc_info=(type(error), error, error.__traceback__))
+        while not self._queue.empty():
+            with contextlib.suppress(queue.Empty):
+                _answer(self._queue.get_nowait(), _set_exception, _thread_stopped())
 
     def problem(self) -> str | None:
         """Why this worker can no longer answer (its loop ended, or a batch hangs), or None while it can."""
@@ -155,7 +166,7 @@ class InferenceWorker:
         if started is not None:
             running_s = time.monotonic() - started
             if running_s > self.stall_timeout_s:
-                return f"a model batch has been running for {running_s:.0f} s (stall limit {self.stall_timeout_s:g} s)"
+                return f"a model batch has been running for {running_s:.1f} s (stall limit {self.stall_timeout_s:g} s)"
         return None
 
     @property
@@ -176,7 +187,7 @@ class InferenceWorker:
         if not self._accepting:
             raise ServiceError(503, "shutting_down", "the service is shutting down", self._retry_after())
         if self._running is not None and self._running.done():
-            raise ServiceError(503, "unhealthy", "the inference thread has stopped; the service needs a restart")
+            raise _thread_stopped()
         loop = asyncio.get_running_loop()
         job = _Job(radiograph, spacing_mm, loop, loop.create_future())
         try:
@@ -194,12 +205,22 @@ class InferenceWorker:
             raise ServiceError(504, "timeout", f"no result within {timeout_s:g} s; the model is overloaded") from None
 
     async def drain(self) -> None:
-        """Refuse new requests, finish the queued ones, stop the thread."""
+        """Refuse new requests, finish the queued ones, stop the thread.
+
+        A batch past the stall limit is not waited for: the process is being stopped because its model hangs, and
+        the model thread (a daemon) is left behind rather than blocking the exit.
+        """
         self._accepting = False
         self._stopping.set()
         if self._running is not None:
             # A loop that ended on an error was logged when it ended; draining goes on either way.
-            await asyncio.wait([asyncio.wrap_future(self._running)])
+            running = asyncio.wrap_future(self._running)
+            while not running.done():
+                await asyncio.wait([running], timeout=1.0)
+                problem = self.problem()
+                if problem is not None and not running.done():
+                    log.error("not waiting for the model to finish", extra={"fields": {"problem": problem}})
+                    return
         await asyncio.to_thread(self._thread.shutdown)
 
     def _retry_after(self) -> dict[str, str]:
@@ -224,6 +245,10 @@ class InferenceWorker:
                 log.exception("the inference worker failed on a batch of %d", len(batch))
                 for job in batch:
                     _answer(job, _set_exception, exc)
+            except BaseException:  # the loop ends (see _loop_ended): the batch it held hears of it too
+                for job in batch:
+                    _answer(job, _set_exception, _thread_stopped())
+                raise
 
     def _more(self, first: _Job) -> list[_Job]:
         """Jobs that arrive within ``max_wait_s`` of the first one, up to the batch size."""
@@ -238,28 +263,15 @@ class InferenceWorker:
         return more
 
     def _run_batch(self, jobs: Sequence[_Job]) -> None:
-        self._batch_started = time.monotonic()
-        try:
-            self._compute(jobs)
-        finally:
-            self._batch_started = None
-
-    def _compute(self, jobs: Sequence[_Job]) -> None:
         started = time.perf_counter()
         for job in jobs:
             job.started_at = started
+        self._batch_started = time.monotonic()
         try:
-            results: list[Findings | BaseException] = list(
-                self.predictor.predict_batch(
-                    [job.radiograph for job in jobs], spacing_mm=[job.spacing_mm for job in jobs]
-                )
-            )
-        except CariesMimError:
-            # One unusable image refuses the whole batch; predict each alone so only that one gets the error.
-            results = [self._predict_alone(job) for job in jobs]
-        except Exception as exc:  # the model itself failed: every waiting request must hear about it
-            log.exception("inference failed for a batch of %d", len(jobs))
-            results = [exc] * len(jobs)
+            results = self._compute(jobs)
+        finally:
+            # Cleared before anyone is answered: a probe that follows an answer must not see the batch running.
+            self._batch_started = None
         elapsed = time.perf_counter() - started
         self.metrics.batch_size.observe(len(jobs))
         self.metrics.inference_seconds.observe(elapsed)
@@ -275,6 +287,21 @@ class InferenceWorker:
                 )
                 _answer(job, _set_result, outcome)
 
+    def _compute(self, jobs: Sequence[_Job]) -> list[Findings | BaseException]:
+        """Each job's findings, or the error that job must get."""
+        try:
+            return list(
+                self.predictor.predict_batch(
+                    [job.radiograph for job in jobs], spacing_mm=[job.spacing_mm for job in jobs]
+                )
+            )
+        except CariesMimError:
+            # One unusable image refuses the whole batch; predict each alone so only that one gets the error.
+            return [self._predict_alone(job) for job in jobs]
+        except Exception as exc:  # the model itself failed: every waiting request must hear about it
+            log.exception("inference failed for a batch of %d", len(jobs))
+            return [exc] * len(jobs)
+
     def _predict_alone(self, job: _Job) -> Findings | BaseException:
         try:
             return self.predictor.predict(job.radiograph, spacing_mm=job.spacing_mm)
@@ -282,16 +309,14 @@ class InferenceWorker:
             return exc
 
 
+def _thread_stopped() -> ServiceError:
+    return ServiceError(503, "unhealthy", "the inference thread has stopped; the service needs a restart")
+
+
 def _answer(job: _Job, setter: Callable[..., None], value: object) -> None:
     """Hand a result or an error to the event loop the request waits on (nothing to do if that loop has closed)."""
     with contextlib.suppress(RuntimeError):
         job.loop.call_soon_threadsafe(setter, job.future, value)
-
-
-def _log_unexpected_end(running: Future[None]) -> None:
-    if not running.cancelled() and running.exception() is not None:
-        error = running.exception()
-        log.error("the inference loop ended", exc_info=(type(error), error, error.__traceback__))
 
 
 def _set_result(future: asyncio.Future, value: InferenceResult) -> None:

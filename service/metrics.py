@@ -8,7 +8,9 @@ there, and ``/metrics`` answers with their sum over all workers, whichever worke
 
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
@@ -63,6 +65,7 @@ class ServiceMetrics:
         """The Prometheus text format: this application's metrics, or in multiprocess mode all workers' summed."""
         if not multiprocess_mode():
             return generate_latest(self.registry)
+        _forget_dead_workers(Path(os.environ[MULTIPROCESS_DIR_VARIABLE]))
         everyone = CollectorRegistry()
         multiprocess.MultiProcessCollector(everyone)
         return generate_latest(everyone)
@@ -71,3 +74,25 @@ class ServiceMetrics:
         """Drop this process's live gauges from the shared directory (a worker shutting down); its counts stay."""
         if multiprocess_mode():
             multiprocess.mark_process_dead(os.getpid())
+
+
+def _forget_dead_workers(directory: Path) -> None:
+    """Drop the live gauges of workers that died without shutting down (killed, out of memory): their last queue
+    depth would otherwise stay in the sum. Their counters stay, as totals should."""
+    pids = set()
+    for path in directory.glob("gauge_live*_*.db"):
+        with contextlib.suppress(ValueError):
+            pids.add(int(path.stem.rsplit("_", 1)[1]))
+    for pid in pids:
+        if not _alive(pid):
+            multiprocess.mark_process_dead(pid, str(directory))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True

@@ -174,8 +174,8 @@ def _check_inference_alive(runtime: Runtime | None) -> None:
 @router.get(
     "/healthz",
     summary="Liveness: the process answers and its model is not hung",
-    description="200 while the process runs, the model loading included; 503 `unhealthy` when the inference "
-    "thread has stopped or one model batch has run past the stall limit (`CARIES_MIM_STALL_TIMEOUT_S`): restart it.",
+    description="200 while the process runs; 503 `unhealthy` when the inference thread has stopped or one model "
+    "batch has run past the stall limit (`CARIES_MIM_STALL_TIMEOUT_S`): restart it.",
     responses={503: {**_ERROR, "description": "the inference thread stopped or hangs"}},
 )
 async def healthz(request: Request) -> dict[str, str]:

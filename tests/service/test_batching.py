@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from caries_mim.errors import InvalidArgumentError
 from caries_mim.inference import Findings
 from caries_mim.io import Radiograph
+from service.app import WATCHDOG_EXIT_STATUS, watch_inference
 from service.batching import InferenceWorker, ModelThread
 from service.errors import ServiceError
 from service.metrics import ServiceMetrics
@@ -21,10 +23,12 @@ class RecordingPredictor:
 
     def __init__(self) -> None:
         self.batches: list[int] = []
+        self.entered = threading.Event()  # set once a batch has started
         self.gate = threading.Event()
         self.gate.set()
 
     def predict_batch(self, images, spacing_mm=None):
+        self.entered.set()
         self.gate.wait(10)
         self.batches.append(len(images))
         return [self.predict(image) for image in images]
@@ -149,6 +153,10 @@ def test_drain_finishes_queued_requests_then_refuses_new_ones():
 def test_model_thread_runs_calls_in_order_on_one_thread_and_hands_back_errors():
     async def scenario():
         thread = ModelThread(name="test-model-thread")
+        order = []
+        calls = [thread.submit(order.append, index) for index in range(20)]  # queued before any runs
+        await asyncio.gather(*(asyncio.wrap_future(call) for call in calls))
+        assert order == list(range(20))
         names = [await thread.run(lambda: threading.current_thread().name) for _ in range(3)]
         with pytest.raises(ZeroDivisionError):
             await thread.run(lambda: 1 / 0)
@@ -187,26 +195,52 @@ def test_the_worker_runs_batches_on_the_thread_it_was_given():
     assert predictor.threads == {loaded_on}
 
 
+async def _until(condition, timeout_s: float = 10.0):
+    """Poll ``condition()`` until it returns something truthy (returned) or ``timeout_s`` passes (its last value)."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return value
+
+
 def test_a_batch_past_the_stall_limit_is_reported_until_it_ends():
     async def scenario():
         predictor = RecordingPredictor()
         predictor.gate.clear()
         worker = make_worker(predictor, max_wait_s=0.0, stall_timeout_s=0.1)
         healthy_before = worker.problem()
-        pending = asyncio.create_task(worker.predict(radiograph(), None, 10))
-        await asyncio.sleep(0.3)
-        stalled = worker.problem()
+        pending = asyncio.create_task(worker.predict(radiograph(), None, 30))
+        await asyncio.to_thread(predictor.entered.wait, 10)
+        stalled = await _until(worker.problem)
         predictor.gate.set()
         await pending
-        healthy_after = worker.problem()
+        healthy_after = worker.problem()  # the batch is over once its request has its answer
         await worker.drain()
         return healthy_before, stalled, healthy_after
 
     healthy_before, stalled, healthy_after = asyncio.run(scenario())
     assert healthy_before is None
-    assert "running for" in stalled
-    assert "stall limit 0.1 s" in stalled
+    assert "a model batch has been running for" in stalled
+    assert "(stall limit 0.1 s)" in stalled
     assert healthy_after is None
+
+
+def test_draining_does_not_wait_for_a_batch_past_the_stall_limit(caplog):
+    async def scenario():
+        predictor = RecordingPredictor()
+        predictor.gate.clear()
+        worker = make_worker(predictor, max_wait_s=0.0, stall_timeout_s=0.1)
+        pending = asyncio.create_task(worker.predict(radiograph(), None, 30))
+        await asyncio.to_thread(predictor.entered.wait, 10)
+        await _until(worker.problem)
+        await asyncio.wait_for(worker.drain(), 20)  # returns although the batch still hangs
+        still_hanging = not pending.done()
+        predictor.gate.set()  # let the daemon thread finish
+        await pending
+        return still_hanging
+
+    assert asyncio.run(scenario())
+    assert "not waiting for the model to finish" in caplog.text
 
 
 def test_a_fault_of_the_worker_itself_answers_its_batch_and_the_next_batch_runs(monkeypatch, caplog):
@@ -234,22 +268,41 @@ class _ThreadKilled(BaseException):
 
 def test_a_dead_inference_loop_is_reported_and_refuses_requests(monkeypatch, caplog):
     async def scenario():
-        worker = make_worker(RecordingPredictor(), max_wait_s=0.0)
+        predictor = RecordingPredictor()
+        predictor.gate.clear()
+        worker = make_worker(predictor, max_batch_size=1, max_wait_s=0.0)
+        running = asyncio.create_task(worker.predict(radiograph(), None, 30))
+        await asyncio.to_thread(predictor.entered.wait, 10)
+        queued = asyncio.create_task(worker.predict(radiograph(), None, 30))  # waits behind the running batch
+        await _until(lambda: worker.depth == 1)
 
         def killed(first):
             raise _ThreadKilled
 
-        monkeypatch.setattr(worker, "_more", killed)
-        with pytest.raises(ServiceError) as timed_out:  # the request the loop died on is never answered
-            await worker.predict(radiograph(), None, 0.3)
+        monkeypatch.setattr(worker, "_more", killed)  # the next batch kills the loop
+        predictor.gate.set()
+        await running
+        with pytest.raises(ServiceError) as queued_error:  # answered at once, not after its timeout
+            await queued
+        await asyncio.wait([asyncio.wrap_future(worker._running)], timeout=10)
         problem = worker.problem()
         with pytest.raises(ServiceError) as refused:
-            await worker.predict(radiograph(), None, 10)
+            await worker.predict(radiograph(), None, 30)
         await worker.drain()
-        return timed_out.value, problem, refused.value
+        return queued_error.value, problem, refused.value
 
-    timed_out, problem, refused = asyncio.run(scenario())
-    assert timed_out.status == 504
+    queued_error, problem, refused = asyncio.run(scenario())
+    assert (queued_error.status, queued_error.code) == (503, "unhealthy")
     assert problem == "the inference thread has stopped"
     assert (refused.status, refused.code) == (503, "unhealthy")
     assert "the inference loop ended" in caplog.text
+
+
+def test_with_several_workers_one_that_lost_its_model_exits_to_be_replaced():
+    class Broken:
+        def problem(self):
+            return "the inference thread has stopped"
+
+    exits = []
+    asyncio.run(watch_inference(Broken(), ServiceMetrics(), period_s=0.01, exit_process=exits.append))
+    assert exits == [WATCHDOG_EXIT_STATUS]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 import urllib.request
 
 import pytest
@@ -44,27 +45,49 @@ def _count(metrics_text: str, name: str, *labels: str) -> float:
     return 0.0
 
 
+def _pids_that_logged(log_path, message: str) -> set[int]:
+    lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.startswith("{")]
+    return {entry["pid"] for entry in map(json.loads, lines) if entry.get("message") == message}
+
+
+def _eventually(condition, timeout_s: float):
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return value
+
+
 @pytest.mark.slow
 def test_metrics_add_up_every_worker_whichever_answers_the_scrape(package_path, synthetic_dicom, tmp_path):
-    environment = {"CARIES_MIM_WORKERS": "2", "OMP_NUM_THREADS": "1"}
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    environment = {"CARIES_MIM_WORKERS": "2", "OMP_NUM_THREADS": "1", "TMPDIR": str(temporary)}
     log_path = tmp_path / "server.log"
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"{service.base_url}/metrics", timeout=30) as answer:
+            return answer.read().decode()
+
+    def predictions_counted(text: str) -> float:
+        return _count(text, "caries_mim_requests_total", 'route="/v1/predictions"', 'status="200"')
+
     with LocalService(package_path, log_path, environment=environment, ready_timeout_s=240) as service:
+        assert len(_eventually(lambda: _pids_that_logged(log_path, "ready"), 240)) == 2
         data = synthetic_dicom.read_bytes()
-        requests = 12
-        for _ in range(requests):
+        sent = 0
+        while len(_pids_that_logged(log_path, "prediction")) < 2 and sent < 60:
             assert post_radiograph(service.base_url, data).status == 200
-        scrapes = []
-        for _ in range(8):
-            with urllib.request.urlopen(f"{service.base_url}/metrics", timeout=30) as answer:
-                scrapes.append(answer.read().decode())
-    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
-    answered_by = {line["pid"] for line in lines if line["message"] == "prediction"}
-    assert len(answered_by) == 2, "one worker answered every request: the test would prove nothing"
-    counts = [_count(text, "caries_mim_requests_total", 'route="/v1/predictions"', 'status="200"') for text in scrapes]
-    assert counts == [requests] * len(scrapes)
+            sent += 1
+        answered_by = _pids_that_logged(log_path, "prediction")
+        # A worker counts a request once its answer has gone out: wait until the last one is counted.
+        _eventually(lambda: predictions_counted(scrape()) == sent, 30)
+        scrapes = [scrape() for _ in range(8)]
+    assert len(answered_by) == 2, f"one worker answered all {sent} requests: the test would prove nothing"
+    assert [predictions_counted(text) for text in scrapes] == [sent] * len(scrapes)
     batches = [_count(text, "caries_mim_batch_size_count") for text in scrapes]
     assert batches == [batches[0]] * len(scrapes)
-    assert 1 <= batches[0] <= requests
+    assert 1 <= batches[0] <= sent
+    assert not list(temporary.glob("caries-mim-metrics-*")), "the metrics directory outlived the service"
 
 
 def test_a_service_that_cannot_start_is_a_clear_error(tmp_path):
