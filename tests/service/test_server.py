@@ -72,7 +72,7 @@ def test_metrics_add_up_every_worker_whichever_answers_the_scrape(package_path, 
         return _count(text, "caries_mim_requests_total", 'route="/v1/predictions"', 'status="200"')
 
     with LocalService(package_path, log_path, environment=environment, ready_timeout_s=240) as service:
-        assert len(_eventually(lambda: _pids_that_logged(log_path, "ready"), 240)) == 2
+        assert _eventually(lambda: len(_pids_that_logged(log_path, "ready")) == 2, 240), "a worker never got ready"
         data = synthetic_dicom.read_bytes()
         sent = 0
         while len(_pids_that_logged(log_path, "prediction")) < 2 and sent < 60:
