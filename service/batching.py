@@ -158,9 +158,13 @@ class InferenceWorker:
             with contextlib.suppress(queue.Empty):
                 _answer(self._queue.get_nowait(), _set_exception, _thread_stopped())
 
+    def _loop_ended_early(self) -> bool:
+        """The inference loop is over though nobody asked it to stop (it died)."""
+        return self._running is not None and self._running.done() and not self._stopping.is_set()
+
     def problem(self) -> str | None:
         """Why this worker can no longer answer (its loop ended, or a batch hangs), or None while it can."""
-        if self._running is not None and self._running.done() and not self._stopping.is_set():
+        if self._loop_ended_early():
             return "the inference thread has stopped"
         started = self._batch_started
         if started is not None:
@@ -186,7 +190,7 @@ class InferenceWorker:
         """
         if not self._accepting:
             raise ServiceError(503, "shutting_down", "the service is shutting down", self._retry_after())
-        if self._running is not None and self._running.done():
+        if self._loop_ended_early():
             raise _thread_stopped()
         loop = asyncio.get_running_loop()
         job = _Job(radiograph, spacing_mm, loop, loop.create_future())

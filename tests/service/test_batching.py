@@ -203,14 +203,25 @@ async def _until(condition, timeout_s: float = 10.0):
     return value
 
 
+def _gated_worker(**settings) -> tuple[RecordingPredictor, InferenceWorker]:
+    """A worker whose batches wait at the predictor's gate, closed until the test opens it."""
+    predictor = RecordingPredictor()
+    predictor.gate.clear()
+    return predictor, make_worker(predictor, max_wait_s=0.0, **settings)
+
+
+async def _held_batch(predictor: RecordingPredictor, worker: InferenceWorker) -> asyncio.Task:
+    """One request whose batch has started and waits at the gate (the task of its answer)."""
+    pending = asyncio.create_task(worker.predict(radiograph(), None, 30))
+    await asyncio.to_thread(predictor.entered.wait, 10)
+    return pending
+
+
 def test_a_batch_past_the_stall_limit_is_reported_until_it_ends():
     async def scenario():
-        predictor = RecordingPredictor()
-        predictor.gate.clear()
-        worker = make_worker(predictor, max_wait_s=0.0, stall_timeout_s=0.1)
+        predictor, worker = _gated_worker(stall_timeout_s=0.1)
         healthy_before = worker.problem()
-        pending = asyncio.create_task(worker.predict(radiograph(), None, 30))
-        await asyncio.to_thread(predictor.entered.wait, 10)
+        pending = await _held_batch(predictor, worker)
         stalled = await _until(worker.problem)
         predictor.gate.set()
         await pending
@@ -227,11 +238,8 @@ def test_a_batch_past_the_stall_limit_is_reported_until_it_ends():
 
 def test_draining_does_not_wait_for_a_batch_past_the_stall_limit(caplog):
     async def scenario():
-        predictor = RecordingPredictor()
-        predictor.gate.clear()
-        worker = make_worker(predictor, max_wait_s=0.0, stall_timeout_s=0.1)
-        pending = asyncio.create_task(worker.predict(radiograph(), None, 30))
-        await asyncio.to_thread(predictor.entered.wait, 10)
+        predictor, worker = _gated_worker(stall_timeout_s=0.1)
+        pending = await _held_batch(predictor, worker)
         await _until(worker.problem)
         await asyncio.wait_for(worker.drain(), 20)  # returns although the batch still hangs
         still_hanging = not pending.done()
@@ -268,11 +276,8 @@ class _ThreadKilled(BaseException):
 
 def test_a_dead_inference_loop_is_reported_and_refuses_requests(monkeypatch, caplog):
     async def scenario():
-        predictor = RecordingPredictor()
-        predictor.gate.clear()
-        worker = make_worker(predictor, max_batch_size=1, max_wait_s=0.0)
-        running = asyncio.create_task(worker.predict(radiograph(), None, 30))
-        await asyncio.to_thread(predictor.entered.wait, 10)
+        predictor, worker = _gated_worker(max_batch_size=1)
+        running = await _held_batch(predictor, worker)
         queued = asyncio.create_task(worker.predict(radiograph(), None, 30))  # waits behind the running batch
         await _until(lambda: worker.depth == 1)
 
