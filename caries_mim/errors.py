@@ -80,6 +80,18 @@ class ImageTooLargeError(CariesMimError):
     code = "image_too_large"
 
 
+class DecodeTimeoutError(CariesMimError):
+    """Decoding one file ran past the wall-time limit of an isolated decoder (the decoder was stopped)."""
+
+    code = "decode_timeout"
+
+
+class DecoderUnavailableError(CariesMimError):
+    """No isolated decoder could take the file: all are busy past the wait limit, or the pool is closed."""
+
+    code = "decoder_unavailable"
+
+
 class InvalidDatasetError(CariesMimError):
     """An annotation file or data folder that cannot be used (bad schema, missing images, nothing to read)."""
 
@@ -102,3 +114,19 @@ class InvalidCheckpointError(CariesMimError):
     """A weights file that is missing, truncated, of another kind, or whose shapes do not fit the model."""
 
     code = "invalid_checkpoint"
+
+
+def error_for_code(code: str, message: str) -> CariesMimError:
+    """A typed error rebuilt from its code and message (errors that crossed a process boundary as plain text).
+
+    An unknown code keeps its text in a plain :class:`CariesMimError` whose ``code`` is set to it.
+    """
+    pending = list(CariesMimError.__subclasses__())
+    while pending:
+        kind = pending.pop()
+        if kind.code == code:
+            return kind(message)
+        pending.extend(kind.__subclasses__())
+    error = CariesMimError(message)
+    error.code = code
+    return error

@@ -464,8 +464,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     if not args.verbose:
-        # pydicom logs every non-conformance it also raises as a warning; commands report those per file.
-        logging.getLogger("pydicom").setLevel(logging.ERROR)
+        # pydicom logs every non-conformance it also raises as a warning, and every decoder plugin that fails on a
+        # file with its traceback (before trying the next plugin): commands report each file's outcome themselves.
+        logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     try:
         return args.handler(args)
     except CariesMimError as exc:

@@ -1,4 +1,9 @@
-"""``caries-mim inspect``: one JSON line per file saying what it is, or exactly why it cannot be read."""
+"""``caries-mim inspect``: one JSON line per file saying what it is, or exactly why it cannot be read.
+
+Files are decoded in an isolated worker process (:class:`~caries_mim.io.isolation.IsolatedReader`): a file that
+crashes or hangs a native decoder gets its error line and the listing goes on, which is what inspecting a
+PACS export or a folder from elsewhere needs.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from caries_mim.errors import CariesMimError
-from caries_mim.io import ReadOptions, read_radiograph
+from caries_mim.io import ReadOptions
+from caries_mim.io.isolation import IsolatedReader
+
+#: A person waits for these commands: a slow decode (a 50-megapixel JPEG 2000) may take this long.
+CLI_DECODE_TIMEOUT_S = 120.0
 
 
 def expand_paths(paths: Iterable[str | os.PathLike]) -> Iterator[Path]:
@@ -27,7 +36,14 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> Iterator[Path]:
             yield path
 
 
-def inspect_file(path: Path, options: ReadOptions, *, reveal_uids: bool = False) -> dict[str, Any]:
+def isolated_cli_reader() -> IsolatedReader:
+    """The one-worker isolated reader of a command that reads the user's files (``inspect``, ``predict``)."""
+    return IsolatedReader(1, timeout_s=CLI_DECODE_TIMEOUT_S, relay_warnings=True)
+
+
+def inspect_file(
+    path: Path, options: ReadOptions, reader: IsolatedReader, *, reveal_uids: bool = False
+) -> dict[str, Any]:
     """Read one file fully (pixels included, so corrupt data is caught) and describe it as a JSON-ready dict.
 
     Warnings raised while reading (pydicom's notes on non-conformant files) go into the file's own record
@@ -37,7 +53,7 @@ def inspect_file(path: Path, options: ReadOptions, *, reveal_uids: bool = False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            radiograph = read_radiograph(path, options)
+            radiograph = reader.read(path, options)
         except CariesMimError as exc:
             record.update(ok=False, error=exc.to_dict())
         except Exception as exc:  # a reader bug must not hide the other files' answers
@@ -62,10 +78,11 @@ def inspect_files(
 ) -> tuple[int, int]:
     """Write one JSON line per file to ``out``; return (files seen, files readable)."""
     seen = readable = 0
-    for path in expand_paths(paths):
-        record = inspect_file(path, options, reveal_uids=reveal_uids)
-        out.write(json.dumps(record, ensure_ascii=False) + "\n")
-        out.flush()
-        seen += 1
-        readable += bool(record["ok"])
+    with isolated_cli_reader() as reader:
+        for path in expand_paths(paths):
+            record = inspect_file(path, options, reader, reveal_uids=reveal_uids)
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.flush()
+            seen += 1
+            readable += bool(record["ok"])
     return seen, readable

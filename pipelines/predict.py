@@ -22,9 +22,11 @@ from caries_mim.atomic_files import atomic_path
 from caries_mim.data import RADIOGRAPH_SUFFIXES, find_radiographs
 from caries_mim.errors import CariesMimError
 from caries_mim.inference import Findings, Predictor
-from caries_mim.io import ReadOptions, read_radiograph
+from caries_mim.io import ReadOptions
+from caries_mim.io.isolation import IsolatedReader
 from caries_mim.package import load_package
 from caries_mim.visualization import draw_findings
+from pipelines.inspect_files import isolated_cli_reader
 
 
 def expand_inputs(paths: Iterable[str | os.PathLike]) -> Iterator[Path]:
@@ -77,6 +79,7 @@ def predict_one(
     predictor: Predictor,
     path: Path,
     options: ReadOptions,
+    reader: IsolatedReader,
     *,
     overlay: Path | None = None,
     include_below_threshold: bool = False,
@@ -86,7 +89,7 @@ def predict_one(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            radiograph = read_radiograph(path, options)
+            radiograph = reader.read(path, options)
             findings = predictor.predict(radiograph)
         except CariesMimError as exc:
             record.update(ok=False, error=exc.to_dict())
@@ -140,13 +143,17 @@ def run_predict(
         folder.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
     seen = predicted = 0
-    for path in expand_inputs(files):
-        overlay = overlay_path(folder, path, used) if folder is not None else None
-        record = predict_one(predictor, path, options, overlay=overlay, include_below_threshold=include_below_threshold)
-        out.write(json.dumps(record, ensure_ascii=False) + "\n")
-        out.flush()
-        seen += 1
-        predicted += bool(record["ok"])
+    # Files are decoded in an isolated worker: one that crashes or hangs a decoder gets its error line only.
+    with isolated_cli_reader() as reader:
+        for path in expand_inputs(files):
+            overlay = overlay_path(folder, path, used) if folder is not None else None
+            record = predict_one(
+                predictor, path, options, reader, overlay=overlay, include_below_threshold=include_below_threshold
+            )
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.flush()
+            seen += 1
+            predicted += bool(record["ok"])
     return predicted, seen
 
 

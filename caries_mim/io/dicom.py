@@ -8,6 +8,8 @@ LUT. We apply each step with pydicom's own functions and then map the result to 
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from typing import Any
 
 import numpy as np
@@ -16,7 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.pixels.decoders.base import get_decoder
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from caries_mim.errors import (
     CorruptHeaderError,
@@ -31,8 +33,9 @@ from caries_mim.errors import (
     UnsupportedPhotometricError,
 )
 from caries_mim.io import jpeg12
+from caries_mim.io.decoder_failures import decoder_failures_as, first_line
 from caries_mim.io.intensity import normalize_percentiles
-from caries_mim.io.options import ReadOptions
+from caries_mim.io.options import DEFAULT_MAX_PIXELS, ReadOptions
 from caries_mim.io.radiograph import DicomReferences, Radiograph
 
 jpeg12.register()
@@ -43,20 +46,78 @@ GRAYSCALE_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
 _WINDOW_PROBE = np.array([-1e30, 1e30], dtype=np.float64)
 
 
-def parse_dicom(data: bytes) -> Dataset:
-    """Parse a DICOM Part 10 file. Never ``force=True``: without the preamble a file is not trusted as DICOM."""
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=False)
-    except InvalidDicomError as exc:
-        raise NotAnImageError(f"not a DICOM Part 10 file: {exc}") from exc
-    except Exception as exc:  # pydicom raises many types on a broken header; all mean the same to a user
-        raise CorruptHeaderError(f"DICOM header cannot be parsed: {_short(exc)}") from exc
-    return ds
+def parse_dicom(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, stop_before_pixels: bool = False) -> Dataset:
+    """Parse a DICOM Part 10 file. Never ``force=True``: without the preamble a file is not trusted as DICOM.
+
+    A deflated data set is inflated only up to what an image of ``max_pixels`` can need (see
+    :func:`check_inflated_size`), so a deflate bomb is refused instead of filling memory.
+    """
+    check_inflated_size(data, max_pixels)
+    with decoder_failures_as(CorruptHeaderError, "DICOM header cannot be parsed"):
+        try:
+            return pydicom.dcmread(io.BytesIO(data), force=False, stop_before_pixels=stop_before_pixels)
+        except InvalidDicomError as exc:
+            raise NotAnImageError(f"not a DICOM Part 10 file: {exc}") from exc
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:300]
+#: Bytes of header a deflated data set may hold beside its pixels (sequences, overlays, private tags).
+_DEFLATED_HEADER_ALLOWANCE = 16 * 1024 * 1024
+#: Bytes per pixel of the largest stored sample (BitsAllocated 32).
+_MAX_BYTES_PER_PIXEL = 4
+
+
+def check_inflated_size(data: bytes, max_pixels: int) -> None:
+    """Refuse a Deflated Explicit VR Little Endian file whose data set inflates past what an image of
+    ``max_pixels`` needs (``max_pixels`` x 4 bytes + 16 MiB of header).
+
+    pydicom inflates the whole data set in memory before parsing it, and deflate reaches about 1000:1, so a
+    64 MiB upload could otherwise ask for 64 GiB. Inflating here stops at the limit and keeps nothing.
+
+    Raises:
+        ImageTooLargeError: the data set inflates past the limit.
+    """
+    body = _deflated_body_offset(data)
+    if body is None:
+        return
+    limit = max_pixels * _MAX_BYTES_PER_PIXEL + _DEFLATED_HEADER_ALLOWANCE
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated = 0
+    # 64 KiB of input and at most 1 MiB of output at a time: memory stays small whatever the ratio.
+    for start in range(body, len(data), 1 << 16):
+        pending = data[start : start + (1 << 16)]
+        while pending and not inflater.eof:
+            try:
+                inflated += len(inflater.decompress(pending, 1 << 20))
+            except zlib.error:
+                return  # a broken stream: pydicom reports it as a corrupt header
+            if inflated > limit:
+                raise ImageTooLargeError(
+                    f"the deflated data set inflates to more than {limit} bytes, more than an image of "
+                    f"{max_pixels} pixels needs (a deflate bomb?)"
+                )
+            pending = inflater.unconsumed_tail
+
+
+def _deflated_body_offset(data: bytes) -> int | None:
+    """Where the deflated data set starts, when the file meta group names the deflated transfer syntax.
+
+    The meta group is always explicit VR little endian (PS3.10 7.1), so it is walked here without pydicom, which
+    would inflate the rest of the file as soon as it had read the group.
+    """
+    offset, transfer_syntax = 132, None
+    while offset + 8 <= len(data) and data[offset : offset + 2] == b"\x02\x00":
+        element = struct.unpack_from("<H", data, offset + 2)[0]
+        vr = data[offset + 4 : offset + 6]
+        if vr in (b"OB", b"OW", b"UN", b"UT", b"SQ", b"UC", b"UR", b"OD", b"OF", b"OL", b"OV"):
+            if offset + 12 > len(data):
+                return None
+            length, value = struct.unpack_from("<I", data, offset + 8)[0], offset + 12
+        else:
+            length, value = struct.unpack_from("<H", data, offset + 6)[0], offset + 8
+        if element == 0x0010:
+            transfer_syntax = data[value : value + length].rstrip(b"\x00 ").decode("ascii", "replace")
+        offset = value + length
+    return offset if transfer_syntax == DeflatedExplicitVRLittleEndian else None
 
 
 def _get(ds: Dataset, keyword: str, default: Any = None) -> Any:
@@ -75,7 +136,7 @@ def _required_int(ds: Dataset, keyword: str) -> int:
     except KeyError as exc:
         raise CorruptHeaderError(f"required attribute {keyword} is missing") from exc
     except Exception as exc:
-        raise CorruptHeaderError(f"attribute {keyword} is malformed: {_short(exc)}") from exc
+        raise CorruptHeaderError(f"attribute {keyword} is malformed: {first_line(exc)}") from exc
 
 
 def _spacing(ds: Dataset) -> tuple[float, float] | None:
@@ -165,11 +226,10 @@ def check_dicom(ds: Dataset, options: ReadOptions, data: bytes = b"") -> None:
 
 
 def decode_pixels(ds: Dataset) -> np.ndarray:
-    """Stored values as an (H, W) array; truncated or undecodable data becomes CorruptPixelDataError."""
-    try:
+    """Stored values as an (H, W) array; truncated or undecodable data becomes CorruptPixelDataError (whatever
+    the decoder raised, Rust panics included: see :mod:`caries_mim.io.decoder_failures`)."""
+    with decoder_failures_as(CorruptPixelDataError, "pixel data cannot be decoded"):
         arr = ds.pixel_array
-    except Exception as exc:  # decoders raise ValueError, RuntimeError, OSError...; the cause is the file
-        raise CorruptPixelDataError(f"pixel data cannot be decoded: {_short(exc)}") from exc
     if arr.ndim != 2:
         raise CorruptPixelDataError(f"decoded pixel data has shape {arr.shape}, expected (rows, columns)")
     return arr
@@ -237,7 +297,7 @@ def _display_values(stored: np.ndarray, ds: Dataset, voi_index: int, invert: boo
     try:
         values = apply_modality_lut(domain, ds)
     except Exception as exc:
-        raise CorruptHeaderError(f"modality LUT / rescale cannot be applied: {_short(exc)}") from exc
+        raise CorruptHeaderError(f"modality LUT / rescale cannot be applied: {first_line(exc)}") from exc
 
     voi = _voi_to_unit_range(values, ds, voi_index)
     if voi is None:
@@ -290,4 +350,4 @@ def _uid_or_none(ds: Dataset, keyword: str) -> str | None:
 
 def read_dicom(data: bytes, options: ReadOptions) -> Radiograph:
     """Bytes of a DICOM Part 10 file -> :class:`Radiograph`."""
-    return dicom_to_radiograph(parse_dicom(data), options, data)
+    return dicom_to_radiograph(parse_dicom(data, max_pixels=options.max_pixels), options, data)

@@ -23,6 +23,7 @@ from caries_mim.errors import (
     MultiFrameError,
     UnsupportedPhotometricError,
 )
+from caries_mim.io.decoder_failures import decoder_failures_as
 from caries_mim.io.formats import SIMPLEITK_SUFFIX
 from caries_mim.io.intensity import normalize_full_range, normalize_percentiles
 from caries_mim.io.options import ReadOptions
@@ -69,11 +70,10 @@ def read_pillow_image(data: bytes, source_format: str, options: ReadOptions) -> 
     if getattr(image, "n_frames", 1) > 1:
         raise MultiFrameError(f"multi-page {source_format.upper()} ({image.n_frames} frames); one image expected")
 
-    try:
+    # Pillow raises OSError, SyntaxError, ValueError... for broken streams; its codecs are C code.
+    with decoder_failures_as(CorruptPixelDataError, f"{source_format.upper()} pixel data cannot be decoded"):
         image = ImageOps.exif_transpose(image)
         image.load()
-    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for broken streams
-        raise CorruptPixelDataError(f"{source_format.upper()} pixel data cannot be decoded: {exc}") from exc
 
     mode = image.mode
     if mode in ("L", "LA", "1", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "LAB"):
@@ -104,7 +104,7 @@ def _sitk_read(path: str, source_format: str, options: ReadOptions) -> Radiograp
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
-        raise CorruptHeaderError(f"image header cannot be parsed: {_first_line(exc)}") from exc
+        raise CorruptHeaderError(f"image header cannot be parsed: {_last_line(exc)}") from exc
 
     size = reader.GetSize()  # (x, y[, z]) in SimpleITK's order
     dimension = reader.GetDimension()
@@ -117,10 +117,11 @@ def _sitk_read(path: str, source_format: str, options: ReadOptions) -> Radiograp
     width, height = int(size[0]), int(size[1])
     _check_size(height, width, options)
 
-    try:
-        image = reader.Execute()
-    except RuntimeError as exc:
-        raise CorruptPixelDataError(f"pixel data cannot be read: {_first_line(exc)}") from exc
+    with decoder_failures_as(CorruptPixelDataError, "pixel data cannot be read"):
+        try:
+            image = reader.Execute()
+        except RuntimeError as exc:
+            raise CorruptPixelDataError(f"pixel data cannot be read: {_last_line(exc)}") from exc
     values = sitk.GetArrayFromImage(image).reshape(height, width)
     spacing_x, spacing_y = image.GetSpacing()[:2]
 
@@ -139,7 +140,7 @@ def _sitk_read(path: str, source_format: str, options: ReadOptions) -> Radiograp
     )
 
 
-def _first_line(exc: BaseException) -> str:
+def _last_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     # SimpleITK puts the useful sentence last, after file/line locations.
     return (lines[-1] if lines else type(exc).__name__)[:300]
