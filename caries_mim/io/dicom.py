@@ -32,13 +32,14 @@ from caries_mim.errors import (
     UnsupportedModalityError,
     UnsupportedPhotometricError,
 )
-from caries_mim.io import jpeg12
+from caries_mim.io import decoder_plugins, jpeg12
 from caries_mim.io.decoder_failures import decoder_failures_as, first_line
 from caries_mim.io.intensity import normalize_percentiles
 from caries_mim.io.options import DEFAULT_MAX_PIXELS, ReadOptions
 from caries_mim.io.radiograph import DicomReferences, Radiograph
 
 jpeg12.register()
+decoder_plugins.prefer_safe_decoders()
 
 GRAYSCALE_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
 
@@ -139,6 +140,15 @@ def _required_int(ds: Dataset, keyword: str) -> int:
         raise CorruptHeaderError(f"attribute {keyword} is malformed: {first_line(exc)}") from exc
 
 
+def _optional_int(ds: Dataset, keyword: str, default: int | None) -> int | None:
+    """An integer attribute, ``default`` when absent; a value that is no integer is a corrupt header."""
+    value = _get(ds, keyword, default)
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError) as exc:
+        raise CorruptHeaderError(f"attribute {keyword} is malformed: {str(value)[:40]!r}") from exc
+
+
 def _spacing(ds: Dataset) -> tuple[float, float] | None:
     """(row, column) spacing in mm: calibrated PixelSpacing first, else ImagerPixelSpacing (at the detector)."""
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
@@ -189,9 +199,9 @@ def check_dicom(ds: Dataset, options: ReadOptions, data: bytes = b"") -> None:
     if frames > 1:
         raise MultiFrameError(f"multi-frame image ({frames} frames); only single-frame radiographs are read")
 
-    samples = _get(ds, "SamplesPerPixel", 1)
+    samples = _optional_int(ds, "SamplesPerPixel", 1)
     photometric = str(_get(ds, "PhotometricInterpretation", "")).strip().upper()
-    if photometric not in GRAYSCALE_PHOTOMETRICS or int(samples) != 1:
+    if photometric not in GRAYSCALE_PHOTOMETRICS or samples != 1:
         shown = photometric or "missing"
         raise UnsupportedPhotometricError(
             f"photometric interpretation {shown} with {samples} sample(s) per pixel; "
@@ -260,9 +270,12 @@ def _voi_to_unit_range(values: np.ndarray, ds: Dataset, index: int) -> tuple[np.
         return np.clip(out.astype(np.float64) / top, 0.0, 1.0), "voi_lut"
 
     if "WindowCenter" in ds and "WindowWidth" in ds:
-        centers = ds["WindowCenter"]
-        if index >= centers.VM:
-            raise InvalidArgumentError(f"VOI index {index} requested but the file has {centers.VM} window(s)")
+        try:
+            windows = ds["WindowCenter"].VM
+        except Exception:  # a value pydicom cannot convert (wrong VR or length): no usable window
+            return None
+        if index >= windows:
+            raise InvalidArgumentError(f"VOI index {index} requested but the file has {windows} window(s)")
         try:
             out = apply_voi_lut(values, ds, index=index, prefer_lut=False)
             # The window's output range depends on bits stored, signedness and rescale (pydicom computes it);
@@ -324,14 +337,13 @@ def dicom_to_radiograph(ds: Dataset, options: ReadOptions, data: bytes = b"") ->
     unit, normalization = _display_values(stored, ds, options.voi_index, invert)
 
     ts = _transfer_syntax(ds)
-    bits_stored = _get(ds, "BitsStored")
     return Radiograph(
         pixels=np.ascontiguousarray(unit, dtype=np.float32),
         spacing_mm=_spacing(ds),
         source_format="dicom",
         modality=str(_get(ds, "Modality", "")).strip().upper() or None,
         photometric_interpretation=photometric,
-        bits_stored=int(bits_stored) if bits_stored is not None else None,
+        bits_stored=_optional_int(ds, "BitsStored", None),
         transfer_syntax_uid=str(ts) if ts else None,
         intensity_normalization=normalization,
         dicom=DicomReferences(
@@ -349,5 +361,13 @@ def _uid_or_none(ds: Dataset, keyword: str) -> str | None:
 
 
 def read_dicom(data: bytes, options: ReadOptions) -> Radiograph:
-    """Bytes of a DICOM Part 10 file -> :class:`Radiograph`."""
-    return dicom_to_radiograph(parse_dicom(data, max_pixels=options.max_pixels), options, data)
+    """Bytes of a DICOM Part 10 file -> :class:`Radiograph`.
+
+    pydicom converts element values when they are first used, so a malformed value (a VR that does not fit, a
+    length that is no multiple of the value size) raises wherever the header is read, with whatever pydicom
+    raises. The checks above handle the cases fuzzing has found one by one; the guard here makes the rest a
+    corrupt header as well, never an untyped error.
+    """
+    ds = parse_dicom(data, max_pixels=options.max_pixels)
+    with decoder_failures_as(CorruptHeaderError, "the DICOM header cannot be interpreted"):
+        return dicom_to_radiograph(ds, options, data)
