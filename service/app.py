@@ -21,9 +21,12 @@ from starlette.formparsers import MultiPartParser
 from caries_mim import __version__
 from caries_mim.errors import CariesMimError
 from caries_mim.inference import Predictor
+from caries_mim.io import read_radiograph
+from caries_mim.io.isolation import ReadFunction
 from caries_mim.io.options import ReadOptions
 from caries_mim.package import load_package
 from service.batching import InferenceWorker, ModelThread
+from service.decoding import UploadDecoder
 from service.errors import (
     ServiceError,
     describe_validation_errors,
@@ -33,7 +36,14 @@ from service.errors import (
 )
 from service.logs import LOGGER_NAME, configure_logging
 from service.metrics import ServiceMetrics
-from service.middleware import ApiKeyGate, BodySizeLimit, RequestContext
+from service.middleware import (
+    ERROR_ANSWERED,
+    PROTECTED_PREFIX,
+    ApiKeyGate,
+    BodySizeLimit,
+    RequestContext,
+    UploadGate,
+)
 from service.routes import router
 from service.runtime import ModelIdentity, Runtime
 from service.settings import ServiceSettings
@@ -44,6 +54,7 @@ log = logging.getLogger(LOGGER_NAME)
 _HTTP_CODES = {
     400: "bad_request",
     401: "unauthorized",
+    408: "upload_timeout",
     404: "not_found",
     405: "method_not_allowed",
     406: "not_acceptable",
@@ -52,12 +63,16 @@ _HTTP_CODES = {
 }
 
 
-def create_app(settings: ServiceSettings, predictor: Predictor | None = None) -> FastAPI:
+def create_app(
+    settings: ServiceSettings, predictor: Predictor | None = None, read_function: ReadFunction = read_radiograph
+) -> FastAPI:
     """The service application.
 
     Args:
         settings: see :class:`ServiceSettings`; ``settings.model`` is loaded at start-up unless ``predictor`` is
             given (tests, embedding).
+        read_function: what decodes an upload (in the decode workers): ``read_radiograph``, or a stand-in that
+            misbehaves on purpose in tests.
     Raises:
         InvalidConfigError: the API key file cannot be read.
     """
@@ -71,16 +86,19 @@ def create_app(settings: ServiceSettings, predictor: Predictor | None = None) ->
         if predictor is None and settings.model is None:
             raise RuntimeError("no model package: set --model or CARIES_MIM_MODEL")
         model_thread = ModelThread()  # loads and runs the model: one thread for all its work (see ModelThread)
+        decoder = UploadDecoder(settings, read_options(settings), metrics, read_function)
         try:
+            await decoder.start()
             loaded = predictor
             if loaded is None:
                 log.info("loading model package", extra={"fields": {"device": settings.device or "auto"}})
                 loaded = await model_thread.run(load_package, settings.model, settings.device)
-            app.state.runtime = _runtime(loaded, settings, metrics, model_thread)
+            app.state.runtime = _runtime(loaded, settings, metrics, model_thread, decoder)
             app.state.runtime.worker.start()
         except BaseException:
             # Not joined: start-up may have been cancelled while the package is still loading on that thread.
             model_thread.shutdown(wait=False)
+            decoder.close()
             raise
         log.info("ready", extra={"fields": {"model": app.state.runtime.identity.to_dict()}})
         watchdog = None
@@ -94,6 +112,7 @@ def create_app(settings: ServiceSettings, predictor: Predictor | None = None) ->
             log.info("draining", extra={"fields": {"queued": app.state.runtime.worker.depth}})
             await app.state.runtime.worker.drain()
             app.state.runtime = None
+            decoder.close()
             metrics.process_exiting()
 
     app = FastAPI(
@@ -106,13 +125,48 @@ def create_app(settings: ServiceSettings, predictor: Predictor | None = None) ->
     app.state.metrics = metrics
     app.state.runtime = None
     app.include_router(router)
+    if api_keys:
+        _document_bearer_keys(app)
     _add_error_handlers(app)
-    # Each one added wraps the ones before: the request context sees every answer (401s and 413s included), and
-    # the key is checked before the size limit lets the body in.
+    # Each one added wraps the ones before: the request context sees every answer (401s and 413s included), the
+    # key is checked before an upload takes a slot, and both before the size limit lets the body in.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(
+        UploadGate,
+        max_concurrent=settings.max_concurrent_uploads,
+        timeout_s=settings.upload_timeout_s,
+        max_bytes=settings.max_upload_bytes,
+        retry_after_s=settings.retry_after_s,
+        metrics=metrics,
+    )
     app.add_middleware(ApiKeyGate, keys=api_keys, max_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestContext, metrics=metrics)
     return app
+
+
+BEARER_SCHEME = "apiKey"
+
+
+def _document_bearer_keys(app: FastAPI) -> None:
+    """State in ``/openapi.json`` that every ``/v1/`` route needs ``Authorization: Bearer <key>`` (ApiKeyGate
+    checks it), so that clients and their generators send it; probes and metrics stay open."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {}).setdefault("securitySchemes", {})[BEARER_SCHEME] = {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "one of the service's API keys (CARIES_MIM_API_KEYS, CARIES_MIM_API_KEYS_FILE)",
+            }
+            for path, operations in schema.get("paths", {}).items():
+                if path.startswith(PROTECTED_PREFIX):
+                    for operation in operations.values():
+                        operation["security"] = [{BEARER_SCHEME: []}]
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 #: Seconds between a worker's checks of its own inference thread, and its exit status when that thread is lost.
@@ -155,8 +209,21 @@ def _keep_uploads_in_memory(max_upload_bytes: int) -> None:
 GPU_WINDOW_BATCH_SIZE = 64
 
 
+def read_options(settings: ServiceSettings) -> ReadOptions:
+    """What uploads may be: the settings' modalities, formats and pixel limit."""
+    return ReadOptions(
+        allowed_modalities=frozenset(settings.modalities),
+        allow_non_dicom=settings.allow_non_dicom,
+        max_pixels=settings.max_pixels,
+    )
+
+
 def _runtime(
-    predictor: Predictor, settings: ServiceSettings, metrics: ServiceMetrics, model_thread: ModelThread
+    predictor: Predictor,
+    settings: ServiceSettings,
+    metrics: ServiceMetrics,
+    model_thread: ModelThread,
+    decoder: UploadDecoder,
 ) -> Runtime:
     windows = settings.window_batch_size
     if windows is None and predictor.device.type == "cuda":
@@ -178,18 +245,13 @@ def _runtime(
         version=predictor.package.version,
         checksum=predictor.package.checksum,
     )
-    options = ReadOptions(
-        allowed_modalities=frozenset(settings.modalities),
-        allow_non_dicom=settings.allow_non_dicom,
-        max_pixels=settings.max_pixels,
-    )
-    return Runtime(predictor=predictor, worker=worker, identity=identity, read_options=options)
+    return Runtime(predictor=predictor, worker=worker, identity=identity, decoder=decoder)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(CariesMimError)
     async def library_error(request: Request, error: CariesMimError):
-        return library_error_response(error)
+        return library_error_response(error, request.app.state.settings.retry_after_s)
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, error: ServiceError):
@@ -214,7 +276,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception):
-        request_id = request.scope.get("state", {}).get("request_id")
+        # Starlette re-raises the error after this answer; RequestContext then knows it is already logged.
+        state = request.scope.setdefault("state", {})
+        state[ERROR_ANSWERED] = True
+        request_id = state.get("request_id")
         log.error(
             "unhandled error",
             exc_info=(type(error), error, error.__traceback__),

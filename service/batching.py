@@ -204,7 +204,7 @@ class InferenceWorker:
         self.metrics.queue_depth.set(self.depth)
         try:
             return await asyncio.wait_for(asyncio.shield(job.future), timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             job.future.cancel()
             raise ServiceError(504, "timeout", f"no result within {timeout_s:g} s; the model is overloaded") from None
 

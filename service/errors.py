@@ -28,6 +28,9 @@ STATUS_BY_CODE: dict[str, int] = {
     "missing_decoder": 422,
     "image_too_large": 422,
     "invalid_argument": 422,
+    # The isolated decoder: a decode past its time limit, or no decode worker free in time. Both retryable.
+    "decode_timeout": 504,
+    "decoder_unavailable": 503,
     # Server-side: a bad package or config is the operator's problem, not the client's.
     "invalid_dataset": 500,
     "invalid_config": 500,
@@ -57,8 +60,11 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
-def library_error_response(error: CariesMimError) -> JSONResponse:
-    return error_response(STATUS_BY_CODE.get(error.code, 422), error.code, error.message)
+def library_error_response(error: CariesMimError, retry_after_s: int = 1) -> JSONResponse:
+    """The library's typed error as its HTTP answer; a retryable one (503, 504) says when to retry."""
+    status = STATUS_BY_CODE.get(error.code, 422)
+    headers = {"Retry-After": str(retry_after_s)} if status in (503, 504) else None
+    return error_response(status, error.code, error.message, headers)
 
 
 def service_error_response(error: ServiceError) -> JSONResponse:

@@ -60,6 +60,24 @@ class ServiceMetrics:
         self.rejected = Counter(
             "caries_mim_rejected", "requests refused because the queue was full", registry=self.registry
         )
+        self.uploads_in_progress = Gauge(
+            "caries_mim_uploads_in_progress",
+            "prediction uploads being received, parsed or decoded",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.uploads_refused = Counter(
+            "caries_mim_uploads_refused",
+            "uploads refused at the door: busy (too many in progress) or timeout (body too slow)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.decoder_restarts = Counter(
+            "caries_mim_decoder_restarts",
+            "decode worker processes replaced: crash, timeout, dead (died while idle), invalid_reply, interrupted",
+            ["reason"],
+            registry=self.registry,
+        )
 
     def exposition(self) -> bytes:
         """The Prometheus text format: this application's metrics, or in multiprocess mode all workers' summed."""

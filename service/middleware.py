@@ -1,17 +1,21 @@
-"""Pure ASGI middleware: the API key check and the request-body size limit (both before the body is read) and the
-request context (request id, one JSON log line and the Prometheus counters per request)."""
+"""Pure ASGI middleware: the API key check, the upload gate and the request-body size limit (all before the body is
+read), and the request context (request id, one JSON log line and the Prometheus counters per request, and the
+last-resort answer for anything unforeseen)."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from caries_mim.io.decoder_failures import PROGRAM_EXITS
 from service.errors import ServiceError, error_response, service_error_response
 from service.logs import LOGGER_NAME
 from service.metrics import ServiceMetrics
@@ -89,6 +93,103 @@ async def _discard_body(receive: Receive, max_bytes: int) -> None:
             return
 
 
+class UploadTimedOut(HTTPException):
+    """Raised from ``receive`` when the body is still incomplete at the upload deadline; like
+    :class:`RequestTooLarge`, it reaches the app's handler, which answers 408."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(408, f"the upload did not complete within {timeout_s:g} s")
+
+
+#: Key in ``scope["state"]`` of the callable that gives an upload's slot back (once decoded).
+RELEASE_UPLOAD_SLOT = "release_upload_slot"
+
+
+class UploadGate:
+    """Bounds the prediction uploads in progress (received, parsed and decoded) and how long a body may take.
+
+    An upload past ``max_concurrent`` gets 503 ``busy`` with Retry-After at once; its body is dropped unread, as
+    :class:`ApiKeyGate` does, so it costs no memory. A body still incomplete ``timeout_s`` after the request
+    started gets 408 ``upload_timeout``: a slow or stalled client cannot hold a slot for ever. A route gives its
+    slot back early through ``scope["state"][RELEASE_UPLOAD_SLOT]`` once the upload is decoded; the request's
+    end gives it back otherwise. Everything runs on the event loop, so the count needs no lock.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_concurrent: int,
+        timeout_s: float,
+        max_bytes: int,
+        retry_after_s: int,
+        metrics: ServiceMetrics,
+    ) -> None:
+        self.app = app
+        self.max_concurrent = max_concurrent
+        self.timeout_s = timeout_s
+        self.max_bytes = max_bytes
+        self.retry_after_s = retry_after_s
+        self.metrics = metrics
+        self.in_progress = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].startswith(PROTECTED_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        if self.in_progress >= self.max_concurrent:
+            self.metrics.uploads_refused.labels("busy").inc()
+            headers = dict(scope.get("headers") or [])
+            if headers.get(b"expect", b"").lower() != b"100-continue":
+                await _discard_body(receive, self.max_bytes)
+            refusal = ServiceError(
+                503,
+                "busy",
+                f"{self.in_progress} uploads are already in progress; retry shortly",
+                {"Retry-After": str(self.retry_after_s)},
+            )
+            await service_error_response(refusal)(scope, receive, send)
+            return
+        release = self._take_slot()
+        scope.setdefault("state", {})[RELEASE_UPLOAD_SLOT] = release
+        try:
+            await self.app(scope, self._with_deadline(receive), send)
+        finally:
+            release()
+
+    def _take_slot(self) -> Callable[[], None]:
+        self.in_progress += 1
+        self.metrics.uploads_in_progress.inc()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.in_progress -= 1
+                self.metrics.uploads_in_progress.dec()
+
+        return release
+
+    def _with_deadline(self, receive: Receive) -> Receive:
+        deadline = time.monotonic() + self.timeout_s
+        body_complete = False
+
+        async def receive_before_deadline() -> Message:
+            nonlocal body_complete
+            if body_complete:  # afterwards the app only listens for the disconnect: no deadline for that
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+                self.metrics.uploads_refused.labels("timeout").inc()
+                raise UploadTimedOut(self.timeout_s) from None
+            body_complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        return receive_before_deadline
+
+
 class BodySizeLimit:
     """413 for bodies over ``max_bytes``: at once when Content-Length says so, else as soon as the streamed
     chunks add up to more (chunked uploads declare no length)."""
@@ -122,9 +223,18 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, send)
 
 
+#: Key in ``scope["state"]`` set by the app's handler for unexpected errors once it has logged and answered one.
+ERROR_ANSWERED = "error_answered"
+
+
 class RequestContext:
     """Gives each request an id (``scope["state"]["request_id"]``, echoed as X-Request-ID), then logs it and counts
-    it by route template and status once answered."""
+    it by route template and status once answered.
+
+    It is also the last resort: whatever escapes the application, ``BaseException`` included (a Rust panic is one,
+    and Starlette's error middleware catches only ``Exception``), is logged with its traceback and answered as 500
+    in the JSON error shape with the request id, unless an answer has already begun. Cancellation and the
+    program's own exits (KeyboardInterrupt, SystemExit) pass through."""
 
     def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
         self.app = app
@@ -139,17 +249,33 @@ class RequestContext:
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status = 500
+        answered = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, answered
             if message["type"] == "http.response.start":
                 status = message["status"]
+                answered = True
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode("ascii"))]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except (asyncio.CancelledError, *PROGRAM_EXITS):
+            raise
+        except BaseException as error:
+            # Starlette re-raises what its handler for Exception has already logged and answered: only the rest
+            # is logged here, and answered when nothing has been sent yet.
+            if not scope["state"].get(ERROR_ANSWERED):
+                log.error(
+                    "unhandled error",
+                    exc_info=(type(error), error, error.__traceback__),
+                    extra={"fields": {"request_id": request_id}},
+                )
+            if not answered:
+                message = f"the service failed; quote request id {request_id}"
+                await error_response(500, "internal_error", message)(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
             route = scope.get("route")

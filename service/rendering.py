@@ -103,7 +103,8 @@ def structured_report(
             "Ask for application/json or image/png instead",
         )
     report = caries_structured_report(
-        parse_dicom(data),
+        # The decode worker has read this file already; only its header is needed (and parsed) here.
+        parse_dicom(data, max_pixels=radiograph.height * radiograph.width, stop_before_pixels=True),
         findings,
         algorithm_name=identity.name,
         algorithm_version=identity.version,

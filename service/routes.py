@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import math
+import re
 import time
 from typing import Annotated, Any
 
@@ -13,17 +13,18 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from caries_mim.errors import InvalidArgumentError
-from caries_mim.io import read_radiograph
 from caries_mim.io.radiograph import hash_uid
 from service.errors import ERROR_EXAMPLE, ServiceError
 from service.logs import LOGGER_NAME
+from service.middleware import RELEASE_UPLOAD_SLOT
 from service.rendering import DICOM, JSON, PNG, findings_json, negotiate, overlay_png, structured_report
 from service.runtime import Runtime
+from service.schemas import SPACING_PATTERN, ErrorBody, Health, Prediction, Readiness
 
 log = logging.getLogger(LOGGER_NAME)
 router = APIRouter()
 
-_ERROR = {"content": {JSON: {"example": ERROR_EXAMPLE}}}
+_ERROR = {"model": ErrorBody, "content": {JSON: {"example": ERROR_EXAMPLE}}}
 _PREDICTION_EXAMPLE = {
     "model": {"name": "caries-mim caries detector", "version": "1.0.0", "checksum": "3f5c...e1"},
     "image": {
@@ -58,22 +59,24 @@ Ready = Annotated[Runtime, Depends(ready_runtime)]
 
 
 def parse_spacing(text: str | None) -> tuple[float, float] | None:
-    """``"0.1"`` (square pixels) or ``"0.1,0.12"`` (row, column) in mm -> (row, column); None when not given.
+    """``"0.1"`` (square pixels) or ``"0.1,0.12"`` (row, column) in mm -> (row, column); None when empty or not
+    given. Exactly what :data:`~service.schemas.SPACING_PATTERN` (the schema's pattern) allows is accepted.
 
     Raises:
-        InvalidArgumentError: not one or two positive finite numbers.
+        InvalidArgumentError: not one or two numbers in (0, 10) written as the pattern says.
     """
-    if text is None or not text.strip():
+    if text is None or text == "":
         return None
-    try:
-        values = [float(part) for part in text.replace(";", ",").split(",")]
-    except ValueError:
-        values = []
-    if len(values) not in (1, 2) or not all(math.isfinite(v) and 0.0 < v < 10.0 for v in values):
+    if not _SPACING.fullmatch(text):
         raise InvalidArgumentError(
-            f"pixel_spacing_mm must be one or two positive numbers below 10 mm ('0.03' or '0.03,0.03'), got {text!r}"
+            "pixel_spacing_mm must be one or two numbers above 0 and below 10 (mm), written with digits and a "
+            f"decimal point ('0.03' or '0.03,0.035' for row,column), got {text[:40]!r}"
         )
+    values = [float(part) for part in text.split(",")]
     return (values[0], values[-1])
+
+
+_SPACING = re.compile(SPACING_PATTERN)
 
 
 @router.post(
@@ -86,8 +89,10 @@ def parse_spacing(text: str | None) -> tuple[float, float] | None:
         "image; DICOM uploads only) or `image/png` (the radiograph with the findings drawn on it). Findings below "
         "the model's operating threshold are left out unless `all_findings=true`."
     ),
+    response_class=JSONResponse,
     responses={
         200: {
+            "model": Prediction,
             "content": {
                 JSON: {"example": _PREDICTION_EXAMPLE},
                 DICOM: {"schema": {"type": "string", "format": "binary"}},
@@ -95,29 +100,55 @@ def parse_spacing(text: str | None) -> tuple[float, float] | None:
             },
             "description": "Findings, as JSON, a DICOM SR or a PNG overlay",
         },
+        400: {**_ERROR, "description": "a multipart body that cannot be parsed"},
         401: {**_ERROR, "description": "missing or wrong API key"},
         406: {**_ERROR, "description": "the Accept header allows none of JSON, DICOM, PNG"},
+        408: {**_ERROR, "description": "the upload did not complete within the upload time limit"},
         413: {**_ERROR, "description": "the upload is larger than the limit"},
-        415: {**_ERROR, "description": "not a DICOM file or an image"},
-        422: {**_ERROR, "description": "an image we cannot use (corrupt, colour, multi-frame, too large, ...)"},
-        503: {**_ERROR, "description": "not ready, or too many requests waiting (see Retry-After)"},
-        504: {**_ERROR, "description": "no result within the request timeout"},
+        415: {**_ERROR, "description": "not a DICOM file or an image (an empty file included), or not a form"},
+        422: {
+            **_ERROR,
+            "description": "an image we cannot use (corrupt, colour, multi-frame, too large, no DICOM for an SR, "
+            "...) or a form field that breaks the schema",
+        },
+        500: {**_ERROR, "description": "the service failed: quote the request id in the message"},
+        503: {
+            **_ERROR,
+            "description": "not ready, too many uploads or requests waiting, or no decoder free (see Retry-After)",
+        },
+        504: {**_ERROR, "description": "no result within the request timeout, or a decode past its time limit"},
     },
 )
 async def create_prediction(
     request: Request,
     runtime: Ready,
-    file: Annotated[UploadFile, File(description="the radiograph: DICOM Part 10, PNG, JPEG or TIFF")],
+    file: Annotated[
+        UploadFile,
+        File(
+            description="the radiograph, not empty: DICOM Part 10 (single-frame grayscale DX/IO/PX/CR), PNG, JPEG "
+            "or TIFF",
+            json_schema_extra={"format": "binary", "minLength": 1},
+        ),
+    ],
     pixel_spacing_mm: Annotated[
-        str | None, Form(description="pixel spacing in mm for images without their own: '0.03' or 'row,column'")
-    ] = None,
+        str,
+        Form(
+            description="pixel spacing in mm for images without their own: '0.03', or 'row,column' as "
+            "'0.03,0.035'; each above 0 and below 10; empty when unknown. Ignored when the image states its "
+            "spacing (DICOM).",
+            # Stated in the schema and checked by parse_spacing (a 422 invalid_argument that says what to send).
+            json_schema_extra={"pattern": SPACING_PATTERN},
+        ),
+    ] = "",
     all_findings: Annotated[bool, Query(description="also return findings below the operating threshold")] = False,
 ) -> Response:
     started = time.perf_counter()
     media_type = negotiate(request.headers.get("accept"))
     spacing = parse_spacing(pixel_spacing_mm)
     data = await file.read()
-    radiograph = await run_in_threadpool(read_radiograph, data, runtime.read_options)
+    radiograph = await runtime.decoder.read(data)
+    # Decoded: the upload no longer counts against the concurrent-upload limit; the inference queue bounds it now.
+    request.scope["state"][RELEASE_UPLOAD_SLOT]()
     read_done = time.perf_counter()
     settings = request.app.state.settings
     result = await runtime.worker.predict(
@@ -160,13 +191,22 @@ async def create_prediction(
     return Response(body, media_type=media_type)
 
 
-@router.get("/v1/model", summary="The model card: classes, threshold, version, provenance, intended use")
+@router.get(
+    "/v1/model",
+    summary="The model card: classes, threshold, version, provenance, intended use",
+    responses={
+        401: {**_ERROR, "description": "missing or wrong API key"},
+        503: {**_ERROR, "description": "the model is not loaded yet"},
+    },
+)
 async def model_card(runtime: Ready) -> dict[str, Any]:
     return runtime.model_card()
 
 
 def _check_inference_alive(runtime: Runtime | None) -> None:
-    problem = runtime.worker.problem() if runtime is not None else None
+    if runtime is None:
+        return
+    problem = runtime.worker.problem() or runtime.decoder.problem()
     if problem is not None:
         raise ServiceError(503, "unhealthy", problem)
 
@@ -176,7 +216,8 @@ def _check_inference_alive(runtime: Runtime | None) -> None:
     summary="Liveness: the process answers and its model is not hung",
     description="200 while the process runs; 503 `unhealthy` when the inference thread has stopped or one model "
     "batch has run past the stall limit (`CARIES_MIM_STALL_TIMEOUT_S`): restart it.",
-    responses={503: {**_ERROR, "description": "the inference thread stopped or hangs"}},
+    response_model=Health,
+    responses={503: {**_ERROR, "description": "the inference thread stopped or hangs, or no decoder can start"}},
 )
 async def healthz(request: Request) -> dict[str, str]:
     _check_inference_alive(request.app.state.runtime)
@@ -186,6 +227,7 @@ async def healthz(request: Request) -> dict[str, str]:
 @router.get(
     "/readyz",
     summary="Readiness: the model is loaded and requests are accepted",
+    response_model=Readiness,
     responses={503: {**_ERROR, "description": "not ready yet, or the model hangs"}},
 )
 async def readyz(runtime: Ready) -> dict[str, Any]:
@@ -193,6 +235,11 @@ async def readyz(runtime: Ready) -> dict[str, Any]:
     return {"status": "ready", "model": runtime.identity.to_dict(), "queued": runtime.worker.depth}
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text"}},
+)
 async def metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -9,6 +9,7 @@ from caries_mim.inference import Predictor
 from caries_mim.io.options import ReadOptions
 from caries_mim.package import preprocessing_description
 from service.batching import InferenceWorker
+from service.decoding import UploadDecoder
 
 INTENDED_USE = (
     "Decision support for detecting dental caries on intra-oral radiographs (bitewing, periapical): boxes with "
@@ -35,7 +36,11 @@ class Runtime:
     predictor: Predictor
     worker: InferenceWorker
     identity: ModelIdentity
-    read_options: ReadOptions
+    decoder: UploadDecoder
+
+    @property
+    def read_options(self) -> ReadOptions:
+        return self.decoder.options
 
     def model_card(self) -> dict[str, Any]:
         package = self.predictor.package

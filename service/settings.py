@@ -30,6 +30,16 @@ class ServiceSettings(BaseSettings):
         api_keys_file: a file with one key per line (blank lines and ``#`` comments ignored), added to ``api_keys``.
         insecure: allow binding a non-loopback address without keys.
         max_upload_bytes: largest request body; larger ones get 413 while they stream in.
+        max_concurrent_uploads: prediction uploads being received, parsed and decoded at once; one more gets 503
+            with Retry-After at once (its body is never parsed). With the queue, this bounds the memory requests
+            hold: see docs/service.md, "Limits".
+        upload_timeout_s: an upload whose body has not fully arrived this long after the request started gets 408
+            (a slow or stalled client cannot hold an upload slot for ever).
+        decode_workers: worker processes that decode uploads (``caries_mim.io.isolation``): a decoder that
+            crashes, hangs or exhausts memory costs that request only. 0 decodes in the server process (trusted
+            input only: a crashing decoder then takes the process down).
+        decode_timeout_s: wall-time limit of one decode; past it the worker is killed and the request gets 504.
+        decode_memory_mb: memory one decode may allocate; past it the request gets 422 ``image_too_large``.
         max_pixels: largest image (rows x columns) decoded; larger ones get 422 before their pixels are decoded.
         modalities: DICOM modalities accepted.
         allow_non_dicom: accept PNG, JPEG, TIFF, ... besides DICOM.
@@ -60,6 +70,11 @@ class ServiceSettings(BaseSettings):
     api_keys_file: Path | None = None
     insecure: bool = False
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_concurrent_uploads: int = Field(32, ge=1)
+    upload_timeout_s: float = Field(60.0, gt=0.0)
+    decode_workers: int = Field(2, ge=0)
+    decode_timeout_s: float = Field(20.0, gt=0.0)
+    decode_memory_mb: int = Field(2048, ge=64)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
     modalities: Annotated[list[str], NoDecode] = Field(default_factory=lambda: sorted(DEFAULT_ALLOWED_MODALITIES))
     allow_non_dicom: bool = True

@@ -62,11 +62,12 @@ def synthetic_dicom(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def make_client(predictor) -> Iterator[Callable[..., TestClient]]:
-    """``make_client(**settings)`` -> a started TestClient (lifespan run) on an app with the tiny predictor."""
+    """``make_client(**settings)`` -> a started TestClient (lifespan run) on an app with the tiny predictor;
+    ``read_function`` replaces what the decode workers run."""
     clients: list[TestClient] = []
 
-    def make(**settings) -> TestClient:
-        app: FastAPI = create_app(ServiceSettings(**settings), predictor=predictor)
+    def make(read_function=read_radiograph, **settings) -> TestClient:
+        app: FastAPI = create_app(ServiceSettings(**settings), predictor=predictor, read_function=read_function)
         client = TestClient(app)
         client.__enter__()
         clients.append(client)

@@ -209,7 +209,8 @@ def test_image_over_the_pixel_limit_is_refused_before_decoding(make_client, synt
         raise AssertionError("pixels were decoded")
 
     monkeypatch.setattr(dicom_module, "decode_pixels", never)
-    client = make_client(max_pixels=1000)
+    # Decoded in this process, where the patch applies (the isolated decoders are other processes).
+    client = make_client(max_pixels=1000, decode_workers=0)
     response = post(client, synthetic_dicom.read_bytes())
     assert response.status_code == 422
     assert response.json()["error"]["code"] == "image_too_large"
