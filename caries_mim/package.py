@@ -32,7 +32,7 @@ import torch
 from caries_mim.atomic_files import atomic_path
 from caries_mim.detection.config import DetectorConfig
 from caries_mim.errors import CariesMimError, InvalidArgumentError, InvalidCheckpointError
-from caries_mim.models.encoder_file import read_weights_file
+from caries_mim.models.encoder_file import other_kind, read_weights_file
 
 if TYPE_CHECKING:
     from caries_mim.detection.detector import CariesDetector
@@ -40,6 +40,11 @@ if TYPE_CHECKING:
 
 PACKAGE_FORMAT = "caries-mim-model-package"
 PACKAGE_FORMAT_VERSION = 1
+#: What a package is, for messages about a file that is not one.
+PACKAGE_DESCRIPTION = (
+    "a caries-mim model package (the model.cmpkg that `caries-mim finetune` writes: weights, config, threshold "
+    "and checksum in one file; see docs/model_package.md)"
+)
 CHECKSUM_ALGORITHM = "sha256"
 #: The file name the pipelines give a package.
 PACKAGE_FILE_NAME = "model.cmpkg"
@@ -215,9 +220,9 @@ def read_package(path: str | os.PathLike) -> ModelPackage:
         InvalidCheckpointError: missing file, not a model package, unsupported version, checksum mismatch or an
             unusable config; the one-line message names the file.
     """
-    payload = read_weights_file(path)
+    payload = read_weights_file(path, PACKAGE_DESCRIPTION)
     if not isinstance(payload, dict) or payload.get("format") != PACKAGE_FORMAT:
-        raise InvalidCheckpointError(f"{path} is not a caries-mim model package (no format '{PACKAGE_FORMAT}')")
+        raise InvalidCheckpointError(f"{path} is not {PACKAGE_DESCRIPTION}{other_kind(payload)}")
     version = payload.get("version")
     if version != PACKAGE_FORMAT_VERSION:
         raise InvalidCheckpointError(

@@ -266,7 +266,7 @@ class _Pretraining:
         source = self.config.model.init_from
         if source is None:
             return VisionTransformer(wanted)
-        payload = read_weights_file(source)
+        payload = read_weights_file(source, "a caries-mim encoder.pt or an official MAE checkpoint (.pth)")
         if is_encoder_payload(payload):
             encoder = encoder_from_payload(
                 payload, source, image_size=wanted.image_size, drop_path_rate=wanted.drop_path_rate

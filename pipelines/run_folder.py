@@ -12,7 +12,7 @@ import torch
 
 from caries_mim.atomic_files import atomic_path
 from caries_mim.errors import InvalidArgumentError, InvalidCheckpointError, InvalidConfigError
-from caries_mim.models.encoder_file import read_weights_file
+from caries_mim.models.encoder_file import other_kind, read_weights_file
 from pipelines import config as configs
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -90,9 +90,10 @@ def read_resumable_checkpoint(
         InvalidCheckpointError: not this pipeline's checkpoint, or another version.
         InvalidConfigError: a frozen key changed.
     """
-    payload = read_weights_file(path)
+    expected = f"a caries-mim {kind} checkpoint (the checkpoint.pt of a {kind} run folder)"
+    payload = read_weights_file(path, expected)
     if not isinstance(payload, dict) or payload.get("format") != checkpoint_format:
-        raise InvalidCheckpointError(f"{path} is not a caries-mim {kind} checkpoint")
+        raise InvalidCheckpointError(f"{path} is not {expected}{other_kind(payload)}")
     if payload.get("version") != version:
         raise InvalidCheckpointError(
             f"{path}: checkpoint version {payload.get('version')} cannot be resumed by this version (which writes "

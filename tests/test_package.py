@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
@@ -124,7 +124,7 @@ def test_unsupported_version_is_refused(saved):
 
 def test_missing_file(tmp_path):
     path = tmp_path / "nowhere.cmpkg"
-    with pytest.raises(InvalidCheckpointError, match="not found") as info:
+    with pytest.raises(InvalidCheckpointError, match="no such file") as info:
         read_package(path)
     assert str(path) in info.value.message
 
@@ -147,10 +147,32 @@ def test_files_that_are_not_packages(tmp_path, write):
     assert "\n" not in info.value.message
 
 
+@pytest.mark.parametrize(
+    ("write", "said"),
+    [
+        (lambda path: path.write_text("# caries-mim\n\nREADME text\n"), "not a file torch.save writes"),
+        (lambda path: torch.save({"x": PurePosixPath("/")}, path), "could run code from the file"),
+        (lambda path: torch.save({"format": "caries-mim-encoder"}, path), "it is a 'caries-mim-encoder' file"),
+    ],
+    ids=["text", "pickled-objects", "an-encoder"],
+)
+def test_a_file_that_is_not_a_package_is_called_that_never_advised_to_load_unsafely(tmp_path, write, said):
+    """`caries-mim predict --model README.md` once passed on torch's advice to reload with weights_only=False."""
+    path = tmp_path / "model.cmpkg"
+    write(path)
+    with pytest.raises(InvalidCheckpointError) as info:
+        read_package(path)
+    message = info.value.message
+    assert message.startswith(f"{path} is not a caries-mim model package (the model.cmpkg that `caries-mim finetune`")
+    assert said in message
+    assert "weights_only" not in message
+    assert "will likely succeed" not in message
+
+
 def test_truncated_file(saved):
     data = saved.read_bytes()
     saved.write_bytes(data[: len(data) // 2])
-    with pytest.raises(InvalidCheckpointError, match="not a readable torch weights file") as info:
+    with pytest.raises(InvalidCheckpointError, match="damaged or truncated") as info:
         read_package(saved)
     assert str(saved) in info.value.message
 

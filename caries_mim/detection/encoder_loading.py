@@ -13,7 +13,12 @@ import torch
 
 from caries_mim.detection.config import DetectorConfig
 from caries_mim.errors import InvalidCheckpointError
-from caries_mim.models.encoder_file import OVERRIDABLE, encoder_from_payload, read_weights_file
+from caries_mim.models.encoder_file import (
+    ENCODER_DESCRIPTION,
+    OVERRIDABLE,
+    encoder_from_payload,
+    read_weights_file,
+)
 from caries_mim.models.mae_import import ImportReport
 from caries_mim.models.vit import VisionTransformer
 
@@ -39,7 +44,7 @@ def load_detector_encoder(
     if encoder_path is None:
         encoder = VisionTransformer(target)
         return encoder, ImportReport(missing=list(encoder.state_dict()))
-    stored = encoder_from_payload(read_weights_file(encoder_path), encoder_path).encoder
+    stored = encoder_from_payload(read_weights_file(encoder_path, ENCODER_DESCRIPTION), encoder_path).encoder
     # Compared before rebuilding at the detector's grid: another patch size may not even fit its input size.
     stored_values = stored.config.to_dict()
     differences = [

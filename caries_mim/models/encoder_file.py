@@ -14,6 +14,7 @@ pixels, so they load with mean 0 and std 1, the computation they were trained wi
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from caries_mim.models.vit import VisionTransformer
 
 ENCODER_FORMAT = "caries-mim-encoder"
 ENCODER_FORMAT_VERSION = 2
+#: What an encoder file is, for messages about a file that is not one.
+ENCODER_DESCRIPTION = "a caries-mim encoder file (the encoder.pt that `caries-mim pretrain` writes in its run folder)"
 #: Config values a version-1 file implies for keys it does not have.
 _VERSION_1_DEFAULTS = {"input_mean": 0.0, "input_std": 1.0}
 
@@ -60,7 +63,7 @@ def load_encoder(path: str | os.PathLike, **config_overrides: Any) -> LoadedEnco
     Raises:
         InvalidCheckpointError: missing or unreadable file, another kind of file, or weights that do not match.
     """
-    return encoder_from_payload(read_weights_file(path), path, **config_overrides)
+    return encoder_from_payload(read_weights_file(path, ENCODER_DESCRIPTION), path, **config_overrides)
 
 
 def is_encoder_payload(payload: Any) -> bool:
@@ -71,7 +74,7 @@ def is_encoder_payload(payload: Any) -> bool:
 def encoder_from_payload(payload: Any, source: str | os.PathLike, **config_overrides: Any) -> LoadedEncoder:
     """:func:`load_encoder` for a file already read with :func:`read_weights_file`; ``source`` names it in errors."""
     if not is_encoder_payload(payload):
-        raise InvalidCheckpointError(f"{source} is not a caries-mim encoder file (no format '{ENCODER_FORMAT}')")
+        raise InvalidCheckpointError(f"{source} is not {ENCODER_DESCRIPTION}{other_kind(payload)}")
     version = payload.get("version")
     if version not in (1, ENCODER_FORMAT_VERSION):
         raise InvalidCheckpointError(f"{source}: encoder file version {version} is not supported")
@@ -111,15 +114,51 @@ def _with_overrides(encoder: VisionTransformer, overrides: dict[str, Any]) -> Vi
     return rebuilt
 
 
-def read_weights_file(path: str | os.PathLike) -> Any:
-    """``torch.load(path, map_location="cpu", weights_only=True)`` with its failures as one typed error."""
+#: How the files ``torch.save`` writes begin: a zip archive (PyTorch 1.6 and later), or a pickle (the legacy
+#: format, still readable by ``torch.load``, whose first byte is the pickle protocol marker).
+_TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
+
+
+def read_weights_file(path: str | os.PathLike, expected: str) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)``, with every failure as one typed error that
+    says what the file is not.
+
+    ``weights_only`` loads tensors and plain values only: unpickling anything else can run code from the file, so
+    a file that needs more is refused as what it is, never with advice to load it unsafely (torch's own message
+    suggests ``weights_only=False``; it is not passed on).
+
+    Args:
+        expected: what the file should be, in words ("a caries-mim model package (...)"), for the messages.
+    Raises:
+        InvalidCheckpointError: missing, not a torch archive, truncated, or holding more than weights.
+    """
     path = Path(path)
     if not path.is_file():
-        raise InvalidCheckpointError(f"weights file not found: {path}")
+        raise InvalidCheckpointError(f"{path}: no such file; expected {expected}")
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(4)
+    except OSError as exc:
+        raise InvalidCheckpointError(f"{path} cannot be read ({exc.strerror or exc})") from None
+    if not head.startswith(_TORCH_FILE_STARTS):
+        raise InvalidCheckpointError(f"{path} is not {expected}: it is not a file torch.save writes at all")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, zipfile errors ...
-        raise InvalidCheckpointError(f"{path} is not a readable torch weights file ({_first_line(exc)})") from None
+    except pickle.UnpicklingError:
+        raise InvalidCheckpointError(
+            f"{path} is not {expected}: it holds Python objects besides weights and plain values, which caries-mim "
+            "does not load because loading them could run code from the file"
+        ) from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError, zipfile errors ... for a damaged archive
+        raise InvalidCheckpointError(
+            f"{path} is not {expected}: the archive is damaged or truncated ({_first_line(exc)})"
+        ) from None
+
+
+def other_kind(payload: Any) -> str:
+    """``" (it is a <format> file)"`` for another caries-mim file kind, else ``""``: for "is not X" messages."""
+    kind = payload.get("format") if isinstance(payload, dict) else None
+    return f" (it is a {kind!r} file)" if isinstance(kind, str) and kind.startswith("caries-mim") else ""
 
 
 def _first_line(exc: BaseException) -> str:

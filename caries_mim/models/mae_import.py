@@ -32,6 +32,7 @@ from caries_mim.models.encoder_file import read_weights_file
 from caries_mim.models.position import resample_position_embedding
 from caries_mim.models.vit import VisionTransformer
 
+MAE_CHECKPOINT_DESCRIPTION = "an MAE checkpoint (.pth, e.g. the official mae_pretrain_vit_base.pth) or a state dict"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -95,7 +96,9 @@ def import_mae_weights(
         InvalidCheckpointError: unreadable file, a shape that cannot be adapted (other width or patch size), or
             ``strict`` and an incomplete mapping.
     """
-    state = _state_dict_of(read_weights_file(source) if isinstance(source, (str, os.PathLike)) else source)
+    if isinstance(source, (str, os.PathLike)):
+        source = read_weights_file(source, MAE_CHECKPOINT_DESCRIPTION)
+    state = _state_dict_of(source)
     targets = encoder.state_dict()
     report = ImportReport()
     loaded: dict[str, torch.Tensor] = {}

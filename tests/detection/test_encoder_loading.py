@@ -89,5 +89,5 @@ def test_a_file_that_is_not_an_encoder_is_refused(tmp_path):
 
 
 def test_a_missing_file_is_refused(tmp_path):
-    with pytest.raises(InvalidCheckpointError, match="not found"):
+    with pytest.raises(InvalidCheckpointError, match="no such file"):
         build_detector(tiny_config(), tmp_path / "absent.pt")

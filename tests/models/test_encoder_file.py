@@ -95,7 +95,7 @@ def test_no_temporary_files_are_left_after_save(tmp_path):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(InvalidCheckpointError, match="not found"):
+    with pytest.raises(InvalidCheckpointError, match="no such file"):
         load_encoder(tmp_path / "absent.pt")
 
 
@@ -120,7 +120,7 @@ def test_truncated_file(trained):
     _, path = trained
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(InvalidCheckpointError, match="not a readable torch weights file"):
+    with pytest.raises(InvalidCheckpointError, match="damaged or truncated"):
         load_encoder(path)
 
 

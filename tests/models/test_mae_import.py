@@ -278,7 +278,7 @@ def test_garbage_file_raises_invalid_checkpoint(tmp_path, content):
 
 
 def test_missing_file_raises_invalid_checkpoint(tmp_path):
-    with pytest.raises(InvalidCheckpointError, match="not found"):
+    with pytest.raises(InvalidCheckpointError, match="no such file"):
         import_mae_weights(make_encoder(), tmp_path / "absent.pth")
 
 

@@ -429,7 +429,7 @@ def test_resuming_refuses_changed_frozen_keys_but_not_others(labeled, tmp_path, 
         ("data.label_fraction=0", "label_fraction must be in (0, 1]"),
         ("eval.patience=0", "patience must be >= 1"),
         ("model.size=vit_huge", "unknown ViT size 'vit_huge'"),
-        ("model.encoder=/no/such/encoder.pt", "weights file not found: /no/such/encoder.pt"),
+        ("model.encoder=/no/such/encoder.pt", "/no/such/encoder.pt: no such file"),
     ],
 )
 def test_bad_config_values_are_one_line_errors_naming_the_key(labeled, tmp_path, capsys, override, named):
