@@ -14,11 +14,15 @@ In one run, on one realistic 12-bit bitewing DICOM (the largest uncompressed "Bi
                (steadier on a shared machine, whose speed wanders by +-10% within seconds);
                overhead_ratio_unbatched_server: the same for the second server (same service, batch size 1),
                a second sample of a figure that also moves between processes on a shared machine;
+               overhead_ratio_in_process_decode: the same for a third server, batched but decoding uploads in
+               its own process (CARIES_MIM_DECODE_WORKERS=0): against overhead_ratio, what isolating the decode
+               in worker processes costs one request;
   * rps      - requests/s with 1, 4 and 16 concurrent clients (threads, each its own connection, each sending the
                same DICOM back to back for ``--seconds``), against a server with micro-batching
                (CARIES_MIM_MAX_BATCH_SIZE=16, no batch wait: the service's default) and against a second server without
                (CARIES_MIM_MAX_BATCH_SIZE=1); the mean batch size comes from the server's /metrics.
                batching_speedup_c16 = rps_c16 / rps_c16_unbatched (the GPU target is >= 3x);
+               isolated_decode_gain_c16 = rps_c16 / rps_c16 of the in-process-decode server;
   * memory   - the server's peak RSS (VmHWM from /proc/PID/status; null off Linux).
 
 Without ``--model`` a quick package is trained first (synthetic set, shipped ``tiny`` config, 10 steps: about a
@@ -38,7 +42,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -52,6 +55,7 @@ import numpy as np
 import pydicom
 import torch
 from machine import cpu_name  # benchmarks/machine.py (this folder is on sys.path when run as a script)
+from quick_model import BenchmarkError, train_quick_package, write_synthetic_set
 
 from caries_mim.detection.preprocessing import prepare_image
 from caries_mim.errors import CariesMimError
@@ -60,19 +64,17 @@ from caries_mim.package import load_package
 from pipelines.service_client import LocalService, ServiceStartError, multipart_body
 from service.app import GPU_WINDOW_BATCH_SIZE
 
-REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 LEVELS = (1, 4, 16)
 BATCHED = {"CARIES_MIM_MAX_BATCH_SIZE": "16", "CARIES_MIM_MAX_BATCH_WAIT_MS": "0"}
 UNBATCHED = {"CARIES_MIM_MAX_BATCH_SIZE": "1", "CARIES_MIM_MAX_BATCH_WAIT_MS": "0"}
+#: The batched server with uploads decoded in its own process instead of the isolated decode workers.
+IN_PROCESS_DECODE = {**BATCHED, "CARIES_MIM_DECODE_WORKERS": "0"}
+SERVERS = (("batched", BATCHED), ("unbatched", UNBATCHED), ("in_process_decode", IN_PROCESS_DECODE))
 READY_TIMEOUT_S = 300.0
 #: Client socket timeout: a CPU batch of 16 takes seconds, and a request may wait behind one.
 CLIENT_TIMEOUT_S = 300.0
 UNCOMPRESSED = {pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian}
-
-
-class BenchmarkError(RuntimeError):
-    """The benchmark cannot go on (the server failed, a request was refused); the message says why."""
 
 
 # ------------------------------------------------------------------------------------------------------ the server
@@ -300,15 +302,6 @@ def image_info(path: Path) -> dict[str, Any]:
     }
 
 
-def cli(*arguments: str) -> None:
-    """Run ``caries-mim ARGS`` quietly; raise with its output tail when it fails."""
-    command = [sys.executable, "-m", "pipelines.cli", *arguments]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        tail = "\n".join((done.stdout + done.stderr).splitlines()[-20:])
-        raise BenchmarkError(f"caries-mim {arguments[0]} failed (status {done.returncode}):\n{tail}")
-
-
 def cpu_jiffies(pids: list[int]) -> tuple[int, int, int] | None:
     """(machine busy, machine total, busy of ``pids``) in clock ticks since boot; None off Linux."""
     try:
@@ -399,7 +392,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     model_built = args.model is None
     if args.image is None or model_built:
         print(f"writing a synthetic set to {synth} ...", flush=True)
-        cli("synth", str(synth), "--unlabeled", "0", "--labeled", "16", "--quiet")
+        write_synthetic_set(synth)
     if args.image is not None:
         if not args.image.is_file():
             raise BenchmarkError(f"image {args.image} does not exist")
@@ -407,14 +400,8 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     else:
         image_path, image = pick_image(synth / "labeled" / "images")
     if model_built:
-        run_dir = tmp / "run"
         print("no --model: training a quick package (tiny config, 10 steps; ~1 min on 2 cores) ...", flush=True)
-        labeled = synth / "labeled"
-        cli(
-            "finetune", "--train", str(labeled / "train.json"), "--val", str(labeled / "val.json"),
-            "--out", str(run_dir), "--config", "tiny", "--set", "train.steps=10", "--set", "eval.every=10", "--quiet",
-        )  # fmt: skip
-        model = run_dir / "model.cmpkg"
+        model = train_quick_package(synth, tmp / "run")
     else:
         model = args.model
         if not model.is_file():
@@ -449,11 +436,12 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     samples: dict[str, list[float]] = {name: [] for name in in_process}
     server_timings: list[dict[str, float]] = []
     e2e: list[float] = []
-    e2e_unbatched: list[float] = []
-    forward_unbatched: list[float] = []
+    # The other servers' own sequential samples: each gives one more overhead ratio.
+    e2e_other: dict[str, list[float]] = {label: [] for label, _ in SERVERS[1:]}
+    forward_other: dict[str, list[float]] = {label: [] for label, _ in SERVERS[1:]}
     foreign: list[float] = []
 
-    for label, settings in (("batched", BATCHED), ("unbatched", UNBATCHED)):
+    for label, settings in SERVERS:
         log_path = tmp / f"server_{label}.log"
         with running_server(model, args.device, settings, log_path, args.threads) as server:
             ready_rss = server.memory_mb("VmRSS")
@@ -478,11 +466,11 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
                         if label == "batched":
                             for name, function in in_process.items():
                                 samples[name].append(timed(function, sync))
-                        else:  # the second server's own ratio: one more sample of the machine's variance
-                            forward_unbatched.append(timed(forward, sync))
+                        else:  # this server's own ratio (and one more sample of the machine's variance)
+                            forward_other[label].append(timed(forward, sync))
                     for _ in range(block):
                         answer, seconds = checked_post(client, server)
-                        (e2e if label == "batched" else e2e_unbatched).append(seconds)
+                        (e2e if label == "batched" else e2e_other[label]).append(seconds)
                         if label == "batched":
                             server_timings.append(answer["timings_ms"])
                     done += block
@@ -537,7 +525,8 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
         "e2e_p50_ms": r1(e2e_p50),
         "e2e_p95_ms": r1(percentile(e2e_ms, 95)),
         "e2e_p99_ms": r1(percentile(e2e_ms, 99)),
-        "e2e_p50_ms_unbatched": r1(percentile([value * 1000 for value in e2e_unbatched], 50)),
+        "e2e_p50_ms_unbatched": r1(percentile([value * 1000 for value in e2e_other["unbatched"]], 50)),
+        "e2e_p50_ms_in_process_decode": r1(percentile([value * 1000 for value in e2e_other["in_process_decode"]], 50)),
         "forward_p50_ms": r1(forward_p50),
         "predict_p50_ms": r1(statistics.median(samples["predict"]) * 1000),
         "read_p50_ms": r1(statistics.median(samples["read"]) * 1000),
@@ -549,13 +538,19 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
             statistics.median(a / b for a, b in zip(e2e, samples["forward"], strict=True)), 2
         ),
         "overhead_ratio_unbatched_server": round(
-            percentile(e2e_unbatched, 50) / statistics.median(forward_unbatched), 2
+            percentile(e2e_other["unbatched"], 50) / statistics.median(forward_other["unbatched"]), 2
+        ),
+        # What isolating the decode costs one request: this ratio against overhead_ratio, same machine and run.
+        "overhead_ratio_in_process_decode": round(
+            percentile(e2e_other["in_process_decode"], 50) / statistics.median(forward_other["in_process_decode"]), 2
         ),
     }
-    for suffix, levels in (("", batched), ("_unbatched", unbatched)):
+    in_process_decode = results["in_process_decode"]["levels"]
+    by_suffix = (("", batched), ("_unbatched", unbatched), ("_in_process_decode", in_process_decode))
+    for suffix, levels in by_suffix:
         for clients, level in levels.items():
             summary[f"rps_c{clients}{suffix}"] = round(level["rps"], 2)
-    for suffix, levels in (("", batched), ("_unbatched", unbatched)):
+    for suffix, levels in by_suffix:
         for clients, level in levels.items():
             summary[f"p50_ms_c{clients}{suffix}"] = r1(level["p50_ms"])
             summary[f"mean_batch_size_c{clients}{suffix}"] = (
@@ -566,6 +561,8 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
         {
             "batching_speedup_c16": round(batched[16]["rps"] / unbatched[16]["rps"], 2),
             "batching_speedup_definition": "rps_c16 / rps_c16_unbatched (GPU target >= 3)",
+            "isolated_decode_gain_c16": round(batched[16]["rps"] / in_process_decode[16]["rps"], 2),
+            "isolated_decode_gain_definition": "rps_c16 / rps_c16_in_process_decode (both batched)",
             "errors": {
                 f"{label}_c{clients}": level["errors"]
                 for label, result in results.items()
@@ -574,6 +571,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
             },
             "peak_rss_mb": results["batched"]["peak_rss_mb"],
             "peak_rss_mb_unbatched": results["unbatched"]["peak_rss_mb"],
+            "peak_rss_mb_in_process_decode": results["in_process_decode"]["peak_rss_mb"],
             "ready_rss_mb": results["batched"]["ready_rss_mb"],
             "peak_rss_mb_sequential": results["batched"]["sequential_peak_rss_mb"],
             "peak_rss_mb_by_clients": {
@@ -593,16 +591,19 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
                 "device": args.device,
                 "batched_env": BATCHED,
                 "unbatched_env": UNBATCHED,
+                "in_process_decode_env": IN_PROCESS_DECODE,
             },
             "elapsed_s": round(time.perf_counter() - started, 1),
         }
     )
-    print_table(summary, batched, unbatched)
+    print_table(summary, batched, unbatched, in_process_decode)
     print(json.dumps(summary))
     return 0
 
 
-def print_table(summary: dict[str, Any], batched: dict[int, dict], unbatched: dict[int, dict]) -> None:
+def print_table(
+    summary: dict[str, Any], batched: dict[int, dict], unbatched: dict[int, dict], in_process: dict[int, dict]
+) -> None:
     handler = summary["server_timings_p50_ms"]
     print()
     print(
@@ -621,6 +622,7 @@ def print_table(summary: dict[str, Any], batched: dict[int, dict], unbatched: di
         ("outside the handler (HTTP, multipart, JSON)", summary["outside_handler_p50_ms"]),
         ("end to end, batched server", summary["e2e_p50_ms"]),
         ("end to end, unbatched server", summary["e2e_p50_ms_unbatched"]),
+        ("end to end, batched, decode in-process", summary["e2e_p50_ms_in_process_decode"]),
     ]
     for name, value in rows:
         print(f"  {name:<42}{value if value is not None else float('nan'):>10.1f}")
@@ -628,19 +630,21 @@ def print_table(summary: dict[str, Any], batched: dict[int, dict], unbatched: di
         f"  e2e p95 {summary['e2e_p95_ms']:.1f} ms, p99 {summary['e2e_p99_ms']:.1f} ms; "
         f"overhead ratio e2e p50 / forward p50 = {summary['overhead_ratio']:.2f}x "
         f"(median of paired ratios {summary['overhead_ratio_paired']:.2f}x; "
-        f"unbatched server {summary['overhead_ratio_unbatched_server']:.2f}x)"
+        f"unbatched server {summary['overhead_ratio_unbatched_server']:.2f}x; "
+        f"decode in-process {summary['overhead_ratio_in_process_decode']:.2f}x)"
     )
-    header = ("concurrency", "batched req/s", "mean batch", "p50 ms", "unbatched req/s", "p50 ms")
-    widths = (15, 12, 10, 18, 10)
+    header = ("concurrency", "batched req/s", "mean batch", "p50 ms", "unbatched req/s", "p50 ms", "in-proc req/s")
+    widths = (15, 12, 10, 18, 10, 16)
     print(header[0].ljust(12) + "".join(f"{text:>{width}}" for text, width in zip(header[1:], widths, strict=True)))
     for clients in LEVELS:
-        b, u = batched[clients], unbatched[clients]
+        b, u, i = batched[clients], unbatched[clients], in_process[clients]
         print(
             f"  {clients:>2} clients{b['rps']:>15.2f}{b.get('mean_batch_size', float('nan')):>12.2f}"
-            f"{b['p50_ms']:>10.0f}{u['rps']:>18.2f}{u['p50_ms']:>10.0f}"
+            f"{b['p50_ms']:>10.0f}{u['rps']:>18.2f}{u['p50_ms']:>10.0f}{i['rps']:>16.2f}"
         )
     print(
-        f"batching speedup at 16 clients: {summary['batching_speedup_c16']:.2f}x; peak RSS "
+        f"batching speedup at 16 clients: {summary['batching_speedup_c16']:.2f}x; isolated decode at 16 clients: "
+        f"{summary['isolated_decode_gain_c16']:.2f}x the in-process decode; peak RSS "
         f"{summary['peak_rss_mb']} MB batched, {summary['peak_rss_mb_unbatched']} MB unbatched "
         f"({summary['ready_rss_mb']} MB once ready); "
         f"other processes' CPU share {summary['foreign_cpu_share_max']}, load average {summary['load_average']}"

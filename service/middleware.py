@@ -8,9 +8,10 @@ import asyncio
 import hmac
 import logging
 import re
+import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -172,7 +173,7 @@ class UploadGate:
         return release
 
     def _with_deadline(self, receive: Receive) -> Receive:
-        deadline = time.monotonic() + self.timeout_s
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         body_complete = False
 
         async def receive_before_deadline() -> Message:
@@ -180,7 +181,7 @@ class UploadGate:
             if body_complete:  # afterwards the app only listens for the disconnect: no deadline for that
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                message = await _before(deadline, receive())
             except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                 self.metrics.uploads_refused.labels("timeout").inc()
                 raise UploadTimedOut(self.timeout_s) from None
@@ -188,6 +189,17 @@ class UploadGate:
             return message
 
         return receive_before_deadline
+
+
+async def _before(deadline: float, awaitable: Awaitable[Message]) -> Message:
+    """``await awaitable`` until ``deadline`` (event loop time), else TimeoutError.
+
+    A 2 MB upload arrives in some 35 chunks: ``asyncio.timeout_at`` (Python 3.11+) arms one timer handle per chunk
+    in the running task, where ``wait_for`` makes a task of every chunk's wait (about 1.5 ms per upload)."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout_at(deadline):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, max(0.0, deadline - asyncio.get_running_loop().time()))
 
 
 class BodySizeLimit:
