@@ -30,6 +30,7 @@ from pipelines.service_client import LocalService, ServiceStartError
 # tests/ (the soak load and the fuzz corpus it draws from) is not an installed package: import it from the clone.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.load import mixed_uploads, soak
+from tests.polling import sample
 
 SERVERS = {
     "isolated": {"CARIES_MIM_DECODE_WORKERS": "2"},
@@ -37,15 +38,17 @@ SERVERS = {
 }
 
 
+#: Why the service replaces a decode worker (the reason label of caries_mim_decoder_restarts_total).
+RESTART_REASONS = ("crash", "timeout", "memory", "dead", "invalid_reply", "interrupted")
+
+
 def decoder_restarts(base_url: str) -> dict[str, float]:
     with urllib.request.urlopen(f"{base_url}/metrics", timeout=10) as answer:
         text = answer.read().decode()
-    restarts = {}
-    for line in text.splitlines():
-        if line.startswith("caries_mim_decoder_restarts_total{"):
-            reason = line.split('reason="', 1)[1].split('"', 1)[0]
-            restarts[reason] = float(line.rsplit(" ", 1)[1])
-    return restarts
+    counts = {
+        reason: sample(text, "caries_mim_decoder_restarts_total", f'reason="{reason}"') for reason in RESTART_REASONS
+    }
+    return {reason: count for reason, count in counts.items() if count}
 
 
 def run_one(name: str, model: Path, uploads, args: argparse.Namespace, tmp: Path) -> dict:

@@ -116,6 +116,13 @@ class InvalidCheckpointError(CariesMimError):
     code = "invalid_checkpoint"
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name when it has none), at most 300 chars:
+    the part of a library's error worth putting in one of ours."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
 def error_for_code(code: str, message: str) -> CariesMimError:
     """A typed error rebuilt from its code and message (errors that crossed a process boundary as plain text).
 

@@ -37,7 +37,6 @@ from service.errors import (
 from service.logs import LOGGER_NAME, configure_logging
 from service.metrics import ServiceMetrics
 from service.middleware import (
-    ERROR_ANSWERED,
     PROTECTED_PREFIX,
     ApiKeyGate,
     BodySizeLimit,
@@ -139,7 +138,9 @@ def create_app(
         retry_after_s=settings.retry_after_s,
         metrics=metrics,
     )
-    app.add_middleware(ApiKeyGate, keys=api_keys, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(
+        ApiKeyGate, keys=api_keys, max_bytes=settings.max_upload_bytes, timeout_s=settings.upload_timeout_s
+    )
     app.add_middleware(RequestContext, metrics=metrics)
     return app
 
@@ -276,10 +277,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception):
-        # Starlette re-raises the error after this answer; RequestContext then knows it is already logged.
-        state = request.scope.setdefault("state", {})
-        state[ERROR_ANSWERED] = True
-        request_id = state.get("request_id")
+        # Starlette's error middleware runs outside RequestContext, which answers everything the app raises: this
+        # handler sees only a failure of the middleware stack itself, and keeps that answer in the JSON shape.
+        request_id = request.scope.get("state", {}).get("request_id")
         log.error(
             "unhandled error",
             exc_info=(type(error), error, error.__traceback__),

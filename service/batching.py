@@ -206,7 +206,9 @@ class InferenceWorker:
             return await asyncio.wait_for(asyncio.shield(job.future), timeout_s)
         except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             job.future.cancel()
-            raise ServiceError(504, "timeout", f"no result within {timeout_s:g} s; the model is overloaded") from None
+            raise ServiceError(
+                504, "timeout", f"no result within {timeout_s:g} s; the model is overloaded", self._retry_after()
+            ) from None
 
     async def drain(self) -> None:
         """Refuse new requests, finish the queued ones, stop the thread.

@@ -18,15 +18,12 @@ from fastapi.concurrency import run_in_threadpool
 
 from caries_mim.errors import DecoderUnavailableError
 from caries_mim.io import Radiograph, ReadOptions, read_radiograph
-from caries_mim.io.isolation import IsolatedReader, ReadFunction
+from caries_mim.io.isolation import DEFAULT_WAIT_S, IsolatedReader, ReadFunction
 from service.logs import LOGGER_NAME
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
 
 log = logging.getLogger(LOGGER_NAME)
-
-#: How long a request waits for a decode worker before 503 ``decoder_unavailable``.
-DECODE_WAIT_S = 30.0
 
 
 class UploadDecoder:
@@ -60,7 +57,7 @@ class UploadDecoder:
             workers,
             timeout_s=self.settings.decode_timeout_s,
             memory_mb=self.settings.decode_memory_mb,
-            wait_s=DECODE_WAIT_S,
+            wait_s=DEFAULT_WAIT_S,
             read_function=self.read_function,
             on_replaced=self._replaced,
         )
@@ -76,14 +73,19 @@ class UploadDecoder:
         """
         if self.reader is None or self._slots is None:
             return await run_in_threadpool(self.read_function, data, self.options)
+        # One wait for a worker, DEFAULT_WAIT_S in all: first for a slot here, then (while a crashed worker's
+        # successor starts) in the pool.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DEFAULT_WAIT_S
         try:
-            await asyncio.wait_for(self._slots.acquire(), DECODE_WAIT_S)
+            await asyncio.wait_for(self._slots.acquire(), DEFAULT_WAIT_S)
         except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             raise DecoderUnavailableError(
-                f"all {self.reader.size} decode workers stayed busy for {DECODE_WAIT_S:g} s; retry shortly"
+                f"all {self.reader.size} decode workers stayed busy for {DEFAULT_WAIT_S:g} s; retry shortly"
             ) from None
         try:
-            return await run_in_threadpool(self.reader.read, data, self.options)
+            remaining = max(0.0, deadline - loop.time())
+            return await run_in_threadpool(self.reader.read, data, self.options, wait_s=remaining)
         finally:
             self._slots.release()
 

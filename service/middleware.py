@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -22,6 +23,7 @@ from service.logs import LOGGER_NAME
 from service.metrics import ServiceMetrics
 
 log = logging.getLogger(LOGGER_NAME)
+_T = TypeVar("_T")
 
 #: A client's X-Request-ID is echoed only when it is this tame (it lands in logs).
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -32,7 +34,8 @@ class RequestTooLarge(HTTPException):
     so the app's handler answers 413 before the rest of the body is read."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(413, f"the request body exceeds the limit of {limit} bytes")
+        # The rest of the body is never read: the connection closes after the answer (RFC 9110 15.5.14).
+        super().__init__(413, f"the request body exceeds the limit of {limit} bytes", {"Connection": "close"})
 
 
 #: Routes under this prefix need a key when keys are configured; probes, /metrics and the docs stay open.
@@ -59,39 +62,59 @@ class ApiKeyGate:
     """401 for a request under ``/v1/`` without a valid ``Authorization: Bearer`` key, decided from the headers:
     the upload of a client without a key is never parsed or held in memory.
 
-    A client that sent ``Expect: 100-continue`` (curl does for bodies over 1 MB) gets the 401 before it sends its
-    body. Any other client is already sending it: the body is read and dropped (up to ``max_bytes``) before the
-    answer, because answering first makes uvicorn close the connection under a client still writing, which most
-    HTTP libraries report as a broken pipe instead of the 401.
+    The refusal is answered by :func:`refuse_unread` (the body is never kept).
     """
 
-    def __init__(self, app: ASGIApp, keys: frozenset[str], max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, keys: frozenset[str], max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.keys = keys
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.keys and scope["path"].startswith(PROTECTED_PREFIX):
             headers = dict(scope.get("headers") or [])
             refusal = api_key_refusal(headers.get(b"authorization", b"").decode("latin-1"), self.keys)
             if refusal is not None:
-                if headers.get(b"expect", b"").lower() != b"100-continue":
-                    await _discard_body(receive, self.max_bytes)
-                await service_error_response(refusal)(scope, receive, send)
+                await refuse_unread(scope, receive, send, refusal, self.max_bytes, self.timeout_s)
                 return
         await self.app(scope, receive, send)
 
 
-async def _discard_body(receive: Receive, max_bytes: int) -> None:
-    """Read the request body to its end (or past ``max_bytes``, or the client's disconnect), keeping none of it."""
+async def refuse_unread(
+    scope: Scope, receive: Receive, send: Send, refusal: ServiceError, max_bytes: int, timeout_s: float
+) -> None:
+    """Answer ``refusal`` to a request whose body is not wanted, without keeping any of it.
+
+    A client that sent ``Expect: 100-continue`` (curl does for bodies over 1 MB) gets the answer before it sends
+    its body. Any other client is already sending it: the body is read and dropped first, because answering under a
+    client still writing makes uvicorn close the connection, which most HTTP libraries report as a broken pipe
+    instead of the answer. The dropping stops past ``max_bytes`` or ``timeout_s`` (a client trickling a body must
+    not hold the connection for ever); the answer then says ``Connection: close``.
+    """
+    if dict(scope.get("headers") or []).get(b"expect", b"").lower() != b"100-continue":
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        try:
+            complete = await _before(deadline, _discard_body(receive, max_bytes))
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+            complete = False
+        if not complete:
+            refusal.headers["Connection"] = "close"
+    await service_error_response(refusal)(scope, receive, send)
+
+
+async def _discard_body(receive: Receive, max_bytes: int) -> bool:
+    """Read the request body to its end (or past ``max_bytes``, or the client's disconnect), keeping none of it.
+    True when it ended within ``max_bytes``."""
     received = 0
     while received <= max_bytes:
         message = await receive()
         if message["type"] != "http.request":
-            return
+            return False
         received += len(message.get("body", b""))
         if not message.get("more_body", False):
-            return
+            return True
+    return False
 
 
 class UploadTimedOut(HTTPException):
@@ -99,7 +122,8 @@ class UploadTimedOut(HTTPException):
     :class:`RequestTooLarge`, it reaches the app's handler, which answers 408."""
 
     def __init__(self, timeout_s: float) -> None:
-        super().__init__(408, f"the upload did not complete within {timeout_s:g} s")
+        # The rest of the body is never read: the connection closes after the answer (RFC 9110 15.5.9).
+        super().__init__(408, f"the upload did not complete within {timeout_s:g} s", {"Connection": "close"})
 
 
 #: Key in ``scope["state"]`` of the callable that gives an upload's slot back (once decoded).
@@ -109,8 +133,8 @@ RELEASE_UPLOAD_SLOT = "release_upload_slot"
 class UploadGate:
     """Bounds the prediction uploads in progress (received, parsed and decoded) and how long a body may take.
 
-    An upload past ``max_concurrent`` gets 503 ``busy`` with Retry-After at once; its body is dropped unread, as
-    :class:`ApiKeyGate` does, so it costs no memory. A body still incomplete ``timeout_s`` after the request
+    An upload past ``max_concurrent`` gets 503 ``busy`` with Retry-After at once; its body is dropped unread
+    (:func:`refuse_unread`), so it costs no memory. A body still incomplete ``timeout_s`` after the request
     started gets 408 ``upload_timeout``: a slow or stalled client cannot hold a slot for ever. A route gives its
     slot back early through ``scope["state"][RELEASE_UPLOAD_SLOT]`` once the upload is decoded; the request's
     end gives it back otherwise. Everything runs on the event loop, so the count needs no lock.
@@ -140,16 +164,13 @@ class UploadGate:
             return
         if self.in_progress >= self.max_concurrent:
             self.metrics.uploads_refused.labels("busy").inc()
-            headers = dict(scope.get("headers") or [])
-            if headers.get(b"expect", b"").lower() != b"100-continue":
-                await _discard_body(receive, self.max_bytes)
             refusal = ServiceError(
                 503,
                 "busy",
                 f"{self.in_progress} uploads are already in progress; retry shortly",
                 {"Retry-After": str(self.retry_after_s)},
             )
-            await service_error_response(refusal)(scope, receive, send)
+            await refuse_unread(scope, receive, send, refusal, self.max_bytes, self.timeout_s)
             return
         release = self._take_slot()
         scope.setdefault("state", {})[RELEASE_UPLOAD_SLOT] = release
@@ -191,7 +212,7 @@ class UploadGate:
         return receive_before_deadline
 
 
-async def _before(deadline: float, awaitable: Awaitable[Message]) -> Message:
+async def _before(deadline: float, awaitable: Awaitable[_T]) -> _T:
     """``await awaitable`` until ``deadline`` (event loop time), else TimeoutError.
 
     A 2 MB upload arrives in some 35 chunks: ``asyncio.timeout_at`` (Python 3.11+) arms one timer handle per chunk
@@ -235,17 +256,14 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, send)
 
 
-#: Key in ``scope["state"]`` set by the app's handler for unexpected errors once it has logged and answered one.
-ERROR_ANSWERED = "error_answered"
-
-
 class RequestContext:
     """Gives each request an id (``scope["state"]["request_id"]``, echoed as X-Request-ID), then logs it and counts
     it by route template and status once answered.
 
-    It is also the last resort: whatever escapes the application, ``BaseException`` included (a Rust panic is one,
-    and Starlette's error middleware catches only ``Exception``), is logged with its traceback and answered as 500
-    in the JSON error shape with the request id, unless an answer has already begun. Cancellation and the
+    It is also the one place for the unforeseen: whatever escapes the application, ``BaseException`` included (a
+    Rust panic is one), is logged once with its traceback and answered as 500 in the JSON error shape with the
+    request id, unless an answer has already begun. (Starlette's error middleware sits outside every middleware
+    added to the app, so errors reach this one first; and it catches only ``Exception``.) Cancellation and the
     program's own exits (KeyboardInterrupt, SystemExit) pass through."""
 
     def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
@@ -277,14 +295,11 @@ class RequestContext:
         except (asyncio.CancelledError, *PROGRAM_EXITS):
             raise
         except BaseException as error:
-            # Starlette re-raises what its handler for Exception has already logged and answered: only the rest
-            # is logged here, and answered when nothing has been sent yet.
-            if not scope["state"].get(ERROR_ANSWERED):
-                log.error(
-                    "unhandled error",
-                    exc_info=(type(error), error, error.__traceback__),
-                    extra={"fields": {"request_id": request_id}},
-                )
+            log.error(
+                "unhandled error",
+                exc_info=(type(error), error, error.__traceback__),
+                extra={"fields": {"request_id": request_id}},
+            )
             if not answered:
                 message = f"the service failed; quote request id {request_id}"
                 await error_response(500, "internal_error", message)(scope, receive, send_with_id)

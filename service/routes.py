@@ -72,7 +72,7 @@ def parse_spacing(text: str | None) -> tuple[float, float] | None:
             "pixel_spacing_mm must be one or two numbers above 0 and below 10 (mm), written with digits and a "
             f"decimal point ('0.03' or '0.03,0.035' for row,column), got {text[:40]!r}"
         )
-    values = [float(part) for part in text.split(",")]
+    values = [float(part) for part in text.split(",")]  # in (0, 10): the pattern bounds the digits
     return (values[0], values[-1])
 
 

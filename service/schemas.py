@@ -11,8 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 #: What ``pixel_spacing_mm`` accepts: empty (not given), or one or two numbers in (0, 10) mm written with digits
 #: and at most one decimal point, e.g. ``0.03`` or ``0.03,0.035`` (row, column). One regular expression serves
-#: the schema and the check, so that what the schema allows is exactly what the service accepts.
-SPACING_NUMBER = r"(0*[1-9](\.[0-9]*)?|0*\.[0-9]*[1-9][0-9]*)"
+#: the schema and the check, so that what the schema allows is exactly what the service accepts. Decimals are
+#: bounded (8 for 1-9.x, 15 below 1) so that no allowed string rounds to 0 or 10 as a float.
+SPACING_NUMBER = r"(0*[1-9](\.[0-9]{0,8})?|0*\.[0-9]{0,7}[1-9][0-9]{0,7})"
 SPACING_PATTERN = rf"^({SPACING_NUMBER}( *, *{SPACING_NUMBER})?)?$"
 
 

@@ -20,6 +20,7 @@ import os
 import socket
 import struct
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -28,8 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from caries_mim.errors import CariesMimError
-from caries_mim.io.decoder_failures import first_line
+from caries_mim.errors import CariesMimError, first_line
 from caries_mim.io.options import ReadOptions
 from caries_mim.io.radiograph import DicomReferences, Radiograph
 
@@ -69,8 +69,8 @@ def recv_frame(
         raise ProtocolError(f"frame sizes {header_size} + {payload_size} bytes are past the limits")
     try:
         header = json.loads(_recv_exactly(sock, header_size, deadline))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"the frame header is not JSON ({exc})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"the frame header is not JSON ({type(exc).__name__})") from None
     if not isinstance(header, dict):
         raise ProtocolError("the frame header is not a JSON object")
     return header, _recv_exactly(sock, payload_size, deadline)
@@ -159,8 +159,8 @@ def radiograph_from_json(header: dict[str, Any], payload: bytearray) -> Radiogra
             intensity_normalization=str(header["intensity_normalization"]),
             dicom=None if dicom is None else DicomReferences(**{key: _optional_str(dicom[key]) for key in _UID_KEYS}),
         )
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise ProtocolError(f"malformed radiograph in the reply ({exc})") from None
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
+        raise ProtocolError(f"malformed radiograph in the reply ({type(exc).__name__})") from None
 
 
 _UID_KEYS = ("sop_instance_uid", "sop_class_uid", "study_instance_uid", "series_instance_uid")
@@ -210,11 +210,14 @@ def serve(sock: socket.socket, read_function: Callable[[Any, ReadOptions], Radio
                 reply = {"status": "error", "code": exc.code, "message": exc.message}
             except MemoryError:
                 reply = {"status": "memory"}
-            except Exception as exc:  # a reader bug: the parent reports it as its own failure
-                reply = {"status": "bug", "message": f"{type(exc).__name__}: {first_line(exc)}"}
+            except Exception as exc:  # a reader bug: the parent reports its kind (the text may quote the file)
+                reply = {"status": "bug", "kind": type(exc).__name__}
             else:
-                reply = {"status": "ok", "radiograph": radiograph_to_json(radiograph)}
-                pixels = np.ascontiguousarray(radiograph.pixels, dtype=np.float32)
+                try:
+                    pixels = np.ascontiguousarray(radiograph.pixels, dtype=np.float32)
+                    reply = {"status": "ok", "radiograph": radiograph_to_json(radiograph)}
+                except MemoryError:
+                    reply = {"status": "memory"}
         reply["warnings"] = sorted({first_line(Warning(str(note.message))) for note in noted})[:MAX_WARNINGS]
         send_frame(sock, reply, b"" if pixels is None else memoryview(pixels).cast("B"))
 
@@ -236,6 +239,30 @@ def limit_cpu_time(seconds: float) -> None:
         soft = min(soft, hard)
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+
+
+def forbid_core_dumps() -> None:
+    """No core file when a decoder crashes: it would hold the upload and its pixels (patient data) on the host's
+    disk, and one crashing file sent again and again would fill that disk."""
+    import resource
+
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def exit_with_the_parent() -> None:
+    """End this process when its parent is gone, also while a read blocks without using CPU (where the CPU limit
+    does not help). A watcher thread polls the parent's pid: ``PR_SET_PDEATHSIG`` would follow the parent's
+    *thread* that started us, and the pool starts replacements from short-lived threads."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def limit_memory(extra_bytes: int) -> None:
@@ -284,6 +311,8 @@ def main(argv: list[str]) -> int:
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     if memory_bytes > 0:
         limit_memory(memory_bytes)
+    forbid_core_dumps()
+    exit_with_the_parent()
     _quiet_native_output()
     send_frame(sock, {"status": "ready", "pid": os.getpid()})
     serve(sock, read_function)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from caries_mim.errors import CariesMimError, ImageTooLargeError
+from caries_mim.errors import CariesMimError, ImageTooLargeError, first_line
 
 #: What a decoder may raise that must never be turned into a file error.
 PROGRAM_EXITS = (KeyboardInterrupt, SystemExit, GeneratorExit)
@@ -37,9 +37,3 @@ def decoder_failures_as(error_type: type[CariesMimError], what: str) -> Iterator
         raise ImageTooLargeError(f"{what}: decoding needs more memory than this process may use") from exc
     except BaseException as exc:  # a Rust panic is a BaseException; see the module docstring
         raise error_type(f"{what}: {first_line(exc)}") from exc
-
-
-def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message (its type name when it has none), at most 300 chars."""
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]

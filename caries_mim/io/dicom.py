@@ -8,7 +8,7 @@ LUT. We apply each step with pydicom's own functions and then map the result to 
 from __future__ import annotations
 
 import io
-import struct
+import warnings
 import zlib
 from typing import Any
 
@@ -31,9 +31,10 @@ from caries_mim.errors import (
     NotAnImageError,
     UnsupportedModalityError,
     UnsupportedPhotometricError,
+    first_line,
 )
 from caries_mim.io import decoder_plugins, jpeg12
-from caries_mim.io.decoder_failures import decoder_failures_as, first_line
+from caries_mim.io.decoder_failures import decoder_failures_as
 from caries_mim.io.intensity import normalize_percentiles
 from caries_mim.io.options import DEFAULT_MAX_PIXELS, ReadOptions
 from caries_mim.io.radiograph import DicomReferences, Radiograph
@@ -102,23 +103,21 @@ def check_inflated_size(data: bytes, max_pixels: int) -> None:
 def _deflated_body_offset(data: bytes) -> int | None:
     """Where the deflated data set starts, when the file meta group names the deflated transfer syntax.
 
-    The meta group is always explicit VR little endian (PS3.10 7.1), so it is walked here without pydicom, which
-    would inflate the rest of the file as soon as it had read the group.
+    The meta group is read by pydicom's own reader, the one ``dcmread`` uses (it is private, hence the guard for
+    its absence): a walker of our own would read some meta groups differently (other VRs, implicit-VR meta,
+    undefined lengths) and could be led to let a bomb through. ``dcmread`` then inflates everything from this
+    offset, so nothing else is read here.
     """
-    offset, transfer_syntax = 132, None
-    while offset + 8 <= len(data) and data[offset : offset + 2] == b"\x02\x00":
-        element = struct.unpack_from("<H", data, offset + 2)[0]
-        vr = data[offset + 4 : offset + 6]
-        if vr in (b"OB", b"OW", b"UN", b"UT", b"SQ", b"UC", b"UR", b"OD", b"OF", b"OL", b"OV"):
-            if offset + 12 > len(data):
-                return None
-            length, value = struct.unpack_from("<I", data, offset + 8)[0], offset + 12
-        else:
-            length, value = struct.unpack_from("<H", data, offset + 6)[0], offset + 8
-        if element == 0x0010:
-            transfer_syntax = data[value : value + length].rstrip(b"\x00 ").decode("ascii", "replace")
-        offset = value + length
-    return offset if transfer_syntax == DeflatedExplicitVRLittleEndian else None
+    stream = io.BytesIO(data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pydicom.filereader.read_preamble(stream, False)
+            meta = pydicom.filereader._read_file_meta_info(stream)
+            transfer_syntax = meta.get("TransferSyntaxUID")
+    except Exception:  # a broken meta group: dcmread refuses the file itself, as a corrupt header
+        return None
+    return stream.tell() if transfer_syntax == DeflatedExplicitVRLittleEndian else None
 
 
 def _get(ds: Dataset, keyword: str, default: Any = None) -> Any:

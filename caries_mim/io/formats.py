@@ -29,7 +29,7 @@ def _looks_like_nifti(header: bytes) -> bool:
     return header[344:348] in _NIFTI_MAGICS or header[4:8] in _NIFTI2_MAGICS
 
 
-def _gunzip_head(data: bytes, size: int) -> bytes:
+def gunzip_head(data: bytes, size: int) -> bytes:
     try:
         return gzip.GzipFile(fileobj=io.BytesIO(data)).read(size)
     except (OSError, EOFError, zlib.error):
@@ -50,7 +50,7 @@ def sniff_format(data: bytes) -> str | None:
         return NRRD
     if _looks_like_nifti(data):
         return NIFTI
-    if data.startswith(b"\x1f\x8b") and _looks_like_nifti(_gunzip_head(data, 544)):
+    if data.startswith(b"\x1f\x8b") and _looks_like_nifti(gunzip_head(data, 544)):
         return NIFTI
     head = data[:4096]
     if b"ElementDataFile" in head and (b"NDims" in head or b"ObjectType" in head):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -24,7 +25,7 @@ from caries_mim.errors import (
     UnsupportedPhotometricError,
 )
 from caries_mim.io.decoder_failures import decoder_failures_as
-from caries_mim.io.formats import SIMPLEITK_SUFFIX
+from caries_mim.io.formats import SIMPLEITK_SUFFIX, gunzip_head
 from caries_mim.io.intensity import normalize_full_range, normalize_percentiles
 from caries_mim.io.options import ReadOptions
 from caries_mim.io.radiograph import Radiograph
@@ -146,10 +147,53 @@ def _last_line(exc: BaseException) -> str:
     return (lines[-1] if lines else type(exc).__name__)[:300]
 
 
+#: Header fields with which an MHA or NRRD names the file that holds its pixels (compared in lower case).
+_MHA_DATA_FILE = "elementdatafile"
+_NRRD_DATA_FILES = ("data file", "datafile")
+
+
+def check_self_contained(data: bytes, source_format: str) -> None:
+    """Refuse bytes of an MHA, NRRD or two-file NIfTI whose header puts the pixels in another file.
+
+    Such a header names a path (MetaImage ``ElementDataFile = /any/path``, NRRD ``data file: /any/path``) that
+    SimpleITK opens and returns as pixels: from an upload, that reads the server's own files (keys, environment,
+    other images) back to the sender. A file read by path, from a user's own folder, may still point next to
+    itself; bytes must carry their pixels.
+
+    Raises:
+        CorruptHeaderError: the header names a separate data file.
+    """
+    text = data[:65536].decode("latin-1")
+    if source_format == "mha":
+        for line in text.splitlines():
+            key, _, value = line.partition("=")
+            if key.strip().lower() == _MHA_DATA_FILE:
+                if value.strip().upper() != "LOCAL":
+                    raise CorruptHeaderError(
+                        f"the MHA header puts its pixels in another file (ElementDataFile = {value.strip()[:60]!r}); "
+                        "only self-contained files (ElementDataFile = LOCAL) are read from uploaded bytes"
+                    )
+                return
+    elif source_format == "nrrd":
+        for line in re.split(r"\r?\n\r?\n", text, maxsplit=1)[0].splitlines():
+            key, separator, value = line.partition(":")
+            if separator and not value.startswith("=") and key.strip().lower() in _NRRD_DATA_FILES:
+                raise CorruptHeaderError(
+                    f"the NRRD header puts its pixels in another file ({key.strip()}: {value.strip()[:60]!r}); "
+                    "only self-contained .nrrd files are read from uploaded bytes"
+                )
+    elif source_format == "nifti":
+        header = gunzip_head(data, 544) if data.startswith(b"\x1f\x8b") else data
+        if header[344:348] == b"ni1\x00" or header[4:8] == b"ni2\x00":
+            raise CorruptHeaderError("a NIfTI whose pixels are in a separate .img file cannot be read from bytes")
+
+
 def read_simpleitk_image(data: bytes | None, path: Path | None, source_format: str, options: ReadOptions) -> Radiograph:
-    """MHA/NRRD/NIfTI from a path (so detached headers find their data file) or from bytes via a temp file."""
+    """MHA/NRRD/NIfTI from a path (so detached headers find their data file) or from bytes via a temp file (then
+    only self-contained files: see :func:`check_self_contained`)."""
     if path is not None:
         return _sitk_read(str(path), source_format, options)
+    check_self_contained(data or b"", source_format)
     suffix = SIMPLEITK_SUFFIX[source_format]
     if data is not None and data.startswith(b"\x1f\x8b"):
         suffix += ".gz"

@@ -152,18 +152,22 @@ class IsolatedReader:
 
     # ------------------------------------------------------------------------------------------------ public
 
-    def read(self, source: RadiographSource, options: ReadOptions | None = None) -> Radiograph:
+    def read(
+        self, source: RadiographSource, options: ReadOptions | None = None, *, wait_s: float | None = None
+    ) -> Radiograph:
         """:func:`~caries_mim.io.read_radiograph` in a worker process.
 
         A path is read by the worker itself (so MHD/NRRD headers find their data files); bytes and file objects
-        are sent to it.
+        are sent to it. ``wait_s`` replaces the reader's wait for a free worker for this call.
 
         Raises:
             CariesMimError: whatever ``read_radiograph`` raises for the file; and
-            CorruptPixelDataError: the decoder crashed on the file (the worker died and is being replaced);
+            CorruptPixelDataError: the decoder crashed on the file (the worker died and is being replaced), or
+                answered something that is not a reader's answer (the worker is replaced);
             DecodeTimeoutError: the read ran past ``timeout_s`` (the worker was killed and is being replaced);
-            ImageTooLargeError: the read needed more memory than ``memory_mb``;
-            DecoderUnavailableError: no worker came free within ``wait_s``, or the reader is closed.
+            ImageTooLargeError: the read needed more memory than ``memory_mb`` (the worker is replaced: its heap
+                may stay fragmented);
+            DecoderUnavailableError: no worker came free in time, or the reader is closed.
         """
         options = options or ReadOptions()
         request: dict[str, Any] = {
@@ -175,16 +179,27 @@ class IsolatedReader:
             request["path"] = os.fspath(source)  # relative to the cwd the workers share with this process
         else:
             payload = read_source_bytes(source)[0]
-        worker = self._take_worker()
+        worker = self._take_worker(self.wait_s if wait_s is None else wait_s)
         try:
             header, pixels = self._exchange(worker, request, payload, options)
         except CariesMimError:
-            raise  # the worker that failed was replaced
+            raise  # the worker died or overran: _exchange has replaced it
+        except _WorkerMisbehavedError as problem:
+            self._replace(worker, problem.reason)
+            raise problem.error from None
         except BaseException:
             self._replace(worker, "interrupted")  # an interrupt mid-read leaves the worker's state unknown
             raise
+        try:
+            radiograph = self._unpack(header, pixels)
+        except _WorkerMisbehavedError as problem:
+            self._replace(worker, problem.reason)
+            raise problem.error from None
+        except BaseException:
+            self._idle.put(worker)  # the file's typed error (or a reader bug): the worker itself is fine
+            raise
         self._idle.put(worker)
-        return self._unpack(header, pixels)
+        return radiograph
 
     def close(self) -> None:
         """Stop every worker: idle ones exit when their socket closes, busy ones are killed."""
@@ -209,41 +224,37 @@ class IsolatedReader:
     # ------------------------------------------------------------------------------------------------ workers
 
     def _launch(self) -> _Worker:
-        """Start a worker process (not yet known to be ready)."""
-        parent_end, child_end = socket.socketpair()
-        for end in (parent_end, child_end):
-            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
-            end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
-        environment = {
-            **os.environ,
-            # The worker imports read functions by name: give it the caller's import path.
-            "PYTHONPATH": os.pathsep.join(path for path in sys.path if path),
-            # Decoders are single-threaded; thread pools would only add memory and contention.
-            "OMP_NUM_THREADS": "1",
-            "OPENBLAS_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-        }
+        """Start a worker process (not yet known to be ready).
+
+        Raises:
+            DecoderUnavailableError: no socket or process could be made (out of file descriptors, memory, ...).
+        """
+        ends: list[socket.socket] = []
         try:
+            ends = list(socket.socketpair())
+            for end in ends:
+                end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+                end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
             process = subprocess.Popen(
                 [
                     sys.executable,
                     "-m",
                     "caries_mim.io.decode_worker",
-                    str(child_end.fileno()),
+                    str(ends[1].fileno()),
                     str(self.memory_bytes or 0),
                     self._function,
                 ],
-                pass_fds=(child_end.fileno(),),
+                pass_fds=(ends[1].fileno(),),
                 stdin=subprocess.DEVNULL,
-                env=environment,
+                env=worker_environment(),
                 start_new_session=True,
             )
         except OSError as exc:
-            parent_end.close()
+            for end in ends:
+                end.close()
             raise DecoderUnavailableError(f"cannot start a decode worker: {exc}") from None
-        finally:
-            child_end.close()
-        return _Worker(process, parent_end)
+        ends[1].close()
+        return _Worker(process, ends[0])
 
     def _await_ready(self, worker: _Worker) -> None:
         """Wait for the worker's "ready"; on success it joins the pool.
@@ -268,8 +279,8 @@ class IsolatedReader:
             self._workers.add(worker)
             self.stats.workers_started += 1
 
-    def _take_worker(self) -> _Worker:
-        deadline = time.monotonic() + self.wait_s
+    def _take_worker(self, wait_s: float) -> _Worker:
+        deadline = time.monotonic() + wait_s
         while True:
             if self._closed.is_set():
                 raise DecoderUnavailableError("the isolated reader is closed")
@@ -278,7 +289,7 @@ class IsolatedReader:
             except queue.Empty:
                 problem = f" ({self.start_problem})" if self.start_problem else ""
                 raise DecoderUnavailableError(
-                    f"no decode worker came free within {self.wait_s:g} s{problem}; retry shortly"
+                    f"no decode worker came free within {wait_s:g} s{problem}; retry shortly"
                 ) from None
             if worker.process.poll() is None:
                 return worker
@@ -303,16 +314,26 @@ class IsolatedReader:
                 f"decoding did not finish within {self.timeout_s:g} s; the decoder was stopped"
             ) from None
         except (EOFError, OSError):
+            if self._closed.is_set():  # close() stopped it mid-read: not the file's doing
+                raise DecoderUnavailableError("the isolated reader closed during the read") from None
             status = worker.exit_status()
             self._replace(worker, "crash")
             raise CorruptPixelDataError(
                 f"the pixel decoder crashed on this file ({status}); nothing else was affected"
             ) from None
         except ProtocolError as exc:
-            self._replace(worker, "invalid_reply")
-            raise CorruptPixelDataError(f"the decoder answered nonsense for this file ({exc})") from None
+            raise _WorkerMisbehavedError("invalid_reply", _nonsense(exc)) from None
 
     def _unpack(self, header: dict[str, Any], pixels: bytearray) -> Radiograph:
+        """The radiograph or the typed error a reply carries. What the worker says is checked, not trusted: it
+        has just run native decoders on a hostile file.
+
+        Raises:
+            CariesMimError: the file's typed error (only the codes ``read_radiograph`` raises).
+            _WorkerMisbehavedError: a reply no reader gives, or a read that ran out of memory (the worker is replaced).
+            RuntimeError: the reader failed with an untyped error (a bug; its text stays in the worker, since it
+                may quote the file).
+        """
         if self.relay_warnings:
             for note in header.get("warnings") or ():
                 warnings.warn(str(note), DecoderWarning, stacklevel=3)
@@ -321,13 +342,19 @@ class IsolatedReader:
             try:
                 return decode_worker.radiograph_from_json(header["radiograph"], pixels)
             except (ProtocolError, KeyError) as exc:
-                raise CorruptPixelDataError(f"the decoder answered nonsense for this file ({exc})") from None
+                raise _WorkerMisbehavedError("invalid_reply", _nonsense(exc)) from None
         if status == "error":
-            raise errors.error_for_code(str(header.get("code")), str(header.get("message")))
+            code, message = header.get("code"), header.get("message")
+            if code not in READER_ERROR_CODES or not isinstance(message, str):
+                raise _WorkerMisbehavedError("invalid_reply", _nonsense(f"unknown error code {str(code)[:40]!r}"))
+            raise errors.error_for_code(code, message)
         if status == "memory":
             budget = f"the {self.memory_bytes // (1024 * 1024)} MiB" if self.memory_bytes else "the"
-            raise ImageTooLargeError(f"decoding this file needs more than {budget} memory a decode may use")
-        raise RuntimeError(f"the reader failed unexpectedly in its worker process: {header.get('message', header)}")
+            error = ImageTooLargeError(f"decoding this file needs more than {budget} memory a decode may use")
+            raise _WorkerMisbehavedError("memory", error)
+        if status == "bug":
+            raise RuntimeError(f"the reader failed unexpectedly in its worker process ({header.get('kind')})")
+        raise _WorkerMisbehavedError("invalid_reply", _nonsense(f"status {str(status)[:40]!r}"))
 
     def _replace(self, worker: _Worker, reason: str) -> None:
         """Retire ``worker`` and start its successor in the background (the caller answers at once)."""
@@ -339,9 +366,13 @@ class IsolatedReader:
                 self.stats.crashes += 1
             elif reason == "timeout":
                 self.stats.timeouts += 1
+        try:
+            threading.Thread(target=self._start_successor, name="caries-mim-decoder-start", daemon=True).start()
+        except RuntimeError as exc:  # no thread could be started: the next read's wait reports the shortage
+            self.start_problem = f"cannot start a thread to replace a decode worker ({exc})"
         if self._on_replaced is not None:
-            self._on_replaced(reason)
-        threading.Thread(target=self._start_successor, name="caries-mim-decoder-start", daemon=True).start()
+            with contextlib.suppress(Exception):  # a metrics callback must not turn into the file's error
+                self._on_replaced(reason)
 
     def _start_successor(self) -> None:
         """Start one worker, trying again with a growing pause until it works or the reader closes."""
@@ -350,16 +381,64 @@ class IsolatedReader:
             try:
                 worker = self._launch()
                 self._await_ready(worker)
-            except DecoderUnavailableError as exc:
+            except Exception as exc:  # whatever stops a start, the thread must live to try again
                 if self._closed.is_set():
                     return
-                self.start_problem = exc.message
+                self.start_problem = exc.message if isinstance(exc, CariesMimError) else f"{type(exc).__name__}: {exc}"
                 self._closed.wait(pause)
                 pause = min(2 * pause, 30.0)
                 continue
             self.start_problem = None
             self._idle.put(worker)
             return
+
+
+#: The codes ``read_radiograph`` raises; a worker that answers another one is not a reader any more.
+READER_ERROR_CODES = frozenset(
+    {
+        "not_an_image",
+        "unreadable_file",
+        "corrupt_header",
+        "corrupt_pixel_data",
+        "no_pixel_data",
+        "unsupported_photometric",
+        "multi_frame",
+        "unsupported_modality",
+        "missing_decoder",
+        "image_too_large",
+        "invalid_argument",
+    }
+)
+
+#: Variables a worker inherits; everything else (API keys, cloud credentials, database URLs) stays behind.
+_WORKER_ENVIRONMENT = ("PATH", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP", "LD_LIBRARY_PATH", "SYSTEMROOT")
+
+
+def worker_environment() -> dict[str, str]:
+    """A decode worker's environment: locale, paths and temporary folder only, the caller's import path, and one
+    thread for OpenMP and BLAS (decoders are single-threaded; thread pools would only add memory and contention).
+    The workers read hostile files with native code; nothing they could leak should be in their reach."""
+    kept = {key: value for key, value in os.environ.items() if key in _WORKER_ENVIRONMENT or key.startswith("LC_")}
+    return {
+        **kept,
+        "PYTHONPATH": os.pathsep.join(path for path in sys.path if path),  # read functions are imported by name
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+
+
+class _WorkerMisbehavedError(Exception):
+    """A reply after which the worker must go: ``error`` is what the file gets, ``reason`` why it is replaced."""
+
+    def __init__(self, reason: str, error: CariesMimError) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.error = error
+
+
+def _nonsense(detail: object) -> CorruptPixelDataError:
+    return CorruptPixelDataError(f"the decoder answered nonsense for this file ({detail})")
 
 
 @dataclass(eq=False)
@@ -392,6 +471,7 @@ class _Worker:
 __all__ = [
     "DEFAULT_MEMORY_MB",
     "DEFAULT_TIMEOUT_S",
+    "DEFAULT_WAIT_S",
     "DEFAULT_WORKERS",
     "DecoderWarning",
     "IsolatedReader",

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from caries_mim.atomic_files import atomic_path
-from caries_mim.errors import CariesMimError, InvalidArgumentError, InvalidCheckpointError
+from caries_mim.errors import CariesMimError, InvalidArgumentError, InvalidCheckpointError, first_line
 from caries_mim.models.config import ViTConfig
 from caries_mim.models.vit import VisionTransformer
 
@@ -88,7 +88,7 @@ def encoder_from_payload(payload: Any, source: str | os.PathLike, **config_overr
     try:
         encoder.load_state_dict(payload["state_dict"])
     except (KeyError, RuntimeError) as exc:
-        raise InvalidCheckpointError(f"{source}: weights do not match the stored config ({_first_line(exc)})") from None
+        raise InvalidCheckpointError(f"{source}: weights do not match the stored config ({first_line(exc)})") from None
     if config_overrides:
         encoder = _with_overrides(encoder, config_overrides)
     return LoadedEncoder(encoder=encoder, metadata=dict(payload.get("metadata") or {}))
@@ -144,14 +144,16 @@ def read_weights_file(path: str | os.PathLike, expected: str) -> Any:
         raise InvalidCheckpointError(f"{path} is not {expected}: it is not a file torch.save writes at all")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):  # an opcode torch does not know: a damaged file, not a risky one
+            raise InvalidCheckpointError(f"{path} is not {expected}: its contents are damaged") from None
         raise InvalidCheckpointError(
             f"{path} is not {expected}: it holds Python objects besides weights and plain values, which caries-mim "
             "does not load because loading them could run code from the file"
         ) from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, zipfile errors ... for a damaged archive
         raise InvalidCheckpointError(
-            f"{path} is not {expected}: the archive is damaged or truncated ({_first_line(exc)})"
+            f"{path} is not {expected}: the archive is damaged or truncated ({first_line(exc)})"
         ) from None
 
 
@@ -159,8 +161,3 @@ def other_kind(payload: Any) -> str:
     """``" (it is a <format> file)"`` for another caries-mim file kind, else ``""``: for "is not X" messages."""
     kind = payload.get("format") if isinstance(payload, dict) else None
     return f" (it is a {kind!r} file)" if isinstance(kind, str) and kind.startswith("caries-mim") else ""
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -374,10 +374,21 @@ def _encapsulate(frame: bytes, offsets: list[int]) -> bytes:
 DEFLATE_BOMB_BYTES = 1 << 30
 
 
-def deflate_bomb(rng: random.Random, data: bytes, syntax: str) -> bytes:
+#: Extra meta group elements a bomb may carry, to lead astray a reader that walks the meta group by its own rules:
+#: a 4-byte-length VR that is rare (UV), and a sequence of undefined length.
+META_DETOURS = {
+    "plain": b"",
+    "uv_meta": b"\x02\x00\xf0\x00UV\x00\x00" + struct.pack("<I", 8) + bytes(8),
+    "sq_meta": b"\x02\x00\xf1\x00SQ\x00\x00\xff\xff\xff\xff" + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00",
+}
+
+
+def deflate_bomb(rng: random.Random, data: bytes, syntax: str, detour: str | None = None) -> bytes:
     """A Deflated Explicit VR Little Endian file whose data set inflates to ~1 GiB: a Pixel Data element declaring
     that length, then zeros. Compressed once per MiB with a full flush, so the deflate stream is one block
-    repeated (about 1 KB per inflated MiB) and costs nothing to build."""
+    repeated (about 1 KB per inflated MiB) and costs nothing to build. ``detour`` (one of :data:`META_DETOURS`,
+    drawn when None) adds an element to the meta group."""
+    extra = META_DETOURS[detour if detour is not None else rng.choice(sorted(META_DETOURS))]
     deflated = seed_files()["deflated"]
     ds = pydicom.dcmread(io.BytesIO(seed_files()["explicit_vr_little_endian"]))
     del ds.PixelData
@@ -391,7 +402,10 @@ def deflate_bomb(rng: random.Random, data: bytes, syntax: str) -> bytes:
     block_again = compressor.compress(bytes(1 << 20)) + compressor.flush(zlib.Z_FULL_FLUSH)
     assert block == block_again, "a fully flushed block of zeros deflates to the same bytes every time"
     blocks = block * ((DEFLATE_BOMB_BYTES >> 20) - 1)
-    return deflated[: meta_end(deflated)] + first + block + blocks + compressor.flush()
+    meta = bytearray(deflated[: meta_end(deflated)] + extra)
+    # (0002,0000) is the first element (UL, 4 bytes at 140): the length of the group after it.
+    struct.pack_into("<I", meta, PREAMBLE_END + 8, len(meta) - (PREAMBLE_END + 12))
+    return bytes(meta) + first + block + blocks + compressor.flush()
 
 
 MUTATIONS: dict[str, Mutation] = {

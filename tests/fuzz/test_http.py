@@ -12,6 +12,7 @@ import pytest
 
 from pipelines.service_client import LocalService, multipart_body
 from tests.fuzz.corpus import every_family, hostile_files
+from tests.polling import sample
 
 #: Files of the seeded corpus posted in CI (with one file of each family and syntax besides).
 CI_HTTP_FILES = 1000
@@ -60,21 +61,48 @@ def test_hostile_files_get_2xx_or_4xx_and_the_server_stays_ready(server):
     assert not [entry for entry in entries if entry["level"] in ("error", "critical")]
 
 
+def _stall(port: int, headers: str, sent_body: bytes, timeout_s: float) -> tuple[str, float]:
+    """Send ``headers`` and the start of a body that never completes; the whole answer (read until the server
+    closes the connection) and how long it took."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as stalled:
+        stalled.sendall(headers.encode() + sent_body)
+        started = time.monotonic()
+        answer = b""
+        while chunk := stalled.recv(65536):
+            answer += chunk
+        return answer.decode("latin-1"), time.monotonic() - started
+
+
+STALLED_HEAD = (
+    "POST /v1/predictions HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}"
+    "Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 100000\r\n\r\n"
+)
+STALLED_START = b'--x\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n'
+
+
 @pytest.mark.slow
 def test_a_stalled_upload_gets_408_and_frees_its_slot(server, synthetic_dicom):
     """Slowloris: headers promise a body that never finishes arriving."""
-    with socket.create_connection(("127.0.0.1", server.port), timeout=UPLOAD_TIMEOUT_S + 10) as stalled:
-        head = (
-            "POST /v1/predictions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            "Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 100000\r\n\r\n"
-        )
-        stalled.sendall(head.encode() + b'--x\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n')
-        started = time.monotonic()
-        answer = stalled.recv(65536).decode("latin-1")
-        waited = time.monotonic() - started
+    answer, waited = _stall(server.port, STALLED_HEAD.format(extra=""), STALLED_START, UPLOAD_TIMEOUT_S + 10)
     assert answer.startswith("HTTP/1.1 408"), answer[:200]
     assert '"upload_timeout"' in answer
     assert UPLOAD_TIMEOUT_S - 0.5 <= waited < UPLOAD_TIMEOUT_S + 5
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     status, _ = _post(connection, synthetic_dicom.read_bytes())
     assert status == 200
+    connection.request("GET", "/metrics")
+    metrics = connection.getresponse().read().decode()
+    assert sample(metrics, "caries_mim_uploads_in_progress") == 0
+    assert sample(metrics, "caries_mim_uploads_refused_total", 'reason="timeout"') == 1
+
+
+@pytest.mark.slow
+def test_a_refused_client_cannot_hold_the_connection_by_trickling_its_body(package_path, tmp_path):
+    """A client without a key is answered 401 after its body is read and dropped; one that never finishes the
+    body gets the 401 at the upload deadline, with the connection closed."""
+    environment = {"OMP_NUM_THREADS": "1", "CARIES_MIM_UPLOAD_TIMEOUT_S": "1", "CARIES_MIM_API_KEYS": "k"}
+    with LocalService(package_path, tmp_path / "server.log", environment=environment, inherit_settings=False) as keyed:
+        answer, waited = _stall(keyed.port, STALLED_HEAD.format(extra=""), STALLED_START, 15)
+    assert answer.startswith("HTTP/1.1 401"), answer[:200]
+    assert "connection: close" in answer.lower()
+    assert waited < 6

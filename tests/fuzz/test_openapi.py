@@ -110,3 +110,12 @@ def test_every_spacing_the_schema_refuses_is_refused(text):
     if not re.fullmatch(SPACING_PATTERN, text):
         with pytest.raises(InvalidArgumentError):
             parse_spacing(text)
+
+
+@pytest.mark.parametrize("text", ["0." + "0" * 400 + "1", "9." + "9" * 30, "0.03,9.999999999"])
+def test_spacings_that_would_round_to_zero_or_ten_are_outside_the_pattern(text):
+    """The pattern bounds the digits: no string it allows rounds to 0.0 or 10.0 as a float, which the model
+    would then refuse after the schema had allowed it."""
+    assert not re.fullmatch(SPACING_PATTERN, text)
+    with pytest.raises(InvalidArgumentError):
+        parse_spacing(text)

@@ -13,7 +13,8 @@ import pytest
 from caries_mim.errors import CariesMimError, CorruptPixelDataError
 from caries_mim.io import read_radiograph
 from caries_mim.io.decoder_failures import decoder_failures_as
-from tests.fuzz.corpus import DEFLATE_BOMB_BYTES, deflate_bomb, hostile_file, seed_files
+from caries_mim.io.dicom import parse_dicom
+from tests.fuzz.corpus import DEFLATE_BOMB_BYTES, META_DETOURS, deflate_bomb, hostile_file, seed_files
 
 
 class FakePanic(BaseException):
@@ -66,19 +67,23 @@ def test_rle_files_that_panic_pylibjpeg_rle_are_corrupt_pixel_data(index):
         pytest.skip("pylibjpeg-rle no longer panics on this file (the typed error above still holds)")
 
 
-def test_a_deflate_bomb_is_refused_without_being_inflated():
-    bomb = deflate_bomb(random.Random(0), seed_files()["deflated"], "deflated")
+@pytest.mark.parametrize("detour", sorted(META_DETOURS))
+def test_a_deflate_bomb_is_refused_without_being_inflated(detour):
+    """Also when its meta group carries elements that a hand-written meta reader would misread (a UV element, an
+    undefined-length sequence): the check reads the group with pydicom's own reader."""
+    bomb = deflate_bomb(random.Random(0), seed_files()["deflated"], "deflated", detour)
     assert len(bomb) < DEFLATE_BOMB_BYTES // 500
-    tracemalloc.start()
-    try:
-        with pytest.raises(CariesMimError) as caught:
-            read_radiograph(bomb)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert caught.value.code == "image_too_large"
-    assert "inflates" in caught.value.message
-    assert peak < 32 * 1024 * 1024, f"{peak} bytes allocated while refusing the bomb"
+    for read in (read_radiograph, lambda data: parse_dicom(data, max_pixels=1000, stop_before_pixels=True)):
+        tracemalloc.start()
+        try:
+            with pytest.raises(CariesMimError) as caught:
+                read(bomb)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert caught.value.code == "image_too_large"
+        assert "inflates" in caught.value.message
+        assert peak < 32 * 1024 * 1024, f"{peak} bytes allocated while refusing the bomb"
 
 
 def test_an_honest_deflated_file_still_reads():

@@ -108,3 +108,34 @@ def test_format_is_sniffed_from_content_not_name(tmp_path):
     path = tmp_path / "looks_like.dcm"
     path.write_bytes(encode(gradient(), "PNG"))
     assert read_radiograph(path).source_format == "png"
+
+
+SECRET = b"CARIES_MIM_API_KEYS=not-for-the-client\n" * 4
+
+DETACHED_HEADERS = {
+    "mha": b"ObjectType = Image\nNDims = 2\nDimSize = 40 1\nElementType = MET_UCHAR\nElementDataFile = {path}\n",
+    "nrrd": b"NRRD0004\ntype: uint8\ndimension: 2\nsizes: 40 1\nencoding: raw\ndata file: {path}\n\n",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DETACHED_HEADERS))
+def test_uploaded_bytes_cannot_make_the_reader_open_another_file(tmp_path, kind):
+    """An MHA or NRRD header can name any file as its pixel data; from bytes (an upload) that would read the
+    server's own files back to the sender. A file read by path may still point next to itself."""
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes(SECRET)
+    header = DETACHED_HEADERS[kind].replace(b"{path}", str(secret).encode())
+    with pytest.raises(CariesMimError) as caught:
+        read_radiograph(header)
+    assert caught.value.code == "corrupt_header"
+    assert "another file" in caught.value.message
+    on_disk = tmp_path / f"image.{'mhd' if kind == 'mha' else 'nhdr'}"
+    on_disk.write_bytes(DETACHED_HEADERS[kind].replace(b"{path}", b"secret.raw"))
+    assert read_radiograph(on_disk).pixels.shape == (1, 40)
+
+
+def test_a_self_contained_mha_still_reads_from_bytes(tmp_path):
+    sitk.WriteImage(sitk.GetImageFromArray(gradient(np.uint8)), str(tmp_path / "local.mha"))
+    data = (tmp_path / "local.mha").read_bytes()
+    assert b"ElementDataFile = LOCAL" in data
+    assert read_radiograph(data).pixels.shape == (40, 60)

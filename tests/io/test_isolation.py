@@ -3,10 +3,12 @@ memory costs only its own file (``tests/fuzz/hostile.py`` misbehaves on purpose,
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,13 +20,15 @@ from caries_mim.io.isolation import DecoderWarning, IsolatedReader
 from tests.dicom_factory import make_dataset, ramp, to_bytes
 from tests.fuzz.corpus import seed_files
 from tests.fuzz.hostile import hostile_read
+from tests.polling import eventually
 
 GOOD = seed_files()["explicit_vr_little_endian"]
 
 
 @pytest.fixture
 def hostile_reader():
-    with IsolatedReader(2, timeout_s=2.0, memory_mb=256, wait_s=5.0, read_function=hostile_read) as reader:
+    # wait_s covers a replacement's start on a busy machine: these tests lose workers on purpose.
+    with IsolatedReader(2, timeout_s=2.0, memory_mb=256, wait_s=30.0, read_function=hostile_read) as reader:
         yield reader
 
 
@@ -96,6 +100,7 @@ def test_a_decode_past_the_memory_limit_is_image_too_large(hostile_reader):
         hostile_reader.read(b"GREEDY" + GOOD)
     assert caught.value.code == "image_too_large"
     assert "256 MiB" in caught.value.message
+    assert hostile_reader.stats.replaced == {"memory": 1}, "a worker that ran out of memory is replaced"
     assert hostile_reader.read(GOOD).pixels.shape == (96, 128)
 
 
@@ -119,7 +124,8 @@ def test_other_reads_go_on_while_one_worker_hangs_and_another_crashes(hostile_re
     for thread in threads[1:]:
         thread.start()
     for thread in threads:
-        thread.join(timeout=30)
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads)
     assert outcomes.pop("hang") == "decode_timeout"
     assert outcomes.pop("crash") == "corrupt_pixel_data"
     assert outcomes == {f"good{i}": "ok" for i in range(6)}
@@ -129,9 +135,58 @@ def test_a_busy_pool_answers_unavailable_after_the_wait():
     with IsolatedReader(1, timeout_s=2.0, wait_s=0.3, read_function=hostile_read) as reader:
         sleeper = threading.Thread(target=_code, args=(reader, b"SLEEP" + GOOD))
         sleeper.start()
-        time.sleep(0.3)
+        assert eventually(lambda: reader.stats.reads == 1)  # the sleeper holds the only worker
         assert _code(reader, GOOD) == "decoder_unavailable"
         sleeper.join()
+
+
+def test_an_answer_no_reader_gives_is_refused_and_its_worker_replaced(hostile_reader):
+    """A worker answering an error code that read_radiograph never raises is not trusted (it may be subverted)."""
+    with pytest.raises(CariesMimError) as caught:
+        hostile_reader.read(b"FORGE" + GOOD)
+    assert caught.value.code == "corrupt_pixel_data"
+    assert "nonsense" in caught.value.message
+    assert hostile_reader.stats.replaced == {"invalid_reply": 1}
+
+
+def test_a_read_cut_short_by_close_is_not_blamed_on_the_file():
+    reader = IsolatedReader(1, timeout_s=30.0, read_function=hostile_read)
+    outcome = []
+    sleeper = threading.Thread(target=lambda: outcome.append(_code(reader, b"SLEEP" + GOOD)))
+    sleeper.start()
+    assert eventually(lambda: reader.stats.reads == 1)
+    reader.close()
+    sleeper.join(timeout=30)
+    assert outcome == ["decoder_unavailable"]
+    assert reader.stats.crashes == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_hold_no_secrets_and_dump_no_cores(monkeypatch):
+    monkeypatch.setenv("CARIES_MIM_API_KEYS", "secret-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-too")
+    with IsolatedReader(1) as reader:
+        pid = next(iter(reader._workers)).process.pid
+        environment = Path(f"/proc/{pid}/environ").read_bytes()
+        limits = Path(f"/proc/{pid}/limits").read_text()
+    assert b"secret" not in environment
+    assert b"OMP_NUM_THREADS=1" in environment
+    core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
+    assert core.split()[4:6] == ["0", "0"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_end_when_their_parent_dies_without_closing_them():
+    script = (
+        "import os, sys\n"
+        "from caries_mim.io.isolation import IsolatedReader\n"
+        "reader = IsolatedReader(1)\n"
+        "print(next(iter(reader._workers)).process.pid, flush=True)\n"
+        "os._exit(0)\n"
+    )
+    parent = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    worker = int(parent.stdout.split()[0])
+    assert eventually(lambda: not Path(f"/proc/{worker}").exists(), timeout_s=15), "the orphaned worker lives on"
 
 
 def test_a_closed_reader_refuses_reads_and_leaves_no_process():

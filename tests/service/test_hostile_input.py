@@ -14,6 +14,7 @@ import pytest
 from caries_mim.inference import Predictor
 from service.middleware import UploadGate
 from tests.fuzz.hostile import hostile_read
+from tests.polling import eventually, sample
 
 
 def post(client, data: bytes, **kwargs):
@@ -21,10 +22,7 @@ def post(client, data: bytes, **kwargs):
 
 
 def _metric(client, name: str, *labels: str) -> float:
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(name) and all(label in line for label in labels):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return sample(client.get("/metrics").text, name, *labels)
 
 
 def test_a_crash_and_a_hang_in_the_decoder_touch_no_other_request(make_client, synthetic_dicom):
@@ -110,7 +108,7 @@ def test_uploads_past_the_concurrent_limit_get_503_at_once(make_client, syntheti
     slow.start()
     gate = _gate(client)
     try:
-        assert _eventually(lambda: gate.in_progress == 1)
+        assert eventually(lambda: gate.in_progress == 1)
         refused = post(client, synthetic_dicom.read_bytes())
     finally:
         slow.join(timeout=30)
@@ -155,10 +153,14 @@ def test_decoding_in_process_or_isolated_gives_the_same_answer(make_client, synt
     assert post(reference, synthetic_dicom.read_bytes(), params={"all_findings": "true"}).json()["findings"] == findings
 
 
-def _eventually(condition, timeout_s: float = 10.0) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return bool(condition())
+def test_an_upload_cannot_read_a_file_of_the_server(make_client, tmp_path):
+    """An MHA header may name any file as its pixels: an upload pointing at a secret gets 422, not the secret drawn
+    as an overlay."""
+    secret = tmp_path / "api_keys"
+    secret.write_bytes(b"the-service-api-key\n" * 8)
+    header = (
+        f"ObjectType = Image\nNDims = 2\nDimSize = 160 1\nElementType = MET_UCHAR\nElementDataFile = {secret}\n"
+    ).encode()
+    response = post(make_client(), header, headers={"Accept": "image/png"})
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "corrupt_header"

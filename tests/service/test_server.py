@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 import urllib.request
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 
 from pipelines.cli import main
 from pipelines.service_client import LocalService, ServiceStartError, post_radiograph
+from tests.polling import eventually, sample
 
 
 @pytest.mark.slow
@@ -37,24 +37,9 @@ def test_serve_answers_over_http_and_stops_on_sigterm(package_path, synthetic_di
     assert '"message": "draining"' in output
 
 
-def _count(metrics_text: str, name: str, *labels: str) -> float:
-    """The value of the sample ``name{...}`` whose labels include every one of ``labels`` (0 if none)."""
-    for line in metrics_text.splitlines():
-        if line.startswith((name + "{", name + " ")) and all(label in line for label in labels):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def _pids_that_logged(log_path, message: str) -> set[int]:
     lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.startswith("{")]
     return {entry["pid"] for entry in map(json.loads, lines) if entry.get("message") == message}
-
-
-def _eventually(condition, timeout_s: float):
-    deadline = time.monotonic() + timeout_s
-    while not (value := condition()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return value
 
 
 @pytest.mark.slow
@@ -69,10 +54,10 @@ def test_metrics_add_up_every_worker_whichever_answers_the_scrape(package_path, 
             return answer.read().decode()
 
     def predictions_counted(text: str) -> float:
-        return _count(text, "caries_mim_requests_total", 'route="/v1/predictions"', 'status="200"')
+        return sample(text, "caries_mim_requests_total", 'route="/v1/predictions"', 'status="200"')
 
     with LocalService(package_path, log_path, environment=environment, ready_timeout_s=240) as service:
-        assert _eventually(lambda: len(_pids_that_logged(log_path, "ready")) == 2, 240), "a worker never got ready"
+        assert eventually(lambda: len(_pids_that_logged(log_path, "ready")) == 2, 240), "a worker never got ready"
         data = synthetic_dicom.read_bytes()
         sent = 0
         while len(_pids_that_logged(log_path, "prediction")) < 2 and sent < 60:
@@ -80,11 +65,11 @@ def test_metrics_add_up_every_worker_whichever_answers_the_scrape(package_path, 
             sent += 1
         answered_by = _pids_that_logged(log_path, "prediction")
         # A worker counts a request once its answer has gone out: wait until the last one is counted.
-        _eventually(lambda: predictions_counted(scrape()) == sent, 30)
+        eventually(lambda: predictions_counted(scrape()) == sent, 30)
         scrapes = [scrape() for _ in range(8)]
     assert len(answered_by) == 2, f"one worker answered all {sent} requests: the test would prove nothing"
     assert [predictions_counted(text) for text in scrapes] == [sent] * len(scrapes)
-    batches = [_count(text, "caries_mim_batch_size_count") for text in scrapes]
+    batches = [sample(text, "caries_mim_batch_size_count") for text in scrapes]
     assert batches == [batches[0]] * len(scrapes)
     assert 1 <= batches[0] <= sent
     assert not list(temporary.glob("caries-mim-metrics-*")), "the metrics directory outlived the service"
