@@ -123,17 +123,13 @@ def first_line(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
-def error_for_code(code: str, message: str) -> CariesMimError:
-    """A typed error rebuilt from its code and message (errors that crossed a process boundary as plain text).
-
-    An unknown code keeps its text in a plain :class:`CariesMimError` whose ``code`` is set to it.
-    """
-    pending = list(CariesMimError.__subclasses__())
+def error_class_for(code: str) -> type[CariesMimError] | None:
+    """The typed error with ``code``, or None: to re-raise an error that crossed a file or process boundary as
+    its code and message (the decode cache, the isolated reader)."""
+    pending = [CariesMimError]
     while pending:
         kind = pending.pop()
         if kind.code == code:
-            return kind(message)
+            return kind
         pending.extend(kind.__subclasses__())
-    error = CariesMimError(message)
-    error.code = code
-    return error
+    return None

@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 
 from caries_mim.atomic_files import atomic_path
-from caries_mim.errors import CariesMimError, MissingDecoderError, UnreadableFileError
-from caries_mim.io import DicomReferences, Radiograph, ReadOptions, read_radiograph, read_source_bytes
+from caries_mim.errors import CariesMimError, MissingDecoderError, UnreadableFileError, error_class_for
+from caries_mim.io import Radiograph, ReadOptions, read_radiograph, read_source_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -65,17 +65,6 @@ def options_fingerprint(options: ReadOptions) -> str:
     return json.dumps(fields, sort_keys=True)
 
 
-def _error_classes() -> dict[str, type[CariesMimError]]:
-    """Every CariesMimError subclass by its stable code, to re-raise cached decode errors with their own type."""
-    found: dict[str, type[CariesMimError]] = {}
-    pending = [CariesMimError]
-    while pending:
-        cls = pending.pop()
-        found.setdefault(cls.code, cls)
-        pending.extend(cls.__subclasses__())
-    return found
-
-
 def quantize(pixels: np.ndarray) -> np.ndarray:
     """float32 (H, W) in [0, 1] -> uint16 (H, W), round(pixels * 65535)."""
     return np.rint(np.clip(pixels, 0.0, 1.0) * _QUANT_MAX).astype("<u2")
@@ -84,34 +73,6 @@ def quantize(pixels: np.ndarray) -> np.ndarray:
 def dequantize(stored: np.ndarray) -> np.ndarray:
     """uint16 (H, W) -> float32 (H, W) in [0, 1]."""
     return stored.astype(np.float32) * np.float32(1.0 / _QUANT_MAX)
-
-
-def _metadata(radiograph: Radiograph) -> dict[str, Any]:
-    return {
-        "spacing_mm": list(radiograph.spacing_mm) if radiograph.spacing_mm is not None else None,
-        "source_format": radiograph.source_format,
-        "modality": radiograph.modality,
-        "photometric_interpretation": radiograph.photometric_interpretation,
-        "bits_stored": radiograph.bits_stored,
-        "transfer_syntax_uid": radiograph.transfer_syntax_uid,
-        "intensity_normalization": radiograph.intensity_normalization,
-        "dicom": dataclasses.asdict(radiograph.dicom) if radiograph.dicom is not None else None,
-    }
-
-
-def _radiograph(pixels: np.ndarray, meta: dict[str, Any]) -> Radiograph:
-    spacing = meta["spacing_mm"]
-    return Radiograph(
-        pixels=pixels,
-        spacing_mm=(float(spacing[0]), float(spacing[1])) if spacing is not None else None,
-        source_format=meta["source_format"],
-        modality=meta["modality"],
-        photometric_interpretation=meta["photometric_interpretation"],
-        bits_stored=meta["bits_stored"],
-        transfer_syntax_uid=meta["transfer_syntax_uid"],
-        intensity_normalization=meta["intensity_normalization"],
-        dicom=DicomReferences(**meta["dicom"]) if meta["dicom"] is not None else None,
-    )
 
 
 class _CorruptEntryError(Exception):
@@ -187,7 +148,7 @@ class DecodeCache:
             "kind": "image",
             "shape": list(stored.shape),
             "crc32": zlib.crc32(stored.data),
-            "metadata": _metadata(radiograph),
+            "metadata": radiograph.metadata(),
         }
         self._write_entry(entry, header, stored.tobytes())
         return dataclasses.replace(radiograph, pixels=dequantize(stored))
@@ -204,7 +165,7 @@ class DecodeCache:
         try:
             header, payload = self._parse(blob, key)
             if header["kind"] == "error":
-                error_class = _error_classes().get(header["code"])
+                error_class = error_class_for(header["code"])
                 if error_class is None:
                     raise _CorruptEntryError(f"unknown error code {header['code']!r}")
                 raise error_class(header["message"])
@@ -212,8 +173,8 @@ class DecodeCache:
             if len(payload) != 2 * height * width or zlib.crc32(payload) != header["crc32"]:
                 raise _CorruptEntryError("pixel payload is truncated or altered")
             pixels = dequantize(np.frombuffer(payload, dtype="<u2").reshape(height, width))
-            return _radiograph(pixels, header["metadata"])
-        except (_CorruptEntryError, KeyError, TypeError, ValueError) as exc:
+            return Radiograph.from_metadata(pixels, header["metadata"])
+        except (_CorruptEntryError, KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
             logger.warning("decode cache entry %s is corrupt (%s); decoding the source again", entry, exc)
             return None
 

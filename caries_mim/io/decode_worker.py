@@ -31,7 +31,7 @@ import numpy as np
 
 from caries_mim.errors import CariesMimError, first_line
 from caries_mim.io.options import ReadOptions
-from caries_mim.io.radiograph import DicomReferences, Radiograph
+from caries_mim.io.radiograph import Radiograph
 
 _PREFIX = struct.Struct("<IQ")
 #: Largest JSON header either side accepts (a reply's header is a few hundred bytes).
@@ -122,18 +122,8 @@ def options_from_json(value: dict[str, Any]) -> ReadOptions:
 
 
 def radiograph_to_json(radiograph: Radiograph) -> dict[str, Any]:
-    """Everything but the pixels, which travel as the frame's payload (float32, this machine's byte order)."""
-    return {
-        "shape": list(radiograph.pixels.shape),
-        "spacing_mm": list(radiograph.spacing_mm) if radiograph.spacing_mm is not None else None,
-        "source_format": radiograph.source_format,
-        "modality": radiograph.modality,
-        "photometric_interpretation": radiograph.photometric_interpretation,
-        "bits_stored": radiograph.bits_stored,
-        "transfer_syntax_uid": radiograph.transfer_syntax_uid,
-        "intensity_normalization": radiograph.intensity_normalization,
-        "dicom": None if radiograph.dicom is None else vars(radiograph.dicom),
-    }
+    """Its metadata and shape; the pixels travel as the frame's payload (float32, this machine's byte order)."""
+    return {"shape": list(radiograph.pixels.shape), **radiograph.metadata()}
 
 
 def radiograph_from_json(header: dict[str, Any], payload: bytearray) -> Radiograph:
@@ -146,28 +136,10 @@ def radiograph_from_json(header: dict[str, Any], payload: bytearray) -> Radiogra
         rows, columns = (int(n) for n in header["shape"])
         if rows <= 0 or columns <= 0 or rows * columns * 4 != len(payload):
             raise ProtocolError(f"{len(payload)} pixel bytes do not make a {rows} x {columns} float32 image")
-        spacing = header["spacing_mm"]
-        dicom = header["dicom"]
-        return Radiograph(
-            pixels=np.frombuffer(payload, dtype=np.float32).reshape(rows, columns),
-            spacing_mm=None if spacing is None else (float(spacing[0]), float(spacing[1])),
-            source_format=str(header["source_format"]),
-            modality=_optional_str(header["modality"]),
-            photometric_interpretation=_optional_str(header["photometric_interpretation"]),
-            bits_stored=None if header["bits_stored"] is None else int(header["bits_stored"]),
-            transfer_syntax_uid=_optional_str(header["transfer_syntax_uid"]),
-            intensity_normalization=str(header["intensity_normalization"]),
-            dicom=None if dicom is None else DicomReferences(**{key: _optional_str(dicom[key]) for key in _UID_KEYS}),
-        )
+        pixels = np.frombuffer(payload, dtype=np.float32).reshape(rows, columns)
+        return Radiograph.from_metadata(pixels, header)
     except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
         raise ProtocolError(f"malformed radiograph in the reply ({type(exc).__name__})") from None
-
-
-_UID_KEYS = ("sop_instance_uid", "sop_class_uid", "study_instance_uid", "series_instance_uid")
-
-
-def _optional_str(value: Any) -> str | None:
-    return None if value is None else str(value)
 
 
 # ------------------------------------------------------------------------------------------------ the worker

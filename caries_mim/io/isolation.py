@@ -345,9 +345,10 @@ class IsolatedReader:
                 raise _WorkerMisbehavedError("invalid_reply", _nonsense(exc)) from None
         if status == "error":
             code, message = header.get("code"), header.get("message")
-            if code not in READER_ERROR_CODES or not isinstance(message, str):
+            kind = errors.error_class_for(code) if code in READER_ERROR_CODES else None
+            if kind is None or not isinstance(message, str):
                 raise _WorkerMisbehavedError("invalid_reply", _nonsense(f"unknown error code {str(code)[:40]!r}"))
-            raise errors.error_for_code(code, message)
+            raise kind(message)
         if status == "memory":
             budget = f"the {self.memory_bytes // (1024 * 1024)} MiB" if self.memory_bytes else "the"
             error = ImageTooLargeError(f"decoding this file needs more than {budget} memory a decode may use")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,47 @@ class Radiograph:
     intensity_normalization: str = "full_range"
     dicom: DicomReferences | None = field(default=None)
 
+    def metadata(self) -> dict[str, Any]:
+        """Everything but the pixels, as plain JSON types: what travels beside the pixels when a radiograph is
+        stored (the decode cache) or sent between processes (the isolated reader). See :meth:`from_metadata`."""
+        return {
+            "spacing_mm": list(self.spacing_mm) if self.spacing_mm is not None else None,
+            "source_format": self.source_format,
+            "modality": self.modality,
+            "photometric_interpretation": self.photometric_interpretation,
+            "bits_stored": self.bits_stored,
+            "transfer_syntax_uid": self.transfer_syntax_uid,
+            "intensity_normalization": self.intensity_normalization,
+            "dicom": None if self.dicom is None else dataclasses.asdict(self.dicom),
+        }
+
+    @classmethod
+    def from_metadata(cls, pixels: np.ndarray, metadata: dict[str, Any]) -> Radiograph:
+        """The radiograph of :meth:`metadata` and its pixels. Every field is converted to its type, nothing is
+        evaluated: the metadata may come from a file or another process.
+
+        Raises:
+            KeyError, TypeError, ValueError, IndexError, OverflowError: a missing field or one of the wrong type.
+        """
+        spacing = metadata["spacing_mm"]
+        dicom = metadata["dicom"]
+        bits = metadata["bits_stored"]
+        return cls(
+            pixels=pixels,
+            spacing_mm=None if spacing is None else (float(spacing[0]), float(spacing[1])),
+            source_format=str(metadata["source_format"]),
+            modality=_optional_str(metadata["modality"]),
+            photometric_interpretation=_optional_str(metadata["photometric_interpretation"]),
+            bits_stored=None if bits is None else int(bits),
+            transfer_syntax_uid=_optional_str(metadata["transfer_syntax_uid"]),
+            intensity_normalization=str(metadata["intensity_normalization"]),
+            dicom=None
+            if dicom is None
+            else DicomReferences(
+                **{field.name: _optional_str(dicom[field.name]) for field in dataclasses.fields(DicomReferences)}
+            ),
+        )
+
     @property
     def height(self) -> int:
         return int(self.pixels.shape[0])
@@ -85,3 +127,7 @@ class Radiograph:
                 info["sop_instance_uid_hash"] = hash_uid(uid)
                 info["sop_class_uid"] = self.dicom.sop_class_uid
         return info
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value is None else str(value)
