@@ -57,7 +57,6 @@ class UploadDecoder:
             workers,
             timeout_s=self.settings.decode_timeout_s,
             memory_mb=self.settings.decode_memory_mb,
-            wait_s=DEFAULT_WAIT_S,
             read_function=self.read_function,
             on_replaced=self._replaced,
         )

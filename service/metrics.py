@@ -74,7 +74,7 @@ class ServiceMetrics:
         )
         self.decoder_restarts = Counter(
             "caries_mim_decoder_restarts",
-            "decode worker processes replaced: crash, timeout, dead (died while idle), invalid_reply, interrupted",
+            "decode workers replaced: crash, timeout, memory, dead (died while idle), invalid_reply, interrupted",
             ["reason"],
             registry=self.registry,
         )

@@ -16,6 +16,10 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+
+# Private, but the very reader dcmread uses for the meta group (see _deflated_body_offset); imported here so that
+# a pydicom without it fails at import instead of silently switching the deflate-bomb check off.
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
@@ -103,17 +107,17 @@ def check_inflated_size(data: bytes, max_pixels: int) -> None:
 def _deflated_body_offset(data: bytes) -> int | None:
     """Where the deflated data set starts, when the file meta group names the deflated transfer syntax.
 
-    The meta group is read by pydicom's own reader, the one ``dcmread`` uses (it is private, hence the guard for
-    its absence): a walker of our own would read some meta groups differently (other VRs, implicit-VR meta,
-    undefined lengths) and could be led to let a bomb through. ``dcmread`` then inflates everything from this
+    The meta group is read by pydicom's own reader, the one ``dcmread`` uses: a walker of our own would read some
+    meta groups differently (other VRs, implicit-VR meta, undefined lengths) and could be led to let a bomb
+    through. ``dcmread`` then inflates everything from this
     offset, so nothing else is read here.
     """
     stream = io.BytesIO(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pydicom.filereader.read_preamble(stream, False)
-            meta = pydicom.filereader._read_file_meta_info(stream)
+            read_preamble(stream, False)
+            meta = _read_file_meta_info(stream)
             transfer_syntax = meta.get("TransferSyntaxUID")
     except Exception:  # a broken meta group: dcmread refuses the file itself, as a corrupt header
         return None
