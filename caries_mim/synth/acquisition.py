@@ -105,12 +105,16 @@ def _gain(params: AcquisitionParams, shape: tuple[int, int], spacing: float, rng
     return gain
 
 
-def detect(attenuation: np.ndarray, params: AcquisitionParams, spacing: float, rng: np.random.Generator) -> np.ndarray:
+def detect(
+    attenuation: np.ndarray, params: AcquisitionParams, spacing: float, rng: np.random.Generator, *, noise: bool = True
+) -> np.ndarray:
     """Line integrals -> processed log signal, as the vendor software hands it to the display curve.
 
     Args:
         attenuation: sum of mu * t along each ray, float32 (H, W), >= 0 (0 = air).
         spacing: pixel spacing in mm (the unsharp-mask kernel and the sensor rim are physical).
+        noise: False leaves out the quantum and electronic noise (the conspicuity measurement's reference); the
+            gain field is drawn first either way, so it is identical for the same ``rng`` state.
     Returns:
         float32 (H, W): measured line integrals -log(I / I0) after noise, blur, residual gain and sharpening.
     """
@@ -118,9 +122,10 @@ def detect(attenuation: np.ndarray, params: AcquisitionParams, spacing: float, r
     quanta = np.float32(params.photons) * _gain(params, shape, spacing, rng) * cv2.exp(-attenuation)
     # Unit-variance triangular noise (the sum of two uniforms) instead of normal draws: 3x cheaper, and after
     # the PSF below sums several pixels the noise is Gaussian to the eye and to any statistic we use.
-    uniform = rng.random((2, *shape), dtype=np.float32)
-    noise = (uniform[0] + uniform[1] - np.float32(1.0)) * np.float32(math.sqrt(6.0))
-    quanta += np.sqrt(quanta + np.float32(params.electronic_noise**2)) * noise
+    if noise:
+        uniform = rng.random((2, *shape), dtype=np.float32)
+        unit = (uniform[0] + uniform[1] - np.float32(1.0)) * np.float32(math.sqrt(6.0))
+        quanta += np.sqrt(quanta + np.float32(params.electronic_noise**2)) * unit
     # The scintillator PSF correlates the quantum noise; its blur differs slightly between rows and columns
     # (pixel pitch, readout direction), which real sensors show as mildly anisotropic noise grain and edges.
     sigma_x = params.psf_sigma_px * math.sqrt(params.psf_anisotropy)

@@ -40,6 +40,8 @@ class SynthConfig:
         edge_enhancement_probability: probability of vendor unsharp masking (gives Mach-band-like halos).
         monochrome1_fraction: fraction of files written as MONOCHROME1 (stored values inverted).
         transfer_syntaxes: files cycle through these by index, so the mix is exact and deterministic.
+        visibility_floor: conspicuity (Rose signal-to-noise ratio, :mod:`caries_mim.synth.conspicuity`) under
+            which a drawn lesion is not labelled: no reader could see it. See ``docs/synthetic_data.md``.
     """
 
     bitewing_fraction: float = 0.7
@@ -64,6 +66,7 @@ class SynthConfig:
     edge_enhancement_probability: float = 0.4
     monochrome1_fraction: float = 0.25
     transfer_syntaxes: tuple[str, ...] = TRANSFER_SYNTAXES
+    visibility_floor: float = 5.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -104,6 +107,8 @@ class SynthConfig:
             raise InvalidArgumentError(f"SynthConfig.lesions_per_image must be 1 <= min <= max, got {low, high}")
         if min(self.lesion_depth_weights) < 0 or sum(self.lesion_depth_weights) <= 0:
             raise InvalidArgumentError("SynthConfig.lesion_depth_weights must be non-negative with a positive sum")
+        if not self.visibility_floor >= 0.0:
+            raise InvalidArgumentError(f"SynthConfig.visibility_floor must be >= 0, got {self.visibility_floor}")
         if not self.transfer_syntaxes or any(ts not in TRANSFER_SYNTAXES for ts in self.transfer_syntaxes):
             raise InvalidArgumentError(
                 f"SynthConfig.transfer_syntaxes must be a non-empty subset of {', '.join(TRANSFER_SYNTAXES)}"

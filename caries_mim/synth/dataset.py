@@ -35,10 +35,10 @@ from caries_mim.errors import InvalidArgumentError
 from caries_mim.synth.config import SynthConfig
 from caries_mim.synth.dicom import write_dicom
 from caries_mim.synth.lesions import LABELS
-from caries_mim.synth.render import SyntheticRadiograph, render_radiograph
+from caries_mim.synth.render import LesionAnnotation, SyntheticRadiograph, render_radiograph
 
 GENERATOR = "caries-mim synth"
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"
 SPLIT_TAGS = {"unlabeled": 0, "labeled": 1}
 COCO_SPLITS = ("train", "val", "test")
 CATEGORIES = [{"id": i + 1, "name": name, "supercategory": "lesion"} for i, name in enumerate(LABELS)]
@@ -73,6 +73,8 @@ class SynthSummary:
     views: dict[str, int] = field(default_factory=dict)
     lesions: dict[str, int] = field(default_factory=dict)
     labeled_without_lesions: int = 0
+    #: Lesions drawn in labeled images but under the visibility floor (not annotated).
+    subthreshold_lesions: int = 0
     elapsed_s: float = 0.0
 
     @property
@@ -92,6 +94,7 @@ class SynthSummary:
             "views": dict(self.views),
             "lesions": dict(self.lesions),
             "labeled_without_lesions": self.labeled_without_lesions,
+            "subthreshold_lesions": self.subthreshold_lesions,
             "elapsed_s": round(self.elapsed_s, 3),
         }
 
@@ -135,7 +138,8 @@ def _produce(job: tuple[str, str, int, int, dict[str, Any]]) -> dict[str, Any]:
     folder, split, index, seed, config_dict = job
     config = SynthConfig.from_dict(config_dict)
     rng = image_rng(seed, split, index)
-    image = render_radiograph(rng, config)
+    # Unlabeled images' annotations are never written: skip the conspicuity measurement (same pixels).
+    image = render_radiograph(rng, config, label=split != "unlabeled")
     # Drawn after rendering from the same generator, so the choice is as deterministic as the pixels.
     photometric = "MONOCHROME1" if rng.random() < config.monochrome1_fraction else "MONOCHROME2"
     transfer_syntax = config.transfer_syntaxes[index % len(config.transfer_syntaxes)]
@@ -156,10 +160,20 @@ def _produce(job: tuple[str, str, int, int, dict[str, Any]]) -> dict[str, Any]:
         "view": image.view,
         "transfer_syntax": transfer_syntax,
         "photometric": photometric,
-        "lesions": [
-            {"box": list(les.box), "label": les.label, "surface": les.surface, "depth": les.depth, "tooth": les.tooth}
-            for les in image.lesions
-        ],
+        "lesions": [_lesion_record(les) for les in image.lesions],
+        "subthreshold_lesions": [_lesion_record(les) for les in image.subthreshold_lesions],
+    }
+
+
+def _lesion_record(lesion: LesionAnnotation) -> dict[str, Any]:
+    return {
+        "box": list(lesion.box),
+        "field_box": list(lesion.field_box) if lesion.field_box is not None else None,
+        "conspicuity": lesion.conspicuity,
+        "label": lesion.label,
+        "surface": lesion.surface,
+        "depth": lesion.depth,
+        "tooth": lesion.tooth,
     }
 
 
@@ -183,6 +197,11 @@ def _coco(records: list[dict[str, Any]]) -> dict[str, Any]:
                 "file_name": f"images/{file_name(record['index'])}",
                 "width": record["width"],
                 "height": record["height"],
+                # Drawn and rendered, under the visibility floor: not findings (see caries_mim.synth.conspicuity).
+                "subthreshold_lesions": [
+                    {key: lesion[key] for key in ("field_box", "conspicuity", "label", "surface", "depth", "tooth")}
+                    for lesion in record["subthreshold_lesions"]
+                ],
             }
         )
         for lesion in record["lesions"]:
@@ -198,6 +217,8 @@ def _coco(records: list[dict[str, Any]]) -> dict[str, Any]:
                     "surface": lesion["surface"],
                     "depth": lesion["depth"],
                     "tooth": lesion["tooth"],
+                    "conspicuity": lesion["conspicuity"],
+                    "field_bbox": _coco_box(lesion["field_box"]),
                 }
             )
     return {
@@ -206,6 +227,10 @@ def _coco(records: list[dict[str, Any]]) -> dict[str, Any]:
         "annotations": annotations,
         "categories": CATEGORIES,
     }
+
+
+def _coco_box(box: list[float] | None) -> list[float] | None:
+    return None if box is None else [box[0], box[1], box[2] - box[0], box[3] - box[1]]
 
 
 def generate_dataset(
@@ -279,6 +304,7 @@ def generate_dataset(
         views=dict(Counter(r["view"] for r in records)),
         lesions=dict(Counter(les["label"] for r in labeled for les in r["lesions"])),
         labeled_without_lesions=sum(1 for r in labeled if not r["lesions"]),
+        subthreshold_lesions=sum(len(r["subthreshold_lesions"]) for r in labeled),
         elapsed_s=time.perf_counter() - started,
     )
     manifest.update(complete=True, counts=summary.to_dict())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -18,6 +19,7 @@ from caries_mim.synth.acquisition import (
 )
 from caries_mim.synth.anatomy import ToothGeometry, tooth_tissues
 from caries_mim.synth.config import SynthConfig
+from caries_mim.synth.conspicuity import measure_visibility, split_by_floor
 from caries_mim.synth.layout import Layout, PlacedTooth, sample_layout
 from caries_mim.synth.lesions import LesionSpec, demineralization, lesion_extent, sample_lesion
 from caries_mim.synth.restorations import RestorationSpec, restoration_fill, sample_restoration
@@ -44,13 +46,23 @@ _SITE_MARGIN_MM = 1.5
 
 @dataclass(frozen=True)
 class LesionAnnotation:
-    """One labelled lesion: ``box`` is (x0, y0, x1, y1) in pixels (pixel edges, x = column), ``tooth`` FDI."""
+    """One lesion: ``box`` is (x0, y0, x1, y1) in pixels (pixel edges, x = column), ``tooth`` FDI.
+
+    Attributes:
+        box: the lesion's visible extent once measured (see :mod:`caries_mim.synth.conspicuity`), else the extent
+            of its demineralization field.
+        field_box: the extent of its demineralization field (pixels where it removes more than ``BOX_THRESHOLD``
+            of its peak attenuation), whatever a reader can see of it.
+        conspicuity: its contrast-to-noise ratio (None before it is measured).
+    """
 
     box: tuple[float, float, float, float]
     label: str
     surface: str
     depth: str
     tooth: int
+    field_box: tuple[float, float, float, float] | None = None
+    conspicuity: float | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,8 @@ class SyntheticRadiograph:
         window_center, window_width: a display window over the stored values.
         laterality: "R" or "L" (patient side).
         teeth: FDI numbers of the teeth in the field.
+        subthreshold_lesions: lesions drawn and rendered but under the visibility floor: not findings (no reader
+            could label them), kept so their effect can be studied.
     """
 
     pixels: np.ndarray
@@ -75,6 +89,7 @@ class SyntheticRadiograph:
     window_width: int
     laterality: str
     teeth: tuple[int, ...]
+    subthreshold_lesions: tuple[LesionAnnotation, ...] = ()
 
     @property
     def boxes(self) -> np.ndarray:
@@ -209,11 +224,60 @@ def plan_scene(rng: np.random.Generator, config: SynthConfig) -> ScenePlan:
     )
 
 
-def render_plan(plan: ScenePlan, *, with_lesions: bool = True) -> SyntheticRadiograph:
-    """Rasterize a plan. ``with_lesions=False`` renders the identical image (same noise) without lesions.
+@dataclass(frozen=True)
+class LesionRaster:
+    """What one lesion does to a scene, before the detector sees it.
 
-    Lesion boxes are reported in both cases, so the two renders can be compared region by region.
+    Attributes:
+        spec_index: index of the lesion in ``ScenePlan.lesions``.
+        annotation: its label and attributes, with ``box`` the extent of its demineralization field (pixels where
+            it removes more than ``BOX_THRESHOLD`` of its peak attenuation).
+        window: (rows, cols) slices of the render grid (``RENDER_SCALE`` coarser than the image) it touches.
+        attenuation: float32, the shape of ``window``: the line-integral attenuation it removes there (>= 0).
     """
+
+    spec_index: int
+    annotation: LesionAnnotation
+    window: tuple[slice, slice]
+    attenuation: np.ndarray
+
+
+@dataclass(frozen=True)
+class RasterizedScene:
+    """A plan rasterized once, ready to be acquired with any subset of its lesions, with or without noise.
+
+    ``attenuation`` (render grid, float32) includes every lesion; each :class:`LesionRaster` says how to take one
+    back out. The conspicuity measurement renders the same scene several times, so the costly rasterization is
+    done only once.
+    """
+
+    plan: ScenePlan
+    attenuation: np.ndarray
+    lesions: tuple[LesionRaster, ...]
+
+    def acquire(self, *, omit_lesions: Collection[int] = (), noise: bool = True) -> np.ndarray:
+        """Stored uint16 (H, W) pixels of the scene without the lesions whose ``spec_index`` is in ``omit_lesions``.
+
+        With ``noise=False`` the quantum and electronic noise are left out and everything else (gain, blur,
+        sharpening, display curve) is identical; with ``noise=True`` the noise field is the same for every subset
+        (it is drawn from the plan's seed with a shape that does not depend on the pixels).
+        """
+        layout = self.plan.layout
+        attenuation = self.attenuation
+        omitted = [raster for raster in self.lesions if raster.spec_index in set(omit_lesions)]
+        if omitted:
+            attenuation = attenuation.copy()
+            for raster in omitted:
+                attenuation[raster.window] += raster.attenuation
+        full = (attenuation.shape[1] * RENDER_SCALE, attenuation.shape[0] * RENDER_SCALE)
+        upsampled = cv2.resize(attenuation, full, interpolation=cv2.INTER_LINEAR)[: layout.rows, : layout.cols]
+        rng = np.random.default_rng(self.plan.noise_seed)
+        measured = detect(upsampled, self.plan.acquisition, layout.spacing, rng, noise=noise)
+        return display(measured, self.plan.acquisition)
+
+
+def rasterize(plan: ScenePlan) -> RasterizedScene:
+    """Rasterize a plan's tissue path lengths into attenuation on the render grid (lesions included)."""
     layout = plan.layout
     frame = _PixelFrame(layout, RENDER_SCALE)
     shape = frame.shape
@@ -223,12 +287,12 @@ def render_plan(plan: ScenePlan, *, with_lesions: bool = True) -> SyntheticRadio
     amalgam = np.zeros(shape, dtype=np.float32)
     composite = np.zeros(shape, dtype=np.float32)
     root_gap = np.full(shape, 9.0, dtype=np.float32)
-    lesions_by_tooth: dict[int, list[LesionSpec]] = {}
-    for index, spec in plan.lesions:
-        lesions_by_tooth.setdefault(index, []).append(spec)
+    lesions_by_tooth: dict[int, list[tuple[int, LesionSpec]]] = {}
+    for spec_index, (index, spec) in enumerate(plan.lesions):
+        lesions_by_tooth.setdefault(index, []).append((spec_index, spec))
     restoration_by_tooth = dict(plan.restorations)
 
-    annotations = []
+    rasters = []
     bounds = (layout.cols, layout.rows, layout.cols, layout.rows)
     for index, tooth in enumerate(layout.teeth):
         geom = ToothGeometry(tooth.shape)
@@ -244,11 +308,14 @@ def render_plan(plan: ScenePlan, *, with_lesions: bool = True) -> SyntheticRadio
         if restoration is not None:
             target = amalgam if restoration.material == "amalgam" else composite
             _apply_restoration(geom, restoration, u, v, tissues, target[rows, cols])
-        for spec in lesions_by_tooth.get(index, []):
-            box = _apply_lesion(geom, spec, matrix, window, tissues, with_lesions)
-            if box is not None:
-                box = tuple(min(float(RENDER_SCALE * b), limit) for b, limit in zip(box, bounds, strict=True))
-                annotations.append(LesionAnnotation(box, spec.label, spec.surface, spec.depth, tooth.fdi))
+        for spec_index, spec in lesions_by_tooth.get(index, []):
+            applied = _apply_lesion(geom, spec, matrix, window, tissues)
+            if applied is None:
+                continue
+            box, lesion_window, removed = applied
+            box = tuple(min(float(RENDER_SCALE * b), limit) for b, limit in zip(box, bounds, strict=True))
+            annotation = LesionAnnotation(box, spec.label, spec.surface, spec.depth, tooth.fdi, field_box=box)
+            rasters.append(LesionRaster(spec_index, annotation, lesion_window, removed))
         enamel[rows, cols] += tissues.enamel
         dentin[rows, cols] += tissues.dentin
         pulp[rows, cols] += tissues.pulp
@@ -269,20 +336,41 @@ def render_plan(plan: ScenePlan, *, with_lesions: bool = True) -> SyntheticRadio
         + mu["amalgam"] * amalgam
         + mu["composite"] * composite
     )
-    full = (shape[1] * RENDER_SCALE, shape[0] * RENDER_SCALE)
-    attenuation = cv2.resize(attenuation, full, interpolation=cv2.INTER_LINEAR)[: layout.rows, : layout.cols]
-    measured = detect(attenuation, plan.acquisition, layout.spacing, np.random.default_rng(plan.noise_seed))
-    pixels = display(measured, plan.acquisition)
+    return RasterizedScene(plan, attenuation, tuple(rasters))
+
+
+def render_plan(plan: ScenePlan, *, omit_lesions: Collection[int] = (), noise: bool = True) -> SyntheticRadiograph:
+    """Rasterize and acquire a plan. Leaving lesions out (indices into ``plan.lesions``) renders the identical
+    image (same noise) without them; ``noise=False`` renders it without quantum and electronic noise.
+
+    Lesion annotations are reported in every case (boxes: the demineralization extent, see
+    :class:`LesionRaster`), so renders can be compared region by region. :func:`render_radiograph` is what
+    gives boxes of the visible extent and drops what no reader could see.
+    """
+    scene = rasterize(plan)
+    return _radiograph(
+        scene, scene.acquire(omit_lesions=omit_lesions, noise=noise), [r.annotation for r in scene.lesions]
+    )
+
+
+def _radiograph(
+    scene: RasterizedScene,
+    pixels: np.ndarray,
+    lesions: Sequence[LesionAnnotation],
+    subthreshold: Sequence[LesionAnnotation] = (),
+) -> SyntheticRadiograph:
+    layout = scene.plan.layout
     center, width = display_window(pixels)
     return SyntheticRadiograph(
         pixels=pixels,
-        lesions=tuple(annotations),
+        lesions=tuple(lesions),
         view=layout.view,
         spacing_mm=(layout.spacing, layout.spacing),
         window_center=center,
         window_width=width,
         laterality=layout.laterality,
         teeth=tuple(t.fdi for t in layout.teeth),
+        subthreshold_lesions=tuple(subthreshold),
     )
 
 
@@ -309,9 +397,13 @@ def _apply_lesion(
     matrix: np.ndarray,
     window: tuple[slice, slice],
     tissues,
-    with_lesions: bool,
-) -> tuple[float, float, float, float] | None:
-    """Remove mineral for one lesion (when ``with_lesions``) and return its box in image pixels, or None."""
+) -> tuple[tuple[float, float, float, float], tuple[slice, slice], np.ndarray] | None:
+    """Remove mineral for one lesion; None if it falls outside the tooth's window.
+
+    Returns:
+        (box, lesion_window, removed): the box (render-grid pixels) of its demineralization field, the render-grid
+        slices it touches and the attenuation it removed there (float32, >= 0).
+    """
     sub = _pixel_window(matrix, *lesion_extent(geom, spec), (10**9, 10**9))
     if sub is None:
         return None
@@ -331,19 +423,32 @@ def _apply_lesion(
     peak = float(contrast.max())
     if peak <= 0:
         return None
-    if with_lesions:
-        enamel -= lost_enamel
-        dentin -= lost_dentin
-        tissues.pulp[local] += lost_enamel + lost_dentin
+    enamel -= lost_enamel
+    dentin -= lost_dentin
+    # The lost mineral's volume is filled with soft tissue (the lesion is not a void): it still attenuates a little.
+    tissues.pulp[local] += lost_enamel + lost_dentin
+    removed = (contrast - MU_PER_MM["soft"] * (lost_enamel + lost_dentin)).astype(np.float32)
     ii, jj = np.nonzero(contrast > BOX_THRESHOLD * peak)
-    return (float(c0 + jj.min()), float(r0 + ii.min()), float(c0 + jj.max() + 1), float(r0 + ii.max() + 1))
+    box = (float(c0 + jj.min()), float(r0 + ii.min()), float(c0 + jj.max() + 1), float(r0 + ii.max() + 1))
+    return box, (slice(r0, r1), slice(c0, c1)), removed
 
 
-def render_radiograph(rng: np.random.Generator, config: SynthConfig) -> SyntheticRadiograph:
+def render_radiograph(rng: np.random.Generator, config: SynthConfig, *, label: bool = True) -> SyntheticRadiograph:
     """Draw and render one synthetic radiograph.
 
+    Args:
+        label: measure each lesion's conspicuity and keep as findings only those at or above
+            ``config.visibility_floor``, boxed by their visible extent (:mod:`caries_mim.synth.conspicuity`);
+            False skips that (1 + lesions extra noise-free acquisitions) for images whose labels nobody reads,
+            and reports every lesion with its field box. The pixels are the same either way.
     Returns:
         A :class:`SyntheticRadiograph`: uint16 (H, W) pixels in 0..4095 (bright = attenuating), about
         900-1300 px on the long side, with its lesion boxes (float32 (N, 4) xyxy), labels and attributes.
     """
-    return render_plan(plan_scene(rng, config))
+    scene = rasterize(plan_scene(rng, config))
+    pixels = scene.acquire()
+    if not label:
+        return _radiograph(scene, pixels, [raster.annotation for raster in scene.lesions])
+    measured = measure_visibility(scene, pixels, config.visibility_floor)
+    findings, subthreshold = split_by_floor(measured, config.visibility_floor)
+    return _radiograph(scene, pixels, findings, subthreshold)

@@ -44,7 +44,7 @@ def test_layout_and_summary(dataset):
 
 def test_coco_files_load_and_are_consistent(dataset):
     out, summary = dataset
-    seen_images, n_annotations = set(), 0
+    seen_images, n_annotations, n_subthreshold = set(), 0, 0
     for name in ("train", "val", "test"):
         coco = COCO(str(out / "labeled" / f"{name}.json"))
         assert {c["name"] for c in coco.loadCats(coco.getCatIds())} == {"caries", "deep_caries"}
@@ -62,9 +62,16 @@ def test_coco_files_load_and_are_consistent(dataset):
                 assert ann["area"] == pytest.approx(w * h)
                 assert ann["depth"] in ("enamel", "outer_dentin", "inner_dentin")
                 assert ann["iscrowd"] == 0
+                assert ann["conspicuity"] >= SMALL.visibility_floor
+                assert len(ann["field_bbox"]) == 4
                 n_annotations += 1
+            n_subthreshold += len(info["subthreshold_lesions"])
+            for lesion in info["subthreshold_lesions"]:
+                assert lesion["conspicuity"] < SMALL.visibility_floor
+                assert lesion["label"] in ("caries", "deep_caries")
     assert len(seen_images) == 14
     assert n_annotations == sum(summary.lesions.values())
+    assert n_subthreshold == summary.subthreshold_lesions
 
 
 def test_same_seed_same_files_with_any_worker_count(dataset, tmp_path):
