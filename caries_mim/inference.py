@@ -154,7 +154,7 @@ class Predictor:
             raise InvalidArgumentError(f"{len(images)} images but {len(spacings)} spacings")
         checked = [_pixels_and_spacing(image, spacing) for image, spacing in zip(images, spacings, strict=True)]
         with torch.inference_mode():
-            found = detect_batch(self.detector, [pixels for pixels, _ in checked])
+            found = detect_batch(self.detector, [pixels for pixels, _ in checked], [spacing for _, spacing in checked])
         return [
             self._findings(detections, pixels.shape, spacing)
             for detections, (pixels, spacing) in zip(found, checked, strict=True)

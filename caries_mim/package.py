@@ -48,8 +48,9 @@ PACKAGE_DESCRIPTION = (
 CHECKSUM_ALGORITHM = "sha256"
 #: The file name the pipelines give a package.
 PACKAGE_FILE_NAME = "model.cmpkg"
-#: Names the resize-pad rule of :func:`caries_mim.detection.preprocessing.prepare_image`; changes with that rule.
+#: Names the resize-pad rules of :func:`caries_mim.detection.preprocessing.prepare_image`; each changes with its rule.
 PREPROCESSING_METHOD = "letterbox-long-side-v1"
+PHYSICAL_PREPROCESSING_METHOD = "physical-spacing-v1"
 
 _METADATA_KEYS = (
     "format",
@@ -165,19 +166,35 @@ def preprocessing_description(config: DetectorConfig) -> dict[str, Any]:
     Stored for readers outside Python; on read it must equal what this code would do, so a package is never
     run with a preprocessing other than the one it was trained with.
     """
-    return {
-        "method": PREPROCESSING_METHOD,
+    common = {
         "input": "single-channel (H, W) float32 in [0, 1], higher = more attenuating",
         "image_size": config.image_size,
-        "max_downscale": config.max_downscale,
-        "resize": "aspect kept; long side L -> image_size if L <= image_size * max_downscale, else L / max_downscale",
         "interpolation_shrink": "area",
         "interpolation_enlarge": "bilinear",
-        "padding": "zeros at bottom and right, to image_size x image_size when the resized image fits",
         "sliding_window": {"roi_size": config.roi_size, "overlap": config.sliding_window_overlap},
         "input_mean": config.encoder.input_mean,
         "input_std": config.encoder.input_std,
         "boxes": "[x0, y0, x1, y1] in pixels of the original image",
+    }
+    if config.spacing_mm is not None:
+        return {
+            "method": PHYSICAL_PREPROCESSING_METHOD,
+            **common,
+            "spacing_mm": config.spacing_mm,
+            "assumed_long_side_mm": config.assumed_long_side_mm,
+            "resize": (
+                "aspect kept; factor = source spacing / spacing_mm, where the source spacing is the mean of the "
+                "image's (row, column) spacing, or assumed_long_side_mm / long side in pixels when it has none; "
+                "the factor is clamped to [1/16, 16]"
+            ),
+            "padding": "zeros at bottom and right, to at least roi_size on each side",
+        }
+    return {
+        "method": PREPROCESSING_METHOD,
+        **common,
+        "max_downscale": config.max_downscale,
+        "resize": "aspect kept; long side L -> image_size if L <= image_size * max_downscale, else L / max_downscale",
+        "padding": "zeros at bottom and right, to image_size x image_size when the resized image fits",
     }
 
 
@@ -256,7 +273,8 @@ def read_package(path: str | os.PathLike) -> ModelPackage:
     if payload["preprocessing"] != preprocessing_description(config):
         raise InvalidCheckpointError(
             f"{path}: the package's preprocessing differs from what this version of caries-mim does "
-            f"(method {payload['preprocessing'].get('method')!r}, expected {PREPROCESSING_METHOD!r})"
+            f"(method {payload['preprocessing'].get('method')!r}, "
+            f"expected {preprocessing_description(config)['method']!r})"
         )
     # The contents were hashed and verified above: the package keeps that value instead of hashing them again.
     package.__dict__["checksum"] = actual

@@ -4,7 +4,9 @@ Writes into OUT:
 
 * ``metrics.json`` - the model (path, checksum, versions, threshold), the data (files, image and lesion counts),
   COCO AP/AP50/AP75/AR overall and per class, FROC, image-level sensitivity/specificity/AUC at the package's
-  threshold, bootstrap 95% intervals, the threshold and the run time;
+  threshold, the operating point (lesion-level sensitivity overall, by depth class and by conspicuity bin when
+  the annotations carry ``depth`` / ``conspicuity``, and false positives per image), bootstrap 95% intervals, the
+  threshold and the run time;
 * ``predictions.json`` - every detection in pycocotools' results format, ``[{image_id, category_id, bbox
   [x, y, w, h], score}]``, so ``COCOeval`` can re-check the numbers against the annotation file;
 * ``pr_curve.png``, ``froc.png`` - precision-recall per class at IoU 0.5, and the FROC curve;
@@ -12,13 +14,14 @@ Writes into OUT:
 
 Metrics are computed over *all* detections the package returns, not only those above its threshold: AP and FROC
 sweep the threshold themselves. Only image-level sensitivity and specificity, and the overlays, use the
-package's operating threshold.
+package's operating threshold, as does the operating-point section.
 
 No image header is read beyond the pixels and the spacing: no patient name or ID reaches any output.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -51,6 +54,7 @@ from caries_mim.metrics import (
     metric_confidence_intervals,
     precision_recall_curve,
 )
+from caries_mim.metrics.stratified import OperatingPointReport, conspicuity_bin, operating_point_report
 from caries_mim.package import CHECKSUM_ALGORITHM, PACKAGE_FORMAT_VERSION, load_package
 from caries_mim.visualization import draw_predictions_and_truth
 from pipelines.predict import overlay_path
@@ -65,12 +69,23 @@ class EvaluationItem:
         gt_boxes: float64 (G, 4), [x0, y0, x1, y1] in pixels of the original image.
         gt_labels: int64 (G,), indices into the package's class names.
         result_id: the image id written to ``predictions.json``.
+        gt_attributes: per ground-truth box, its reporting attributes (``depth``, ``conspicuity``; see
+            :data:`~caries_mim.data.records.BOX_ATTRIBUTES`); empty dicts when the file has none.
     """
 
     image_path: Path
     gt_boxes: np.ndarray
     gt_labels: np.ndarray
     result_id: int | str
+    gt_attributes: tuple[dict[str, Any], ...] = ()
+
+    def strata(self) -> dict[str, list[str | None]]:
+        """Per box, its depth class and its conspicuity bin (None where the annotation lacks them)."""
+        attributes = self.gt_attributes or tuple({} for _ in range(len(self.gt_boxes)))
+        return {
+            "depth": [attribute.get("depth") for attribute in attributes],
+            "conspicuity": [conspicuity_bin(attribute.get("conspicuity")) for attribute in attributes],
+        }
 
 
 @dataclass(frozen=True)
@@ -115,6 +130,7 @@ def load_evaluation_data(paths: Sequence[str | os.PathLike], class_names: Sequen
                 gt_boxes=np.asarray(record.boxes, dtype=np.float64).reshape(-1, 4),
                 gt_labels=to_package[record.labels],
                 result_id=record.image_id,
+                gt_attributes=record.box_attributes,
             )
             for record in annotation_set.records
         )
@@ -122,10 +138,7 @@ def load_evaluation_data(paths: Sequence[str | os.PathLike], class_names: Sequen
     category_ids = _source_category_ids(sets, names)
     if category_ids is not None and _distinct(item.result_id for item in items):
         return EvaluationData(items, category_ids, "source", files)
-    sequential = [
-        EvaluationItem(item.image_path, item.gt_boxes, item.gt_labels, result_id=index + 1)
-        for index, item in enumerate(items)
-    ]
+    sequential = [dataclasses.replace(item, result_id=index + 1) for index, item in enumerate(items)]
     return EvaluationData(sequential, {index: index + 1 for index in range(len(names))}, "sequential", files)
 
 
@@ -208,20 +221,24 @@ class EvaluationMetrics:
         coco: COCO AP, AP50, AP75, AR, overall and per class.
         froc: lesion-level FROC (its curve feeds ``froc.png``).
         image_level: image-level figures at the operating threshold.
+        operating_point: lesion-level sensitivity (overall, by depth class and by conspicuity bin) and false
+            positives per image at the operating threshold.
         confidence_intervals: bootstrap 95% intervals, or None when no resample was asked for.
     """
 
     coco: DetectionMetrics
     froc: FrocResult
     image_level: ImageLevelMetrics
+    operating_point: OperatingPointReport
     confidence_intervals: MetricConfidenceIntervals | None
 
     def to_dict(self) -> dict[str, Any]:
-        """``coco``, ``froc``, ``image_level`` and ``confidence_intervals`` as plain JSON values."""
+        """``coco``, ``froc``, ``image_level``, ``operating_point`` and ``confidence_intervals`` as JSON values."""
         return {
             "coco": self.coco.to_dict(),
             "froc": self.froc.to_dict(),
             "image_level": self.image_level.to_dict(),
+            "operating_point": self.operating_point.to_dict(),
             "confidence_intervals": None if self.confidence_intervals is None else self.confidence_intervals.to_dict(),
         }
 
@@ -231,13 +248,16 @@ def compute_metrics(
     class_names: Sequence[str],
     *,
     threshold: float,
+    strata: dict[str, Sequence[Sequence[str | None]]] | None = None,
     bootstrap: int = 1000,
     seed: int = 0,
 ) -> EvaluationMetrics:
-    """COCO metrics, FROC, image-level figures at ``threshold`` and their bootstrap intervals.
+    """COCO metrics, FROC, image-level and lesion-level figures at ``threshold`` and their bootstrap intervals.
 
     Args:
         images: predictions (all of them, whatever their score) and ground truth per image.
+        strata: per-lesion attributes to split the operating point's sensitivity by (see
+            :func:`~caries_mim.metrics.stratified.operating_point_report`); None: overall only.
         class_names: the names the labels index.
         threshold: the operating threshold in [0, 1] for the image-level figures.
         bootstrap: resamples for the 95% intervals; 0 leaves ``confidence_intervals`` None.
@@ -255,6 +275,7 @@ def compute_metrics(
         coco=coco_metrics(images, class_names),
         froc=froc(images),
         image_level=image_level_metrics(images, threshold=threshold),
+        operating_point=operating_point_report(images, strata or {}, threshold=threshold),
         confidence_intervals=intervals,
     )
 
@@ -387,7 +408,9 @@ def run_evaluate(
         findings = predictor.predict(read_image(item.image_path, options))
         images.append(evaluated_image(item, findings, class_names))
 
-    computed = compute_metrics(images, class_names, threshold=threshold, bootstrap=bootstrap, seed=seed)
+    item_strata = [item.strata() for item in evaluation.items]
+    strata = {name: [per_item[name] for per_item in item_strata] for name in ("depth", "conspicuity")}
+    computed = compute_metrics(images, class_names, threshold=threshold, strata=strata, bootstrap=bootstrap, seed=seed)
     metrics = computed.to_dict()
     curves = precision_recall_curve(images, class_names, iou_threshold=0.5)
     pr_path = plot_precision_recall(curves, out / "pr_curve.png")
@@ -429,6 +452,10 @@ def run_evaluate(
         "sensitivity": metrics["image_level"]["sensitivity"],
         "specificity": metrics["image_level"]["specificity"],
         "auc": metrics["image_level"]["auc"],
+        "lesion_sensitivity": metrics["operating_point"]["sensitivity"],
+        "false_positives_per_image": metrics["operating_point"]["false_positives_per_image"],
+        "sensitivity_by_depth": _sensitivities(metrics["operating_point"]["by_depth"]),
+        "sensitivity_by_conspicuity": _sensitivities(metrics["operating_point"]["by_conspicuity"]),
         "threshold": threshold,
         "seconds": seconds,
         "metrics": str(metrics_path),
@@ -436,6 +463,10 @@ def run_evaluate(
         "plots": [str(pr_path), str(froc_path)],
         "overlays": [str(path) for path in overlay_paths],
     }
+
+
+def _sensitivities(strata: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    return {name: stratum["sensitivity"] for name, stratum in strata.items()}
 
 
 __all__ = [

@@ -50,6 +50,7 @@ from caries_mim.data import (
     load_annotations,
 )
 from caries_mim.detection import CariesDetector, DetectorConfig, build_detector, detect
+from caries_mim.detection.anchors import anchor_shapes_for_boxes
 from caries_mim.errors import (
     CariesMimError,
     InvalidArgumentError,
@@ -239,11 +240,110 @@ def _encoder_architecture(config: FinetuneConfig) -> ViTConfig:
         raise InvalidConfigError(f"model: {exc.message}") from None
 
 
-def detector_config(config: FinetuneConfig, class_names: Sequence[str], encoder: ViTConfig) -> DetectorConfig:
+#: ``detector.spacing_mm: median``: the training images' median spacing (nnDetection's rule).
+MEDIAN = "median"
+#: ``detector.anchor_shapes: auto``: shapes from the training boxes at the working scale.
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class DataStatistics:
+    """What the data-dependent detector settings are computed from.
+
+    Attributes:
+        spacings_mm: mean (row, column) spacing of each training image that has one.
+        long_sides_mm: physical long side of those images.
+        boxes: per training image, (its spacing or None, its (height, width), its boxes (N, 4) xyxy in pixels).
+    """
+
+    spacings_mm: list[float]
+    long_sides_mm: list[float]
+    boxes: list[tuple[tuple[float, float] | None, tuple[int, int], np.ndarray]]
+
+
+def data_statistics(dataset: DetectionDataset) -> DataStatistics:
+    """Spacings and boxes of a validated dataset's images (nothing is decoded again)."""
+    spacings, long_sides, boxes = [], [], []
+    for record in dataset.records:
+        image = dataset.decoded[record.image_path]
+        spacing = image.spacing_mm
+        if spacing is not None:
+            spacings.append(0.5 * (spacing[0] + spacing[1]))
+            long_sides.append(max(image.height * spacing[0], image.width * spacing[1]))
+        boxes.append((spacing, (image.height, image.width), record.boxes))
+    return DataStatistics(spacings, long_sides, boxes)
+
+
+def detector_config(
+    config: FinetuneConfig,
+    class_names: Sequence[str],
+    encoder: ViTConfig,
+    statistics: DataStatistics | None = None,
+) -> DetectorConfig:
     """The :class:`DetectorConfig` of a run: the detector section, the encoder (with the run's drop-path) and the
-    training data's classes."""
+    training data's classes.
+
+    ``detector.spacing_mm: median`` becomes the training images' median spacing (and ``assumed_long_side_mm``, when
+    not given, their median long side in mm); ``detector.anchor_shapes: auto`` becomes shapes fitted to the
+    training boxes at the working scale (:func:`~caries_mim.detection.anchors.anchor_shapes_for_boxes`). Without
+    ``statistics`` (checking a config before any data is read) placeholders stand in for both.
+
+    Raises:
+        InvalidDatasetError: ``median`` with no training image that has a spacing.
+    """
+    section = dict(config.detector)
+    if section.get("spacing_mm") == MEDIAN:
+        if statistics is None:
+            section["spacing_mm"] = 0.1
+        elif not statistics.spacings_mm:
+            raise InvalidDatasetError(
+                "detector.spacing_mm: median needs training images with a pixel spacing, and none has one: "
+                "set the working spacing in mm (e.g. detector.spacing_mm=0.05)"
+            )
+        else:
+            section["spacing_mm"] = round(float(np.median(statistics.spacings_mm)), 5)
+            section.setdefault("assumed_long_side_mm", round(float(np.median(statistics.long_sides_mm)), 2))
+    auto_anchors = section.get("anchor_shapes") == AUTO
+    if auto_anchors:
+        section.pop("anchor_shapes")
     encoder_values = {**encoder.to_dict(), "drop_path_rate": config.model.drop_path_rate}
-    return DetectorConfig.from_dict({**config.detector, "encoder": encoder_values, "class_names": list(class_names)})
+    built = DetectorConfig.from_dict({**section, "encoder": encoder_values, "class_names": list(class_names)})
+    if statistics is not None:
+        widths, heights = _model_box_sizes(built, statistics)
+        if auto_anchors:
+            built = dataclasses.replace(built, anchor_shapes=anchor_shapes_for_boxes(widths, heights))
+        _warn_if_boxes_vanish(built, widths, heights)
+    return built
+
+
+def _warn_if_boxes_vanish(config: DetectorConfig, widths: np.ndarray, heights: np.ndarray) -> None:
+    """Say so when the model scale makes most lesions smaller than the finest pyramid stride."""
+    if widths.size == 0:
+        return
+    median = float(np.median(np.sqrt(widths * heights)))
+    finest = config.strides[0]
+    if median < finest:
+        log.warning(
+            "at this model scale the median lesion box is %.1f px, under the finest pyramid stride (%d px): "
+            "lesions that small are hard to find; use a finer detector.spacing_mm or a smaller patch size",
+            median,
+            finest,
+        )
+
+
+def _model_box_sizes(config: DetectorConfig, statistics: DataStatistics) -> tuple[np.ndarray, np.ndarray]:
+    """Widths and heights of the training boxes in model pixels (after the working-scale resize)."""
+    widths, heights = [], []
+    rule = config.scale_rule
+    for spacing, (height, width), boxes in statistics.boxes:
+        if len(boxes) == 0:
+            continue
+        factor = rule.factor(height, width, spacing)
+        widths.append((boxes[:, 2] - boxes[:, 0]) * factor)
+        heights.append((boxes[:, 3] - boxes[:, 1]) * factor)
+    if not widths:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate(widths), np.concatenate(heights)
 
 
 def label_subset(records: Sequence[DetectionRecord], fraction: float, seed: int) -> list[DetectionRecord]:
@@ -385,19 +485,17 @@ class _Finetuning:
         cache_dir = Path(data.cache_dir).expanduser() if data.cache_dir else self.out / "decode_cache"
         cache = DecodeCache(cache_dir)
         options = ReadOptions(allowed_modalities=frozenset(data.modalities), allow_non_dicom=data.allow_non_dicom)
-        detector = detector_config(config, classes, encoder)
-        transform = detection_train_transform(
+        with distributed.main_first(self.context):
+            train_set = DetectionDataset(train_records, cache=cache, options=options, progress=self.progress)
+            val_set = DetectionDataset(val_records, cache=cache, options=options, progress=self.progress)
+        detector = detector_config(config, classes, encoder, data_statistics(train_set))
+        train_set.transform = detection_train_transform(
             detector.image_size,
             min_visibility=data.min_visibility,
             crop_size=detector.roi_size,
             positive_fraction=data.positive_fraction,
-            max_downscale=detector.max_downscale,
+            rule=detector.scale_rule,
         )
-        with distributed.main_first(self.context):
-            train_set = DetectionDataset(
-                train_records, cache=cache, options=options, transform=transform, progress=self.progress
-            )
-            val_set = DetectionDataset(val_records, cache=cache, options=options, progress=self.progress)
         self.fingerprint = data_fingerprint(self.train_files, train_set.records)
         self.all_train_images = len(all_train)
         return train_set, val_set, detector
@@ -713,8 +811,8 @@ class _Loop:
         evaluated = []
         with torch.inference_mode(), self.run_state.precision.autocast(self.device):
             for index, record in enumerate(self.val_set.records):
-                pixels = self.val_set.load(record.image_path).pixels
-                found = detect(self.detector, pixels)
+                radiograph = self.val_set.load(record.image_path)
+                found = detect(self.detector, radiograph.pixels, radiograph.spacing_mm)
                 evaluated.append(
                     EvaluatedImage(
                         image_id=index,

@@ -2,9 +2,9 @@
 
 Draws lesions from a deliberately hard generator setting (low exposure, faint lesions) so that many fall near the
 floor, and tiles each one as the reader sees it (left) beside the identical image without that lesion (same noise,
-right), sorted by conspicuity; green frames are at or above the floor, red ones under it. It also measures, on the default generator, how many drawn
-lesions fall under the floor and how the visible-extent box differs from the demineralization-field box.
-Prints one JSON line with those statistics.
+right), sorted by conspicuity; green frames are at or above the floor, red ones under it. It also measures, on the
+default generator, how many drawn lesions fall under the floor and how the visible-extent box differs from the
+demineralization-field box. Prints one JSON line with those statistics.
 """
 
 from __future__ import annotations

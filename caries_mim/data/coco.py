@@ -1,7 +1,9 @@
 """COCO detection json: ``images``, ``annotations``, ``categories``; ``bbox`` is [x, y, width, height].
 
-This is the only place [x, y, w, h] exists: boxes leave as [x0, y0, x1, y1]. Keys a loader does not use
-(``segmentation``, ``area``, the synthetic generator's ``surface``/``depth``/``tooth``...) are ignored.
+This is the only place [x, y, w, h] exists: boxes leave as [x0, y0, x1, y1]. A box's ``depth`` and
+``conspicuity`` (the synthetic generator writes both; any COCO file may) are kept for reports (see
+:data:`~caries_mim.data.records.BOX_ATTRIBUTES`); other keys a loader does not use (``segmentation``, ``area``,
+``surface``, ``tooth``...) are ignored.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ def parse_coco_like(
         x, y, width, height = bbox
         # The numbers are validated by add_box; only the arithmetic needs them to be numbers first.
         corners = [x, y, x + width, y + height] if _all_numbers(bbox) else bbox
-        builder.add_box(image_id, corners, categories[category_id], where)
+        builder.add_box(image_id, corners, categories[category_id], where, annotation)
     return builder.build()
 
 

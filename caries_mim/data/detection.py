@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,9 +11,9 @@ import torch
 from torch.utils.data import Dataset
 
 from caries_mim.data.cache import DecodeCache, RadiographLoader
-from caries_mim.data.indexing import SkippedFiles, index_readable
+from caries_mim.data.indexing import IndexedImage, SkippedFiles, index_readable
 from caries_mim.data.records import LISTED, DetectionRecord
-from caries_mim.data.transforms import LABEL_FIELD, reseed_for_worker
+from caries_mim.data.transforms import LABEL_FIELD, SPACING_FIELD, reseed_for_worker
 from caries_mim.data.unlabeled import image_tensor
 from caries_mim.errors import InvalidDatasetError
 from caries_mim.io import ReadOptions
@@ -72,6 +73,8 @@ class DetectionDataset(Dataset):
         self._transform_seed: int | None = None
         self.skipped = SkippedFiles()
         self.records = list(records)
+        #: Size and spacing of each record's image as decoded, by path; filled by validation.
+        self.decoded: dict[Path, IndexedImage] = {}
         if validate:
             self._validate(progress)
 
@@ -83,6 +86,7 @@ class DetectionDataset(Dataset):
             description="indexing annotated radiographs",
         )
         sizes = {image.path: (image.height, image.width) for image in indexed}
+        self.decoded = {image.path: image for image in indexed}
         kept = [record for record in self.records if record.image_path in sizes]
         if not kept:
             raise InvalidDatasetError(f"none of the {len(self.records)} annotated images can be read")
@@ -122,7 +126,9 @@ class DetectionDataset(Dataset):
                 self.transform.set_random_seed(seed)
             else:
                 self._transform_seed = reseed_for_worker(self.transform, self._transform_seed)
-            out = self.transform(image=image, bboxes=boxes, **{LABEL_FIELD: labels})
+            out = self.transform(
+                image=image, bboxes=boxes, **{LABEL_FIELD: labels, SPACING_FIELD: radiograph.spacing_mm}
+            )
             image = out["image"]
             boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
             labels = np.asarray(out[LABEL_FIELD], dtype=np.int64).reshape(-1)

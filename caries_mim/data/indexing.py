@@ -52,11 +52,12 @@ class SkippedFiles:
 
 @dataclass(frozen=True)
 class IndexedImage:
-    """A file that decoded, with its size in pixels."""
+    """A file that decoded, with its size in pixels and its (row, column) spacing in mm (None when unknown)."""
 
     path: Path
     height: int
     width: int
+    spacing_mm: tuple[float, float] | None = None
 
 
 def index_readable(
@@ -79,7 +80,9 @@ def index_readable(
         except CariesMimError as exc:
             skipped.add(path, exc)
             continue
-        readable.append(IndexedImage(path=path, height=radiograph.height, width=radiograph.width))
+        readable.append(
+            IndexedImage(path=path, height=radiograph.height, width=radiograph.width, spacing_mm=radiograph.spacing_mm)
+        )
     if skipped.total:
         logger.warning(skipped.summary(len(paths)))
     return readable, skipped

@@ -22,10 +22,15 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from caries_mim.errors import InvalidDatasetError
+
+#: Per-box annotation keys kept for reporting (sensitivity by lesion depth and by conspicuity): a depth class
+#: name and a contrast-to-noise ratio. Other keys are ignored.
+BOX_ATTRIBUTES = ("depth", "conspicuity")
 
 #: How many offending items an error message lists before "and N more".
 LISTED = 5
@@ -41,6 +46,9 @@ class DetectionRecord:
         labels: int64 (N,), indices into the annotation set's ``classes``.
         image_id: the source's image id (COCO ``id``), or the row order for formats without one.
         width, height: image size in pixels when the annotation file states it, else None.
+        box_attributes: per box (aligned with ``boxes``), the reporting attributes the annotation carries (keys
+            of :data:`BOX_ATTRIBUTES`, e.g. the synthetic generator's ``depth`` and ``conspicuity``); empty dicts
+            when it carries none, an empty tuple for formats without them.
     """
 
     image_path: Path
@@ -49,6 +57,7 @@ class DetectionRecord:
     image_id: int | str
     width: int | None = None
     height: int | None = None
+    box_attributes: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass
@@ -155,6 +164,7 @@ class RecordBuilder:
         self._images: dict[int | str, tuple[Path, int | None, int | None]] = {}
         self._boxes: dict[int | str, list[tuple[float, float, float, float]]] = {}
         self._labels: dict[int | str, list[int]] = {}
+        self._attributes: dict[int | str, list[dict[str, Any]]] = {}
 
     def add_image(self, image_id: int | str, path: Path, width: object, height: object, where: str) -> None:
         if image_id in self._images:
@@ -166,12 +176,22 @@ class RecordBuilder:
         )
         self._boxes[image_id] = []
         self._labels[image_id] = []
+        self._attributes[image_id] = []
 
     def has_image(self, image_id: object) -> bool:
         return image_id in self._images
 
-    def add_box(self, image_id: int | str, corners: Sequence[object], category: str, where: str) -> None:
-        """Add [x0, y0, x1, y1] for ``category`` (a source name) to an image added before."""
+    def add_box(
+        self,
+        image_id: int | str,
+        corners: Sequence[object],
+        category: str,
+        where: str,
+        attributes: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Add [x0, y0, x1, y1] for ``category`` (a source name) to an image added before, with the
+        :data:`BOX_ATTRIBUTES` among ``attributes`` (a depth must be a string, a conspicuity a finite number >= 0;
+        other values are left out rather than refused: they only feed reports)."""
         where = f"{self.source}: {where}"
         x0, y0, x1, y1 = (_number(v, "box coordinate", where) for v in corners)
         if x1 < x0 or y1 < y0:
@@ -197,6 +217,7 @@ class RecordBuilder:
             self.stats.clipped += 1
         self._boxes[image_id].append(clipped)
         self._labels[image_id].append(label)
+        self._attributes[image_id].append(_reporting_attributes(attributes or {}))
 
     def build(self) -> AnnotationSet:
         """Records in image order; raises when no image is listed or listed images do not exist."""
@@ -210,6 +231,7 @@ class RecordBuilder:
                 image_id=image_id,
                 width=width,
                 height=height,
+                box_attributes=tuple(self._attributes[image_id]),
             )
             for image_id, (path, width, height) in self._images.items()
         ]
@@ -217,6 +239,18 @@ class RecordBuilder:
         self.stats.images = len(records)
         self.stats.boxes = sum(len(record.labels) for record in records)
         return AnnotationSet(records, self.mapping.classes, self.source, self.format, self.stats)
+
+
+def _reporting_attributes(attributes: Mapping[str, Any]) -> dict[str, Any]:
+    kept: dict[str, Any] = {}
+    depth = attributes.get("depth")
+    if isinstance(depth, str) and depth:
+        kept["depth"] = depth
+    conspicuity = attributes.get("conspicuity")
+    number = isinstance(conspicuity, (int, float)) and not isinstance(conspicuity, bool)
+    if number and math.isfinite(conspicuity) and conspicuity >= 0:
+        kept["conspicuity"] = float(conspicuity)
+    return kept
 
 
 def check_images_exist(paths: Iterable[Path], source: Path) -> None:

@@ -21,8 +21,12 @@ import cv2
 import numpy as np
 from torch.utils.data import get_worker_info
 
+from caries_mim.data.scale import ScaleRule
+
 #: Key under which detection transforms carry the class indices of ``bboxes``.
 LABEL_FIELD = "labels"
+#: Key under which detection transforms get the image's (row, column) spacing in mm, or None.
+SPACING_FIELD = "spacing_mm"
 
 
 class FloatClahe(A.ImageOnlyTransform):
@@ -108,25 +112,21 @@ def mim_pretrain_transform(
     )
 
 
-def model_scale_factor(height: int, width: int, image_size: int, max_downscale: float) -> float:
-    """Factor from original to model pixels: the long side goes to ``image_size``, but no image is shrunk by
-    more than ``max_downscale`` (a panoramic stays larger than ``image_size`` and is tiled instead of squeezed,
-    see :mod:`caries_mim.detection.preprocessing`)."""
-    return image_size / min(max(height, width), image_size * max_downscale)
-
-
 class ModelScale(A.LongestMaxSize):
-    """Resize by :func:`model_scale_factor`, aspect kept: exactly the geometry inference uses. Area averaging when
-    shrinking (anti-aliasing keeps thin enamel edges), linear when enlarging."""
+    """Resize by the :class:`~caries_mim.data.scale.ScaleRule`, aspect kept: exactly the geometry inference uses.
+    Area averaging when shrinking (anti-aliasing keeps thin enamel edges), linear when enlarging.
 
-    def __init__(self, image_size: int, max_downscale: float) -> None:
-        super().__init__(max_size=image_size, interpolation=cv2.INTER_LINEAR, area_for_downscale="image", p=1.0)
-        self.image_size = image_size
-        self.max_downscale = max_downscale
+    The physical rule needs the image's spacing: pass it with the image, ``transform(image=..., spacing_mm=(row,
+    column) or None, ...)``.
+    """
+
+    def __init__(self, rule: ScaleRule) -> None:
+        super().__init__(max_size=rule.image_size, interpolation=cv2.INTER_LINEAR, area_for_downscale="image", p=1.0)
+        self.rule = rule
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         height, width = params["shape"][:2]
-        return {"scale": model_scale_factor(height, width, self.image_size, self.max_downscale)}
+        return {"scale": self.rule.factor(height, width, data.get(SPACING_FIELD))}
 
 
 def detection_train_transform(
@@ -137,12 +137,14 @@ def detection_train_transform(
     crop_size: int | None = None,
     positive_fraction: float = 0.5,
     max_downscale: float = 4.0,
+    rule: ScaleRule | None = None,
 ) -> A.Compose:
     """Box-aware training augmentation in the geometry of inference, on patches of ``crop_size`` x ``crop_size``.
 
-    1. Resize as inference does (:class:`ModelScale`: long side to ``size``, shrunk by at most
-       ``max_downscale``) and pad bottom/right with black to the ``size`` x ``size`` square (or, for a larger
-       image, to at least one patch).
+    1. Resize as inference does (:class:`ModelScale` with ``rule``; by default the letterbox rule: long side to
+       ``size``, shrunk by at most ``max_downscale``). The letterbox rule pads bottom/right with black to the
+       ``size`` x ``size`` square (or, for a larger image, to at least one patch); the physical rule (working
+       spacing in mm) pads only images smaller than a patch.
     2. Take a ``crop_size`` patch (default ``size``: the whole letterboxed intra-oral image). With probability
        ``positive_fraction`` the patch contains a whole lesion, else it is drawn uniformly: lesions cover well
        under 1% of a radiograph, so uniform patches would mostly teach "background" (MONAI's detection recipes
@@ -153,19 +155,21 @@ def detection_train_transform(
        noise of low-dose sensors) and slight blur (motion, focal spot).
 
     Boxes keeping under ``min_visibility`` of their area are dropped with their labels. Call as
-    ``transform(image=img, bboxes=boxes_xyxy, labels=labels)``; output image float32 (crop_size, crop_size) in
-    [0, 1], boxes in its pixels.
+    ``transform(image=img, bboxes=boxes_xyxy, labels=labels, spacing_mm=(row, column) or None)``; output image
+    float32 (crop_size, crop_size) in [0, 1], boxes in its pixels.
     """
     crop = size if crop_size is None else crop_size
     if not 0 < crop <= size:
         raise ValueError(f"crop_size must be in [1, {size}], got {crop}")
+    rule = rule or ScaleRule(size, max_downscale)
+    padded = crop if rule.physical else size
     if not 0.0 <= positive_fraction <= 1.0:
         raise ValueError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
     return A.Compose(
         [
-            ModelScale(size, max_downscale),
+            ModelScale(rule),
             A.PadIfNeeded(
-                min_height=size, min_width=size, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0.0
+                min_height=padded, min_width=padded, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0.0
             ),
             A.OneOf(
                 [

@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from caries_mim.data.scale import ScaleRule
 from caries_mim.errors import InvalidArgumentError
 from caries_mim.models.config import ViTConfig
 from caries_mim.typed_values import checked_kwargs
@@ -30,12 +31,18 @@ class DetectorConfig:
         encoder: ViT architecture (a :class:`ViTConfig` or its dict). Its ``image_size`` is set to
             (``image_size``, ``image_size``): the detector input is the encoder's reference grid.
         class_names: one name per class, in label order (labels are indices into this tuple).
-        image_size: long side in pixels of the image the model sees; intra-oral radiographs are scaled (aspect
-            kept) so their long side is this (see :mod:`caries_mim.detection.preprocessing`). A multiple of twice
-            the patch size (the coarsest pyramid stride).
-        max_downscale: largest factor an input is shrunk by. Images whose long side exceeds
+        image_size: side in pixels of the square the encoder is built for (its reference grid). With a working
+            spacing it is the side of the training crops and, by default, of the sliding window; without one
+            (the letterbox rule) intra-oral radiographs are scaled (aspect kept) so their long side is this (see
+            :mod:`caries_mim.detection.preprocessing`). A multiple of twice the patch size (the coarsest stride).
+        max_downscale: letterbox rule only: largest factor an input is shrunk by. Images whose long side exceeds
             ``image_size * max_downscale`` (panoramics, not intra-oral images) are shrunk by exactly this factor,
             stay larger than ``image_size`` and go through the sliding window instead of being squeezed.
+        spacing_mm: the working spacing in mm per model pixel: every image is resampled to it from its own
+            spacing (:class:`~caries_mim.data.scale.ScaleRule`), and anchors and windows are sizes at that
+            spacing. None: the letterbox rule (packages trained before the physical rule).
+        assumed_long_side_mm: with ``spacing_mm``, the physical length of the long side of an image that carries
+            no spacing (intra-oral sensors are 30-45 mm long).
         pyramid_channels: channels of every pyramid level and of the heads (a multiple of 8: MONAI's heads use
             GroupNorm with 8 groups).
         anchor_shapes: (width, height) in pixels of the anchors of the finest level (stride patch_size / 2);
@@ -70,6 +77,8 @@ class DetectorConfig:
     class_names: tuple[str, ...] = ("caries",)
     image_size: int = 512
     max_downscale: float = 4.0
+    spacing_mm: float | None = None
+    assumed_long_side_mm: float = 35.0
     pyramid_channels: int = 256
     anchor_shapes: tuple[tuple[float, float], ...] = ((16.0, 16.0), (12.0, 20.0), (20.0, 12.0))
     atss_candidates: int = 4
@@ -147,6 +156,10 @@ class DetectorConfig:
             problems.append(f"focal_gamma must be >= 0, got {self.focal_gamma}")
         if self.focal_alpha is not None and not 0.0 <= self.focal_alpha <= 1.0:
             problems.append(f"focal_alpha must be in [0, 1] or null, got {self.focal_alpha}")
+        if self.spacing_mm is not None and not 0.0 < self.spacing_mm <= 10.0:
+            problems.append(f"spacing_mm must be in (0, 10] mm per pixel or null, got {self.spacing_mm}")
+        if not 1.0 <= self.assumed_long_side_mm <= 1000.0:
+            problems.append(f"assumed_long_side_mm must be in [1, 1000], got {self.assumed_long_side_mm}")
         if self.max_downscale < 1.0:
             problems.append(f"max_downscale must be >= 1, got {self.max_downscale}")
         if self.pyramid_channels < 8 or self.pyramid_channels % 8:
@@ -177,6 +190,11 @@ class DetectorConfig:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def scale_rule(self) -> ScaleRule:
+        """How an input is resized before the network (the same rule in training and inference)."""
+        return ScaleRule(self.image_size, self.max_downscale, self.spacing_mm, self.assumed_long_side_mm)
 
     @property
     def strides(self) -> tuple[int, int, int]:

@@ -1,23 +1,19 @@
 """From a radiograph of any size to detections in its own pixels: resize, predict, map back.
 
-The scale rule (:func:`model_scale`), with S = ``config.image_size`` and K = ``config.max_downscale``:
+The resize is the config's :class:`~caries_mim.data.scale.ScaleRule`, the one training uses:
 
-- long side L <= S * K (every intra-oral image: bitewing and periapical sensors are at most ~2000 px, and
-  2048 = 512 * 4): resized, aspect kept, so the long side is S. This is the geometry training sees
-  (:func:`~caries_mim.data.transforms.detection_train_transform` letterboxes to S), so lesions appear at the scale
-  the model learned.
-- L > S * K (panoramic and other extra-oral images, e.g. 1500 x 3000): shrunk by exactly K, never more. A 1500 x
-  3000 panoramic becomes 375 x 750 instead of 256 x 512; its teeth keep about the pixel size an intra-oral image
-  of long side S * K gets, and the image, now larger than the window, goes through the sliding window.
+- **physical rule** (``config.spacing_mm`` set): the image is resampled to the working spacing from its own
+  spacing (or from ``assumed_long_side_mm`` when it has none). An image smaller than the window is padded to it;
+  a larger one goes through the sliding window (windows of ``roi_size``, the training crop), so the cost grows
+  linearly with the area.
+- **letterbox rule** (``config.spacing_mm`` None), with S = ``config.image_size`` and K = ``config.max_downscale``:
+  a long side L <= S * K is resized (aspect kept) to S; a larger one (panoramics) is shrunk by exactly K and goes
+  through the sliding window. An image that fits is padded to the S x S square, exactly the training letterbox
+  (the encoder resamples its position embedding to the input's patch grid, so a 512 x 352 input would give its
+  pixels other positions than the 512 x 512 letterbox they were trained in).
 
-The rule is continuous (both cases give the same scale at L = S * K). Padding is black, at the bottom and right
-only, so the map back to original pixels stays a pure scale (:class:`~caries_mim.data.transforms.Letterbox`):
-
-- an image that fits is padded to the S x S square, exactly the training letterbox. Padding only to a multiple of
-  32 would be cheaper, but the encoder resamples its position embedding to the input's patch grid: a 512 x 352
-  input would give its pixels other positions than the 512 x 512 letterbox they were trained in;
-- a larger image is left to the detector, which pads it to a multiple of 32 and to at least one window; each
-  window is an S x S square again.
+Padding is black, at the bottom and right only, so the map back to original pixels stays a pure scale
+(:class:`~caries_mim.data.transforms.Letterbox`).
 """
 
 from __future__ import annotations
@@ -29,7 +25,7 @@ import cv2
 import numpy as np
 import torch
 
-from caries_mim.data.transforms import Letterbox, model_scale_factor
+from caries_mim.data.transforms import Letterbox
 from caries_mim.detection.config import DetectorConfig
 from caries_mim.detection.detector import CariesDetector
 from caries_mim.errors import InvalidArgumentError
@@ -50,63 +46,83 @@ class Detections:
     labels: np.ndarray
 
 
-def model_scale(height: int, width: int, config: DetectorConfig) -> float:
+#: (row, column) pixel spacing in mm, or None when the image has none.
+Spacing = tuple[float, float] | None
+
+
+def model_scale(height: int, width: int, config: DetectorConfig, spacing_mm: Spacing = None) -> float:
     """Factor from original to model pixels for an image of ``height`` x ``width`` (the rule in the module doc)."""
-    return model_scale_factor(height, width, config.image_size, config.max_downscale)
+    return config.scale_rule.factor(height, width, spacing_mm)
 
 
-def model_geometry(height: int, width: int, config: DetectorConfig) -> Letterbox:
+def model_geometry(height: int, width: int, config: DetectorConfig, spacing_mm: Spacing = None) -> Letterbox:
     """The resize :func:`prepare_image` applies, as a :class:`Letterbox` whose ``to_original`` maps boxes back.
 
     ``resized`` is each side times :func:`model_scale`, rounded, at least 1 px (as albumentations'
-    ``LongestMaxSize`` rounds); ``size`` is the longer resized side (there is no square padding here).
+    ``LongestMaxSize`` rounds); ``size`` is the longer resized side (padding is not part of the geometry).
     """
     if height < 1 or width < 1:
         raise InvalidArgumentError(f"cannot detect on an empty {height} x {width} image")
-    scale = model_scale(height, width, config)
-    resized = (max(1, round(height * scale)), max(1, round(width * scale)))
+    resized = config.scale_rule.resized(height, width, spacing_mm)
     return Letterbox(size=max(resized), original=(height, width), resized=resized)
 
 
-def prepare_image(pixels: np.ndarray, config: DetectorConfig) -> tuple[torch.Tensor, Letterbox]:
+def prepare_image(
+    pixels: np.ndarray, config: DetectorConfig, spacing_mm: Spacing = None
+) -> tuple[torch.Tensor, Letterbox]:
     """(H, W) float32 pixels in [0, 1] -> ((1, 1, h, w) float32 model input in [0, 1], geometry).
 
-    (h, w) is (S, S) for an image that fits, else the resized size (see the module doc). Area averaging when
-    shrinking (thin enamel edges stay anti-aliased), bilinear when enlarging: the interpolation of the training
-    letterbox, so an image that fits gets exactly the model pixels of
-    :func:`~caries_mim.data.transforms.detection_eval_transform`.
+    Letterbox rule: (h, w) is (S, S) for an image that fits, else the resized size. Physical rule: the resized
+    size, padded to at least ``roi_size`` on each side. Area averaging when shrinking (thin enamel edges stay
+    anti-aliased), bilinear when enlarging: the interpolation of the training transform, so an image gets exactly
+    the model pixels :class:`~caries_mim.data.transforms.ModelScale` gives it in training.
     """
     if pixels.ndim != 2:
         raise InvalidArgumentError(f"expected a single-channel (H, W) image, got shape {pixels.shape}")
-    geometry = model_geometry(*pixels.shape, config)
+    geometry = model_geometry(*pixels.shape, config, spacing_mm)
     image = np.ascontiguousarray(pixels, dtype=np.float32)
     if geometry.resized != geometry.original:
         interpolation = cv2.INTER_AREA if geometry.scale_xy[0] < 1.0 else cv2.INTER_LINEAR
         image = cv2.resize(image, (geometry.resized[1], geometry.resized[0]), interpolation=interpolation)
-    side = config.image_size
-    if max(geometry.resized) <= side:
+    if config.scale_rule.physical:
+        side = config.roi_size
+        image = np.pad(image, ((0, max(side - image.shape[0], 0)), (0, max(side - image.shape[1], 0))))
+    elif max(geometry.resized) <= config.image_size:
+        side = config.image_size
         image = np.pad(image, ((0, side - image.shape[0]), (0, side - image.shape[1])))
     return torch.from_numpy(image)[None, None], geometry
 
 
-def detect(detector: CariesDetector, pixels: np.ndarray) -> Detections:
-    """Detect caries on one radiograph's pixels (H, W) float32 in [0, 1], any size; boxes in its own pixels.
+def detect(detector: CariesDetector, pixels: np.ndarray, spacing_mm: Spacing = None) -> Detections:
+    """Detect caries on one radiograph's pixels (H, W) float32 in [0, 1], any size, with its (row, column)
+    spacing in mm when known; boxes in its own pixels.
 
     Runs on the detector's device, in the detector's current mode (call ``eval()`` first).
     """
-    return detect_batch(detector, [pixels])[0]
+    return detect_batch(detector, [pixels], [spacing_mm])[0]
 
 
-def detect_batch(detector: CariesDetector, images: Sequence[np.ndarray]) -> list[Detections]:
+def detect_batch(
+    detector: CariesDetector, images: Sequence[np.ndarray], spacings: Sequence[Spacing] | None = None
+) -> list[Detections]:
     """:func:`detect` for several radiographs, one :class:`Detections` per image, in order.
 
-    Images that fit the model square (every intra-oral image) become (S, S) inputs and go through the network
-    together, in one forward pass: what the service's micro-batching gains on a GPU. Larger images (sliding
-    window, each its own size) are predicted one at a time. Results equal :func:`detect` per image.
+    Images whose model input is one window (every intra-oral image under the letterbox rule) go through the
+    network together, in one forward pass: what the service's micro-batching gains on a GPU. Larger images
+    (sliding window, each its own size) are predicted one at a time. Results equal :func:`detect` per image.
+
+    Args:
+        spacings: one (row, column) spacing in mm or None per image; None for all means none known.
     """
-    prepared = [prepare_image(pixels, detector.config) for pixels in images]
+    spacings = [None] * len(images) if spacings is None else list(spacings)
+    if len(spacings) != len(images):
+        raise InvalidArgumentError(f"{len(images)} images but {len(spacings)} spacings")
+    prepared = [
+        prepare_image(pixels, detector.config, spacing) for pixels, spacing in zip(images, spacings, strict=True)
+    ]
     device = next(detector.parameters()).device
-    side = detector.config.image_size
+    config = detector.config
+    side = config.roi_size if config.scale_rule.physical else config.image_size
     square = [index for index, (image, _) in enumerate(prepared) if image.shape[-2:] == (side, side)]
     found: dict[int, dict[str, torch.Tensor]] = {}
     if square:

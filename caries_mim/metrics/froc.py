@@ -217,6 +217,7 @@ def froc_score_from_matches(
             tp_scores=match.tp_scores[match.tp_scores >= lowest_needed],
             fp_scores=match.fp_scores[match.fp_scores >= lowest_needed],
             n_lesions=match.n_lesions,
+            lesion_scores=match.lesion_scores,
         )
         for match in matches
     ]

@@ -56,12 +56,15 @@ class LesionMatches:
         tp_scores: float64 (K,), scores of the detections that matched a lesion, one per matched lesion.
         fp_scores: float64 (F,), scores of the detections that matched nothing.
         n_lesions: number of ground-truth boxes (K <= n_lesions).
+        lesion_scores: float64 (n_lesions,), per ground-truth box (input order) the score of the detection that
+            found it, NaN for a lesion nothing found: a lesion is found at threshold t iff its score >= t.
     """
 
     image_id: int | str
     tp_scores: np.ndarray
     fp_scores: np.ndarray
     n_lesions: int
+    lesion_scores: np.ndarray
 
 
 def match_lesions(
@@ -92,6 +95,7 @@ def _match_image(image: EvaluatedImage, iou_threshold: float, class_agnostic: bo
     if not class_agnostic:
         ious[image.pred_labels[order][:, None] != image.gt_labels[None, :]] = -1.0
     claimed = np.zeros(len(image.gt_boxes), dtype=bool)
+    lesion_scores = np.full(len(image.gt_boxes), np.nan)
     is_tp = np.zeros(len(scores), dtype=bool)
     for detection in range(len(scores)):
         available = np.where(claimed, -1.0, ious[detection])
@@ -100,10 +104,12 @@ def _match_image(image: EvaluatedImage, iou_threshold: float, class_agnostic: bo
         best = int(np.argmax(available))
         if available[best] >= iou_threshold:
             claimed[best] = True
+            lesion_scores[best] = scores[detection]
             is_tp[detection] = True
     return LesionMatches(
         image_id=image.image_id,
         tp_scores=scores[is_tp],
         fp_scores=scores[~is_tp],
         n_lesions=len(image.gt_boxes),
+        lesion_scores=lesion_scores,
     )

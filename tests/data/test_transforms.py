@@ -13,9 +13,11 @@ from caries_mim.data import (
     detection_train_transform,
     mim_pretrain_transform,
 )
-from caries_mim.data.transforms import ModelScale, model_scale_factor
+from caries_mim.data.scale import ScaleRule, model_scale_factor
+from caries_mim.data.transforms import ModelScale
 from caries_mim.detection import DetectorConfig
 from caries_mim.detection.preprocessing import model_geometry, prepare_image
+from caries_mim.errors import InvalidArgumentError
 from caries_mim.models import ViTConfig
 
 
@@ -214,7 +216,7 @@ def test_the_training_resize_is_prepare_image_s_geometry_and_pixels(height, widt
     image_size * max_downscale: shrunk by max_downscale only, no squeeze)."""
     config = DetectorConfig(encoder=ViTConfig(embed_dim=32, depth=1, num_heads=2), image_size=128, max_downscale=4.0)
     image = np.random.default_rng(height + width).random((height, width), dtype=np.float32)
-    resized = ModelScale(128, 4.0)(image=image)["image"]
+    resized = ModelScale(ScaleRule(128, 4.0))(image=image)["image"]
     geometry = model_geometry(height, width, config)
     assert resized.shape == geometry.resized
     prepared, _ = prepare_image(image, config)
@@ -228,3 +230,56 @@ def test_the_training_resize_is_prepare_image_s_geometry_and_pixels(height, widt
         assert prepared.shape == (128, 128)
         assert not prepared[resized.shape[0] :].any()
         assert not prepared[:, resized.shape[1] :].any()
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "spacing"),
+    [(900, 1200, (0.03, 0.03)), (700, 1000, (0.04, 0.04)), (300, 200, (0.1, 0.1)), (1000, 1300, None)],
+    ids=["fine-sensor", "coarse-sensor", "enlarged", "no-spacing"],
+)
+def test_the_physical_training_resize_is_prepare_image_s(height, width, spacing):
+    """With a working spacing, training and inference resample the same image to the same pixels; an image smaller
+    than a window is padded to it, a larger one is not padded."""
+    config = DetectorConfig(
+        encoder=ViTConfig(embed_dim=32, depth=1, num_heads=2), image_size=128, spacing_mm=0.06, assumed_long_side_mm=39
+    )
+    image = np.random.default_rng(height).random((height, width), dtype=np.float32)
+    resized = ModelScale(config.scale_rule)(image=image, spacing_mm=spacing)["image"]
+    source = spacing[0] if spacing else 39 / max(height, width)
+    assert resized.shape == (round(height * source / 0.06), round(width * source / 0.06))
+    prepared = prepare_image(image, config, spacing)[0][0, 0].numpy()
+    np.testing.assert_array_equal(resized, prepared[: resized.shape[0], : resized.shape[1]])
+    assert prepared.shape == (max(resized.shape[0], 128), max(resized.shape[1], 128))
+
+
+def test_the_physical_training_transform_crops_lesions_at_the_working_spacing():
+    """A 2 mm lesion on a 0.03 mm image is 33 px in the crop at 0.06 mm, whichever crop holds it."""
+    rule = ScaleRule(64, 4.0, spacing_mm=0.06)
+    transform = detection_train_transform(64, seed=4, crop_size=64, positive_fraction=1.0, rule=rule)
+    image = np.random.default_rng(0).random((600, 800), dtype=np.float32)
+    box = np.array([[300.0, 200.0, 366.0, 266.0]], dtype=np.float32)  # 2 mm x 2 mm at 0.03 mm
+    sides = []
+    for _ in range(20):
+        out = transform(image=image, bboxes=box, labels=np.array([0]), spacing_mm=(0.03, 0.03))
+        assert out["image"].shape == (64, 64)
+        for x0, y0, x1, y1 in np.asarray(out["bboxes"]).reshape(-1, 4):
+            sides.append(np.sqrt((x1 - x0) * (y1 - y0)))
+    # The affine scale jitter (0.9-1.1) and crops at the border spread the size around 33 px.
+    assert len(sides) >= 10
+    assert 26 <= np.median(sides) <= 37
+
+
+def test_scale_rule_fallbacks_and_limits():
+    rule = ScaleRule(256, 4.0, spacing_mm=0.05, assumed_long_side_mm=35.0)
+    assert rule.factor(700, 1000, (0.025, 0.025)) == pytest.approx(0.5)
+    assert rule.factor(700, 1000, (0.02, 0.03)) == pytest.approx(0.5)  # the mean of row and column spacing
+    # No spacing, or one that is unusable: the long side is taken as 35 mm.
+    assert rule.factor(700, 1000) == pytest.approx(35.0 / 1000 / 0.05)
+    assert rule.factor(700, 1000, (0.0, 0.03)) == pytest.approx(35.0 / 1000 / 0.05)
+    assert rule.factor(700, 1000, (float("nan"), 0.03)) == pytest.approx(35.0 / 1000 / 0.05)
+    # A file that claims absurd pixels is not obeyed beyond 16x either way.
+    assert rule.factor(700, 1000, (1e-5, 1e-5)) == pytest.approx(1 / 16)
+    assert rule.factor(700, 1000, (10.0, 10.0)) == pytest.approx(16.0)
+    assert rule.resized(700, 1000, (0.025, 0.025)) == (350, 500)
+    with pytest.raises(InvalidArgumentError, match="empty"):
+        rule.factor(0, 10)

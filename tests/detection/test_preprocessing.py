@@ -101,3 +101,29 @@ def test_detect_on_a_panoramic_sized_image_uses_the_window_at_a_bounded_scale():
     assert (found.boxes[:, [0, 2]] <= 300).all()
     assert (found.boxes[:, [1, 3]] <= 100).all()
     assert found.boxes[:, 2].max() > 150  # detections in the right half of the original
+
+
+def test_physical_rule_resamples_by_spacing_and_maps_boxes_back():
+    config = tiny_config(image_size=64, roi_size=64, spacing_mm=0.06)
+    pixels = np.random.default_rng(1).random((600, 900), dtype=np.float32)
+    image, geometry = prepare_image(pixels, config, (0.03, 0.03))
+    assert geometry.resized == (300, 450)
+    assert image.shape == (1, 1, 300, 450)  # larger than a window: not padded, the sliding window tiles it
+    np.testing.assert_allclose(geometry.to_original([[10, 20, 30, 40]]), [[20, 40, 60, 80]])
+    small, geometry = prepare_image(pixels[:100, :90], config, (0.03, 0.03))
+    assert geometry.resized == (50, 45)
+    assert small.shape == (1, 1, 64, 64)  # padded to one window
+    # The same image with twice the spacing is twice as large at the working spacing.
+    assert model_geometry(600, 900, config, (0.06, 0.06)).resized == (600, 900)
+
+
+def test_physical_detection_takes_each_image_s_spacing():
+    torch.manual_seed(0)
+    config = tiny_config(image_size=64, roi_size=64, spacing_mm=0.06, score_threshold=0.0)
+    detector = CariesDetector(config).eval()
+    pixels = np.random.default_rng(2).random((200, 260), dtype=np.float32)
+    for spacing in ((0.03, 0.03), (0.06, 0.06), None):
+        found = detect(detector, pixels, spacing)
+        assert len(found.boxes) > 0
+        assert (found.boxes[:, 2] <= 260).all()
+        assert (found.boxes[:, 3] <= 200).all()

@@ -532,3 +532,41 @@ def test_two_process_gloo_ddp_run(labeled, tmp_path):
     assert sorted(rows(run, "val")) == [2, 4]
     assert sorted(rows(run, "train")) == [1, 2, 3, 4]
     assert read_package(run / "model.cmpkg").provenance["step"] in (2, 4)
+
+
+def test_the_working_spacing_and_anchors_come_from_the_training_data():
+    """``median`` is nnDetection's rule (the median spacing, and the median long side in mm for files without one);
+    ``auto`` anchors are fitted to the boxes at that spacing."""
+    config = finetune_module.load_finetune_config(
+        "tiny", ["detector.spacing_mm=median", "detector.anchor_shapes=auto", "model.depth=2"]
+    )
+    encoder = finetune_module._encoder_architecture(config)
+    boxes = np.array([[100.0, 100.0, 140.0, 130.0]] * 4, dtype=np.float32)
+    statistics = finetune_module.DataStatistics(
+        spacings_mm=[0.02, 0.03, 0.04],
+        long_sides_mm=[30.0, 36.0, 40.0],
+        boxes=[((0.02, 0.02), (900, 1200), boxes), ((0.04, 0.04), (700, 1000), boxes), (None, (800, 1000), boxes)],
+    )
+    built = finetune_module.detector_config(config, ("caries",), encoder, statistics)
+    assert built.spacing_mm == pytest.approx(0.03)
+    assert built.assumed_long_side_mm == pytest.approx(36.0)
+    # Boxes of 40 x 30 px at 0.02, 0.04 and (no spacing: 36 mm over 1000 px) 0.036 mm/px, seen at 0.03 mm/px.
+    sides = np.sqrt(40 * 30) * np.array([0.02, 0.04, 0.036]) / 0.03
+    middle = np.sqrt(np.percentile(np.repeat(sides, 4), 5) * np.percentile(np.repeat(sides, 4), 95))
+    assert np.sqrt(np.prod(built.anchor_shapes[1])) == pytest.approx(middle / 2, abs=0.1)
+    assert built.anchor_shapes[1][0] > built.anchor_shapes[1][1]  # wider than tall, as the boxes
+    no_spacing = dataclasses.replace(statistics, spacings_mm=[], long_sides_mm=[])
+    with pytest.raises(finetune_module.InvalidDatasetError, match="none has one"):
+        finetune_module.detector_config(config, ("caries",), encoder, no_spacing)
+
+
+def test_a_run_at_a_working_spacing_stores_it_in_the_package(labeled, tmp_path, capsys):
+    """0.25 mm per pixel shrinks the synthetic radiographs (0.02-0.04 mm) to a few 64 px windows each."""
+    out = tmp_path / "run"
+    extra = ["--set", "detector.spacing_mm=0.25", "--set", "detector.anchor_shapes=auto"]
+    assert finetune(labeled, out, *extra, "--set", "train.steps=2", "--set", "eval.every=2") == 0
+    package = read_package(out / "model.cmpkg")
+    assert package.config.spacing_mm == 0.25
+    assert package.config.anchor_shapes != finetune_module.DetectorConfig().anchor_shapes
+    assert package.preprocessing["method"] == "physical-spacing-v1"
+    assert summary_line(capsys.readouterr().out)["steps"] == 2
