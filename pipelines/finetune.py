@@ -504,7 +504,9 @@ class _Finetuning:
         encoder_path = None if self.config.model.reinitialize else self.config.model.encoder
         detector, report = build_detector(config, encoder_path)
         if self.context.is_main:
-            if encoder_path is None:
+            if config.backbone != "vit":
+                log.info("backbone: %s (CNN yardstick), random initialization", config.backbone)
+            elif encoder_path is None:
                 log.info("encoder: random initialization (%d tensors)", len(report.missing))
             else:
                 log.info("encoder from %s: %s", encoder_path, report.summary())

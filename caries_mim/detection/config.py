@@ -21,6 +21,8 @@ from caries_mim.typed_values import checked_kwargs
 
 #: Classification losses :class:`~caries_mim.detection.detector.CariesDetector` can train with.
 CLASSIFICATION_LOSSES = ("focal", "bce")
+#: Backbones: the ViT encoder (the product: MIM pretrains it) or a CNN yardstick (MONAI ResNet + FPN).
+BACKBONES = ("vit", "resnet10", "resnet18")
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,10 @@ class DetectorConfig:
     Attributes:
         encoder: ViT architecture (a :class:`ViTConfig` or its dict). Its ``image_size`` is set to
             (``image_size``, ``image_size``): the detector input is the encoder's reference grid.
+        backbone: ``vit`` (the encoder above) or a CNN yardstick, ``resnet10`` / ``resnet18`` (MONAI's ResNet with
+            half the classic widths under a small FPN, :mod:`caries_mim.detection.cnn_backbone`; it needs
+            ``encoder.patch_size`` 16, whose strides 8, 16 and 32 it has, and takes only the encoder's input
+            standardization).
         class_names: one name per class, in label order (labels are indices into this tuple).
         image_size: side in pixels of the square the encoder is built for (its reference grid). With a working
             spacing it is the side of the training crops and, by default, of the sliding window; without one
@@ -74,6 +80,7 @@ class DetectorConfig:
     """
 
     encoder: ViTConfig = field(default_factory=ViTConfig)
+    backbone: str = "vit"
     class_names: tuple[str, ...] = ("caries",)
     image_size: int = 512
     max_downscale: float = 4.0
@@ -142,6 +149,10 @@ class DetectorConfig:
                     f"the sliding window step int(roi_size * (1 - overlap)) = {step} must be a positive multiple "
                     f"of {coarsest}"
                 )
+        if self.backbone not in BACKBONES:
+            problems.append(f"backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
+        elif self.backbone != "vit" and patch_size != 16:
+            problems.append(f"backbone {self.backbone} has strides 8, 16 and 32: it needs patch_size 16")
         if self.classification_loss not in CLASSIFICATION_LOSSES:
             problems.append(
                 f"classification_loss must be one of {', '.join(CLASSIFICATION_LOSSES)}, "

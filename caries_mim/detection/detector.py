@@ -20,6 +20,7 @@ from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorSha
 from torch import nn
 
 from caries_mim.detection.box_selection import padded_nms
+from caries_mim.detection.cnn_backbone import ResNetRetinaNet
 from caries_mim.detection.config import DetectorConfig
 from caries_mim.detection.encoder_loading import load_detector_encoder
 from caries_mim.detection.losses import FocalLossPerPositive
@@ -164,9 +165,11 @@ class CariesDetector(nn.Module):
 
     def __init__(self, config: DetectorConfig, encoder: VisionTransformer | None = None) -> None:
         super().__init__()
-        if encoder is None:
+        if config.backbone != "vit" and encoder is not None:
+            raise InvalidArgumentError(f"a {config.backbone} backbone takes no ViT encoder")
+        if encoder is None and config.backbone == "vit":
             encoder = VisionTransformer(config.encoder)
-        elif encoder.config != config.encoder:
+        elif encoder is not None and encoder.config != config.encoder:
             raise InvalidArgumentError(
                 f"the encoder's config {encoder.config.to_dict()} differs from the detector's "
                 f"{config.encoder.to_dict()}"
@@ -177,7 +180,17 @@ class CariesDetector(nn.Module):
             base_anchor_shapes=[(height, width) for width, height in config.anchor_shapes],
             indexing="ij",
         )
-        network = ViTRetinaNet(encoder, config.num_classes, len(config.anchor_shapes), config.pyramid_channels)
+        if encoder is None:
+            network = ResNetRetinaNet(
+                config.backbone,
+                config.num_classes,
+                len(config.anchor_shapes),
+                config.pyramid_channels,
+                config.encoder.input_mean,
+                config.encoder.input_std,
+            )
+        else:
+            network = ViTRetinaNet(encoder, config.num_classes, len(config.anchor_shapes), config.pyramid_channels)
         detector = _RetinaNetDetector(network, anchors)
         detector.set_atss_matcher(num_candidates=config.atss_candidates, center_in_gt=config.atss_center_in_gt)
         if config.hard_negative_sampling:
@@ -208,11 +221,14 @@ class CariesDetector(nn.Module):
         self.retinanet.inferer = BatchSlidingWindow(self.config.roi_size, windows, self.config.sliding_window_overlap)
 
     @property
-    def network(self) -> ViTRetinaNet:
+    def network(self) -> ViTRetinaNet | ResNetRetinaNet:
         return self.retinanet.network
 
     @property
     def encoder(self) -> VisionTransformer:
+        """The ViT encoder (a CNN yardstick detector has none)."""
+        if not isinstance(self.network, ViTRetinaNet):
+            raise InvalidArgumentError(f"a {self.config.backbone} detector has no ViT encoder")
         return self.network.encoder
 
     def forward(self, images: torch.Tensor, targets: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -332,8 +348,18 @@ def build_detector(
     """A detector for fine-tuning: encoder weights from ``encoder_path`` (an ``encoder.pt``) or freshly initialized,
     pyramid and heads freshly initialized. Returns the report of :func:`load_detector_encoder`.
 
+    A CNN yardstick backbone (``config.backbone`` other than ``vit``) starts from a random initialization and
+    takes no encoder file; its report is empty.
+
     Raises:
         InvalidCheckpointError: see :func:`load_detector_encoder`.
+        InvalidArgumentError: an encoder file for a CNN backbone.
     """
+    if config.backbone != "vit":
+        if encoder_path is not None:
+            raise InvalidArgumentError(
+                f"backbone {config.backbone} trains from scratch: an encoder file ({encoder_path}) fits only the ViT"
+            )
+        return CariesDetector(config), ImportReport()
     encoder, report = load_detector_encoder(config, encoder_path)
     return CariesDetector(config, encoder), report

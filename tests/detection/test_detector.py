@@ -209,3 +209,38 @@ def test_default_anchors_give_every_lesion_size_positives_at_its_level(side, lev
     assert len(positives) >= 2
     assert set(positives.tolist()) <= {level, level + 1}
     assert positives.tolist().count(level) > len(positives) / 2
+
+
+def test_the_cnn_yardstick_trains_and_predicts_through_the_same_detector(tmp_path):
+    """backbone resnet10: same heads, anchors and losses; a few steps find a box in column-row order; its state
+    dict round-trips; it takes no ViT encoder."""
+    torch.manual_seed(0)
+    config = tiny_config(encoder=ViTConfig(embed_dim=32, depth=1, num_heads=2, patch_size=16), backbone="resnet10")
+    detector = CariesDetector(config)
+    assert config.strides == (8, 16, 32)
+    image = torch.zeros(2, 1, 64, 128)
+    image[..., 10:30, 90:110] = 1.0
+    box = torch.tensor([[90.0, 10.0, 110.0, 30.0]])
+    targets = [{"boxes": box, "labels": torch.tensor([0])}] * 2
+    optimizer = torch.optim.AdamW(detector.parameters(), lr=1e-3)
+    for _ in range(30):
+        optimizer.zero_grad()
+        detector.losses(image, targets)["total"].backward()
+        optimizer.step()
+    detector.eval()
+    found = detector.predict(image[:1])[0]
+    assert box_iou(found["boxes"][:1], box).item() > 0.5
+    again = CariesDetector(config)
+    again.load_state_dict(detector.state_dict())
+    torch.testing.assert_close(again.eval().predict(image[:1])[0]["scores"], found["scores"])
+    with pytest.raises(InvalidArgumentError, match="no ViT encoder"):
+        _ = detector.encoder
+    with pytest.raises(InvalidArgumentError, match="takes no ViT encoder"):
+        CariesDetector(config, VisionTransformer(config.encoder))
+
+
+def test_a_cnn_backbone_needs_strides_8_16_32():
+    with pytest.raises(InvalidArgumentError, match="patch_size 16"):
+        tiny_config(encoder=ViTConfig(embed_dim=32, depth=1, num_heads=2, patch_size=8), backbone="resnet18")
+    with pytest.raises(InvalidArgumentError, match="backbone must be one of"):
+        tiny_config(backbone="vgg")
