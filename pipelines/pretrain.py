@@ -93,6 +93,9 @@ class ModelConfig:
 class DataConfig:
     image_size: int = 224
     crop_scale: tuple[float, float] = (0.2, 1.0)
+    #: Working spacing (mm/px): images are resampled to it and cropped to image_size, as the detector will see
+    #: them (crop_scale is then unused); null = random resized crops at any scale.
+    spacing_mm: float | None = None
     workers: int = 2
     #: Decoded-pixel cache folder; null = RUN/decode_cache. Share one folder between runs on the same data.
     cache_dir: str | None = None
@@ -105,6 +108,8 @@ class DataConfig:
             raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {list(self.crop_scale)}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.spacing_mm is not None and not 0.0 < self.spacing_mm <= 10.0:
+            raise ValueError(f"spacing_mm must be in (0, 10] mm per pixel or null, got {self.spacing_mm}")
 
 
 @dataclass(frozen=True)
@@ -242,7 +247,7 @@ class _Pretraining:
         data = self.config.data
         cache_dir = Path(data.cache_dir).expanduser() if data.cache_dir else self.out / "decode_cache"
         options = ReadOptions(allowed_modalities=frozenset(data.modalities), allow_non_dicom=data.allow_non_dicom)
-        transform = mim_pretrain_transform(data.image_size, scale=data.crop_scale)
+        transform = mim_pretrain_transform(data.image_size, scale=data.crop_scale, spacing_mm=data.spacing_mm)
         # Rank 0 decodes every file once into the cache; the other ranks then index from cache hits.
         with distributed.main_first(self.context):
             dataset = UnlabeledRadiographs(

@@ -88,22 +88,39 @@ def mim_pretrain_transform(
     size: int = 224,
     scale: tuple[float, float] = (0.2, 1.0),
     seed: int | None = None,
+    *,
+    spacing_mm: float | None = None,
 ) -> A.Compose:
-    """MAE-style augmentation for masked image modeling: random resized crop to ``size`` x ``size`` with area
-    fraction in ``scale``, horizontal flip, and mild brightness/contrast/gamma jitter (detector and exposure
-    variation between practices, kept mild so reconstruction targets stay realistic).
+    """MAE-style augmentation for masked image modeling, to ``size`` x ``size`` crops, float32 in [0, 1].
 
-    Output: float32 (size, size) in [0, 1].
+    Without ``spacing_mm``: a random resized crop with area fraction in ``scale`` (the image's own scale is
+    lost). With ``spacing_mm`` (the detector's working spacing): the image is resampled to that spacing as the
+    detector does (:class:`~caries_mim.data.scale.ScaleRule`; pass ``spacing_mm=(row, column)`` with the image),
+    then a random crop of ``size`` is taken, jittered in scale by +-15% (sensors and magnification differ that
+    much), so the encoder learns the anatomy at the size the detector will show it. Then horizontal flip and mild
+    brightness/contrast/gamma jitter (detector and exposure variation between practices, kept mild so
+    reconstruction targets stay realistic).
     """
-    return A.Compose(
-        [
+    if spacing_mm is None:
+        geometry: list[A.BasicTransform] = [
             A.RandomResizedCrop(
                 size=(size, size),
                 scale=scale,
                 ratio=(3 / 4, 4 / 3),
                 interpolation=cv2.INTER_LINEAR,
                 area_for_downscale="image",
-            ),
+            )
+        ]
+    else:
+        geometry = [
+            ModelScale(ScaleRule(size, 1.0, spacing_mm=spacing_mm)),
+            A.RandomScale(scale_limit=0.15, interpolation=cv2.INTER_LINEAR, p=1.0),
+            A.PadIfNeeded(min_height=size, min_width=size, position="top_left", border_mode=cv2.BORDER_CONSTANT),
+            A.RandomCrop(size, size),
+        ]
+    return A.Compose(
+        [
+            *geometry,
             A.HorizontalFlip(p=0.5),
             A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
             A.RandomGamma(gamma_limit=(85, 115), p=0.5),
@@ -129,6 +146,38 @@ class ModelScale(A.LongestMaxSize):
         return {"scale": self.rule.factor(height, width, data.get(SPACING_FIELD))}
 
 
+class StructureCrop(A.RandomCrop):
+    """A ``height`` x ``width`` crop centred on a point drawn in proportion to the squared local edge strength.
+
+    Uniform crops of a radiograph are mostly bone, soft tissue and air; the regions that fool a caries detector are
+    where the tooth contours are: proximal surfaces and contacts, embrasures, the cemento-enamel junction,
+    restoration margins. Those are the strongest edges of the image, so drawing negative crops there gives the
+    look-alikes of caries their share of training without any annotation of them. Edge strength is the Sobel
+    gradient magnitude of the image shrunk 8x (cheap, and insensitive to pixel noise).
+    """
+
+    _SHRINK = 8
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        if self.height > height or self.width > width:
+            return super().get_params_dependent_on_data(params, data)
+        image = np.asarray(data["image"], dtype=np.float32)
+        image = image[..., 0] if image.ndim == 3 else image
+        small = cv2.resize(image, (max(width // self._SHRINK, 1), max(height // self._SHRINK, 1)), cv2.INTER_AREA)
+        strength = np.square(cv2.Sobel(small, cv2.CV_32F, 1, 0)) + np.square(cv2.Sobel(small, cv2.CV_32F, 0, 1))
+        cumulative = np.cumsum(np.square(strength, dtype=np.float64).ravel())
+        if not cumulative.size or cumulative[-1] <= 0:
+            return super().get_params_dependent_on_data(params, data)
+        index = int(np.searchsorted(cumulative, self.py_random.random() * cumulative[-1], side="right"))
+        row, column = divmod(min(index, cumulative.size - 1), small.shape[1])
+        centre_y = (row + 0.5) * height / small.shape[0]
+        centre_x = (column + 0.5) * width / small.shape[1]
+        y0 = int(np.clip(round(centre_y - self.height / 2), 0, height - self.height))
+        x0 = int(np.clip(round(centre_x - self.width / 2), 0, width - self.width))
+        return {"crop_coords": (x0, y0, x0 + self.width, y0 + self.height), "pad_params": None}
+
+
 def detection_train_transform(
     size: int = 512,
     min_visibility: float = 0.3,
@@ -146,10 +195,11 @@ def detection_train_transform(
        ``size`` x ``size`` square (or, for a larger image, to at least one patch); the physical rule (working
        spacing in mm) pads only images smaller than a patch.
     2. Take a ``crop_size`` patch (default ``size``: the whole letterboxed intra-oral image). With probability
-       ``positive_fraction`` the patch contains a whole lesion, else it is drawn uniformly: lesions cover well
-       under 1% of a radiograph, so uniform patches would mostly teach "background" (MONAI's detection recipes
-       sample positive patches the same way, ``RandCropBoxByPosNegLabeld``). Inference then slides a window of
-       the same size (``DetectorConfig.roi_size``).
+       ``positive_fraction`` the patch contains a whole lesion (lesions cover well under 1% of a radiograph, so
+       uniform patches would mostly teach "background"; MONAI's detection recipes sample positive patches the
+       same way, ``RandCropBoxByPosNegLabeld``). The other patches are half centred on strong edges
+       (:class:`StructureCrop`: proximal surfaces, embrasures, restorations, the look-alikes of caries) and half
+       drawn uniformly. Inference then slides a window of the same size (``DetectorConfig.roi_size``).
     3. Horizontal flip (caries look the same mirrored), small affine (scale 0.9-1.1, shift 5%, rotation 5
        degrees: sensor placement varies that much), CLAHE, brightness/contrast/gamma, Gaussian noise (quantum
        noise of low-dose sensors) and slight blur (motion, focal spot).
@@ -174,7 +224,8 @@ def detection_train_transform(
             A.OneOf(
                 [
                     A.AtLeastOneBBoxRandomCrop(crop, crop, erosion_factor=0.0, p=positive_fraction),
-                    A.RandomCrop(crop, crop, p=1.0 - positive_fraction),
+                    StructureCrop(crop, crop, p=0.5 * (1.0 - positive_fraction)),
+                    A.RandomCrop(crop, crop, p=0.5 * (1.0 - positive_fraction)),
                 ],
                 p=1.0,
             ),

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from caries_mim.data.cache import DecodeCache, RadiographLoader
 from caries_mim.data.discovery import find_radiographs
 from caries_mim.data.indexing import IndexedImage, SkippedFiles, index_readable
-from caries_mim.data.transforms import reseed_for_worker
+from caries_mim.data.transforms import SPACING_FIELD, reseed_for_worker
 from caries_mim.errors import InvalidDatasetError
 from caries_mim.io import ReadOptions
 
@@ -82,11 +82,13 @@ class UnlabeledRadiographs(Dataset):
         item alone, so its augmentation does not depend on worker count or iteration history.
         """
         index, seed = key if isinstance(key, tuple) else (key, None)
-        pixels = self.load(self.images[index].path).pixels
+        radiograph = self.load(self.images[index].path)
+        pixels = radiograph.pixels
         if self.transform is not None:
             if seed is not None and hasattr(self.transform, "set_random_seed"):
                 self.transform.set_random_seed(seed)
             else:
                 self._transform_seed = reseed_for_worker(self.transform, self._transform_seed)
-            pixels = self.transform(image=pixels)["image"]
+            # A spacing-aware transform (mim_pretrain_transform at a working spacing) reads it; others ignore it.
+            pixels = self.transform(image=pixels, **{SPACING_FIELD: radiograph.spacing_mm})["image"]
         return image_tensor(pixels)

@@ -283,3 +283,44 @@ def test_scale_rule_fallbacks_and_limits():
     assert rule.resized(700, 1000, (0.025, 0.025)) == (350, 500)
     with pytest.raises(InvalidArgumentError, match="empty"):
         rule.factor(0, 10)
+
+
+def test_structure_crops_are_drawn_where_the_edges_are():
+    """A flat image with one bright block: crops centre on the block's border, uniform crops do not."""
+    from caries_mim.data.transforms import StructureCrop
+
+    image = np.zeros((512, 512), dtype=np.float32)
+    image[300:400, 320:420] = 1.0
+    crop = StructureCrop(64, 64, p=1.0)
+    crop.set_random_seed(3)
+    centres = []
+    for _ in range(50):
+        x0, y0, x1, y1 = crop.get_params_dependent_on_data({"shape": image.shape}, {"image": image})["crop_coords"]
+        assert (x1 - x0, y1 - y0) == (64, 64)
+        centres.append(((x0 + x1) / 2, (y0 + y1) / 2))
+    centres = np.asarray(centres)
+    near = (np.abs(centres[:, 0] - 370) <= 70) & (np.abs(centres[:, 1] - 350) <= 70)
+    assert near.all()
+    # A flat image has no edges: the crop falls back to a uniform one, still inside the image.
+    flat = crop.get_params_dependent_on_data({"shape": (100, 90)}, {"image": np.ones((100, 90), np.float32)})
+    x0, y0, x1, y1 = flat["crop_coords"]
+    assert 0 <= x0 <= x1 <= 90
+    assert 0 <= y0 <= y1 <= 100
+
+
+def test_mim_crops_at_a_working_spacing_show_anatomy_at_the_detector_s_scale():
+    """A 3 mm bright square on a 0.03 mm image spans 50 px (+-15% jitter) in 128 px crops at 0.06 mm."""
+    from caries_mim.data.transforms import mim_pretrain_transform
+
+    image = np.zeros((400, 400), dtype=np.float32)
+    image[150:250, 150:250] = 1.0
+    transform = mim_pretrain_transform(128, seed=2, spacing_mm=0.06)
+    widths = []
+    for _ in range(20):
+        crop = transform(image=image, spacing_mm=(0.03, 0.03))["image"]
+        assert crop.shape == (128, 128)
+        columns = np.nonzero((crop > 0.5).any(axis=0))[0]
+        if len(columns) and 0 < columns[0] and columns[-1] < 127:  # the whole square is in the crop
+            widths.append(columns[-1] - columns[0] + 1)
+    assert widths
+    assert all(40 <= width <= 60 for width in widths)
