@@ -320,7 +320,7 @@ def test_mim_crops_at_a_working_spacing_show_anatomy_at_the_detector_s_scale():
         crop = transform(image=image, spacing_mm=(0.03, 0.03))["image"]
         assert crop.shape == (128, 128)
         columns = np.nonzero((crop > 0.5).any(axis=0))[0]
-        if len(columns) and 0 < columns[0] and columns[-1] < 127:  # the whole square is in the crop
+        if len(columns) and columns[0] > 0 and columns[-1] < 127:  # the whole square is in the crop
             widths.append(columns[-1] - columns[0] + 1)
     assert widths
     assert all(40 <= width <= 60 for width in widths)
