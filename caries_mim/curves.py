@@ -248,3 +248,33 @@ def plot_label_efficiency(
 
 
 __all__ = ["plot_froc", "plot_label_efficiency", "plot_precision_recall"]
+
+
+def plot_learning_curves(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    path: str | os.PathLike,
+    *,
+    metric: str = "validation AP50",
+) -> Path:
+    """One line per run of ``metric`` against optimizer steps (how a recipe is chosen: which learns, how fast).
+
+    Args:
+        curves: run label -> (steps, values), same length each; values in [0, 1].
+        path: the PNG to write.
+    Raises:
+        InvalidArgumentError: a curve whose steps and values differ in length.
+    """
+    figure, axes = _new_figure()
+    for label, (steps, values) in curves.items():
+        if len(steps) != len(values):
+            raise InvalidArgumentError(f"curve {label!r}: {len(steps)} steps but {len(values)} values")
+        axes.plot(list(steps), list(values), marker="o", markersize=2.5, linewidth=1.2, label=label)
+    if not curves:
+        _note(axes, "no runs")
+    axes.set_xlabel("optimizer steps")
+    axes.set_ylabel(metric)
+    axes.set_ylim(0.0, 1.0)
+    axes.grid(True, alpha=0.3)
+    if curves:
+        axes.legend(fontsize=6, loc="upper left")
+    return _save(figure, path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -114,3 +115,32 @@ def test_a_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
         plot_froc(froc(_random_fixture(2)), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["froc.png"]
+
+
+def test_learning_curves_are_one_png_and_refuse_ragged_curves(tmp_path):
+    from caries_mim.curves import plot_learning_curves
+
+    path = plot_learning_curves({"a": ([100, 200], [0.1, 0.3]), "b": ([100], [0.2])}, tmp_path / "curves.png")
+    assert path.read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(InvalidArgumentError, match="2 steps but 1 values"):
+        plot_learning_curves({"a": ([1, 2], [0.1])}, tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_recipe_curves_reads_run_folders_and_prints_the_table(tmp_path, capsys):
+    from pipelines.recipe_curves import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [
+        {"split": "train", "step": 10, "loss_total": 1.0},
+        {"split": "val", "step": 200, "ap50": 0.5, "froc": 0.6},
+        {"split": "val", "step": 100, "ap50": 0.25, "froc": 0.4},
+    ]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    assert main([f"phys={run}", "--out", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    assert "| phys | 200 | 0.500 | 0.500 (200) | 0.600 |" in out
+    assert (tmp_path / "c.png").is_file()
+    assert main([str(run), "--out", str(tmp_path / "d.png")]) == 2
+    assert main([f"x={tmp_path / 'missing'}", "--out", str(tmp_path / "d.png")]) == 2

@@ -1,0 +1,55 @@
+"""``python -m pipelines.recipe_curves LABEL=RUN ... --out PNG``: validation AP50 against steps for several
+fine-tuning runs in one plot, and their last and best values as a markdown table (what docs/detection_recipe.md
+shows). RUN is a ``caries-mim finetune`` run folder; its metrics.jsonl is read, nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from caries_mim.curves import plot_learning_curves
+
+
+def read_validations(run: Path) -> list[dict]:
+    """The ``split: val`` rows of a run's metrics.jsonl, in step order."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return sorted((row for row in rows if row.get("split") == "val"), key=lambda row: row["step"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", metavar="LABEL=RUN")
+    parser.add_argument("--out", type=Path, required=True, help="PNG to write")
+    args = parser.parse_args(argv)
+    curves, table = (
+        {},
+        ["| run | steps | last val AP50 | best val AP50 (step) | FROC score at best |", "|---|---|---|---|---|"],
+    )
+    for item in args.runs:
+        label, separator, folder = item.partition("=")
+        if not separator:
+            print(f"recipe_curves: {item!r} is not LABEL=RUN", file=sys.stderr)
+            return 2
+        run = Path(folder)
+        if not (run / "metrics.jsonl").is_file():
+            print(f"recipe_curves: {run} has no metrics.jsonl", file=sys.stderr)
+            return 2
+        rows = read_validations(run)
+        if not rows:
+            continue
+        curves[label] = ([row["step"] for row in rows], [row["ap50"] for row in rows])
+        best = max(rows, key=lambda row: row["ap50"])
+        table.append(
+            f"| {label} | {rows[-1]['step']} | {rows[-1]['ap50']:.3f} | {best['ap50']:.3f} ({best['step']}) "
+            f"| {best['froc']:.3f} |"
+        )
+    plot_learning_curves(curves, args.out)
+    print("\n".join(table))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
