@@ -89,12 +89,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     from caries_mim.synth import generate_dataset
+    from pipelines.config import synth_config
 
     summary = generate_dataset(
         args.out,
         n_unlabeled=args.unlabeled,
         n_labeled=args.labeled,
         seed=args.seed,
+        config=synth_config(args.overrides),
         progress=not args.quiet,
         workers=args.workers,
     )
@@ -287,6 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default: %(default)s)")
     synth.add_argument(
         "--workers", type=_positive_int, default=1, help="processes rendering in parallel; output is identical"
+    )
+    synth.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a generator setting (SynthConfig field), e.g. --set exposure_photons=[300,1500]; repeatable",
     )
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(handler=_cmd_synth)

@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 import yaml
 
 from caries_mim.atomic_files import atomic_path
-from caries_mim.errors import InvalidConfigError
+from caries_mim.errors import InvalidArgumentError, InvalidConfigError
+from caries_mim.synth.config import SynthConfig
 from caries_mim.typed_values import dataclass_kwargs
 
 Schema = TypeVar("Schema")
@@ -169,3 +170,16 @@ def load_layered(
         values = merge(values, override_values)
         origin = f"{origin} + --set"
     return build(schema, values, origin), origin
+
+
+def synth_config(assignments: list[str] | None) -> SynthConfig:
+    """A :class:`~caries_mim.synth.SynthConfig` from ``--set field=value`` assignments (YAML values, so ranges are
+    ``[low, high]``); an unknown field or a bad value is an :class:`InvalidConfigError` naming it."""
+    values = parse_overrides(assignments)
+    nested = [key for key, value in values.items() if isinstance(value, dict)]
+    if nested:
+        raise InvalidConfigError(f"--set {nested[0]}...: generator settings are plain fields, e.g. exposure_photons")
+    try:
+        return SynthConfig.from_dict(values)
+    except (InvalidArgumentError, TypeError, ValueError) as exc:
+        raise InvalidConfigError(f"--set: {getattr(exc, 'message', exc)}") from None

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from caries_mim.errors import InvalidArgumentError
+from caries_mim.typed_values import checked_kwargs
 
 #: Transfer syntaxes the writer knows, by the short names used in configs and manifests.
 TRANSFER_SYNTAXES = ("explicit_vr_little_endian", "rle_lossless", "jpeg2000_lossless")
@@ -120,8 +121,8 @@ class SynthConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SynthConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error so that a typo is never silently ignored."""
-        unknown = set(values) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise InvalidArgumentError(f"unknown SynthConfig keys: {', '.join(sorted(unknown))}")
-        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
+        """Inverse of :meth:`to_dict`; unknown keys and wrongly typed values are errors that name them, so a typo
+        is never silently ignored."""
+        if not isinstance(values, dict):
+            raise InvalidArgumentError(f"a SynthConfig must be a mapping, got {values!r}")
+        return cls(**checked_kwargs(cls, values, "SynthConfig"))

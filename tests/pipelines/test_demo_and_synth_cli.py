@@ -41,6 +41,33 @@ def test_synth_with_nothing_to_do_is_a_user_error(tmp_path, capsys):
     assert "nothing to generate" in capsys.readouterr().err
 
 
+def test_synth_settings_change_the_generator_and_land_in_the_manifest(tmp_path, capsys):
+    out = tmp_path / "noisy"
+    args = ["synth", str(out), "--labeled", "1", "--quiet", "--set", "exposure_photons=[300, 600]"]
+    assert main([*args, "--set", "spacing_mm_range=[0.05, 0.06]", "--set", "width_px_range=[400, 420]"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["exposure_photons"] == [300, 600]
+    ds = pydicom.dcmread(next(out.rglob("*.dcm")), stop_before_pixels=True)
+    assert 0.05 <= float(ds.ImagerPixelSpacing[0]) <= 0.06
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("bogus=1", "unknown SynthConfig key(s): bogus"),
+        ("exposure_photons=fast", "exposure_photons: expected a list"),
+        ("exposure_photons=[9, 1]", "low <= high"),
+        ("a.b=1", "plain fields"),
+    ],
+)
+def test_bad_synth_settings_are_one_line_errors(tmp_path, capsys, setting, message):
+    assert main(["synth", str(tmp_path / "out"), "--labeled", "1", "--quiet", "--set", setting]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
