@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.caries-mim-installed
 
-.PHONY: setup demo study test lint format clean
+.PHONY: setup demo study reference test lint format clean
 
 # docker/constraints.txt pins the runtime dependencies to the versions the images install, so CI tests those.
 $(STAMP): pyproject.toml docker/constraints.txt
@@ -33,6 +33,11 @@ study: setup
 		--train $(DEMO)/synthetic/labeled/train.json --val $(DEMO)/synthetic/labeled/val.json \
 		--test $(DEMO)/synthetic/labeled/test.json --encoder $(DEMO)/pretrain/encoder.pt \
 		--set data.cache_dir=$(DEMO)/decode_cache --out runs/study
+
+# Rebuild the shipped foundation encoder and reference detector from scratch into models/ (resumable: run it again
+# after an interruption). Hours on a GPU host, days on 2 CPU cores: see docs/detection_recipe.md.
+reference: setup
+	$(BIN)/caries-mim reference --out models --work runs/reference
 
 lint: setup
 	$(BIN)/ruff check .

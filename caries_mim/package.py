@@ -31,7 +31,7 @@ import torch
 
 from caries_mim.atomic_files import atomic_path
 from caries_mim.detection.config import DetectorConfig
-from caries_mim.errors import CariesMimError, InvalidArgumentError, InvalidCheckpointError
+from caries_mim.errors import CariesMimError, InvalidArgumentError, InvalidCheckpointError, InvalidConfigError
 from caries_mim.models.encoder_file import other_kind, read_weights_file
 
 if TYPE_CHECKING:
@@ -48,6 +48,10 @@ PACKAGE_DESCRIPTION = (
 CHECKSUM_ALGORITHM = "sha256"
 #: The file name the pipelines give a package.
 PACKAGE_FILE_NAME = "model.cmpkg"
+#: The shipped models (``caries-mim reference`` builds them): ``models/`` at the repository root, which the Docker
+#: images copy to the same place beside the package.
+SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "models"
+REFERENCE_DETECTOR = SHIPPED_MODELS / "reference_detector.cmpkg"
 #: Names the resize-pad rules of :func:`caries_mim.detection.preprocessing.prepare_image`; each changes with its rule.
 PREPROCESSING_METHOD = "letterbox-long-side-v1"
 PHYSICAL_PREPROCESSING_METHOD = "physical-spacing-v1"
@@ -196,6 +200,20 @@ def preprocessing_description(config: DetectorConfig) -> dict[str, Any]:
         "resize": "aspect kept; long side L -> image_size if L <= image_size * max_downscale, else L / max_downscale",
         "padding": "zeros at bottom and right, to image_size x image_size when the resized image fits",
     }
+
+
+def shipped_reference_detector() -> Path:
+    """The shipped reference detector, what ``serve`` and ``predict`` use when no model is given.
+
+    Raises:
+        InvalidConfigError: it is not there (an installation without ``models/``, or before it was built).
+    """
+    if not REFERENCE_DETECTOR.is_file():
+        raise InvalidConfigError(
+            f"no model given and no shipped reference detector at {REFERENCE_DETECTOR}: pass --model PKG (or set "
+            "CARIES_MIM_MODEL), or build it with `make reference`"
+        )
+    return REFERENCE_DETECTOR
 
 
 def package_checksum(payload: dict[str, Any]) -> str:

@@ -188,10 +188,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from caries_mim.package import shipped_reference_detector
     from pipelines.predict import run_predict
 
     predicted, seen = run_predict(
-        args.model,
+        args.model if args.model is not None else shipped_reference_detector(),
         args.files,
         overlay_dir=args.overlay,
         options=_read_options(args),
@@ -216,6 +217,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         pretrain_steps=args.pretrain_steps,
         finetune_steps=args.finetune_steps,
     )
+    return EXIT_OK
+
+
+def _cmd_reference(args: argparse.Namespace) -> int:
+    from pipelines.reference import load_reference_config, run_reference
+
+    config = load_reference_config(args.config, args.set)
+    provenance = run_reference(args.out, args.work, config, command=["caries-mim", *args.argv], progress=not args.quiet)
+    print(json.dumps({"out": str(args.out), "test_metrics": provenance["test_metrics"], "files": provenance["files"]}))
     return EXIT_OK
 
 
@@ -371,7 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="One JSON line per file on stdout: its findings at the package's operating point, or why it "
         "cannot be read. Exit status 0 when every file was predicted, 2 otherwise.",
     )
-    predict.add_argument("--model", type=Path, required=True, metavar="PKG", help="model package (model.cmpkg)")
+    predict.add_argument(
+        "--model", type=Path, metavar="PKG", help="model package (default: the shipped reference detector)"
+    )
     predict.add_argument("files", nargs="+", metavar="FILE", help="files, or folders to search for radiographs")
     predict.add_argument("--overlay", type=Path, metavar="DIR", help="also write DIR/<file stem>.png with findings")
     predict.add_argument(
@@ -444,6 +456,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=_cmd_demo)
 
+    reference = commands.add_parser(
+        "reference",
+        help="rebuild the shipped foundation encoder and reference detector from scratch (resumable)",
+        description="Synthetic data, MIM pretraining, fine-tuning, evaluation on a fresh seed and on a second "
+        "generator, then OUT/foundation_encoder.pt, OUT/reference_detector.cmpkg (fp16) and OUT/provenance.json. "
+        "Stages already done in WORK are kept; an interrupted build continues where it stopped.",
+    )
+    reference.add_argument("--out", type=Path, default=Path("models"), help="where the models go (default: models)")
+    reference.add_argument(
+        "--work", type=Path, default=Path("runs/reference"), help="data and runs (default: runs/reference)"
+    )
+    reference.add_argument("--config", metavar="FILE|NAME", help="YAML config, or a shipped one: default, smoke")
+    reference.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config value")
+    reference.add_argument("--quiet", action="store_true", help="no progress bars")
+    reference.set_defaults(handler=_cmd_reference)
+
     serve = commands.add_parser(
         "serve",
         help="serve a model package over HTTP (FastAPI: DICOM in; JSON, DICOM SR or PNG out)",
@@ -451,7 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
         "variable (CARIES_MIM_MODEL, CARIES_MIM_API_KEYS=key1,key2, CARIES_MIM_MAX_BATCH_SIZE, ...; see the "
         "README); flags win. Listening beyond loopback needs API keys or --insecure.",
     )
-    serve.add_argument("--model", type=Path, metavar="PKG", help="model package (model.cmpkg)")
+    serve.add_argument(
+        "--model", type=Path, metavar="PKG", help="model package (default: the shipped reference detector)"
+    )
     serve.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=_non_negative_int, help="port (default: 8000)")
     serve.add_argument("--workers", type=_positive_int, help="worker processes, each with its own model (default: 1)")

@@ -19,7 +19,7 @@ from fastapi import FastAPI
 
 from caries_mim.errors import InvalidConfigError
 from caries_mim.inference import inference_device
-from caries_mim.package import read_package
+from caries_mim.package import read_package, shipped_reference_detector
 from service.app import create_app
 from service.metrics import MULTIPROCESS_DIR_VARIABLE
 from service.settings import ServiceSettings
@@ -49,14 +49,14 @@ def serve(settings: ServiceSettings) -> None:
     """Check the settings, then run uvicorn until SIGTERM / Ctrl-C.
 
     Raises:
-        InvalidConfigError: no model, a model file that does not exist, or a non-loopback host without API keys
-            and without ``insecure``.
+        InvalidConfigError: no model given and none shipped, a model file that does not exist, or a non-loopback
+            host without API keys and without ``insecure``.
         InvalidCheckpointError: the file is not a valid model package.
         InvalidArgumentError: an unknown device, or CUDA where none is available.
     """
 
     if settings.model is None:
-        raise InvalidConfigError("no model package: pass --model PKG or set CARIES_MIM_MODEL")
+        settings = settings.model_copy(update={"model": shipped_reference_detector()})
     if not settings.model.is_file():
         raise InvalidConfigError(f"model package {settings.model} does not exist")
     settings.check_bind_security()

@@ -18,7 +18,9 @@ def test_every_shipped_pretrain_config_is_valid(name):
 
 def test_every_shipped_file_is_reachable_by_name():
     names = sorted(path.stem for path in SHIPPED_CONFIGS.glob("pretrain_*.yaml"))
-    assert names == ["pretrain_tiny", "pretrain_vit_base", "pretrain_vit_small"]
+    assert names == ["pretrain_reference", "pretrain_tiny", "pretrain_vit_base", "pretrain_vit_small"]
+    for name in ("reference", "tiny", "vit_base", "vit_small"):
+        load_pretrain_config(name, None)
 
 
 def test_defaults_are_the_mae_vit_small_recipe():
@@ -76,7 +78,9 @@ def test_bad_values_name_the_key(overrides, message):
 
 
 def test_a_missing_config_lists_the_shipped_ones():
-    with pytest.raises(InvalidConfigError, match=r"neither a file nor a shipped config \(tiny, vit_base, vit_small\)"):
+    with pytest.raises(
+        InvalidConfigError, match=r"neither a file nor a shipped config \(reference, tiny, vit_base, vit_small\)"
+    ):
         load_pretrain_config("huge", None)
 
 

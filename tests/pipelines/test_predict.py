@@ -184,3 +184,16 @@ def test_no_patient_identifier_in_output_or_overlay_names(everything_counts, ima
 def _write(path: Path, content: bytes) -> Path:
     path.write_bytes(content)
     return path
+
+
+def test_without_a_model_the_shipped_reference_detector_predicts(
+    everything_counts, images, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr("caries_mim.package.REFERENCE_DETECTOR", everything_counts)
+    assert main(["predict", "--device", "cpu", str(images)]) == 0
+    assert len(_lines(capsys.readouterr().out)) == 3
+    monkeypatch.setattr("caries_mim.package.REFERENCE_DETECTOR", tmp_path / "models" / "reference_detector.cmpkg")
+    assert main(["predict", "--device", "cpu", str(images)]) == 2
+    err = capsys.readouterr().err
+    assert "no shipped reference detector" in err
+    assert "make reference" in err

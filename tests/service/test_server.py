@@ -90,9 +90,11 @@ def test_serve_refuses_a_public_address_without_keys(package_path, capsys, monke
 
 
 def test_serve_needs_an_existing_model(tmp_path, capsys, monkeypatch):
+    """Without --model it serves the shipped reference detector; where there is none, a one-line error says so."""
     monkeypatch.delenv("CARIES_MIM_MODEL", raising=False)
+    monkeypatch.setattr("caries_mim.package.REFERENCE_DETECTOR", tmp_path / "models" / "reference_detector.cmpkg")
     assert main(["serve"]) == 2
-    assert "no model package" in capsys.readouterr().err
+    assert "no shipped reference detector" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path / "missing.cmpkg")]) == 2
     assert "does not exist" in capsys.readouterr().err
 

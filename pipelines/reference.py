@@ -1,0 +1,352 @@
+"""``caries-mim reference``: rebuild the shipped foundation encoder and reference detector from scratch.
+
+One command, every step from the project's own pipelines, resumable stage by stage (``--work`` keeps what is done;
+an interrupted run continues where it stopped):
+
+1. synthetic data: a large unlabeled corpus (pretraining), a labeled set (fine-tuning: train and val splits), a
+   labeled test set from a seed used for nothing else, and a second labeled test set from a differently configured
+   generator (``shifted_generator``: another sensor's spacing, noise, blur and contrast), all with
+   ``caries-mim synth``;
+2. MIM pretraining of the foundation encoder on the unlabeled corpus (``pretrain`` config);
+3. fine-tuning of the reference detector from it (``finetune`` config);
+4. evaluation of the detector on both test sets (``caries-mim evaluate``);
+5. export into ``--out`` (``models/`` by default): ``foundation_encoder.pt`` and ``reference_detector.cmpkg`` with
+   fp16 weights (half the size; both load into fp32 models), ``foundation_reconstructions.png``, and
+   ``provenance.json``: the command, the resolved configs, the data seeds, the code commit, steps, final loss,
+   wall time per stage, the machine, the test metrics and each file's SHA-256.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from caries_mim import __version__
+from caries_mim.atomic_files import atomic_write_bytes
+from caries_mim.errors import InvalidArgumentError
+from caries_mim.models import load_encoder, save_encoder
+from caries_mim.package import read_package, save_package
+from caries_mim.synth import SynthConfig, generate_dataset
+from pipelines import config as configs
+from pipelines.config import path_override
+from pipelines.evaluate import run_evaluate
+from pipelines.finetune import load_finetune_config, run_finetune
+from pipelines.pretrain import load_pretrain_config, run_pretrain
+
+#: A second generator for the generalization test: a coarser, noisier, blurrier sensor with another contrast, and
+#: no image at the first generator's most common settings.
+SHIFTED_GENERATOR: dict[str, Any] = {
+    "spacing_mm_range": [0.04, 0.06],
+    "width_px_range": [700.0, 950.0],
+    "exposure_photons": [800.0, 3000.0],
+    "electronic_noise": [6.0, 12.0],
+    "psf_sigma_px": [0.9, 1.6],
+    "edge_enhancement_probability": 0.8,
+    "rotation_deg_range": [-8.0, 8.0],
+}
+
+FOUNDATION_FILE = "foundation_encoder.pt"
+DETECTOR_FILE = "reference_detector.cmpkg"
+RECONSTRUCTIONS_FILE = "foundation_reconstructions.png"
+PROVENANCE_FILE = "provenance.json"
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    """What the reference build draws and trains (``pipelines/configs/reference_*.yaml``)."""
+
+    #: Unlabeled images for pretraining, labeled images for fine-tuning (70/15/15 train/val/test by the
+    #: generator; the test split is not used: the fresh test set is), images of each test set.
+    unlabeled_images: int = 10000
+    labeled_images: int = 1000
+    test_images: int = 200
+    #: Seeds: unlabeled corpus = seed, labeled set = seed + 1, fresh test set = seed + 2, shifted test = seed + 3.
+    seed: int = 2026
+    #: SynthConfig fields of the second generator (the generalization test).
+    shifted_generator: dict[str, Any] = field(default_factory=lambda: dict(SHIFTED_GENERATOR))
+    #: Shipped config names or files for the two trainings, and overrides for each (``--set`` syntax).
+    pretrain_config: str = "reference"
+    pretrain_set: list[str] = field(default_factory=list)
+    finetune_config: str = "reference"
+    finetune_set: list[str] = field(default_factory=list)
+    #: Processes rendering synthetic images.
+    synth_workers: int = 2
+    #: Bootstrap resamples of the evaluations.
+    bootstrap: int = 1000
+
+    def __post_init__(self) -> None:
+        for name in ("unlabeled_images", "labeled_images", "test_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.synth_workers < 1 or self.bootstrap < 0 or self.seed < 0:
+            raise ValueError("synth_workers must be >= 1, bootstrap and seed >= 0")
+
+
+def load_reference_config(config: str | None, overrides: list[str] | None) -> ReferenceConfig:
+    built, origin = configs.load_layered(ReferenceConfig, "reference", config, overrides)
+    try:
+        SynthConfig.from_dict(built.shifted_generator)
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError(f"shifted_generator: {exc.message} ({origin})") from None
+    return built
+
+
+def _synth(folder: Path, *, unlabeled: int, labeled: int, seed: int, config: SynthConfig, workers: int) -> Path:
+    """A synthetic set, unless a complete one with these settings is already there."""
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        written = json.loads(manifest.read_text())
+        counts = written.get("counts", {})
+        if (
+            written.get("complete")
+            and written.get("seed") == seed
+            and written.get("config") == config.to_dict()
+            and (counts.get("unlabeled"), counts.get("labeled")) == (unlabeled, labeled)
+        ):
+            return folder
+    generate_dataset(folder, n_unlabeled=unlabeled, n_labeled=labeled, seed=seed, config=config, workers=workers)
+    return folder
+
+
+def _merged_test(folder: Path) -> list[Path]:
+    """All three COCO splits of a test set (every image of it is a test image)."""
+    return [folder / "labeled" / f"{split}.json" for split in ("train", "val", "test")]
+
+
+def _done(run: Path) -> bool:
+    return (run / "summary.json").is_file()
+
+
+def _resumable(run: Path) -> bool:
+    return (run / "checkpoint.pt").is_file() and not _done(run)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def code_commit() -> str | None:
+    """The git commit of the code that runs (None outside a git checkout), with ``+dirty`` for local changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}+dirty" if dirty else commit
+
+
+def machine() -> dict[str, Any]:
+    """Where the build ran: CPU, cores, accelerator, library versions."""
+    description = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        description["gpu"] = torch.cuda.get_device_name(0)
+    return description
+
+
+def export_encoder(source: Path, target: Path) -> None:
+    """The encoder with fp16 weights (same config and metadata): half the bytes, loads into an fp32 encoder."""
+    loaded = load_encoder(source)
+    save_encoder(loaded.encoder.half(), target, metadata=loaded.metadata)
+
+
+def export_package(source: Path, target: Path, provenance: dict[str, Any]) -> None:
+    """The package with fp16 floating-point weights and the build's provenance; checksum recomputed on save."""
+    package = read_package(source)
+    state = {
+        name: tensor.half() if tensor.is_floating_point() else tensor for name, tensor in package.state_dict.items()
+    }
+    save_package(
+        dataclasses.replace(package, state_dict=state, provenance={**package.provenance, "reference": provenance}),
+        target,
+    )
+
+
+def _metric_summary(evaluation: dict[str, Any]) -> dict[str, Any]:
+    metrics = json.loads(Path(evaluation["metrics"]).read_text())
+    froc = metrics["froc"]
+    at_one = None
+    if froc["sensitivities"] is not None:
+        at_one = dict(zip(froc["fp_rates"], froc["sensitivities"], strict=True)).get(1.0)
+    return {
+        "images": evaluation["images"],
+        "lesions": evaluation["lesions"],
+        "ap50": evaluation["ap50"],
+        "ap50_ci": evaluation["ap50_ci"],
+        "froc_score": evaluation["froc_score"],
+        "froc_sensitivity_at_1_fp": at_one,
+        "image_auc": evaluation["auc"],
+        "image_sensitivity": evaluation["sensitivity"],
+        "image_specificity": evaluation["specificity"],
+        "lesion_sensitivity": evaluation["lesion_sensitivity"],
+        "false_positives_per_image": evaluation["false_positives_per_image"],
+        "sensitivity_by_depth": evaluation["sensitivity_by_depth"],
+        "sensitivity_by_conspicuity": evaluation["sensitivity_by_conspicuity"],
+        "threshold": evaluation["threshold"],
+    }
+
+
+def run_reference(
+    out: Path, work: Path, config: ReferenceConfig, *, command: list[str] | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Build (or finish building) the reference models into ``out``; returns the provenance it writes."""
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def timed(name: str, action):
+        since = time.perf_counter()
+        result = action()
+        seconds[name] = round(time.perf_counter() - since, 1)
+        return result
+
+    default, shifted = SynthConfig(), SynthConfig.from_dict(config.shifted_generator)
+    workers = config.synth_workers
+    corpus = timed(
+        "synth_unlabeled",
+        lambda: _synth(
+            work / "unlabeled", unlabeled=config.unlabeled_images, labeled=0, seed=config.seed, config=default,
+            workers=workers,
+        ),
+    )  # fmt: skip
+    labeled = timed(
+        "synth_labeled",
+        lambda: _synth(
+            work / "labeled", unlabeled=0, labeled=config.labeled_images, seed=config.seed + 1, config=default,
+            workers=workers,
+        ),
+    )  # fmt: skip
+    fresh = timed(
+        "synth_test",
+        lambda: _synth(
+            work / "test", unlabeled=0, labeled=config.test_images, seed=config.seed + 2, config=default,
+            workers=workers,
+        ),
+    )  # fmt: skip
+    other = timed(
+        "synth_shifted_test",
+        lambda: _synth(
+            work / "shifted_test", unlabeled=0, labeled=config.test_images, seed=config.seed + 3, config=shifted,
+            workers=workers,
+        ),
+    )  # fmt: skip
+
+    cache = path_override("data.cache_dir", work / "decode_cache")
+    pretrain_run = work / "pretrain"
+    pretrain_config = load_pretrain_config(config.pretrain_config, [*config.pretrain_set, cache])
+    if _done(pretrain_run):
+        pretrain = json.loads((pretrain_run / "summary.json").read_text())
+    else:
+        resume = _resumable(pretrain_run)
+        pretrain = timed(
+            "pretrain",
+            lambda: run_pretrain(
+                [corpus / "unlabeled"], pretrain_run, pretrain_config, resume=resume, progress=progress
+            ),
+        )
+    encoder = Path(pretrain["encoder"])
+
+    finetune_run = work / "finetune"
+    finetune_config = load_finetune_config(
+        config.finetune_config, [*config.finetune_set, cache, path_override("model.encoder", encoder)]
+    )
+    if _done(finetune_run):
+        finetune = json.loads((finetune_run / "summary.json").read_text())
+    else:
+        resume = _resumable(finetune_run)
+        finetune = timed(
+            "finetune",
+            lambda: run_finetune(
+                [labeled / "labeled" / "train.json"],
+                [labeled / "labeled" / "val.json"],
+                finetune_run,
+                finetune_config,
+                resume=resume,
+                progress=progress,
+            ),
+        )
+    package = Path(finetune["package"])
+
+    evaluations = {}
+    for name, test_set in (("fresh_seed", fresh), ("shifted_generator", other)):
+        evaluation = timed(
+            f"evaluate_{name}",
+            lambda test_set=test_set, name=name: run_evaluate(
+                package,
+                _merged_test(test_set),
+                work / f"evaluate_{name}",
+                bootstrap=config.bootstrap,
+                seed=config.seed,
+                progress=progress,
+            ),
+        )
+        evaluations[name] = _metric_summary(evaluation)
+
+    provenance = {
+        "command": command if command is not None else sys.argv,
+        "caries_mim_version": __version__,
+        "code_commit": code_commit(),
+        "machine": machine(),
+        "reference_config": configs.to_dict(config),
+        "pretrain_config": configs.to_dict(pretrain_config),
+        "finetune_config": configs.to_dict(finetune_config),
+        "data": {
+            "unlabeled": {"images": config.unlabeled_images, "seed": config.seed, "generator": default.to_dict()},
+            "labeled": {"images": config.labeled_images, "seed": config.seed + 1, "generator": default.to_dict()},
+            "fresh_test": {"images": config.test_images, "seed": config.seed + 2, "generator": default.to_dict()},
+            "shifted_test": {"images": config.test_images, "seed": config.seed + 3, "generator": shifted.to_dict()},
+        },
+        "pretrain": {key: pretrain.get(key) for key in ("steps", "last_loss", "seconds", "device", "precision")},
+        "finetune": {
+            key: finetune.get(key) for key in ("steps", "best_val_ap50", "best_step", "seconds", "device", "precision")
+        },
+        "test_metrics": evaluations,
+        "stage_seconds": seconds,
+    }
+    # Through JSON: metric values may be numpy scalars, which a package (loaded with weights_only) must not hold.
+    provenance = json.loads(json.dumps(provenance))
+    export_encoder(encoder, out / FOUNDATION_FILE)
+    export_package(package, out / DETECTOR_FILE, provenance)
+    reconstructions = sorted((pretrain_run / "reconstructions").glob("step_*.png"))
+    if reconstructions:
+        shutil.copyfile(reconstructions[-1], out / RECONSTRUCTIONS_FILE)
+    provenance["wall_seconds"] = round(time.perf_counter() - started, 1)
+    provenance["files"] = {
+        name: {"sha256": _sha256(out / name), "bytes": (out / name).stat().st_size}
+        for name in (FOUNDATION_FILE, DETECTOR_FILE, RECONSTRUCTIONS_FILE)
+        if (out / name).is_file()
+    }
+    atomic_write_bytes(out / PROVENANCE_FILE, (json.dumps(provenance, indent=2) + "\n").encode())
+    return provenance

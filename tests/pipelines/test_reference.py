@@ -1,0 +1,79 @@
+"""`caries-mim reference`: the whole rebuild of the shipped models at smoke size, its outputs and provenance."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from caries_mim.inference import Predictor
+from caries_mim.models import load_encoder
+from caries_mim.package import load_package, read_package
+from pipelines.cli import main
+from pipelines.reference import DETECTOR_FILE, FOUNDATION_FILE, PROVENANCE_FILE, load_reference_config
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reference")
+    out, work = root / "models", root / "work"
+    code = main(["reference", "--config", "smoke", "--out", str(out), "--work", str(work), "--quiet"])
+    assert code == 0
+    return out, work
+
+
+def test_the_build_writes_fp16_models_that_load_and_a_complete_provenance(built, capsys):
+    out, _ = built
+    encoder_payload = torch.load(out / FOUNDATION_FILE, weights_only=True)
+    assert {tensor.dtype for tensor in encoder_payload["state_dict"].values()} == {torch.float16}
+    assert load_encoder(out / FOUNDATION_FILE).encoder.patch_embed.proj.weight.dtype == torch.float32
+    package = read_package(out / DETECTOR_FILE)
+    floats = {tensor.dtype for tensor in package.state_dict.values() if tensor.is_floating_point()}
+    assert floats == {torch.float16}
+    assert isinstance(load_package(out / DETECTOR_FILE, device="cpu"), Predictor)
+    provenance = json.loads((out / PROVENANCE_FILE).read_text())
+    assert package.provenance["reference"]["data"] == provenance["data"]
+    for key in ("command", "code_commit", "machine", "pretrain_config", "finetune_config", "stage_seconds"):
+        assert key in provenance
+    assert provenance["command"][:2] == ["caries-mim", "reference"]
+    assert provenance["pretrain"]["steps"] == 3
+    assert provenance["finetune"]["steps"] == 2
+    seeds = {name: data["seed"] for name, data in provenance["data"].items()}
+    assert len(set(seeds.values())) == 4  # the test sets come from seeds used for nothing else
+    assert provenance["data"]["shifted_test"]["generator"] != provenance["data"]["fresh_test"]["generator"]
+    for name in ("fresh_seed", "shifted_generator"):
+        metrics = provenance["test_metrics"][name]
+        assert metrics["images"] == 3
+        assert 0.0 <= metrics["ap50"] <= 1.0
+        assert set(metrics["sensitivity_by_depth"]) <= {"enamel", "outer_dentin", "inner_dentin"}
+    for name, file in provenance["files"].items():
+        assert file["bytes"] == (out / name).stat().st_size
+
+
+def test_a_second_run_keeps_every_finished_stage(built, capsys):
+    out, work = built
+    weights = torch.load(out / FOUNDATION_FILE, weights_only=True)["state_dict"]
+    code = main(["reference", "--config", "smoke", "--out", str(out), "--work", str(work), "--quiet"])
+    assert code == 0
+    after = json.loads((out / PROVENANCE_FILE).read_text())
+    assert "pretrain" not in after["stage_seconds"]
+    assert "finetune" not in after["stage_seconds"]
+    again = torch.load(out / FOUNDATION_FILE, weights_only=True)["state_dict"]
+    assert all(torch.equal(weights[name], again[name]) for name in weights)
+
+
+def test_bad_reference_settings_are_one_line_errors(tmp_path, capsys):
+    args = ["reference", "--out", str(tmp_path / "m"), "--work", str(tmp_path / "w"), "--config", "smoke"]
+    assert main([*args, "--set", "shifted_generator={exposure_photons: fast}"]) == 2
+    assert "shifted_generator" in capsys.readouterr().err
+    assert main([*args, "--set", "labeled_images=0"]) == 2
+    assert "labeled_images must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_the_default_build_is_the_documented_one():
+    config = load_reference_config("default", None)
+    assert config.unlabeled_images >= 10000
+    assert config.labeled_images >= 1000
+    assert (config.pretrain_config, config.finetune_config) == ("reference", "reference")
