@@ -125,12 +125,12 @@ def _merged_test(folder: Path) -> list[Path]:
     return [folder / "labeled" / f"{split}.json" for split in ("train", "val", "test")]
 
 
-def _done(run: Path) -> bool:
-    return (run / "summary.json").is_file()
-
-
-def _resumable(run: Path) -> bool:
-    return (run / "checkpoint.pt").is_file() and not _done(run)
+def _train(run: Path, train) -> dict[str, Any] | None:
+    """A finished run's summary as it is; else ``train(resume)``, resuming an interrupted run from its checkpoint.
+    Returns None for a finished run, so its time is not counted again (see ``timed``)."""
+    if (run / "summary.json").is_file():
+        return None
+    return train((run / "checkpoint.pt").is_file())
 
 
 def _sha256(path: Path) -> str:
@@ -227,76 +227,59 @@ def run_reference(
     out.mkdir(parents=True, exist_ok=True)
 
     def timed(name: str, action):
+        """``action()``, timed; a stage that was already done (None) is read from its run's summary, untimed."""
         since = time.perf_counter()
         result = action()
+        if result is None:
+            return json.loads((work / name / "summary.json").read_text())
         seconds[name] = round(time.perf_counter() - since, 1)
         return result
 
     default, shifted = SynthConfig(), SynthConfig.from_dict(config.shifted_generator)
-    workers = config.synth_workers
-    corpus = timed(
-        "synth_unlabeled",
-        lambda: _synth(
-            work / "unlabeled", unlabeled=config.unlabeled_images, labeled=0, seed=config.seed, config=default,
-            workers=workers,
-        ),
-    )  # fmt: skip
-    labeled = timed(
-        "synth_labeled",
-        lambda: _synth(
-            work / "labeled", unlabeled=0, labeled=config.labeled_images, seed=config.seed + 1, config=default,
-            workers=workers,
-        ),
-    )  # fmt: skip
-    fresh = timed(
-        "synth_test",
-        lambda: _synth(
-            work / "test", unlabeled=0, labeled=config.test_images, seed=config.seed + 2, config=default,
-            workers=workers,
-        ),
-    )  # fmt: skip
-    other = timed(
-        "synth_shifted_test",
-        lambda: _synth(
-            work / "shifted_test", unlabeled=0, labeled=config.test_images, seed=config.seed + 3, config=shifted,
-            workers=workers,
-        ),
-    )  # fmt: skip
+    # (stage, folder, unlabeled, labeled, seed, generator): every set from its own seed.
+    sets = (
+        ("synth_unlabeled", "unlabeled", config.unlabeled_images, 0, config.seed, default),
+        ("synth_labeled", "labeled", 0, config.labeled_images, config.seed + 1, default),
+        ("synth_test", "test", 0, config.test_images, config.seed + 2, default),
+        ("synth_shifted_test", "shifted_test", 0, config.test_images, config.seed + 3, shifted),
+    )
+    folders = {}
+    for stage, folder, unlabeled, labeled_count, seed, generator in sets:
+        folders[folder] = timed(
+            stage,
+            lambda folder=folder, unlabeled=unlabeled, count=labeled_count, seed=seed, generator=generator: _synth(
+                work / folder,
+                unlabeled=unlabeled,
+                labeled=count,
+                seed=seed,
+                config=generator,
+                workers=config.synth_workers,
+            ),
+        )
+    corpus, labeled, fresh, other = (folders[name] for name in ("unlabeled", "labeled", "test", "shifted_test"))
 
     cache = path_override("data.cache_dir", work / "decode_cache")
     pretrain_run = work / "pretrain"
     pretrain_config = load_pretrain_config(config.pretrain_config, [*config.pretrain_set, cache])
-    if _done(pretrain_run):
-        pretrain = json.loads((pretrain_run / "summary.json").read_text())
-    else:
-        resume = _resumable(pretrain_run)
-        pretrain = timed(
-            "pretrain",
-            lambda: run_pretrain(
-                [corpus / "unlabeled"], pretrain_run, pretrain_config, resume=resume, progress=progress
-            ),
-        )
+    pretrain = timed(
+        "pretrain",
+        lambda: _train(pretrain_run, lambda resume: run_pretrain(
+            [corpus / "unlabeled"], pretrain_run, pretrain_config, resume=resume, progress=progress
+        )),
+    )  # fmt: skip
     encoder = Path(pretrain["encoder"])
 
     finetune_run = work / "finetune"
     finetune_config = load_finetune_config(
         config.finetune_config, [*config.finetune_set, cache, path_override("model.encoder", encoder)]
     )
-    if _done(finetune_run):
-        finetune = json.loads((finetune_run / "summary.json").read_text())
-    else:
-        resume = _resumable(finetune_run)
-        finetune = timed(
-            "finetune",
-            lambda: run_finetune(
-                [labeled / "labeled" / "train.json"],
-                [labeled / "labeled" / "val.json"],
-                finetune_run,
-                finetune_config,
-                resume=resume,
-                progress=progress,
-            ),
-        )
+    train_file, val_file = (labeled / "labeled" / f"{split}.json" for split in ("train", "val"))
+    finetune = timed(
+        "finetune",
+        lambda: _train(finetune_run, lambda resume: run_finetune(
+            [train_file], [val_file], finetune_run, finetune_config, resume=resume, progress=progress
+        )),
+    )  # fmt: skip
     package = Path(finetune["package"])
 
     evaluations = {}
