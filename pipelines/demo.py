@@ -338,6 +338,13 @@ def _print_summary(summary: dict[str, Any]) -> None:
         f"{_fmt(evaluation['sensitivity'])}, specificity {_fmt(evaluation['specificity'])}, "
         f"AUC {_fmt(evaluation['auc'])}"
     )
+    by_depth = ", ".join(
+        f"{name.replace('_', ' ')} {_fmt(value)}" for name, value in evaluation["sensitivity_by_depth"].items()
+    )
+    print(
+        f"              lesion sensitivity {_fmt(evaluation['lesion_sensitivity'])} ({by_depth or 'no depths'}), "
+        f"{evaluation['false_positives_per_image']:.2f} false positives per image"
+    )
     print(f"              {evaluation['metrics']}, plots {', '.join(evaluation['plots'])}")
     print(f"              overlays {summary['evaluate_overlays']}")
     predict = summary["predict"]

@@ -102,6 +102,10 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert 0.0 <= summary["evaluate"]["ap50"] <= 1.0
     assert summary["evaluate"]["ap50"] == metrics["coco"]["ap50"]
     assert "AP50" in printed
+    assert "false positives per image" in printed
+    assert summary["evaluate"]["sensitivity_by_depth"] == {
+        name: stratum["sensitivity"] for name, stratum in metrics["operating_point"]["by_depth"].items()
+    }
     rows = [json.loads(line) for line in (out / "predict" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == min(4, summary["splits"]["test"]["images"])
     assert all(row["ok"] for row in rows)
