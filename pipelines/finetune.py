@@ -49,6 +49,7 @@ from caries_mim.data import (
     detection_train_transform,
     load_annotations,
 )
+from caries_mim.data.indexing import IndexedImage
 from caries_mim.detection import CariesDetector, DetectorConfig, build_detector, detect
 from caries_mim.detection.anchors import anchor_shapes_for_boxes
 from caries_mim.errors import (
@@ -262,10 +263,13 @@ class DataStatistics:
 
 
 def data_statistics(dataset: DetectionDataset) -> DataStatistics:
-    """Spacings and boxes of a validated dataset's images (nothing is decoded again)."""
+    """Spacings and boxes of a dataset's images (a validated dataset's, without decoding anything again)."""
     spacings, long_sides, boxes = [], [], []
     for record in dataset.records:
-        image = dataset.decoded[record.image_path]
+        image = dataset.decoded.get(record.image_path)
+        if image is None:  # a dataset built without validation: decode (through the cache) to learn its size
+            radiograph = dataset.load(record.image_path)
+            image = IndexedImage(record.image_path, radiograph.height, radiograph.width, radiograph.spacing_mm)
         spacing = image.spacing_mm
         if spacing is not None:
             spacings.append(0.5 * (spacing[0] + spacing[1]))

@@ -570,3 +570,20 @@ def test_a_run_at_a_working_spacing_stores_it_in_the_package(labeled, tmp_path, 
     assert package.config.anchor_shapes != finetune_module.DetectorConfig().anchor_shapes
     assert package.preprocessing["method"] == "physical-spacing-v1"
     assert summary_line(capsys.readouterr().out)["steps"] == 2
+
+
+def test_data_statistics_read_spacing_and_size_with_or_without_validation(labeled):
+    from caries_mim.data import DecodeCache, DetectionDataset, load_annotations
+
+    records = load_annotations(labeled.train).records
+    cache = DecodeCache(labeled.cache)
+    validated = finetune_module.data_statistics(DetectionDataset(records, cache=cache, progress=False))
+    unvalidated = finetune_module.data_statistics(
+        DetectionDataset(records, cache=cache, validate=False, progress=False)
+    )
+    assert validated.spacings_mm == unvalidated.spacings_mm
+    assert validated.long_sides_mm == unvalidated.long_sides_mm
+    assert [size for _, size, _ in validated.boxes] == [size for _, size, _ in unvalidated.boxes]
+    assert len(validated.spacings_mm) == len(records)
+    assert all(0.02 <= spacing <= 0.04 for spacing in validated.spacings_mm)
+    assert all(20.0 <= side <= 60.0 for side in validated.long_sides_mm)
