@@ -315,7 +315,9 @@ def detector_config(
     if statistics is not None:
         widths, heights = _model_box_sizes(built, statistics)
         if auto_anchors:
-            built = dataclasses.replace(built, anchor_shapes=anchor_shapes_for_boxes(widths, heights))
+            built = dataclasses.replace(
+                built, anchor_shapes=anchor_shapes_for_boxes(widths, heights, built.pyramid_levels)
+            )
         _warn_if_boxes_vanish(built, widths, heights)
     return built
 

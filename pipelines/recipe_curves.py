@@ -1,11 +1,14 @@
 """``python -m pipelines.recipe_curves LABEL=RUN ... --out PNG``: validation AP50 against steps for several
 fine-tuning runs in one plot, and their last and best values as a markdown table (what docs/detection_recipe.md
-shows). RUN is a ``caries-mim finetune`` run folder; its metrics.jsonl is read, nothing else.
+shows). RUN is a ``caries-mim finetune`` run folder (its metrics.jsonl is read, nothing else) or a CSV file with
+the columns ``step,ap50`` and optionally ``froc``: the validation rows of a run whose folder was not kept, as its
+report recorded them.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 from pathlib import Path
@@ -14,7 +17,18 @@ from caries_mim.curves import plot_learning_curves
 
 
 def read_validations(run: Path) -> list[dict]:
-    """The ``split: val`` rows of a run's metrics.jsonl, in step order."""
+    """The ``split: val`` rows of a run's metrics.jsonl (or of a ``step,ap50[,froc]`` CSV), in step order."""
+    if run.suffix == ".csv":
+        with run.open(newline="") as handle:
+            rows = [
+                {
+                    "step": int(row["step"]),
+                    "ap50": float(row["ap50"]),
+                    "froc": float(row["froc"]) if row.get("froc") else None,
+                }
+                for row in csv.DictReader(handle)
+            ]
+        return sorted(rows, key=lambda row: row["step"])
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return sorted((row for row in rows if row.get("split") == "val"), key=lambda row: row["step"])
 
@@ -34,17 +48,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"recipe_curves: {item!r} is not LABEL=RUN", file=sys.stderr)
             return 2
         run = Path(folder)
-        if not (run / "metrics.jsonl").is_file():
+        if run.suffix == ".csv" and not run.is_file():
+            print(f"recipe_curves: {run} does not exist", file=sys.stderr)
+            return 2
+        if run.suffix != ".csv" and not (run / "metrics.jsonl").is_file():
             print(f"recipe_curves: {run} has no metrics.jsonl", file=sys.stderr)
             return 2
-        rows = read_validations(run)
+        try:
+            rows = read_validations(run)
+        except (KeyError, ValueError) as error:
+            print(f"recipe_curves: {run} is not a step,ap50[,froc] CSV ({error})", file=sys.stderr)
+            return 2
         if not rows:
             continue
         curves[label] = ([row["step"] for row in rows], [row["ap50"] for row in rows])
         best = max(rows, key=lambda row: row["ap50"])
+        froc = "" if best["froc"] is None else f"{best['froc']:.3f}"
         table.append(
-            f"| {label} | {rows[-1]['step']} | {rows[-1]['ap50']:.3f} | {best['ap50']:.3f} ({best['step']}) "
-            f"| {best['froc']:.3f} |"
+            f"| {label} | {rows[-1]['step']} | {rows[-1]['ap50']:.3f} | {best['ap50']:.3f} ({best['step']}) | {froc} |"
         )
     plot_learning_curves(curves, args.out)
     print("\n".join(table))

@@ -144,3 +144,15 @@ def test_recipe_curves_reads_run_folders_and_prints_the_table(tmp_path, capsys):
     assert (tmp_path / "c.png").is_file()
     assert main([str(run), "--out", str(tmp_path / "d.png")]) == 2
     assert main([f"x={tmp_path / 'missing'}", "--out", str(tmp_path / "d.png")]) == 2
+
+
+def test_recipe_curves_reads_a_csv_of_a_run_whose_folder_was_not_kept(tmp_path, capsys):
+    from pipelines.recipe_curves import main
+
+    table = tmp_path / "earlier.csv"
+    table.write_text("step,ap50,froc\n500,0.3,\n250,0.1,0.2\n")
+    assert main([f"earlier={table}", "--out", str(tmp_path / "c.png")]) == 0
+    assert "| earlier | 500 | 0.300 | 0.300 (500) |  |" in capsys.readouterr().out
+    (tmp_path / "bad.csv").write_text("step,loss\n1,2\n")
+    assert main([f"bad={tmp_path / 'bad.csv'}", "--out", str(tmp_path / "d.png")]) == 2
+    assert "is not a step,ap50[,froc] CSV" in capsys.readouterr().err

@@ -21,8 +21,12 @@ from caries_mim.typed_values import checked_kwargs
 
 #: Classification losses :class:`~caries_mim.detection.detector.CariesDetector` can train with.
 CLASSIFICATION_LOSSES = ("focal", "bce")
+#: Box regression losses: smooth L1 on the encoded anchor offsets (RetinaNet) or generalized IoU on decoded boxes.
+BOX_REGRESSION_LOSSES = ("smooth_l1", "giou")
 #: Backbones: the ViT encoder (the product: MIM pretrains it) or a CNN yardstick (MONAI ResNet + FPN).
 BACKBONES = ("vit", "resnet10", "resnet18")
+#: Pyramid depths: strides p/2, p, 2p; or p/4 as well.
+PYRAMID_LEVELS = (3, 4)
 
 
 @dataclass(frozen=True)
@@ -51,8 +55,10 @@ class DetectorConfig:
             no spacing (intra-oral sensors are 30-45 mm long).
         pyramid_channels: channels of every pyramid level and of the heads (a multiple of 8: MONAI's heads use
             GroupNorm with 8 groups).
-        anchor_shapes: (width, height) in pixels of the anchors of the finest level (stride patch_size / 2);
-            the next levels use 2x and 4x these shapes.
+        pyramid_levels: 3 (strides p/2, p and 2p) or 4 (a stride-p/4 level added below them, ViTDet's 4x
+            upsampling or a CNN's stride-4 stage: finer anchor positions for lesions a few cells wide).
+        anchor_shapes: (width, height) in pixels of the anchors of the finest level (stride p/2, or p/4 with four
+            levels); each next level uses 2x the shapes of the one before.
         atss_candidates: anchor positions per level that ATSS considers for each ground-truth box.
         atss_center_in_gt: whether ATSS positives must have their centre inside the box (MONAI advises against
             it for small objects).
@@ -60,6 +66,9 @@ class DetectorConfig:
             positive anchors) or ``bce`` (binary cross-entropy averaged over the anchors the hard negative sampler
             picks, MONAI's default).
         focal_gamma, focal_alpha: the focal loss's focusing exponent and positive-class weight (None: unweighted).
+        box_regression_loss: ``smooth_l1`` (RetinaNet's: smooth L1 on the encoded offsets of the positive anchors)
+            or ``giou`` (1 - generalized IoU between the decoded box and its lesion: it optimizes the overlap that
+            AP50 scores, with the same weight for a small lesion as for a large one).
         hard_negative_sampling: train the classifier on a sample of anchors per image (all positives up to
             ``sampler_positive_fraction``, plus the hardest negatives) instead of on every anchor. Needed with
             ``bce``; the focal loss is designed to use every anchor.
@@ -87,12 +96,14 @@ class DetectorConfig:
     spacing_mm: float | None = None
     assumed_long_side_mm: float = 35.0
     pyramid_channels: int = 256
+    pyramid_levels: int = 3
     anchor_shapes: tuple[tuple[float, float], ...] = ((16.0, 16.0), (12.0, 20.0), (20.0, 12.0))
     atss_candidates: int = 4
     atss_center_in_gt: bool = False
     classification_loss: str = "focal"
     focal_gamma: float = 2.0
     focal_alpha: float | None = 0.25
+    box_regression_loss: str = "smooth_l1"
     hard_negative_sampling: bool = False
     sampler_batch_size: int = 64
     sampler_positive_fraction: float = 0.3
@@ -158,6 +169,11 @@ class DetectorConfig:
                 f"classification_loss must be one of {', '.join(CLASSIFICATION_LOSSES)}, "
                 f"got {self.classification_loss!r}"
             )
+        if self.box_regression_loss not in BOX_REGRESSION_LOSSES:
+            problems.append(
+                f"box_regression_loss must be one of {', '.join(BOX_REGRESSION_LOSSES)}, "
+                f"got {self.box_regression_loss!r}"
+            )
         if self.classification_loss == "bce" and not self.hard_negative_sampling:
             problems.append(
                 "classification_loss bce needs hard_negative_sampling: true (averaged over every anchor, the "
@@ -173,6 +189,12 @@ class DetectorConfig:
             problems.append(f"assumed_long_side_mm must be in [1, 1000], got {self.assumed_long_side_mm}")
         if self.max_downscale < 1.0:
             problems.append(f"max_downscale must be >= 1, got {self.max_downscale}")
+        if self.pyramid_levels not in PYRAMID_LEVELS:
+            problems.append(f"pyramid_levels must be 3 or 4, got {self.pyramid_levels}")
+        elif self.pyramid_levels == 4 and patch_size % 4:
+            problems.append(
+                f"pyramid_levels 4 needs a patch_size divisible by 4 (a stride-p/4 level), got {patch_size}"
+            )
         if self.pyramid_channels < 8 or self.pyramid_channels % 8:
             problems.append(f"pyramid_channels {self.pyramid_channels} must be a positive multiple of 8")
         if not self.anchor_shapes or any(len(s) != 2 or min(s) <= 0 for s in self.anchor_shapes):
@@ -208,10 +230,17 @@ class DetectorConfig:
         return ScaleRule(self.image_size, self.max_downscale, self.spacing_mm, self.assumed_long_side_mm)
 
     @property
-    def strides(self) -> tuple[int, int, int]:
-        """Pyramid strides in pixels, finest first: patch_size / 2, patch_size, 2 * patch_size."""
+    def strides(self) -> tuple[int, ...]:
+        """Pyramid strides in pixels, finest first: patch_size / 2, patch_size, 2 * patch_size, with
+        patch_size / 4 before them for four levels."""
         patch = self.encoder.patch_size
-        return patch // 2, patch, 2 * patch
+        three = (patch // 2, patch, 2 * patch)
+        return three if self.pyramid_levels == 3 else (patch // 4, *three)
+
+    @property
+    def anchor_scales(self) -> tuple[int, ...]:
+        """Each level's anchor shapes relative to ``anchor_shapes`` (the finest level's), finest first."""
+        return tuple(2**level for level in range(self.pyramid_levels))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (lists, numbers, strings, bools), loadable with ``torch.load(weights_only=True)``."""

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
 from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
+from monai.losses.giou_loss import BoxGIoULoss
 from torch import nn
 
 from caries_mim.detection.box_selection import padded_nms
@@ -176,7 +177,7 @@ class CariesDetector(nn.Module):
             )
         self.config = config
         anchors = AnchorGeneratorWithAnchorShape(
-            feature_map_scales=(1, 2, 4),
+            feature_map_scales=config.anchor_scales,
             base_anchor_shapes=[(height, width) for width, height in config.anchor_shapes],
             indexing="ij",
         )
@@ -188,9 +189,12 @@ class CariesDetector(nn.Module):
                 config.pyramid_channels,
                 config.encoder.input_mean,
                 config.encoder.input_std,
+                levels=config.pyramid_levels,
             )
         else:
-            network = ViTRetinaNet(encoder, config.num_classes, len(config.anchor_shapes), config.pyramid_channels)
+            network = ViTRetinaNet(
+                encoder, config.num_classes, len(config.anchor_shapes), config.pyramid_channels, config.pyramid_levels
+            )
         detector = _RetinaNetDetector(network, anchors)
         detector.set_atss_matcher(num_candidates=config.atss_candidates, center_in_gt=config.atss_center_in_gt)
         if config.hard_negative_sampling:
@@ -202,6 +206,10 @@ class CariesDetector(nn.Module):
             )
         if config.classification_loss == "focal":
             detector.set_cls_loss(FocalLossPerPositive(gamma=config.focal_gamma, alpha=config.focal_alpha))
+        if config.box_regression_loss == "giou":
+            # MONAI's GIoU loss compares decoded predicted boxes with the ground truth boxes, so the ground truth
+            # is not encoded and the predictions are decoded (its documented pairing).
+            detector.set_box_regression_loss(BoxGIoULoss(reduction="mean"), encode_gt=False, decode_pred=True)
         detector.set_box_selector_parameters(
             score_thresh=config.score_threshold,
             topk_candidates_per_level=config.candidates_per_level,
@@ -247,7 +255,8 @@ class CariesDetector(nn.Module):
         Returns:
             scalar tensors ``classification`` (``config.classification_loss``: the focal loss over every anchor per
             positive anchor, or binary cross-entropy over the hard-negative-sampled anchors),
-            ``box_regression`` (smooth L1 on the encoded offsets of the positive anchors; 0 without positives)
+            ``box_regression`` (``config.box_regression_loss`` over the positive anchors: smooth L1 on their encoded
+            offsets or 1 - GIoU of their decoded boxes; 0 without positives)
             and ``total``, their sum.
 
         Dropout and stochastic depth follow the module's train/eval mode, so this also gives validation losses.

@@ -17,12 +17,13 @@ from caries_mim.models.vit import VisionTransformer
 
 class ViTFeatureExtractor(nn.Module):
     """(B, 1, H, W) images in [0, 1] -> pyramid levels [(B, C, H/(p/2), W/(p/2)), (B, C, H/p, W/p),
-    (B, C, H/2p, W/2p)] from the encoder's final patch tokens. H and W must be multiples of 2p."""
+    (B, C, H/2p, W/2p)] from the encoder's final patch tokens, with (B, C, H/(p/4), W/(p/4)) first for four levels.
+    H and W must be multiples of 2p."""
 
-    def __init__(self, encoder: VisionTransformer, channels: int = 256) -> None:
+    def __init__(self, encoder: VisionTransformer, channels: int = 256, levels: int = 3) -> None:
         super().__init__()
         self.encoder = encoder
-        self.pyramid = SimpleFeaturePyramid(encoder.config.embed_dim, channels)
+        self.pyramid = SimpleFeaturePyramid(encoder.config.embed_dim, channels, levels)
         #: Read by MONAI's RetinaNet to size its heads.
         self.out_channels = channels
 
@@ -34,7 +35,7 @@ class ViTRetinaNet(RetinaNet):
     """RetinaNet heads on a ViT feature pyramid, in the form MONAI's ``RetinaNetDetector`` expects.
 
     ``forward(images)`` takes (B, 1, H, W) images in [0, 1] with H, W multiples of ``size_divisible`` and returns
-    ``{cls_key: [(B, A * num_classes, h_i, w_i)], box_reg_key: [(B, A * 4, h_i, w_i)]}`` for the three levels,
+    ``{cls_key: [(B, A * num_classes, h_i, w_i)], box_reg_key: [(B, A * 4, h_i, w_i)]}`` for the three (or four) levels,
     finest first: classification logits and box deltas relative to each level's A anchors per position.
 
     Attributes (the contract ``RetinaNetDetector`` reads): ``spatial_dims`` = 2, ``num_classes``,
@@ -42,12 +43,14 @@ class ViTRetinaNet(RetinaNet):
     ``box_reg_key`` = "box_regression".
     """
 
-    def __init__(self, encoder: VisionTransformer, num_classes: int, num_anchors: int, channels: int = 256) -> None:
+    def __init__(
+        self, encoder: VisionTransformer, num_classes: int, num_anchors: int, channels: int = 256, levels: int = 3
+    ) -> None:
         super().__init__(
             spatial_dims=2,
             num_classes=num_classes,
             num_anchors=num_anchors,
-            feature_extractor=ViTFeatureExtractor(encoder, channels),
+            feature_extractor=ViTFeatureExtractor(encoder, channels, levels),
             # The stride-2p level max-pools the patch grid by 2: an even number of patches keeps it exact.
             size_divisible=2 * encoder.config.patch_size,
         )

@@ -3,7 +3,8 @@
 A ViT keeps one resolution throughout, so instead of an FPN over backbone stages the pyramid is built from the last
 patch-token map alone (Li et al., "Exploring Plain Vision Transformer Backbones for Object Detection", 2022): a 2x2
 transposed convolution for stride p/2, the map itself for stride p, 2x2 max pooling for stride 2p. For p = 16 the
-strides are 8, 16 and 32: the stride-8 level is what resolves caries of 15-30 px on a 512 px image.
+strides are 8, 16 and 32: the stride-8 level is what resolves caries of 15-30 px on a 512 px image. A fourth level
+at stride p/4 is ViTDet's 4x branch: two 2x2 transposed convolutions with LayerNorm and GELU between them.
 """
 
 from __future__ import annotations
@@ -34,27 +35,43 @@ def _output_block(in_channels: int, channels: int) -> nn.Sequential:
 
 
 class SimpleFeaturePyramid(nn.Module):
-    """(B, D, h, w) patch-token map at stride p -> three (B, C, ., .) maps at strides p/2, p and 2p.
+    """(B, D, h, w) patch-token map at stride p -> three (B, C, ., .) maps at strides p/2, p and 2p (four with
+    p/4 first).
 
     Args:
         in_channels: D, the encoder width.
         channels: C, the width of every output level.
+        levels: 3 or 4.
 
     The input's h and w must be even (images divisible by 2p, which the detector's padding guarantees) so that
     the stride-2p level tiles the image exactly and its anchors line up.
     """
 
-    def __init__(self, in_channels: int, channels: int = 256) -> None:
+    def __init__(self, in_channels: int, channels: int = 256, levels: int = 3) -> None:
         super().__init__()
         self.out_channels = channels
-        # ViTDet halves the width on the way up: the upsampled map has 4x the positions.
-        self.rescale = nn.ModuleList(
-            [nn.ConvTranspose2d(in_channels, in_channels // 2, kernel_size=2, stride=2), nn.Identity(), nn.MaxPool2d(2)]
-        )
-        self.output = nn.ModuleList(
-            [_output_block(width, channels) for width in (in_channels // 2, in_channels, in_channels)]
-        )
+        # ViTDet halves the width at each 2x upsampling: the map has 4x the positions.
+        rescale: list[nn.Module] = [
+            nn.ConvTranspose2d(in_channels, in_channels // 2, kernel_size=2, stride=2),
+            nn.Identity(),
+            nn.MaxPool2d(2),
+        ]
+        widths = [in_channels // 2, in_channels, in_channels]
+        if levels == 4:
+            rescale.insert(
+                0,
+                nn.Sequential(
+                    nn.ConvTranspose2d(in_channels, in_channels // 2, kernel_size=2, stride=2),
+                    ChannelLayerNorm(in_channels // 2, eps=1e-6),
+                    nn.GELU(),
+                    nn.ConvTranspose2d(in_channels // 2, in_channels // 4, kernel_size=2, stride=2),
+                ),
+            )
+            widths.insert(0, in_channels // 4)
+        self.rescale = nn.ModuleList(rescale)
+        self.output = nn.ModuleList([_output_block(width, channels) for width in widths])
 
     def forward(self, feature_map: torch.Tensor) -> list[torch.Tensor]:
-        """(B, D, h, w) -> [(B, C, 2h, 2w), (B, C, h, w), (B, C, h/2, w/2)], finest level first."""
+        """(B, D, h, w) -> [(B, C, 2h, 2w), (B, C, h, w), (B, C, h/2, w/2)], finest level first, with
+        (B, C, 4h, 4w) before them for four levels."""
         return [output(rescale(feature_map)) for rescale, output in zip(self.rescale, self.output, strict=True)]

@@ -34,3 +34,9 @@ def test_too_few_or_degenerate_boxes_are_refused():
         anchor_shapes_for_boxes(np.ones(MIN_BOXES - 1), np.ones(MIN_BOXES - 1))
     with pytest.raises(InvalidDatasetError, match="positive"):
         anchor_shapes_for_boxes(np.zeros(MIN_BOXES), np.ones(MIN_BOXES))
+
+
+def test_four_levels_centre_their_eightfold_range_on_the_boxes():
+    # Levels at x1, x2, x4, x8 of the base: geometric middle x sqrt(8), so 24 px boxes give 24 / sqrt(8) = 8.5 px.
+    shapes = anchor_shapes_for_boxes(np.full(20, 24.0), np.full(20, 24.0), levels=4)
+    assert shapes == ((8.5, 8.5),) * 3

@@ -244,3 +244,57 @@ def test_a_cnn_backbone_needs_strides_8_16_32():
         tiny_config(encoder=ViTConfig(embed_dim=32, depth=1, num_heads=2, patch_size=8), backbone="resnet18")
     with pytest.raises(InvalidArgumentError, match="backbone must be one of"):
         tiny_config(backbone="vgg")
+
+
+def test_the_giou_box_loss_is_one_minus_giou_of_decoded_boxes_and_it_trains():
+    torch.manual_seed(0)
+    detector = CariesDetector(tiny_config(box_regression_loss="giou"))
+    assert (detector.retinanet.encode_gt, detector.retinanet.decode_pred) == (False, True)
+    images = torch.rand(2, 1, 64, 96)
+    optimizer = torch.optim.Adam(detector.parameters(), lr=1e-3)
+    box_losses = []
+    for _ in range(15):
+        losses = detector.losses(images, _targets())
+        box_losses.append(losses["box_regression"].item())
+        optimizer.zero_grad()
+        losses["total"].backward()
+        optimizer.step()
+    # 1 - GIoU lies in [0, 2]; the anchors overlap their lesions, so it starts under 1.
+    assert all(0.0 < value < 2.0 for value in box_losses)
+    assert box_losses[0] < 1.0
+    assert box_losses[-1] < 0.8 * box_losses[0]
+
+
+def test_an_unknown_box_regression_loss_is_named():
+    with pytest.raises(InvalidArgumentError, match="box_regression_loss must be one of smooth_l1, giou, got 'l2'"):
+        tiny_config(box_regression_loss="l2")
+
+
+@pytest.mark.parametrize("backbone", ["vit", "resnet10"])
+def test_a_four_level_pyramid_adds_a_stride_p_over_4_level_and_finds_a_small_lesion(backbone):
+    torch.manual_seed(0)
+    encoder = ViTConfig(embed_dim=32, depth=1, num_heads=2, patch_size=16)
+    config = tiny_config(encoder=encoder, backbone=backbone, pyramid_levels=4, anchor_shapes=[(6.0, 6.0)])
+    assert config.strides == (4, 8, 16, 32)
+    assert config.anchor_scales == (1, 2, 4, 8)
+    detector = CariesDetector(config)
+    image = torch.zeros(2, 1, 64, 128)
+    image[..., 20:27, 70:77] = 1.0
+    maps = detector.network(image)[detector.retinanet.cls_key]
+    assert [tuple(level.shape[-2:]) for level in maps] == [(16, 32), (8, 16), (4, 8), (2, 4)]
+    box = torch.tensor([[70.0, 20.0, 77.0, 27.0]])
+    targets = [{"boxes": box, "labels": torch.tensor([0])}] * 2
+    optimizer = torch.optim.AdamW(detector.parameters(), lr=2e-3)
+    for _ in range(40):
+        optimizer.zero_grad()
+        detector.losses(image, targets)["total"].backward()
+        optimizer.step()
+    found = detector.eval().predict(image[:1])[0]
+    assert box_iou(found["boxes"][:1], box).item() > 0.5
+
+
+def test_four_pyramid_levels_need_a_patch_size_divisible_by_4():
+    with pytest.raises(InvalidArgumentError, match="pyramid_levels 4 needs a patch_size divisible by 4"):
+        tiny_config(encoder=ViTConfig(embed_dim=32, depth=1, num_heads=2, patch_size=2), pyramid_levels=4)
+    with pytest.raises(InvalidArgumentError, match="pyramid_levels must be 3 or 4, got 5"):
+        tiny_config(pyramid_levels=5)
