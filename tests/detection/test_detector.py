@@ -211,6 +211,18 @@ def test_default_anchors_give_every_lesion_size_positives_at_its_level(side, lev
     assert positives.tolist().count(level) > len(positives) / 2
 
 
+def _fit_one_box(detector, image, box, steps, lr):
+    """Train ``detector`` on ``image`` (B, 1, H, W) with ``box`` (1, 4) as every image's only lesion, then return
+    the eval-mode prediction for the first image."""
+    targets = [{"boxes": box, "labels": torch.tensor([0])}] * image.shape[0]
+    optimizer = torch.optim.AdamW(detector.parameters(), lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        detector.losses(image, targets)["total"].backward()
+        optimizer.step()
+    return detector.eval().predict(image[:1])[0]
+
+
 def test_the_cnn_yardstick_trains_and_predicts_through_the_same_detector(tmp_path):
     """backbone resnet10: same heads, anchors and losses; a few steps find a box in column-row order; its state
     dict round-trips; it takes no ViT encoder."""
@@ -221,14 +233,7 @@ def test_the_cnn_yardstick_trains_and_predicts_through_the_same_detector(tmp_pat
     image = torch.zeros(2, 1, 64, 128)
     image[..., 10:30, 90:110] = 1.0
     box = torch.tensor([[90.0, 10.0, 110.0, 30.0]])
-    targets = [{"boxes": box, "labels": torch.tensor([0])}] * 2
-    optimizer = torch.optim.AdamW(detector.parameters(), lr=1e-3)
-    for _ in range(30):
-        optimizer.zero_grad()
-        detector.losses(image, targets)["total"].backward()
-        optimizer.step()
-    detector.eval()
-    found = detector.predict(image[:1])[0]
+    found = _fit_one_box(detector, image, box, steps=30, lr=1e-3)
     assert box_iou(found["boxes"][:1], box).item() > 0.5
     again = CariesDetector(config)
     again.load_state_dict(detector.state_dict())
@@ -283,13 +288,7 @@ def test_a_four_level_pyramid_adds_a_stride_p_over_4_level_and_finds_a_small_les
     maps = detector.network(image)[detector.retinanet.cls_key]
     assert [tuple(level.shape[-2:]) for level in maps] == [(16, 32), (8, 16), (4, 8), (2, 4)]
     box = torch.tensor([[70.0, 20.0, 77.0, 27.0]])
-    targets = [{"boxes": box, "labels": torch.tensor([0])}] * 2
-    optimizer = torch.optim.AdamW(detector.parameters(), lr=2e-3)
-    for _ in range(40):
-        optimizer.zero_grad()
-        detector.losses(image, targets)["total"].backward()
-        optimizer.step()
-    found = detector.eval().predict(image[:1])[0]
+    found = _fit_one_box(detector, image, box, steps=40, lr=2e-3)
     assert box_iou(found["boxes"][:1], box).item() > 0.5
 
 
