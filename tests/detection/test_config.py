@@ -95,3 +95,10 @@ def test_loss_settings_round_trip_and_alpha_may_be_null():
 def test_loss_settings_of_the_wrong_type_are_named(values, message):
     with pytest.raises(InvalidArgumentError, match=message):
         DetectorConfig.from_dict({**tiny_config().to_dict(), **values})
+
+
+def test_a_config_saved_before_the_pyramid_and_box_loss_options_loads_as_it_was_trained():
+    values = DetectorConfig().to_dict()
+    del values["pyramid_levels"], values["box_regression_loss"]
+    config = DetectorConfig.from_dict(values)
+    assert (config.pyramid_levels, config.box_regression_loss, config.strides) == (3, "smooth_l1", (8, 16, 32))
