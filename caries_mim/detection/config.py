@@ -239,8 +239,10 @@ class DetectorConfig:
 
     @property
     def anchor_scales(self) -> tuple[int, ...]:
-        """Each level's anchor shapes relative to ``anchor_shapes`` (the finest level's), finest first."""
-        return tuple(2**level for level in range(self.pyramid_levels))
+        """Each level's anchor shapes relative to ``anchor_shapes`` (the finest level's), finest first: its stride
+        over the finest stride, so anchors grow with the grid they sit on."""
+        finest = self.strides[0]
+        return tuple(stride // finest for stride in self.strides)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (lists, numbers, strings, bools), loadable with ``torch.load(weights_only=True)``."""

@@ -251,7 +251,7 @@ def test_a_cnn_backbone_needs_strides_8_16_32():
         tiny_config(backbone="vgg")
 
 
-def test_the_giou_box_loss_is_one_minus_giou_of_decoded_boxes_and_it_trains():
+def test_the_giou_box_loss_decodes_predictions_stays_in_its_range_and_trains():
     torch.manual_seed(0)
     detector = CariesDetector(tiny_config(box_regression_loss="giou"))
     assert (detector.retinanet.encode_gt, detector.retinanet.decode_pred) == (False, True)
