@@ -218,7 +218,8 @@ def load_finetune_config(
     """Defaults <- ``base`` (a resumed run's config.yaml) <- ``config`` file or shipped name <- ``--set`` overrides."""
     built, origin = configs.load_layered(FinetuneConfig, "finetune", config, overrides, base)
     try:
-        detector_config(built, ("caries",), _encoder_architecture(built))
+        # Two placeholder classes: the data's are not read yet, and some options (class_scores) need two.
+        detector_config(built, ("caries", "deep_caries"), _encoder_architecture(built))
     except InvalidArgumentError as exc:
         raise InvalidConfigError(f"detector: {exc.message} ({origin})") from None
     return built
@@ -487,6 +488,10 @@ class _Finetuning:
             )
         if not any(len(record.boxes) for record in val_records):
             raise InvalidDatasetError("--val: no validation image has a lesion box, so AP50 is undefined")
+        try:  # with the data's classes, before minutes of decoding
+            detector_config(config, classes, encoder)
+        except InvalidArgumentError as exc:
+            raise InvalidConfigError(f"detector: {exc.message} (training classes: {', '.join(classes)})") from None
         data = config.data
         cache_dir = Path(data.cache_dir).expanduser() if data.cache_dir else self.out / "decode_cache"
         cache = DecodeCache(cache_dir)

@@ -27,6 +27,9 @@ BOX_REGRESSION_LOSSES = ("smooth_l1", "giou")
 BACKBONES = ("vit", "resnet10", "resnet18")
 #: Pyramid depths: strides p/2, p, 2p; or p/4 as well.
 PYRAMID_LEVELS = (3, 4)
+#: How class scores are formed: RetinaNet's sigmoid per class, or one lesion score times a softmax over the classes
+#: (:mod:`caries_mim.detection.lesion_times_class`).
+CLASS_SCORES = ("per_class", "lesion_times_class")
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,11 @@ class DetectorConfig:
         box_regression_loss: ``smooth_l1`` (RetinaNet's: smooth L1 on the encoded offsets of the positive anchors)
             or ``giou`` (1 - generalized IoU between the decoded box and its lesion: it optimizes the overlap that
             AP50 scores, with the same weight for a small lesion as for a large one).
+        class_scores: ``per_class`` (RetinaNet: one sigmoid per class, each trained with the classification loss)
+            or ``lesion_times_class`` (the heads score "lesion" once per anchor with the focal loss and the class
+            with a softmax trained on matched anchors only; the score of a class is their product, see
+            :mod:`caries_mim.detection.lesion_times_class`). Needs two or more classes and the focal loss.
+        class_loss_weight: with ``lesion_times_class``, the weight of the class cross-entropy in the loss.
         hard_negative_sampling: train the classifier on a sample of anchors per image (all positives up to
             ``sampler_positive_fraction``, plus the hardest negatives) instead of on every anchor. Needed with
             ``bce``; the focal loss is designed to use every anchor.
@@ -104,6 +112,8 @@ class DetectorConfig:
     focal_gamma: float = 2.0
     focal_alpha: float | None = 0.25
     box_regression_loss: str = "smooth_l1"
+    class_scores: str = "per_class"
+    class_loss_weight: float = 1.0
     hard_negative_sampling: bool = False
     sampler_batch_size: int = 64
     sampler_positive_fraction: float = 0.3
@@ -174,6 +184,17 @@ class DetectorConfig:
                 f"box_regression_loss must be one of {', '.join(BOX_REGRESSION_LOSSES)}, "
                 f"got {self.box_regression_loss!r}"
             )
+        if self.class_scores not in CLASS_SCORES:
+            problems.append(f"class_scores must be one of {', '.join(CLASS_SCORES)}, got {self.class_scores!r}")
+        elif self.class_scores == "lesion_times_class":
+            if len(self.class_names) < 2:
+                problems.append("class_scores lesion_times_class needs two or more classes (one class is per_class)")
+            if self.classification_loss != "focal":
+                # MONAI's hard negative sampler ranks anchors by their largest logit, which here mixes the lesion
+                # logit with class logits that say nothing about "lesion or not".
+                problems.append("class_scores lesion_times_class trains its lesion score with classification_loss focal")
+        if not 0.0 < self.class_loss_weight <= 100.0:
+            problems.append(f"class_loss_weight must be in (0, 100], got {self.class_loss_weight}")
         if self.classification_loss == "bce" and not self.hard_negative_sampling:
             problems.append(
                 "classification_loss bce needs hard_negative_sampling: true (averaged over every anchor, the "
@@ -223,6 +244,12 @@ class DetectorConfig:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def head_outputs(self) -> int:
+        """Classification outputs per anchor: one per class, and the lesion score after them with
+        ``lesion_times_class``."""
+        return self.num_classes + (self.class_scores == "lesion_times_class")
 
     @property
     def scale_rule(self) -> ScaleRule:

@@ -24,6 +24,7 @@ from caries_mim.detection.box_selection import padded_nms
 from caries_mim.detection.cnn_backbone import ResNetRetinaNet
 from caries_mim.detection.config import DetectorConfig
 from caries_mim.detection.encoder_loading import load_detector_encoder
+from caries_mim.detection.lesion_times_class import LesionTimesClassLoss, lesion_times_class_scores
 from caries_mim.detection.losses import FocalLossPerPositive
 from caries_mim.detection.network import ViTRetinaNet
 from caries_mim.detection.sliding_window import BatchSlidingWindow
@@ -90,7 +91,7 @@ class _RetinaNetDetector(RetinaNetDetector):
         ones above, so tied candidates may come out in another order and NMS may keep the other of two tied boxes.
 
         Args:
-            head_outputs_reshape: ``cls_key`` (B, sum(HWA), num_classes) logits and ``box_reg_key``
+            head_outputs_reshape: ``cls_key`` (B, sum(HWA), num_classes + lesion_times_class) logits and ``box_reg_key``
                 (B, sum(HWA), 4) box offsets.
             anchors: B tensors (sum(HWA), 4) in MONAI's axis order.
             image_sizes: B spatial sizes the boxes are clipped to.
@@ -103,7 +104,7 @@ class _RetinaNetDetector(RetinaNetDetector):
         per_level = [count * self.num_anchors_per_loc for count in num_anchor_locs_per_level]
         logits = head_outputs_reshape[self.cls_key]
         compute_dtype = logits.dtype
-        classes = logits.shape[-1]
+        classes = logits.shape[-1] - self.lesion_times_class
         limits = torch.tensor(image_sizes, dtype=torch.float32, device=logits.device)[:, None, :].repeat(1, 1, 2)
         levels = zip(
             logits.split(per_level, dim=1),
@@ -114,7 +115,10 @@ class _RetinaNetDetector(RetinaNetDetector):
         boxes, scores, labels, valid = [], [], [], []
         for level_logits, level_offsets, level_anchors in levels:
             flat = level_logits.flatten(1)  # (B, HWA * classes)
-            if selector.apply_sigmoid:
+            if self.lesion_times_class:
+                level_scores = lesion_times_class_scores(level_logits).flatten(1)  # (B, HWA * classes)
+                above = level_scores > selector.score_thresh
+            elif selector.apply_sigmoid:
                 level_scores = torch.sigmoid(flat.to(torch.float32))
                 above = level_scores > selector.score_thresh
             else:  # MONAI compares raw scores in their own dtype, then ranks them in float32
@@ -184,7 +188,7 @@ class CariesDetector(nn.Module):
         if encoder is None:
             network = ResNetRetinaNet(
                 config.backbone,
-                config.num_classes,
+                config.head_outputs,
                 len(config.anchor_shapes),
                 config.pyramid_channels,
                 config.encoder.input_mean,
@@ -193,7 +197,7 @@ class CariesDetector(nn.Module):
             )
         else:
             network = ViTRetinaNet(
-                encoder, config.num_classes, len(config.anchor_shapes), config.pyramid_channels, config.pyramid_levels
+                encoder, config.head_outputs, len(config.anchor_shapes), config.pyramid_channels, config.pyramid_levels
             )
         detector = _RetinaNetDetector(network, anchors)
         detector.set_atss_matcher(num_candidates=config.atss_candidates, center_in_gt=config.atss_center_in_gt)
@@ -205,7 +209,12 @@ class CariesDetector(nn.Module):
                 pool_size=config.sampler_pool_size,
             )
         if config.classification_loss == "focal":
-            detector.set_cls_loss(FocalLossPerPositive(gamma=config.focal_gamma, alpha=config.focal_alpha))
+            focal = FocalLossPerPositive(gamma=config.focal_gamma, alpha=config.focal_alpha)
+            if config.class_scores == "lesion_times_class":
+                detector.set_cls_loss(LesionTimesClassLoss(focal, config.class_loss_weight))
+                detector.lesion_times_class = True
+            else:
+                detector.set_cls_loss(focal)
         if config.box_regression_loss == "giou":
             # MONAI's GIoU loss compares decoded predicted boxes with the ground truth boxes, so the ground truth
             # is not encoded and the predictions are decoded (its documented pairing).

@@ -454,6 +454,37 @@ def test_validation_classes_must_be_training_classes(labeled, tmp_path, capsys):
     assert len(err.splitlines()) == 1
 
 
+def test_a_lesion_times_class_run_packages_a_detector_that_predicts_both_classes(labeled, tmp_path, capsys):
+    run = tmp_path / "run"
+    setting = ("--set", "detector.class_scores=lesion_times_class", "--set", "detector.score_threshold=0.0")
+    assert finetune(labeled, run, "--set", "train.steps=2", *setting) == 0
+    package = read_package(run / "model.cmpkg")
+    assert package.config.class_scores == "lesion_times_class"
+    assert package.config.head_outputs == 3
+    predictor = load_package(run / "model.cmpkg", device="cpu")
+    findings = predictor.predict_file(next((labeled.folder / "images").iterdir()))
+    assert findings.findings, "with score threshold 0 every anchor's score is a candidate"
+    assert all(0.0 <= finding.score <= 1.0 for finding in findings.findings)
+    assert {finding.label for finding in findings.findings} <= {"caries", "deep_caries"}
+
+
+def test_lesion_times_class_on_one_class_data_is_a_config_error_before_decoding(labeled, tmp_path, capsys):
+    def one_class(coco):
+        coco["categories"] = [{"id": 1, "name": "caries", "supercategory": "lesion"}]
+        for annotation in coco["annotations"]:
+            annotation["category_id"] = 1
+
+    train = variant(labeled, "train_one_class", one_class)
+    setting = ("--set", "detector.class_scores=lesion_times_class", "--set", "train.steps=1")
+    assert finetune(labeled, tmp_path / "run", *setting, train=train, val=train) == 2
+    err = capsys.readouterr().err.strip()
+    assert "invalid_config" in err
+    assert "lesion_times_class needs two or more classes" in err
+    assert "(training classes: caries)" in err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_a_training_set_without_any_box_is_refused(labeled, tmp_path, capsys):
     def no_boxes(coco):
         coco["annotations"] = []
