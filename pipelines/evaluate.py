@@ -54,6 +54,7 @@ from caries_mim.metrics import (
     metric_confidence_intervals,
     precision_recall_curve,
 )
+from caries_mim.metrics.class_confusion import ClassConfusion, class_confusion
 from caries_mim.metrics.stratified import OperatingPointReport, conspicuity_bin, operating_point_report
 from caries_mim.package import CHECKSUM_ALGORITHM, PACKAGE_FORMAT_VERSION, load_package
 from caries_mim.visualization import draw_predictions_and_truth
@@ -223,6 +224,8 @@ class EvaluationMetrics:
         image_level: image-level figures at the operating threshold.
         operating_point: lesion-level sensitivity (overall, by depth class and by conspicuity bin) and false
             positives per image at the operating threshold.
+        class_confusion: the class of the best finding on each lesion at the operating threshold, and AP50 with
+            the classes merged (whether a detector loses lesions or their class).
         confidence_intervals: bootstrap 95% intervals, or None when no resample was asked for.
     """
 
@@ -230,15 +233,18 @@ class EvaluationMetrics:
     froc: FrocResult
     image_level: ImageLevelMetrics
     operating_point: OperatingPointReport
+    class_confusion: ClassConfusion
     confidence_intervals: MetricConfidenceIntervals | None
 
     def to_dict(self) -> dict[str, Any]:
-        """``coco``, ``froc``, ``image_level``, ``operating_point`` and ``confidence_intervals`` as JSON values."""
+        """``coco``, ``froc``, ``image_level``, ``operating_point``, ``class_confusion`` and ``confidence_intervals``
+        as JSON values."""
         return {
             "coco": self.coco.to_dict(),
             "froc": self.froc.to_dict(),
             "image_level": self.image_level.to_dict(),
             "operating_point": self.operating_point.to_dict(),
+            "class_confusion": self.class_confusion.to_dict(),
             "confidence_intervals": None if self.confidence_intervals is None else self.confidence_intervals.to_dict(),
         }
 
@@ -276,6 +282,7 @@ def compute_metrics(
         froc=froc(images),
         image_level=image_level_metrics(images, threshold=threshold),
         operating_point=operating_point_report(images, strata or {}, threshold=threshold),
+        class_confusion=class_confusion(images, class_names, threshold=threshold),
         confidence_intervals=intervals,
     )
 
@@ -448,6 +455,8 @@ def run_evaluate(
         "ap": coco["ap"],
         "ap50": coco["ap50"],
         "ap50_ci": None if intervals is None else [intervals["ap50"]["low"], intervals["ap50"]["high"]],
+        "ap50_classes_merged": metrics["class_confusion"]["merged_ap50"],
+        "class_accuracy": metrics["class_confusion"]["class_accuracy"],
         "froc_score": metrics["froc"]["score"],
         "sensitivity": metrics["image_level"]["sensitivity"],
         "specificity": metrics["image_level"]["specificity"],

@@ -49,7 +49,14 @@ class _RetinaNetDetector(RetinaNetDetector):
     :mod:`caries_mim.detection.box_selection` for what that cost); the override runs the same steps on the whole
     batch's tensors, with MONAI's box coder, and one NMS for all images. It assumes MONAI's default IoU overlap
     metric, the one :class:`CariesDetector` configures.
+
+    With :attr:`lesion_times_class` set, the last classification output of each anchor is a lesion logit and the
+    class scores are :func:`~caries_mim.detection.lesion_times_class.lesion_times_class_scores` instead of a sigmoid
+    per output.
     """
+
+    #: Class scores as P(lesion) x P(class | lesion) (``DetectorConfig.class_scores``); False: a sigmoid per class.
+    lesion_times_class: bool = False
 
     def compute_anchor_matched_idxs(
         self,

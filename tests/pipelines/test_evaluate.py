@@ -137,6 +137,14 @@ def test_every_output_is_written_and_described(evaluated, dataset, package):
     assert summary["sensitivity_by_depth"] == {k: v["sensitivity"] for k, v in point["by_depth"].items()}
     assert summary["false_positives_per_image"] == point["false_positives_per_image"] >= 0
 
+    # Every lesion is found under some class or missed; the merged AP50 and class accuracy reach the summary.
+    confusion = metrics["class_confusion"]
+    assert confusion["threshold"] == THRESHOLD
+    assert {name: sum(row.values()) for name, row in confusion["matrix"].items()} == lesions
+    assert summary["ap50_classes_merged"] == confusion["merged_ap50"]
+    assert 0.0 <= confusion["merged_ap50"] <= 1.0
+    assert summary["class_accuracy"] == confusion["class_accuracy"]
+
 
 def test_predictions_json_holds_every_detection_and_reproduces_the_metrics(evaluated, dataset):
     out, _ = evaluated
