@@ -2,7 +2,8 @@
 fine-tuning runs in one plot, and their last and best values as a markdown table (what docs/detection_recipe.md
 shows). RUN is a ``caries-mim finetune`` run folder (its metrics.jsonl is read, nothing else) or a CSV file with
 the columns ``step,ap50`` and optionally ``froc``: the validation rows of a run whose folder was not kept, as its
-report recorded them.
+report recorded them. ``--rows DIR`` also writes each run folder's rows as such a CSV (``DIR/<folder name>.csv``),
+so a plot in the docs can be rebuilt after the run folders are gone.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from caries_mim.atomic_files import atomic_path
 from caries_mim.curves import plot_learning_curves
 
 
@@ -33,10 +35,23 @@ def read_validations(run: Path) -> list[dict]:
     return sorted((row for row in rows if row.get("split") == "val"), key=lambda row: row["step"])
 
 
+def write_rows(rows: list[dict], path: Path) -> Path:
+    """``rows`` (from :func:`read_validations`) as a ``step,ap50,froc`` CSV, 4 decimals, written atomically."""
+    lines = ["step,ap50,froc"]
+    lines += [
+        f"{row['step']},{row['ap50']:.4f},{'' if row.get('froc') is None else format(row['froc'], '.4f')}"
+        for row in rows
+    ]
+    with atomic_path(path) as temporary:
+        temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", metavar="LABEL=RUN")
     parser.add_argument("--out", type=Path, required=True, help="PNG to write")
+    parser.add_argument("--rows", type=Path, metavar="DIR", help="also write each run folder's rows as DIR/NAME.csv")
     args = parser.parse_args(argv)
     curves, table = (
         {},
@@ -61,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if not rows:
             continue
+        if args.rows is not None and run.suffix != ".csv":
+            args.rows.mkdir(parents=True, exist_ok=True)
+            write_rows(rows, args.rows / f"{run.resolve().name}.csv")
         curves[label] = ([row["step"] for row in rows], [row["ap50"] for row in rows])
         best = max(rows, key=lambda row: row["ap50"])
         froc = "" if best["froc"] is None else f"{best['froc']:.3f}"

@@ -142,6 +142,13 @@ def test_recipe_curves_reads_run_folders_and_prints_the_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| phys | 200 | 0.500 | 0.500 (200) | 0.600 |" in out
     assert (tmp_path / "c.png").is_file()
+    # --rows keeps the validation rows as a CSV that reads back as the same curve.
+    assert main([f"phys={run}", "--out", str(tmp_path / "c.png"), "--rows", str(tmp_path / "rows")]) == 0
+    kept = tmp_path / "rows" / "run.csv"
+    assert kept.read_text() == "step,ap50,froc\n100,0.2500,0.4000\n200,0.5000,0.6000\n"
+    capsys.readouterr()
+    assert main([f"phys={kept}", "--out", str(tmp_path / "e.png")]) == 0
+    assert "| phys | 200 | 0.500 | 0.500 (200) | 0.600 |" in capsys.readouterr().out
     assert main([str(run), "--out", str(tmp_path / "d.png")]) == 2
     assert main([f"x={tmp_path / 'missing'}", "--out", str(tmp_path / "d.png")]) == 2
 
