@@ -192,7 +192,9 @@ class DetectorConfig:
             if self.classification_loss != "focal":
                 # MONAI's hard negative sampler ranks anchors by their largest logit, which here mixes the lesion
                 # logit with class logits that say nothing about "lesion or not".
-                problems.append("class_scores lesion_times_class trains its lesion score with classification_loss focal")
+                problems.append(
+                    "class_scores lesion_times_class trains its lesion score with classification_loss focal"
+                )
         if not 0.0 < self.class_loss_weight <= 100.0:
             problems.append(f"class_loss_weight must be in (0, 100], got {self.class_loss_weight}")
         if self.classification_loss == "bce" and not self.hard_negative_sampling:

@@ -19,11 +19,13 @@ TWO_CLASSES = ("caries", "deep_caries")
 def test_class_scores_split_the_lesion_probability_by_the_class_softmax():
     logits = torch.tensor([[2.0, 0.0, 3.0], [0.0, 0.0, -1.0], [-5.0, 5.0, 0.0]])
     scores = lesion_times_class_scores(logits)
-    assert scores.shape == (3, 2) and scores.dtype == torch.float32
+    assert scores.shape == (3, 2)
+    assert scores.dtype == torch.float32
     torch.testing.assert_close(scores.sum(dim=-1), torch.sigmoid(logits[:, -1]))
     # Equal class logits halve the lesion probability; the class ranking follows the class logits.
     torch.testing.assert_close(scores[1], torch.sigmoid(torch.tensor(-1.0)).repeat(2) / 2)
-    assert scores[0, 0] > scores[0, 1] and scores[2, 1] > scores[2, 0]
+    assert scores[0, 0] > scores[0, 1]
+    assert scores[2, 1] > scores[2, 0]
 
 
 def test_the_loss_trains_the_lesion_logit_everywhere_and_the_classes_on_matched_anchors_only():
@@ -70,7 +72,8 @@ def test_a_lesion_times_class_detector_finds_two_lesions_and_tells_their_classes
         detector.losses(image, targets)["total"].backward()
         optimizer.step()
     found = detector.eval().predict(image[:1])[0]
-    assert found["scores"].max() <= 1.0 and bool((found["labels"] < 2).all())
+    assert found["scores"].max() <= 1.0
+    assert bool((found["labels"] < 2).all())
     for label, box in enumerate(boxes):
         overlaps = box_iou(found["boxes"], box[None])[:, 0] > 0.5
         best = {c: max(found["scores"][overlaps & (found["labels"] == c)].tolist(), default=0.0) for c in (0, 1)}
