@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="PNG to write")
     parser.add_argument("--rows", type=Path, metavar="DIR", help="also write each run folder's rows as DIR/NAME.csv")
     args = parser.parse_args(argv)
+    if args.rows is not None:
+        args.rows.mkdir(parents=True, exist_ok=True)
     curves, table = (
         {},
         ["| run | steps | last val AP50 | best val AP50 (step) | FROC score at best |", "|---|---|---|---|---|"],
@@ -77,7 +79,6 @@ def main(argv: list[str] | None = None) -> int:
         if not rows:
             continue
         if args.rows is not None and run.suffix != ".csv":
-            args.rows.mkdir(parents=True, exist_ok=True)
             write_rows(rows, args.rows / f"{run.resolve().name}.csv")
         curves[label] = ([row["step"] for row in rows], [row["ap50"] for row in rows])
         best = max(rows, key=lambda row: row["ap50"])

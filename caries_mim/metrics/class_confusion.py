@@ -21,9 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from caries_mim.errors import InvalidArgumentError
 from caries_mim.metrics.coco import coco_metrics
-from caries_mim.metrics.inputs import EvaluatedImage, check_class_names, check_images, check_labels
+from caries_mim.metrics.inputs import EvaluatedImage, check_class_names, check_fraction, check_images, check_labels
 from caries_mim.metrics.matching import box_iou
 
 #: The column of the confusion for lesions no finding overlaps.
@@ -98,10 +97,8 @@ def class_confusion(
     check_images(images)
     names = check_class_names(class_names)
     check_labels(images, names)
-    if not 0.0 <= threshold <= 1.0:
-        raise InvalidArgumentError(f"threshold must be in [0, 1], got {threshold}")
-    if not 0.0 < iou_threshold <= 1.0:
-        raise InvalidArgumentError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
+    threshold = check_fraction(threshold, "threshold", allow_zero=True, allow_one=True)
+    iou_threshold = check_fraction(iou_threshold, "iou_threshold", allow_zero=False, allow_one=True)
     counts = np.zeros((len(names), len(names) + 1), dtype=np.int64)
     for image in images:
         kept = image.pred_scores >= threshold
@@ -120,7 +117,7 @@ def class_confusion(
     return ClassConfusion(
         class_names=tuple(names),
         counts=counts,
-        threshold=float(threshold),
-        iou_threshold=float(iou_threshold),
+        threshold=threshold,
+        iou_threshold=iou_threshold,
         merged_ap50=coco_metrics(merged, ["lesion"]).ap50,
     )

@@ -57,8 +57,8 @@ def test_without_findings_every_lesion_is_missed_and_accuracy_is_undefined():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"threshold": 1.5}, r"threshold must be in \[0, 1\]"),
-        ({"threshold": 0.5, "iou_threshold": 0.0}, "iou_threshold"),
+        ({"threshold": 1.5}, r"threshold must lie in \[0, 1\], got 1.5"),
+        ({"threshold": 0.5, "iou_threshold": 0.0}, r"iou_threshold must lie in \(0, 1\], got 0.0"),
     ],
 )
 def test_bad_thresholds_are_named(kwargs, message):
