@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from caries_mim.data.scale import ScaleRule
+from caries_mim.detection.pyramid import pyramid_strides
+from caries_mim.detection.spatial_prior import STEM_STRIDE
 from caries_mim.errors import InvalidArgumentError
 from caries_mim.models.config import ViTConfig
 from caries_mim.typed_values import checked_kwargs
@@ -60,6 +62,10 @@ class DetectorConfig:
             GroupNorm with 8 groups).
         pyramid_levels: 3 (strides p/2, p and 2p) or 4 (a stride-p/4 level added below them, ViTDet's 4x
             upsampling or a CNN's stride-4 stage: finer anchor positions for lesions a few cells wide).
+        spatial_prior_width: ``vit`` backbone only: the stride-4 width of ViT-Adapter's convolutional spatial prior
+            (:mod:`caries_mim.detection.spatial_prior`), whose maps join every pyramid level to give the plain ViT
+            fine detail; coarser levels get twice the width. None: the plain ViTDet pyramid. Needs a finest
+            stride of at least 4.
         anchor_shapes: (width, height) in pixels of the anchors of the finest level (stride p/2, or p/4 with four
             levels); each next level uses 2x the shapes of the one before.
         atss_candidates: anchor positions per level that ATSS considers for each ground-truth box.
@@ -105,6 +111,7 @@ class DetectorConfig:
     assumed_long_side_mm: float = 35.0
     pyramid_channels: int = 256
     pyramid_levels: int = 3
+    spatial_prior_width: int | None = None
     anchor_shapes: tuple[tuple[float, float], ...] = ((16.0, 16.0), (12.0, 20.0), (20.0, 12.0))
     atss_candidates: int = 4
     atss_center_in_gt: bool = False
@@ -218,6 +225,18 @@ class DetectorConfig:
             problems.append(
                 f"pyramid_levels 4 needs a patch_size divisible by 4 (a stride-p/4 level), got {patch_size}"
             )
+        if self.spatial_prior_width is not None:
+            if self.backbone != "vit":
+                problems.append(f"spatial_prior_width is for the vit backbone ({self.backbone} is convolutional)")
+            if not 8 <= self.spatial_prior_width <= 1024:
+                problems.append(f"spatial_prior_width must be in [8, 1024] or null, got {self.spatial_prior_width}")
+            finest = pyramid_strides(patch_size, self.pyramid_levels)[0]
+            if finest < STEM_STRIDE or finest & (finest - 1):
+                problems.append(
+                    f"spatial_prior_width needs pyramid strides that are powers of two from {STEM_STRIDE} up "
+                    f"(its stem has stride {STEM_STRIDE}); patch_size {patch_size} with {self.pyramid_levels} "
+                    f"levels has a finest stride of {finest}"
+                )
         if self.pyramid_channels < 8 or self.pyramid_channels % 8:
             problems.append(f"pyramid_channels {self.pyramid_channels} must be a positive multiple of 8")
         if not self.anchor_shapes or any(len(s) != 2 or min(s) <= 0 for s in self.anchor_shapes):
@@ -262,9 +281,7 @@ class DetectorConfig:
     def strides(self) -> tuple[int, ...]:
         """Pyramid strides in pixels, finest first: patch_size / 2, patch_size, 2 * patch_size, with
         patch_size / 4 before them for four levels."""
-        patch = self.encoder.patch_size
-        three = (patch // 2, patch, 2 * patch)
-        return three if self.pyramid_levels == 3 else (patch // 4, *three)
+        return pyramid_strides(self.encoder.patch_size, self.pyramid_levels)
 
     @property
     def anchor_scales(self) -> tuple[int, ...]:

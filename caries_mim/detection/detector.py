@@ -204,7 +204,12 @@ class CariesDetector(nn.Module):
             )
         else:
             network = ViTRetinaNet(
-                encoder, config.head_outputs, len(config.anchor_shapes), config.pyramid_channels, config.pyramid_levels
+                encoder,
+                config.head_outputs,
+                len(config.anchor_shapes),
+                config.pyramid_channels,
+                config.pyramid_levels,
+                config.spatial_prior_width,
             )
         detector = _RetinaNetDetector(network, anchors)
         detector.set_atss_matcher(num_candidates=config.atss_candidates, center_in_gt=config.atss_center_in_gt)

@@ -11,24 +11,43 @@ import torch
 from monai.apps.detection.networks.retinanet_network import RetinaNet
 from torch import nn
 
-from caries_mim.detection.pyramid import SimpleFeaturePyramid
+from caries_mim.detection.pyramid import SimpleFeaturePyramid, pyramid_strides
+from caries_mim.detection.spatial_prior import SpatialPriorModule
 from caries_mim.models.vit import VisionTransformer
 
 
 class ViTFeatureExtractor(nn.Module):
     """(B, 1, H, W) images in [0, 1] -> pyramid levels [(B, C, H/(p/2), W/(p/2)), (B, C, H/p, W/p),
     (B, C, H/2p, W/2p)] from the encoder's final patch tokens, with (B, C, H/(p/4), W/(p/4)) first for four levels.
-    H and W must be multiples of 2p."""
+    H and W must be multiples of 2p.
 
-    def __init__(self, encoder: VisionTransformer, channels: int = 256, levels: int = 3) -> None:
+    ``spatial_prior_width``: when set, a convolutional spatial prior of that stride-4 width
+    (:class:`~caries_mim.detection.spatial_prior.SpatialPriorModule`) adds fine detail to every level.
+    """
+
+    def __init__(
+        self,
+        encoder: VisionTransformer,
+        channels: int = 256,
+        levels: int = 3,
+        spatial_prior_width: int | None = None,
+    ) -> None:
         super().__init__()
         self.encoder = encoder
-        self.pyramid = SimpleFeaturePyramid(encoder.config.embed_dim, channels, levels)
+        strides = pyramid_strides(encoder.config.patch_size, levels)
+        self.spatial_prior = (
+            None
+            if spatial_prior_width is None
+            else SpatialPriorModule(strides, spatial_prior_width, encoder.config.input_mean, encoder.config.input_std)
+        )
+        prior_widths = () if self.spatial_prior is None else self.spatial_prior.out_widths
+        self.pyramid = SimpleFeaturePyramid(encoder.config.embed_dim, channels, levels, prior_widths)
         #: Read by MONAI's RetinaNet to size its heads.
         self.out_channels = channels
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return self.pyramid(self.encoder(images).feature_map())
+        priors = None if self.spatial_prior is None else self.spatial_prior(images)
+        return self.pyramid(self.encoder(images).feature_map(), priors)
 
 
 class ViTRetinaNet(RetinaNet):
@@ -44,13 +63,19 @@ class ViTRetinaNet(RetinaNet):
     """
 
     def __init__(
-        self, encoder: VisionTransformer, num_classes: int, num_anchors: int, channels: int = 256, levels: int = 3
+        self,
+        encoder: VisionTransformer,
+        num_classes: int,
+        num_anchors: int,
+        channels: int = 256,
+        levels: int = 3,
+        spatial_prior_width: int | None = None,
     ) -> None:
         super().__init__(
             spatial_dims=2,
             num_classes=num_classes,
             num_anchors=num_anchors,
-            feature_extractor=ViTFeatureExtractor(encoder, channels, levels),
+            feature_extractor=ViTFeatureExtractor(encoder, channels, levels, spatial_prior_width),
             # The stride-2p level max-pools the patch grid by 2: an even number of patches keeps it exact.
             size_divisible=2 * encoder.config.patch_size,
         )

@@ -13,6 +13,12 @@ import torch
 from torch import nn
 
 
+def pyramid_strides(patch_size: int, levels: int) -> tuple[int, ...]:
+    """Strides in pixels of the pyramid's levels, finest first: p/2, p, 2p, with p/4 before them for four levels."""
+    three = (patch_size // 2, patch_size, 2 * patch_size)
+    return three if levels == 3 else (patch_size // 4, *three)
+
+
 class ChannelLayerNorm(nn.LayerNorm):
     """LayerNorm over the channels of a (B, C, H, W) map at every position (ViTDet's "LN" for conv features).
 
@@ -42,12 +48,17 @@ class SimpleFeaturePyramid(nn.Module):
         in_channels: D, the encoder width.
         channels: C, the width of every output level.
         levels: 3 or 4.
+        prior_widths: channels of extra per-level maps (the spatial prior,
+            :mod:`caries_mim.detection.spatial_prior`), finest first, concatenated with each rescaled ViT map before
+            the level's output block; empty for the plain pyramid.
 
     The input's h and w must be even (images divisible by 2p, which the detector's padding guarantees) so that
     the stride-2p level tiles the image exactly and its anchors line up.
     """
 
-    def __init__(self, in_channels: int, channels: int = 256, levels: int = 3) -> None:
+    def __init__(
+        self, in_channels: int, channels: int = 256, levels: int = 3, prior_widths: tuple[int, ...] = ()
+    ) -> None:
         super().__init__()
         self.out_channels = channels
         # ViTDet halves the width at each 2x upsampling: the map has 4x the positions.
@@ -68,10 +79,25 @@ class SimpleFeaturePyramid(nn.Module):
                 ),
             )
             widths.insert(0, in_channels // 4)
+        if prior_widths and len(prior_widths) != levels:
+            raise ValueError(f"prior_widths needs one width per level ({levels}), got {list(prior_widths)}")
+        self.prior_widths = tuple(prior_widths)
         self.rescale = nn.ModuleList(rescale)
-        self.output = nn.ModuleList([_output_block(width, channels) for width in widths])
+        self.output = nn.ModuleList(
+            [
+                _output_block(width + extra, channels)
+                for width, extra in zip(widths, prior_widths or (0,) * levels, strict=True)
+            ]
+        )
 
-    def forward(self, feature_map: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, feature_map: torch.Tensor, priors: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """(B, D, h, w) -> [(B, C, 2h, 2w), (B, C, h, w), (B, C, h/2, w/2)], finest level first, with
-        (B, C, 4h, 4w) before them for four levels."""
-        return [output(rescale(feature_map)) for rescale, output in zip(self.rescale, self.output, strict=True)]
+        (B, C, 4h, 4w) before them for four levels.
+
+        ``priors``: with ``prior_widths``, one (B, prior_widths[i], ., .) map per level at that level's size."""
+        if bool(priors) != bool(self.prior_widths):
+            raise ValueError("priors must be given exactly when the pyramid was built with prior_widths")
+        levels = [rescale(feature_map) for rescale in self.rescale]
+        if priors:
+            levels = [torch.cat([level, prior], dim=1) for level, prior in zip(levels, priors, strict=True)]
+        return [output(level) for output, level in zip(self.output, levels, strict=True)]
