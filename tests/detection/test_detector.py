@@ -10,7 +10,7 @@ from monai.data.box_utils import box_iou
 from caries_mim.detection import CariesDetector, DetectorConfig
 from caries_mim.errors import InvalidArgumentError
 from caries_mim.models import VisionTransformer, ViTConfig
-from tests.detection.tiny import tiny_config
+from tests.detection.tiny import fit, tiny_config
 
 
 def _targets():
@@ -214,13 +214,7 @@ def test_default_anchors_give_every_lesion_size_positives_at_its_level(side, lev
 def _fit_one_box(detector, image, box, steps, lr):
     """Train ``detector`` on ``image`` (B, 1, H, W) with ``box`` (1, 4) as every image's only lesion, then return
     the eval-mode prediction for the first image."""
-    targets = [{"boxes": box, "labels": torch.tensor([0])}] * image.shape[0]
-    optimizer = torch.optim.AdamW(detector.parameters(), lr=lr)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        detector.losses(image, targets)["total"].backward()
-        optimizer.step()
-    return detector.eval().predict(image[:1])[0]
+    return fit(detector, image, [{"boxes": box, "labels": torch.tensor([0])}] * image.shape[0], steps, lr)
 
 
 def test_the_cnn_yardstick_trains_and_predicts_through_the_same_detector(tmp_path):

@@ -11,7 +11,7 @@ from caries_mim.detection.lesion_times_class import LesionTimesClassLoss, lesion
 from caries_mim.detection.losses import FocalLossPerPositive
 from caries_mim.errors import InvalidArgumentError
 from caries_mim.models import ViTConfig
-from tests.detection.tiny import tiny_config
+from tests.detection.tiny import fit, tiny_config
 
 TWO_CLASSES = ("caries", "deep_caries")
 
@@ -65,13 +65,7 @@ def test_a_lesion_times_class_detector_finds_two_lesions_and_tells_their_classes
     boxes = torch.tensor([[10.0, 10.0, 30.0, 30.0], [80.0, 30.0, 100.0, 50.0]])
     maps = detector.network(image)[detector.retinanet.cls_key]
     assert maps[0].shape[1] == len(config.anchor_shapes) * 3
-    targets = [{"boxes": boxes, "labels": torch.tensor([0, 1])}] * 2
-    optimizer = torch.optim.AdamW(detector.parameters(), lr=2e-3)
-    for _ in range(60):
-        optimizer.zero_grad()
-        detector.losses(image, targets)["total"].backward()
-        optimizer.step()
-    found = detector.eval().predict(image[:1])[0]
+    found = fit(detector, image, [{"boxes": boxes, "labels": torch.tensor([0, 1])}] * 2, steps=60, lr=2e-3)
     assert found["scores"].max() <= 1.0
     assert bool((found["labels"] < 2).all())
     for label, box in enumerate(boxes):

@@ -11,7 +11,7 @@ from caries_mim.detection import CariesDetector, DetectorConfig, SimpleFeaturePy
 from caries_mim.detection.spatial_prior import SpatialPriorModule
 from caries_mim.errors import InvalidArgumentError
 from caries_mim.models import ViTConfig
-from tests.detection.tiny import tiny_config
+from tests.detection.tiny import fit, tiny_config
 
 ENCODER_16 = ViTConfig(embed_dim=32, depth=1, num_heads=2, patch_size=16)
 
@@ -82,12 +82,7 @@ def test_a_detector_with_the_prior_trains_finds_a_small_lesion_and_round_trips(l
     targets = [{"boxes": box, "labels": torch.tensor([0])}] * 2
     detector.losses(image, targets)["total"].backward()
     assert prior.stem[0][0].weight.grad.abs().sum() > 0
-    optimizer = torch.optim.AdamW(detector.parameters(), lr=2e-3)
-    for _ in range(40):
-        optimizer.zero_grad()
-        detector.losses(image, targets)["total"].backward()
-        optimizer.step()
-    found = detector.eval().predict(image[:1])[0]
+    found = fit(detector, image, targets, steps=40, lr=2e-3)
     assert box_iou(found["boxes"][:1], box).item() > 0.5
     restored = CariesDetector(DetectorConfig.from_dict(config.to_dict()))
     restored.load_state_dict(detector.state_dict())

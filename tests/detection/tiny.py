@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from caries_mim.detection import DetectorConfig
+import torch
+
+from caries_mim.detection import CariesDetector, DetectorConfig
 from caries_mim.models import ViTConfig
 
 TINY_ENCODER = ViTConfig(embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0)
@@ -21,3 +23,14 @@ def tiny_config(**overrides: Any) -> DetectorConfig:
         "detections_per_image": 20,
     }
     return DetectorConfig(**{**values, **overrides})
+
+
+def fit(detector: CariesDetector, image: torch.Tensor, targets: list[dict], steps: int, lr: float) -> dict:
+    """Train ``detector`` with AdamW on ``image`` (B, 1, H, W) and its per-image ``targets`` for ``steps`` steps,
+    then return the eval-mode prediction for the first image."""
+    optimizer = torch.optim.AdamW(detector.parameters(), lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        detector.losses(image, targets)["total"].backward()
+        optimizer.step()
+    return detector.eval().predict(image[:1])[0]
