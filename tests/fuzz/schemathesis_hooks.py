@@ -29,3 +29,12 @@ def _png() -> bytes:
 RADIOGRAPHS = [*seed_files().values(), _png()]
 
 schemathesis.openapi.format("binary", st.sampled_from(RADIOGRAPHS))
+
+
+@schemathesis.hook
+def filter_body(ctx, body) -> bool:
+    """Drop bodies with an empty list in a form field. A multipart form sends an empty list as no part at all, so on
+    the wire the request is the one that leaves the optional field out, which is valid; schemathesis still counts
+    it as a type violation the service should have refused (ST201 "Schema-violating request accepted", e.g.
+    ``pixel_spacing_mm`` "was string, became array"). Such a case tests schemathesis's serializer, not the service."""
+    return not (isinstance(body, dict) and any(value == [] for value in body.values()))
