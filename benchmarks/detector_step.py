@@ -6,8 +6,8 @@ working scale, 256 px crops, 64 pyramid channels, four levels, GIoU), on random 
   * resnet18      - the CNN yardstick (MONAI's ResNet-18 at half width under a small FPN): the peer;
   * vit           - ViT-Tiny/16 with 6 blocks under ViTDet's simple pyramid;
   * vit + prior   - the same with ViT-Adapter's spatial prior (``detector.spatial_prior_width``).
-For each: parameters, forward+backward+AdamW milliseconds per step (median of the timed steps after warm-up),
-images per second, and the peak resident memory the step adds. Ends with a JSON line.
+For each: parameters, forward+backward+AdamW milliseconds per step (median of the timed steps after warm-up) and
+images per second. Ends with a JSON line.
 
     python benchmarks/detector_step.py [--batch 8] [--steps 6] [--threads 2] [--device cpu|cuda]
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -68,16 +67,11 @@ def batch(size: int, device: torch.device) -> tuple[torch.Tensor, list[dict[str,
     return images.to(device), targets
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def time_steps(name: str, overrides: dict, size: int, steps: int, device: torch.device) -> dict:
     torch.manual_seed(0)
     detector = CariesDetector(config(overrides)).to(device).train()
     optimizer = torch.optim.AdamW(detector.parameters(), lr=1e-4)
     images, targets = batch(size, device)
-    before = peak_rss_mib()
     times = []
     for step in range(steps + 2):  # two warm-up steps
         if device.type == "cuda":
@@ -96,7 +90,6 @@ def time_steps(name: str, overrides: dict, size: int, steps: int, device: torch.
         "parameters_m": round(sum(p.numel() for p in detector.parameters()) / 1e6, 3),
         "ms_per_step": round(milliseconds, 1),
         "images_per_s": round(1000.0 * size / milliseconds, 2),
-        "peak_rss_added_mib": round(max(0.0, peak_rss_mib() - before), 1),
     }
 
 

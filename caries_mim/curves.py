@@ -36,11 +36,12 @@ def _new_figure() -> tuple[Figure, Any]:
     return figure, figure.add_subplot()
 
 
-def _save(figure: Figure, path: str | os.PathLike) -> Path:
+def _save(figure: Figure, path: str | os.PathLike, *, tight: bool = False) -> Path:
+    """``tight``: grow the canvas to hold what lies outside the axes (a legend below them)."""
     path = Path(path)
     with atomic_path(path) as temporary:
         # The temporary name ends in ".tmp": the format must be named, not guessed from the suffix.
-        figure.savefig(temporary, format="png")
+        figure.savefig(temporary, format="png", bbox_inches="tight" if tight else None)
     return path
 
 
@@ -265,10 +266,14 @@ def plot_learning_curves(
         InvalidArgumentError: a curve whose steps and values differ in length.
     """
     figure, axes = _new_figure()
-    for label, (steps, values) in curves.items():
+    # Matplotlib's default cycle has 10 colours: past them, lines repeat colours with another dash and marker so
+    # that every run stays distinguishable.
+    styles = (("-", "o"), ("--", "s"), (":", "^"))
+    for index, (label, (steps, values)) in enumerate(curves.items()):
         if len(steps) != len(values):
             raise InvalidArgumentError(f"curve {label!r}: {len(steps)} steps but {len(values)} values")
-        axes.plot(list(steps), list(values), marker="o", markersize=2.5, linewidth=1.2, label=label)
+        line, marker = styles[(index // 10) % len(styles)]
+        axes.plot(list(steps), list(values), linestyle=line, marker=marker, markersize=2.5, linewidth=1.2, label=label)
     if not curves:
         _note(axes, "no runs")
     axes.set_xlabel("optimizer steps")
@@ -276,5 +281,6 @@ def plot_learning_curves(
     axes.set_ylim(0.0, 1.0)
     axes.grid(True, alpha=0.3)
     if curves:
-        axes.legend(fontsize=6, loc="upper left")
-    return _save(figure, path)
+        # Below the axes: a dozen runs' labels would hide the curves' starts.
+        axes.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
+    return _save(figure, path, tight=bool(curves))
