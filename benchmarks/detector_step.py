@@ -58,12 +58,11 @@ def batch(size: int, device: torch.device) -> tuple[torch.Tensor, list[dict[str,
     images = torch.rand(size, 1, CROP, CROP, generator=generator)
     corners = torch.randint(10, CROP - 40, (size, 2, 2), generator=generator).float()
     sides = torch.randint(8, 26, (size, 2, 2), generator=generator).float()
+    labels = torch.tensor([0, 1], device=device)
     targets = [
-        {"boxes": torch.cat([corners[i], corners[i] + sides[i]], dim=1).to(device), "labels": torch.tensor([0, 1])}
+        {"boxes": torch.cat([corners[i], corners[i] + sides[i]], dim=1).to(device), "labels": labels}
         for i in range(size)
     ]
-    for target in targets:
-        target["labels"] = target["labels"].to(device)
     return images.to(device), targets
 
 

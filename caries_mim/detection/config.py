@@ -16,7 +16,7 @@ from typing import Any
 
 from caries_mim.data.scale import ScaleRule
 from caries_mim.detection.pyramid import pyramid_strides
-from caries_mim.detection.spatial_prior import STEM_STRIDE
+from caries_mim.detection.spatial_prior import STEM_STRIDE, servable_stride
 from caries_mim.errors import InvalidArgumentError
 from caries_mim.models.config import ViTConfig
 from caries_mim.typed_values import checked_kwargs
@@ -231,7 +231,7 @@ class DetectorConfig:
             if not 8 <= self.spatial_prior_width <= 1024:
                 problems.append(f"spatial_prior_width must be in [8, 1024] or null, got {self.spatial_prior_width}")
             finest = pyramid_strides(patch_size, self.pyramid_levels)[0]
-            if finest < STEM_STRIDE or finest & (finest - 1):
+            if not servable_stride(finest):
                 problems.append(
                     f"spatial_prior_width needs pyramid strides that are powers of two from {STEM_STRIDE} up "
                     f"(its stem has stride {STEM_STRIDE}); patch_size {patch_size} with {self.pyramid_levels} "

@@ -24,6 +24,11 @@ from torch import nn
 STEM_STRIDE = 4
 
 
+def servable_stride(stride: int) -> bool:
+    """Whether the prior can give a map at ``stride``: the stem's stride times a power of two."""
+    return stride >= STEM_STRIDE and not stride & (stride - 1)
+
+
 def _conv_bn_relu(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
     """3x3 convolution, BatchNorm (as ViT-Adapter's and the ResNet yardstick's stems), ReLU."""
     return nn.Sequential(
@@ -49,8 +54,7 @@ class SpatialPriorModule(nn.Module):
 
     def __init__(self, strides: tuple[int, ...], width: int, input_mean: float = 0.0, input_std: float = 1.0) -> None:
         super().__init__()
-        problems = [s for s in strides if s < STEM_STRIDE or s & (s - 1)]
-        if problems or list(strides) != sorted(set(strides)):
+        if not all(map(servable_stride, strides)) or list(strides) != sorted(set(strides)):
             raise ValueError(
                 f"spatial prior strides must be increasing powers of two >= {STEM_STRIDE}, got {list(strides)}"
             )
@@ -67,12 +71,14 @@ class SpatialPriorModule(nn.Module):
         octaves = (max(strides) // STEM_STRIDE).bit_length() - 1
         widths = [width] + [2 * width] * octaves
         self.downsample = nn.ModuleList(_conv_bn_relu(widths[i], widths[i + 1], stride=2) for i in range(octaves))
+        # Which of the stem's and downsampling steps' maps (stride 4, 8, 16 ...) each requested stride is.
+        self._map_index = tuple((s // STEM_STRIDE).bit_length() - 1 for s in strides)
         #: Channels of each returned map, finest first (what the pyramid's output blocks add to their input).
-        self.out_widths = tuple(widths[(s // STEM_STRIDE).bit_length() - 1] for s in strides)
+        self.out_widths = tuple(widths[i] for i in self._map_index)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """(B, 1, H, W) -> [(B, out_widths[i], H / strides[i], W / strides[i])], finest first."""
         maps = [self.stem((images - self.input_mean) / self.input_std)]  # stride 4
         for step in self.downsample:
             maps.append(step(maps[-1]))
-        return [maps[(s // STEM_STRIDE).bit_length() - 1] for s in self.strides]
+        return [maps[i] for i in self._map_index]
