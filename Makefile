@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.caries-mim-installed
 
-.PHONY: setup demo study reference test lint format clean
+.PHONY: setup demo study reference reference-cpu test lint format clean
 
 # docker/constraints.txt pins the runtime dependencies to the versions the images install, so CI tests those.
 $(STAMP): pyproject.toml docker/constraints.txt
@@ -38,6 +38,10 @@ study: setup
 # after an interruption). Hours on a GPU host, days on 2 CPU cores: see docs/detection_recipe.md.
 reference: setup
 	$(BIN)/caries-mim reference --out models --work runs/reference
+
+# The same build sized for 2 CPU cores (about 100 minutes): what models/ ships until a GPU host runs `make reference`.
+reference-cpu: setup
+	$(BIN)/caries-mim reference --config cpu --out models --work runs/reference_cpu
 
 lint: setup
 	$(BIN)/ruff check .
