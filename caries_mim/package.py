@@ -52,6 +52,8 @@ PACKAGE_FILE_NAME = "model.cmpkg"
 #: images copy to the same place beside the package.
 SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "models"
 REFERENCE_DETECTOR = SHIPPED_MODELS / "reference_detector.cmpkg"
+#: The MIM-pretrained encoder the reference detector was fine-tuned from (what the demo fine-tunes from).
+FOUNDATION_ENCODER = SHIPPED_MODELS / "foundation_encoder.pt"
 #: Names the resize-pad rules of :func:`caries_mim.detection.preprocessing.prepare_image`; each changes with its rule.
 PREPROCESSING_METHOD = "letterbox-long-side-v1"
 PHYSICAL_PREPROCESSING_METHOD = "physical-spacing-v1"
@@ -211,9 +213,23 @@ def shipped_reference_detector() -> Path:
     if not REFERENCE_DETECTOR.is_file():
         raise InvalidConfigError(
             f"no model given and no shipped reference detector at {REFERENCE_DETECTOR}: pass --model PKG (or set "
-            "CARIES_MIM_MODEL), or build it with `make reference`"
+            "CARIES_MIM_MODEL), or build it with `make reference-cpu` (about 100 minutes on 2 CPU cores)"
         )
     return REFERENCE_DETECTOR
+
+
+def shipped_foundation_encoder() -> Path:
+    """The shipped MIM-pretrained foundation encoder, what ``caries-mim demo`` fine-tunes from by default.
+
+    Raises:
+        InvalidConfigError: it is not there (an installation without ``models/``, or before it was built).
+    """
+    if not FOUNDATION_ENCODER.is_file():
+        raise InvalidConfigError(
+            f"no shipped foundation encoder at {FOUNDATION_ENCODER}: pass --encoder ENCODER_PT, or build it with "
+            "`make reference-cpu` (about 100 minutes on 2 CPU cores)"
+        )
+    return FOUNDATION_ENCODER
 
 
 def package_checksum(payload: dict[str, Any]) -> str:

@@ -37,7 +37,7 @@ from caries_mim import __version__
 from caries_mim.atomic_files import atomic_write_bytes
 from caries_mim.errors import InvalidArgumentError
 from caries_mim.models import load_encoder, save_encoder
-from caries_mim.package import read_package, save_package
+from caries_mim.package import FOUNDATION_ENCODER, REFERENCE_DETECTOR, read_package, save_package
 from caries_mim.synth import SynthConfig, generate_dataset
 from pipelines import config as configs
 from pipelines.config import path_override
@@ -57,8 +57,8 @@ SHIFTED_GENERATOR: dict[str, Any] = {
     "rotation_deg_range": [-8.0, 8.0],
 }
 
-FOUNDATION_FILE = "foundation_encoder.pt"
-DETECTOR_FILE = "reference_detector.cmpkg"
+FOUNDATION_FILE = FOUNDATION_ENCODER.name
+DETECTOR_FILE = REFERENCE_DETECTOR.name
 RECONSTRUCTIONS_FILE = "foundation_reconstructions.png"
 PROVENANCE_FILE = "provenance.json"
 
@@ -222,6 +222,8 @@ def run_reference(
 ) -> dict[str, Any]:
     """Build (or finish building) the reference models into ``out``; returns the provenance it writes."""
     started = time.perf_counter()
+    # The code that runs is the code at the start: a checkout edited during a long build must not be recorded.
+    commit = code_commit()
     seconds: dict[str, float] = {}
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -300,7 +302,7 @@ def run_reference(
     provenance = {
         "command": command if command is not None else sys.argv,
         "caries_mim_version": __version__,
-        "code_commit": code_commit(),
+        "code_commit": commit,
         "machine": machine(),
         "reference_config": configs.to_dict(config),
         "pretrain_config": configs.to_dict(pretrain_config),
