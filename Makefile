@@ -25,13 +25,15 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/caries-mim demo --out runs/demo
 
-# Label-efficiency study on the demo's synthetic data and MIM encoder (run `make demo` first).
+# Label-efficiency study on the demo's synthetic data, random init vs the shipped foundation encoder, with the
+# demo's fine-tuning config (run `make demo` first).
 DEMO := runs/demo
 study: setup
-	@test -f $(DEMO)/pretrain/encoder.pt || { echo "make study needs $(DEMO)/pretrain/encoder.pt: run make demo first"; exit 2; }
-	$(BIN)/caries-mim study label-efficiency --config tiny \
+	@test -f $(DEMO)/demo_summary.json || { echo "make study needs the demo's data in $(DEMO): run make demo first"; exit 2; }
+	@test -f models/foundation_encoder.pt || { echo "make study needs models/foundation_encoder.pt: run make reference-cpu"; exit 2; }
+	$(BIN)/caries-mim study label-efficiency --config demo \
 		--train $(DEMO)/synthetic/labeled/train.json --val $(DEMO)/synthetic/labeled/val.json \
-		--test $(DEMO)/synthetic/labeled/test.json --encoder $(DEMO)/pretrain/encoder.pt \
+		--test $(DEMO)/synthetic/labeled/test.json --encoder models/foundation_encoder.pt \
 		--set data.cache_dir=$(DEMO)/decode_cache --out runs/study
 
 # Rebuild the shipped foundation encoder and reference detector from scratch into models/ (resumable: run it again

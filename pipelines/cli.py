@@ -209,13 +209,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import run_demo
 
+    given = {
+        "n_unlabeled": args.unlabeled,
+        "n_labeled": args.labeled,
+        "pretrain_steps": args.pretrain_steps,
+        "finetune_steps": args.finetune_steps,
+    }
     run_demo(
         Path(args.out),
         seed=args.seed,
-        n_unlabeled=args.unlabeled,
-        n_labeled=args.labeled,
-        pretrain_steps=args.pretrain_steps,
-        finetune_steps=args.finetune_steps,
+        encoder=args.encoder,
+        **{name: value for name, value in given.items() if value is not None},
     )
     return EXIT_OK
 
@@ -320,7 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--data", nargs="+", type=Path, metavar="DIR", help="folders (or files) of radiographs")
     _add_run_options(
         pretrain,
-        shipped="tiny (CPU, minutes), vit_small, vit_base (GPU hosts); default: built-in ViT-S/16 MAE recipe",
+        shipped="tiny (CPU, minutes), demo (what the demo continues the foundation encoder with), reference_cpu "
+        "(the CPU foundation encoder), reference, vit_small, vit_base (GPU hosts); default: built-in ViT-S/16 MAE "
+        "recipe",
         example="--set optim.batch_size=32 --set objective.name=simmim",
     )
     pretrain.set_defaults(handler=_cmd_pretrain)
@@ -338,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_options(
         finetune,
-        shipped="tiny (CPU, minutes), vit_small (GPU hosts); default: built-in ViT-S recipe",
+        shipped="tiny (CPU, minutes), demo (what the demo runs), reference_cpu (the CPU reference detector), "
+        "reference, vit_small (GPU hosts); default: built-in ViT-S recipe",
         example="--set optim.lr=1e-4 --set data.label_fraction=0.25",
     )
     finetune.set_defaults(handler=_cmd_finetune)
@@ -431,28 +438,47 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="run the main job on embedded synthetic data (what `make demo` runs)",
-        description="Generates a small synthetic set, reads every file back, loads the annotations, writes "
-        "preview pictures, pretrains a tiny MAE encoder on the images, fine-tunes the caries detector from it, "
-        "evaluates it on the test split and predicts on a few files.",
+        description="Generates a synthetic set, reads every file back, loads the annotations, writes preview "
+        "pictures, optionally continues MAE pretraining of the MIM encoder (the shipped foundation encoder "
+        "unless --encoder) on the images, fine-tunes the caries detector from it, evaluates it on the test "
+        "split, predicts on a few files and queries the service with one of them.",
     )
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: %(default)s)")
     demo.add_argument("--seed", type=_non_negative_int, default=0)
-    demo.add_argument("--unlabeled", type=_non_negative_int, default=96, metavar="N")
-    demo.add_argument("--labeled", type=_non_negative_int, default=80, metavar="M")
+    # Defaults (None here) are pipelines/demo.py's DEMO_* sizes, named in the help; that module is not imported
+    # until the demo runs, so the command line starts fast.
+    demo.add_argument(
+        "--unlabeled", type=_non_negative_int, default=None, metavar="N", help="unlabeled images (default: 0)"
+    )
+    demo.add_argument(
+        "--labeled",
+        type=_non_negative_int,
+        default=None,
+        metavar="M",
+        help="labeled images, split 70/15/15 into train/val/test (default: 400)",
+    )
+    demo.add_argument(
+        "--encoder",
+        type=Path,
+        default=None,
+        metavar="ENCODER_PT",
+        help="the MIM encoder the detector starts from (default: the shipped models/foundation_encoder.pt); with "
+        "--pretrain-steps it must be a 6-block ViT-Tiny/16 like that one (pretrain_demo.yaml)",
+    )
     demo.add_argument(
         "--pretrain-steps",
         type=_non_negative_int,
-        default=1500,
+        default=None,
         metavar="N",
-        help="MAE pretraining steps with the tiny config (half its own 3000, to leave time for the detector); "
-        "0 skips pretraining (default: %(default)s)",
+        help="MAE steps continuing the encoder on the demo's images (config: demo) before fine-tuning; 0 skips "
+        "them (default: 0)",
     )
     demo.add_argument(
         "--finetune-steps",
         type=_positive_int,
         default=None,
         metavar="N",
-        help="detector fine-tuning steps with the tiny config (default: the config's own)",
+        help="detector fine-tuning steps with the demo config (default: the config's own)",
     )
     demo.set_defaults(handler=_cmd_demo)
 
@@ -467,7 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
     reference.add_argument(
         "--work", type=Path, default=Path("runs/reference"), help="data and runs (default: runs/reference)"
     )
-    reference.add_argument("--config", metavar="FILE|NAME", help="YAML config, or a shipped one: default, smoke")
+    reference.add_argument(
+        "--config",
+        metavar="FILE|NAME",
+        help="YAML config, or a shipped one: default (the full build, a GPU host), cpu (sized for 2 CPU cores), smoke "
+        "(the chain in a minute)",
+    )
     reference.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config value")
     reference.add_argument("--quiet", action="store_true", help="no progress bars")
     reference.set_defaults(handler=_cmd_reference)

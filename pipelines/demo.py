@@ -4,9 +4,11 @@
 2. read every file back through the same reader real data uses, and load the COCO splits through the same loaders
    (and pycocotools);
 3. draw what a person would want to see first (labeled images with their boxes, the training augmentation);
-4. pretrain a tiny MAE encoder on every image (labels unused) with the shipped ``tiny`` config;
-5. fine-tune the caries detector from that encoder on the train split (shipped ``tiny`` fine-tuning config),
-   choosing the checkpoint and the operating threshold on the val split;
+4. optionally (``pretrain_steps`` > 0) continue MAE pretraining of the shipped foundation encoder on every demo image
+   (labels unused) with the shipped ``demo`` config;
+5. fine-tune the caries detector from the foundation encoder (or its continuation) on the train split with the
+   shipped ``demo`` config (the reference detector's physical-scale recipe, shorter), choosing the checkpoint and
+   the operating threshold on the val split;
 6. evaluate the model package on the test split (COCO AP, FROC, image-level metrics with 95% CIs, plots);
 7. predict on a few test files as a user would, with overlays;
 8. start the inference service (``caries-mim serve``) on loopback, send it one synthetic DICOM, keep its JSON
@@ -31,6 +33,7 @@ from tqdm import tqdm
 from caries_mim.data import DetectionDataset, detection_train_transform, find_radiographs, load_annotations
 from caries_mim.errors import CariesMimError, InvalidArgumentError
 from caries_mim.io import read_radiograph
+from caries_mim.package import shipped_foundation_encoder
 from caries_mim.synth import generate_dataset
 from caries_mim.visualization import draw_findings, tile
 from pipelines.config import path_override
@@ -41,6 +44,11 @@ from pipelines.pretrain import load_pretrain_config, run_pretrain
 from pipelines.service_client import LocalService, post_radiograph
 
 SPLITS = ("train", "val", "test")
+#: The demo's default sizes (``caries-mim demo`` and ``make demo``; its --help names them): labeled images
+#: (70/15/15 train/val/test), extra unlabeled ones, and MAE continuation steps before fine-tuning.
+DEMO_LABELED = 400
+DEMO_UNLABELED = 0
+DEMO_PRETRAIN_STEPS = 0
 PREVIEW_IMAGES = 8
 #: Test files the predict stage runs on (as a user would: files in, JSON lines and overlays out).
 PREDICT_FILES = 4
@@ -100,47 +108,47 @@ def _previews(out: Path, train_json: Path) -> dict[str, str]:
     return {"labeled": str(labeled_path), "augmented": str(augmented_path)}
 
 
-def _pretrain(out: Path, data_dir: Path, images: int, steps: int, seed: int) -> dict[str, Any]:
-    """The tiny MAE config on every synthetic image (labels are not needed for MIM) into ``out/pretrain``."""
+def _pretrain(out: Path, data_dir: Path, encoder: Path, images: int, steps: int, seed: int) -> dict[str, Any]:
+    """MAE continued from ``encoder`` on every synthetic image (labels are not needed for MIM) into
+    ``out/pretrain``, with the shipped ``demo`` config."""
     run = out / "pretrain"
     if run.exists():
         # The demo owns this folder: a re-run starts it over instead of refusing like `caries-mim pretrain` does.
         shutil.rmtree(run)
-    tiny = load_pretrain_config("tiny", None)
-    batch = min(tiny.optim.batch_size, images)
+    batch = min(load_pretrain_config("demo", None).optim.batch_size, images)
     config = load_pretrain_config(
-        "tiny",
+        "demo",
         [
             f"train.steps={steps}",
             f"train.seed={seed}",
             f"optim.batch_size={batch}",
+            path_override("model.init_from", encoder),
             # One decode cache for pretraining and fine-tuning: the labeled images are decoded once.
             path_override("data.cache_dir", out / "decode_cache"),
         ],
     )
     summary = run_pretrain([data_dir], run, config)
     pictures = sorted((run / "reconstructions").glob("step_*.png"))
-    return {**summary, "reconstructions": str(pictures[-1]) if pictures else None}
+    return {**summary, "init_from": str(encoder), "reconstructions": str(pictures[-1]) if pictures else None}
 
 
 def _finetune(
-    out: Path, data_dir: Path, encoder: str | None, steps: int | None, seed: int, train_images: int
+    out: Path, data_dir: Path, encoder: Path, steps: int | None, seed: int, train_images: int
 ) -> dict[str, Any]:
-    """The shipped ``tiny`` fine-tuning config from the demo's encoder into ``out/finetune``."""
+    """The shipped ``demo`` fine-tuning config from ``encoder`` into ``out/finetune``."""
     run = out / "finetune"
     if run.exists():
         shutil.rmtree(run)
-    batch = min(load_finetune_config("tiny", None).optim.batch_size, train_images)
+    batch = min(load_finetune_config("demo", None).optim.batch_size, train_images)
     settings = [
         f"train.seed={seed}",
         f"optim.batch_size={batch}",
         path_override("data.cache_dir", out / "decode_cache"),
+        path_override("model.encoder", encoder),
     ]
     if steps is not None:
         settings.append(f"train.steps={steps}")
-    if encoder is not None:
-        settings.append(path_override("model.encoder", encoder))
-    config = load_finetune_config("tiny", settings)
+    config = load_finetune_config("demo", settings)
     labeled = data_dir / "labeled"
     return run_finetune([labeled / "train.json"], [labeled / "val.json"], run, config)
 
@@ -197,15 +205,24 @@ def run_demo(
     out: Path,
     *,
     seed: int = 0,
-    n_unlabeled: int = 96,
-    n_labeled: int = 80,
-    pretrain_steps: int | None = 1500,
+    n_unlabeled: int = DEMO_UNLABELED,
+    n_labeled: int = DEMO_LABELED,
+    encoder: Path | None = None,
+    pretrain_steps: int | None = DEMO_PRETRAIN_STEPS,
     finetune_steps: int | None = None,
 ) -> dict[str, Any]:
     """Run the demo into ``out`` and return (and print, and write as ``out/demo_summary.json``) its summary.
 
-    ``pretrain_steps`` / ``finetune_steps``: None runs the tiny configs' own lengths; ``pretrain_steps=0`` skips
-    pretraining (the detector then starts from a random encoder)."""
+    ``encoder``: the MIM encoder the detector starts from (None: the shipped foundation encoder).
+    ``pretrain_steps`` / ``finetune_steps``: None runs the demo configs' own lengths; ``pretrain_steps=0`` skips
+    the MAE continuation (the detector then starts from ``encoder`` itself).
+
+    Raises:
+        InvalidConfigError: no ``encoder`` given and no shipped foundation encoder (before anything is written).
+    """
+    foundation = shipped_foundation_encoder() if encoder is None else encoder
+    if not foundation.is_file():
+        raise InvalidArgumentError(f"--encoder {foundation} does not exist (an encoder.pt from caries-mim pretrain)")
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     data_dir = out / "synthetic"
@@ -253,15 +270,20 @@ def run_demo(
     done("previews", since)
 
     pretrain = None
+    if pretrain_steps == 0 and (out / "pretrain").exists():
+        # An earlier demo's continuation must not look like this run's encoder.
+        shutil.rmtree(out / "pretrain")
     if pretrain_steps != 0:
-        steps = load_pretrain_config("tiny", None).train.steps if pretrain_steps is None else pretrain_steps
-        since = begin("pretrain", f"pretraining a tiny MAE encoder for {steps} steps (config: tiny)")
-        pretrain = _pretrain(out, data_dir, read_back["files"], steps, seed)
+        steps = load_pretrain_config("demo", None).train.steps if pretrain_steps is None else pretrain_steps
+        since = begin("pretrain", f"continuing MAE pretraining of {foundation} for {steps} steps (config: demo)")
+        pretrain = _pretrain(out, data_dir, foundation, read_back["files"], steps, seed)
         done("pretrain", since)
 
-    since = begin("finetune", "fine-tuning the caries detector (config: tiny) on the train split, val for selection")
-    encoder = pretrain["encoder"] if pretrain else None
-    finetune = _finetune(out, data_dir, encoder, finetune_steps, seed, splits["train"]["images"])
+    start = Path(pretrain["encoder"]) if pretrain else foundation
+    since = begin(
+        "finetune", f"fine-tuning the caries detector from {start} (config: demo) on the train split, val for selection"
+    )
+    finetune = _finetune(out, data_dir, start, finetune_steps, seed, splits["train"]["images"])
     done("finetune", since)
 
     package = Path(finetune["package"])
@@ -283,6 +305,7 @@ def run_demo(
         "read_back": read_back,
         "splits": splits,
         "pictures": pictures,
+        "encoder": str(foundation),
         "pretrain": pretrain,
         "finetune": finetune,
         "evaluate": {key: value for key, value in evaluation.items() if key != "overlays"},
@@ -313,17 +336,19 @@ def _print_summary(summary: dict[str, Any]) -> None:
         )
     print(f"  pictures:   {summary['pictures']['labeled']}")
     print(f"              {summary['pictures']['augmented']}")
+    print(f"  encoder:    {summary['encoder']} (MIM-pretrained)")
     pretrain = summary["pretrain"]
     if pretrain:
         print(
-            f"  pretrain:   {pretrain['steps']} MAE steps, loss {pretrain['first_loss']:.4f} -> "
-            f"{pretrain['last_loss']:.4f}, {pretrain['images_per_second']} img/s"
+            f"  pretrain:   {pretrain['steps']} MAE steps continuing {pretrain['init_from']}, loss "
+            f"{pretrain['first_loss']:.4f} -> {pretrain['last_loss']:.4f}, {pretrain['images_per_second']} img/s"
         )
         print(f"              encoder {pretrain['encoder']}")
         print(f"              reconstructions {pretrain['reconstructions']}")
     finetune = summary["finetune"]
     print(
-        f"  finetune:   {finetune['steps']} steps on {finetune['train_images']} images, best val AP50 "
+        f"  finetune:   from {finetune['encoder']}, {finetune['steps']} steps on {finetune['train_images']} images, "
+        f"best val AP50 "
         f"{finetune['best_val_ap50']:.3f} at step {finetune['best_step']}, package {finetune['package']}"
     )
     evaluation = summary["evaluate"]

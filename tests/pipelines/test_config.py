@@ -18,8 +18,11 @@ def test_every_shipped_pretrain_config_is_valid(name):
 
 def test_every_shipped_file_is_reachable_by_name():
     names = sorted(path.stem for path in SHIPPED_CONFIGS.glob("pretrain_*.yaml"))
-    assert names == ["pretrain_reference", "pretrain_tiny", "pretrain_vit_base", "pretrain_vit_small"]
-    for name in ("reference", "tiny", "vit_base", "vit_small"):
+    assert names == [
+        "pretrain_demo", "pretrain_reference", "pretrain_reference_cpu", "pretrain_tiny", "pretrain_vit_base",
+        "pretrain_vit_small",
+    ]  # fmt: skip
+    for name in ("demo", "reference", "reference_cpu", "tiny", "vit_base", "vit_small"):
         load_pretrain_config(name, None)
 
 
@@ -79,7 +82,8 @@ def test_bad_values_name_the_key(overrides, message):
 
 def test_a_missing_config_lists_the_shipped_ones():
     with pytest.raises(
-        InvalidConfigError, match=r"neither a file nor a shipped config \(reference, tiny, vit_base, vit_small\)"
+        InvalidConfigError,
+        match=r"neither a file nor a shipped config \(demo, reference, reference_cpu, tiny, vit_base, vit_small\)",
     ):
         load_pretrain_config("huge", None)
 

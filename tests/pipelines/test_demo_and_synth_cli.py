@@ -9,8 +9,9 @@ import pydicom
 import pytest
 from pydicom.uid import DigitalIntraOralXRayImageStorageForPresentation
 
-from caries_mim.package import load_package
+from caries_mim.package import FOUNDATION_ENCODER, load_package
 from pipelines.cli import main
+from pipelines.demo import DEMO_LABELED, DEMO_PRETRAIN_STEPS, DEMO_UNLABELED
 
 
 def test_synth_command_writes_a_dataset_and_a_json_summary(tmp_path, capsys):
@@ -87,6 +88,8 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
             assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     pretrain = summary["pretrain"]
     assert pretrain["steps"] == 4
+    # MAE continued from the shipped foundation encoder, and the detector fine-tuned from that continuation.
+    assert summary["encoder"] == pretrain["init_from"] == str(FOUNDATION_ENCODER)
     assert pretrain["images_in_dataset"] == 19
     assert (out / "pretrain" / "encoder.pt").is_file()
     with open(pretrain["reconstructions"], "rb") as handle:
@@ -124,5 +127,36 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert set(summary["stage_seconds"]) == {
         "synth", "read_back", "splits", "previews", "pretrain", "finetune", "evaluate", "predict", "service"
     }  # fmt: skip
-    # A second run replaces the demo's own pretraining run instead of refusing it.
-    assert main(argv) == 0
+    # A second run replaces the demo's own runs instead of refusing them; by default (no MAE continuation) the
+    # detector starts from the shipped foundation encoder itself.
+    capsys.readouterr()
+    assert main([*argv[:-4], "--pretrain-steps", "0", "--finetune-steps", "2"]) == 0
+    again = json.loads((out / "demo_summary.json").read_text())
+    assert again["pretrain"] is None
+    assert not (out / "pretrain").exists()
+    assert again["finetune"]["encoder"] == str(FOUNDATION_ENCODER)
+    assert again["finetune"]["steps"] == 2
+    assert "pretrain" not in again["stage_seconds"]
+    assert f"from {FOUNDATION_ENCODER}" in capsys.readouterr().out
+
+
+def test_the_demo_without_a_foundation_encoder_says_how_to_get_one_before_writing_anything(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr("caries_mim.package.FOUNDATION_ENCODER", tmp_path / "models" / "foundation_encoder.pt")
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--labeled", "16", "--finetune-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "no shipped foundation encoder" in err
+    assert "make reference-cpu" in err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_the_demo_help_names_the_demo_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"labeled images, split 70/15/15 into train/val/test (default: {DEMO_LABELED})" in text
+    assert f"unlabeled images (default: {DEMO_UNLABELED})" in text
+    assert f"0 skips them (default: {DEMO_PRETRAIN_STEPS})" in text

@@ -11,6 +11,8 @@ from caries_mim.inference import Predictor
 from caries_mim.models import load_encoder
 from caries_mim.package import load_package, read_package
 from pipelines.cli import main
+from pipelines.finetune import load_finetune_config
+from pipelines.pretrain import load_pretrain_config
 from pipelines.reference import DETECTOR_FILE, FOUNDATION_FILE, PROVENANCE_FILE, load_reference_config
 
 
@@ -77,3 +79,27 @@ def test_the_default_build_is_the_documented_one():
     assert config.unlabeled_images >= 10000
     assert config.labeled_images >= 1000
     assert (config.pretrain_config, config.finetune_config) == ("reference", "reference")
+
+
+def test_the_cpu_build_draws_the_same_data_and_trains_what_the_detector_and_the_demo_share():
+    config = load_reference_config("cpu", None)
+    default = load_reference_config("default", None)
+    assert (config.unlabeled_images, config.labeled_images, config.test_images, config.seed) == (
+        default.unlabeled_images,
+        default.labeled_images,
+        default.test_images,
+        default.seed,
+    )
+    pretrain = load_pretrain_config(config.pretrain_config, None)
+    finetune = load_finetune_config(config.finetune_config, None)
+    demo = load_finetune_config("demo", None)
+    # The demo fine-tunes the same architecture at the same working scale from the encoder this build pretrains.
+    assert finetune.detector == demo.detector
+    assert finetune.detector["spacing_mm"] == pretrain.data.spacing_mm
+    assert (pretrain.model.size, pretrain.model.depth, pretrain.model.patch_size) == (
+        finetune.model.size,
+        finetune.model.depth,
+        finetune.model.patch_size,
+    )
+    continued = load_pretrain_config("demo", None)
+    assert (continued.model, continued.data.spacing_mm) == (pretrain.model, pretrain.data.spacing_mm)
