@@ -210,12 +210,9 @@ def shipped_reference_detector() -> Path:
     Raises:
         InvalidConfigError: it is not there (an installation without ``models/``, or before it was built).
     """
-    if not REFERENCE_DETECTOR.is_file():
-        raise InvalidConfigError(
-            f"no model given and no shipped reference detector at {REFERENCE_DETECTOR}: pass --model PKG (or set "
-            "CARIES_MIM_MODEL), or build it with `make reference-cpu` (about 100 minutes on 2 CPU cores)"
-        )
-    return REFERENCE_DETECTOR
+    return _shipped(
+        REFERENCE_DETECTOR, "no model given and no shipped reference detector", "--model PKG (or set CARIES_MIM_MODEL)"
+    )
 
 
 def shipped_foundation_encoder() -> Path:
@@ -224,12 +221,16 @@ def shipped_foundation_encoder() -> Path:
     Raises:
         InvalidConfigError: it is not there (an installation without ``models/``, or before it was built).
     """
-    if not FOUNDATION_ENCODER.is_file():
+    return _shipped(FOUNDATION_ENCODER, "no shipped foundation encoder", "--encoder ENCODER_PT")
+
+
+def _shipped(path: Path, missing: str, instead: str) -> Path:
+    if not path.is_file():
         raise InvalidConfigError(
-            f"no shipped foundation encoder at {FOUNDATION_ENCODER}: pass --encoder ENCODER_PT, or build it with "
-            "`make reference-cpu` (about 100 minutes on 2 CPU cores)"
+            f"{missing} at {path}: pass {instead}, or build it with `make reference-cpu` (about 100 minutes on 2 "
+            "CPU cores)"
         )
-    return FOUNDATION_ENCODER
+    return path
 
 
 def package_checksum(payload: dict[str, Any]) -> str:
