@@ -112,9 +112,6 @@ def _pretrain(out: Path, data_dir: Path, encoder: Path, images: int, steps: int,
     """MAE continued from ``encoder`` on every synthetic image (labels are not needed for MIM) into
     ``out/pretrain``, with the shipped ``demo`` config."""
     run = out / "pretrain"
-    if run.exists():
-        # The demo owns this folder: a re-run starts it over instead of refusing like `caries-mim pretrain` does.
-        shutil.rmtree(run)
     batch = min(load_pretrain_config("demo", None).optim.batch_size, images)
     config = load_pretrain_config(
         "demo",
@@ -220,9 +217,12 @@ def run_demo(
     Raises:
         InvalidConfigError: no ``encoder`` given and no shipped foundation encoder (before anything is written).
     """
-    foundation = shipped_foundation_encoder() if encoder is None else encoder
-    if not foundation.is_file():
-        raise InvalidArgumentError(f"--encoder {foundation} does not exist (an encoder.pt from caries-mim pretrain)")
+    if encoder is None:
+        foundation = shipped_foundation_encoder()
+    elif encoder.is_file():
+        foundation = encoder
+    else:
+        raise InvalidArgumentError(f"--encoder {encoder} does not exist (an encoder.pt from caries-mim pretrain)")
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     data_dir = out / "synthetic"
@@ -270,8 +270,9 @@ def run_demo(
     done("previews", since)
 
     pretrain = None
-    if pretrain_steps == 0 and (out / "pretrain").exists():
-        # An earlier demo's continuation must not look like this run's encoder.
+    if (out / "pretrain").exists():
+        # The demo owns this folder: a re-run starts it over instead of refusing like `caries-mim pretrain` does,
+        # and a skipped continuation leaves no earlier one that could pass for this run's encoder.
         shutil.rmtree(out / "pretrain")
     if pretrain_steps != 0:
         steps = load_pretrain_config("demo", None).train.steps if pretrain_steps is None else pretrain_steps
@@ -348,8 +349,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
     finetune = summary["finetune"]
     print(
         f"  finetune:   from {finetune['encoder']}, {finetune['steps']} steps on {finetune['train_images']} images, "
-        f"best val AP50 "
-        f"{finetune['best_val_ap50']:.3f} at step {finetune['best_step']}, package {finetune['package']}"
+        f"best val AP50 {finetune['best_val_ap50']:.3f} at step {finetune['best_step']}, package {finetune['package']}"
     )
     evaluation = summary["evaluate"]
     ci = evaluation["ap50_ci"]

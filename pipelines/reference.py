@@ -133,7 +133,7 @@ def _train(run: Path, train) -> dict[str, Any] | None:
     return train((run / "checkpoint.pt").is_file())
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as stream:
         for chunk in iter(lambda: stream.read(1 << 20), b""):
@@ -329,7 +329,7 @@ def run_reference(
         shutil.copyfile(reconstructions[-1], out / RECONSTRUCTIONS_FILE)
     provenance["wall_seconds"] = round(time.perf_counter() - started, 1)
     provenance["files"] = {
-        name: {"sha256": _sha256(out / name), "bytes": (out / name).stat().st_size}
+        name: {"sha256": file_sha256(out / name), "bytes": (out / name).stat().st_size}
         for name in (FOUNDATION_FILE, DETECTOR_FILE, RECONSTRUCTIONS_FILE)
         if (out / name).is_file()
     }

@@ -10,20 +10,20 @@ so a change of the generator does not move it. After a deliberate rebuild of ``m
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from caries_mim.inference import Predictor
 from caries_mim.package import REFERENCE_DETECTOR, read_package
+from pipelines.reference import file_sha256
 
 FIXTURE = Path(__file__).parent / "fixtures" / "reference" / "radiograph.dcm"
 PINS = FIXTURE.with_name("predictions.json")
 
 
-def package_sha256(path: Path = REFERENCE_DETECTOR) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def package_sha256() -> str:
+    return file_sha256(REFERENCE_DETECTOR)
 
 
 def predict_fixture() -> dict[str, Any]:

@@ -7,11 +7,19 @@ import hashlib
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
+from caries_mim.metrics import box_iou
 from caries_mim.models import load_encoder
-from caries_mim.package import REFERENCE_DETECTOR, SHIPPED_MODELS, read_package, shipped_reference_detector
+from caries_mim.package import (
+    REFERENCE_DETECTOR,
+    SHIPPED_MODELS,
+    ModelPackage,
+    read_package,
+    shipped_reference_detector,
+)
 from pipelines.cli import main
 from pipelines.reference import DETECTOR_FILE, FOUNDATION_FILE, PROVENANCE_FILE, RECONSTRUCTIONS_FILE
 from tests.reference_pins import FIXTURE, PINS, package_sha256, predict_fixture
@@ -25,6 +33,17 @@ COMPARED_FLOOR = 0.1
 @pytest.fixture(scope="module")
 def provenance() -> dict:
     return json.loads((SHIPPED_MODELS / PROVENANCE_FILE).read_text())
+
+
+@pytest.fixture(scope="module")
+def package() -> ModelPackage:
+    return read_package(REFERENCE_DETECTOR)  # verifies format, checksum and config
+
+
+@pytest.fixture(scope="module")
+def fixture_findings() -> list[dict]:
+    """Every finding of the shipped detector on the fixture radiograph (one prediction for all the tests)."""
+    return predict_fixture()["findings"]
 
 
 def test_the_shipped_files_match_the_checksums_their_provenance_records(provenance):
@@ -67,8 +86,7 @@ def test_the_provenance_says_how_where_and_from_what_the_models_were_built(prove
         assert 0 <= metrics["ap50_ci"][0] <= metrics["ap50"] <= metrics["ap50_ci"][1] <= 1
 
 
-def test_the_reference_detector_loads_verified_with_its_provenance_and_fp16_weights(provenance):
-    package = read_package(REFERENCE_DETECTOR)  # verifies format, checksum and config
+def test_the_reference_detector_loads_verified_with_its_provenance_and_fp16_weights(provenance, package):
     recorded = {key: value for key, value in provenance.items() if key not in ("files", "wall_seconds")}
     assert package.provenance["reference"] == recorded
     floating = [tensor for tensor in package.state_dict.values() if tensor.is_floating_point()]
@@ -79,22 +97,19 @@ def test_the_reference_detector_loads_verified_with_its_provenance_and_fp16_weig
     assert package.config.spatial_prior_width == finetune["detector"].get("spatial_prior_width")
 
 
-def test_the_foundation_encoder_is_the_pretrained_architecture_the_detector_was_fine_tuned_from(provenance):
+def test_the_foundation_encoder_is_the_pretrained_architecture_the_detector_was_fine_tuned_from(provenance, package):
     stored = torch.load(SHIPPED_MODELS / FOUNDATION_FILE, weights_only=True)["state_dict"]
     assert all(tensor.dtype == torch.float16 for tensor in stored.values() if tensor.is_floating_point())
     loaded = load_encoder(SHIPPED_MODELS / FOUNDATION_FILE)  # into fp32
     model = provenance["pretrain_config"]["model"]
     assert (loaded.encoder.config.depth, loaded.encoder.config.patch_size) == (model["depth"], model["patch_size"])
-    fine_tuned = read_package(REFERENCE_DETECTOR).config.encoder
+    fine_tuned = package.config.encoder
     for key in ("embed_dim", "depth", "num_heads", "patch_size", "in_channels"):
         assert getattr(fine_tuned, key) == getattr(loaded.encoder.config, key), key
 
 
 def _iou(a: list[float], b: list[float]) -> float:
-    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - width * height
-    return width * height / union
+    return float(box_iou(np.array([a], dtype=float), np.array([b], dtype=float))[0, 0])
 
 
 def _pair(findings: list[dict], candidates: list[dict]) -> list[tuple[dict, dict | None]]:
@@ -121,15 +136,15 @@ def _pair(findings: list[dict], candidates: list[dict]) -> list[tuple[dict, dict
     return pairs
 
 
-def test_the_reference_detector_predicts_on_the_fixture_what_was_pinned():
+def test_the_reference_detector_predicts_on_the_fixture_what_was_pinned(package, fixture_findings):
     pins = json.loads(PINS.read_text())
     assert pins["package_sha256"] == package_sha256(), (
         "models/ was rebuilt after the pins were taken: check the new detector, then re-pin with "
         "`.venv/bin/python -m tests.reference_pins`"
     )
     # Under the detector's cap, so no finding near the cut can swap places with one past it across machines.
-    assert len(pins["findings"]) < read_package(REFERENCE_DETECTOR).config.detections_per_image
-    found = predict_fixture()["findings"]
+    assert len(pins["findings"]) < package.config.detections_per_image
+    found = fixture_findings
     pinned_pairs = _pair(pins["findings"], found)
     assert pinned_pairs, "the pins hold findings to compare"
     for finding, twin in pinned_pairs:
@@ -140,17 +155,16 @@ def test_the_reference_detector_predicts_on_the_fixture_what_was_pinned():
         assert twin is not None, f"new finding: {finding}"
 
 
-def test_predict_without_a_model_uses_the_shipped_reference_detector(capsys):
+def test_predict_without_a_model_uses_the_shipped_reference_detector(capsys, fixture_findings):
     assert shipped_reference_detector() == REFERENCE_DETECTOR
     assert main(["predict", "--device", "cpu", "--all-findings", str(FIXTURE)]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    expected = predict_fixture()["findings"]
-    assert [finding["box"] for finding in row["findings"]] == [finding["box"] for finding in expected]
+    assert [finding["box"] for finding in row["findings"]] == [finding["box"] for finding in fixture_findings]
 
 
-def test_the_reference_detector_finds_every_lesion_of_the_fixture():
+def test_the_reference_detector_finds_every_lesion_of_the_fixture(fixture_findings):
     truth = json.loads(FIXTURE.with_name("truth.json").read_text())["lesions"]
-    found = [finding for finding in predict_fixture()["findings"] if finding["score"] >= 0.25]
+    found = [finding for finding in fixture_findings if finding["score"] >= 0.25]
     for lesion in truth:
         x, y, width, height = lesion["bbox_xywh"]
         box = [x, y, x + width, y + height]
