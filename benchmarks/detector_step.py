@@ -5,7 +5,11 @@ costs, so a curve can be read per CPU-minute too. In one run, with the recipe's 
 working scale, 256 px crops, 64 pyramid channels, four levels, GIoU), on random crops holding two lesions each:
   * resnet18      - the CNN yardstick (MONAI's ResNet-18 at half width under a small FPN): the peer;
   * vit           - ViT-Tiny/16 with 6 blocks under ViTDet's simple pyramid;
-  * vit + prior   - the same with ViT-Adapter's spatial prior (``detector.spatial_prior_width``).
+  * vit + prior   - the same with ViT-Adapter's spatial prior (``detector.spatial_prior_width``);
+  * + strided stem, + 2 head convs - the lighter prior stem and heads (``detector.spatial_prior_stem: strided``,
+    ``detector.head_convs: 2``) of the demo's and the reference's recipe, each added to the row before;
+  * + bf16        - that detector under bf16 autocast (``train.precision: bf16``; ``auto`` picks it on a GPU and on
+    a CPU with AMX-BF16, where oneDNN runs bf16 on its tile units; without AMX it is slower than fp32).
 For each: parameters, forward+backward+AdamW milliseconds per step (median of the timed steps after warm-up) and
 images per second. Ends with a JSON line.
 
@@ -29,9 +33,12 @@ from caries_mim.models import ViTConfig
 
 #: (name, DetectorConfig overrides) in the order reported; the first is the peer.
 VARIANTS = (
-    ("resnet18", {"backbone": "resnet18"}),
-    ("vit", {}),
-    ("vit + prior", {"spatial_prior_width": 32}),
+    ("resnet18", {"backbone": "resnet18"}, False),
+    ("vit", {}, False),
+    ("vit + prior", {"spatial_prior_width": 32}, False),
+    ("+ strided stem", {"spatial_prior_width": 32, "spatial_prior_stem": "strided"}, False),
+    ("+ 2 head convs", {"spatial_prior_width": 32, "spatial_prior_stem": "strided", "head_convs": 2}, False),
+    ("+ bf16", {"spatial_prior_width": 32, "spatial_prior_stem": "strided", "head_convs": 2}, True),
 )
 CROP = 256
 
@@ -66,7 +73,7 @@ def batch(size: int, device: torch.device) -> tuple[torch.Tensor, list[dict[str,
     return images.to(device), targets
 
 
-def time_steps(name: str, overrides: dict, size: int, steps: int, device: torch.device) -> dict:
+def time_steps(name: str, overrides: dict, bf16: bool, size: int, steps: int, device: torch.device) -> dict:
     torch.manual_seed(0)
     detector = CariesDetector(config(overrides)).to(device).train()
     optimizer = torch.optim.AdamW(detector.parameters(), lr=1e-4)
@@ -77,7 +84,9 @@ def time_steps(name: str, overrides: dict, size: int, steps: int, device: torch.
             torch.cuda.synchronize()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        detector.losses(images, targets)["total"].backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = detector.losses(images, targets)["total"]
+        loss.backward()
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -86,6 +95,7 @@ def time_steps(name: str, overrides: dict, size: int, steps: int, device: torch.
     milliseconds = 1000.0 * statistics.median(times)
     return {
         "backbone": name,
+        "precision": "bf16" if bf16 else "fp32",
         "parameters_m": round(sum(p.numel() for p in detector.parameters()) / 1e6, 3),
         "ms_per_step": round(milliseconds, 1),
         "images_per_s": round(1000.0 * size / milliseconds, 2),
@@ -105,13 +115,13 @@ def main() -> None:
         sys.exit("--device cuda: no CUDA device is visible to torch")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    rows = [time_steps(name, overrides, args.batch, args.steps, device) for name, overrides in VARIANTS]
+    rows = [time_steps(name, overrides, bf16, args.batch, args.steps, device) for name, overrides, bf16 in VARIANTS]
     peer = rows[0]["ms_per_step"]
-    print(f"{'backbone':<14}{'params (M)':>11}{'ms/step':>10}{'img/s':>8}{'x peer':>8}")
+    print(f"{'backbone':<16}{'params (M)':>11}{'ms/step':>10}{'img/s':>8}{'x peer':>8}")
     for row in rows:
         row["relative_to_peer"] = round(row["ms_per_step"] / peer, 2)
         print(
-            f"{row['backbone']:<14}{row['parameters_m']:>11.2f}{row['ms_per_step']:>10.1f}"
+            f"{row['backbone']:<16}{row['parameters_m']:>11.2f}{row['ms_per_step']:>10.1f}"
             f"{row['images_per_s']:>8.1f}{row['relative_to_peer']:>8.2f}"
         )
     machine = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()

@@ -455,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative_int,
         default=None,
         metavar="M",
-        help="labeled images, split 70/15/15 into train/val/test (default: 400)",
+        help="labeled images, split 70/15/15 into train/val/test (default: 800)",
     )
     demo.add_argument(
         "--encoder",

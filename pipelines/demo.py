@@ -46,7 +46,7 @@ from pipelines.service_client import LocalService, post_radiograph
 SPLITS = ("train", "val", "test")
 #: The demo's default sizes (``caries-mim demo`` and ``make demo``; its --help names them): labeled images
 #: (70/15/15 train/val/test), extra unlabeled ones, and MAE continuation steps before fine-tuning.
-DEMO_LABELED = 400
+DEMO_LABELED = 800
 DEMO_UNLABELED = 0
 DEMO_PRETRAIN_STEPS = 0
 PREVIEW_IMAGES = 8

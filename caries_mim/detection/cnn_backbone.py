@@ -19,6 +19,8 @@ from monai.apps.detection.networks.retinanet_network import RetinaNet
 from monai.networks.nets import ResNet
 from torch import nn
 
+from caries_mim.detection.heads import keep_head_convs
+
 #: Residual blocks per stage of the named ResNets, and their widths: half the classic ones (CPU-sized).
 RESNET_LAYERS = {"resnet10": (1, 1, 1, 1), "resnet18": (2, 2, 2, 2)}
 RESNET_WIDTHS = (32, 64, 128, 256)
@@ -87,6 +89,7 @@ class ResNetRetinaNet(RetinaNet):
         input_mean: float,
         input_std: float,
         levels: int = 3,
+        head_convs: int = 4,
     ) -> None:
         super().__init__(
             spatial_dims=2,
@@ -95,3 +98,4 @@ class ResNetRetinaNet(RetinaNet):
             feature_extractor=ResNetFeaturePyramid(name, channels, input_mean, input_std, levels),
             size_divisible=32,
         )
+        keep_head_convs(self, head_convs)

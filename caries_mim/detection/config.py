@@ -32,6 +32,10 @@ PYRAMID_LEVELS = (3, 4)
 #: How class scores are formed: RetinaNet's sigmoid per class, or one lesion score times a softmax over the classes
 #: (:mod:`caries_mim.detection.lesion_times_class`).
 CLASS_SCORES = ("per_class", "lesion_times_class")
+#: The spatial prior's stems (:mod:`caries_mim.detection.spatial_prior`).
+SPATIAL_PRIOR_STEMS = ("vit_adapter", "strided")
+#: Convolution blocks MONAI's RetinaNet heads are built with; ``head_convs`` keeps the first 1 to 4 of them.
+MAX_HEAD_CONVS = 4
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,14 @@ class DetectorConfig:
             (:mod:`caries_mim.detection.spatial_prior`), whose maps join every pyramid level to give the plain ViT
             fine detail; coarser levels get twice the width. None: the plain ViTDet pyramid. Needs a finest
             stride of at least 4.
+        spatial_prior_stem: how the spatial prior reaches stride 4. ``vit_adapter``: ViT-Adapter's ResNet-style stem
+            (three 3x3 convolutions at stride 2, then 2x max pooling); ``strided``: two stride-2 3x3 convolutions
+            (to half the width, then the width) and one at stride 4. At 256 px crops ViT-Adapter's two stride-1
+            convolutions on the 128 x 128 map are about a quarter of a fine-tuning step on a CPU; ``strided``
+            computes its last convolution on a 4x smaller map.
+        head_convs: 3x3 convolution blocks (convolution, GroupNorm, ReLU) in each of MONAI's RetinaNet heads before
+            its output convolution: 4 as RetinaNet and MONAI (1 to 4). The heads run on every pyramid level; with
+            a stride-4 level they are most of a step's cost, and 2 blocks halve it.
         anchor_shapes: (width, height) in pixels of the anchors of the finest level (stride p/2, or p/4 with four
             levels); each next level uses 2x the shapes of the one before.
         atss_candidates: anchor positions per level that ATSS considers for each ground-truth box.
@@ -112,6 +124,8 @@ class DetectorConfig:
     pyramid_channels: int = 256
     pyramid_levels: int = 3
     spatial_prior_width: int | None = None
+    spatial_prior_stem: str = "vit_adapter"
+    head_convs: int = 4
     anchor_shapes: tuple[tuple[float, float], ...] = ((16.0, 16.0), (12.0, 20.0), (20.0, 12.0))
     atss_candidates: int = 4
     atss_center_in_gt: bool = False
@@ -237,6 +251,12 @@ class DetectorConfig:
                     f"(its stem has stride {STEM_STRIDE}); patch_size {patch_size} with {self.pyramid_levels} "
                     f"levels has a finest stride of {finest}"
                 )
+        if self.spatial_prior_stem not in SPATIAL_PRIOR_STEMS:
+            problems.append(
+                f"spatial_prior_stem must be one of {', '.join(SPATIAL_PRIOR_STEMS)}, got {self.spatial_prior_stem!r}"
+            )
+        if not 1 <= self.head_convs <= MAX_HEAD_CONVS:
+            problems.append(f"head_convs must be in [1, {MAX_HEAD_CONVS}], got {self.head_convs}")
         if self.pyramid_channels < 8 or self.pyramid_channels % 8:
             problems.append(f"pyramid_channels {self.pyramid_channels} must be a positive multiple of 8")
         if not self.anchor_shapes or any(len(s) != 2 or min(s) <= 0 for s in self.anchor_shapes):

@@ -201,6 +201,7 @@ class CariesDetector(nn.Module):
                 config.encoder.input_mean,
                 config.encoder.input_std,
                 levels=config.pyramid_levels,
+                head_convs=config.head_convs,
             )
         else:
             network = ViTRetinaNet(
@@ -210,6 +211,8 @@ class CariesDetector(nn.Module):
                 config.pyramid_channels,
                 config.pyramid_levels,
                 config.spatial_prior_width,
+                config.spatial_prior_stem,
+                config.head_convs,
             )
         detector = _RetinaNetDetector(network, anchors)
         detector.set_atss_matcher(num_candidates=config.atss_candidates, center_in_gt=config.atss_center_in_gt)

@@ -11,6 +11,7 @@ import torch
 from monai.apps.detection.networks.retinanet_network import RetinaNet
 from torch import nn
 
+from caries_mim.detection.heads import keep_head_convs
 from caries_mim.detection.pyramid import SimpleFeaturePyramid, pyramid_strides
 from caries_mim.detection.spatial_prior import SpatialPriorModule
 from caries_mim.models.vit import VisionTransformer
@@ -22,7 +23,8 @@ class ViTFeatureExtractor(nn.Module):
     H and W must be multiples of 2p.
 
     ``spatial_prior_width``: when set, a convolutional spatial prior of that stride-4 width
-    (:class:`~caries_mim.detection.spatial_prior.SpatialPriorModule`) adds fine detail to every level.
+    (:class:`~caries_mim.detection.spatial_prior.SpatialPriorModule`, with ``spatial_prior_stem``) adds fine detail
+    to every level.
     """
 
     def __init__(
@@ -31,6 +33,7 @@ class ViTFeatureExtractor(nn.Module):
         channels: int = 256,
         levels: int = 3,
         spatial_prior_width: int | None = None,
+        spatial_prior_stem: str = "vit_adapter",
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -38,7 +41,13 @@ class ViTFeatureExtractor(nn.Module):
         self.spatial_prior = (
             None
             if spatial_prior_width is None
-            else SpatialPriorModule(strides, spatial_prior_width, encoder.config.input_mean, encoder.config.input_std)
+            else SpatialPriorModule(
+                strides,
+                spatial_prior_width,
+                encoder.config.input_mean,
+                encoder.config.input_std,
+                spatial_prior_stem,
+            )
         )
         prior_widths = () if self.spatial_prior is None else self.spatial_prior.out_widths
         self.pyramid = SimpleFeaturePyramid(encoder.config.embed_dim, channels, levels, prior_widths)
@@ -70,15 +79,18 @@ class ViTRetinaNet(RetinaNet):
         channels: int = 256,
         levels: int = 3,
         spatial_prior_width: int | None = None,
+        spatial_prior_stem: str = "vit_adapter",
+        head_convs: int = 4,
     ) -> None:
         super().__init__(
             spatial_dims=2,
             num_classes=num_classes,
             num_anchors=num_anchors,
-            feature_extractor=ViTFeatureExtractor(encoder, channels, levels, spatial_prior_width),
+            feature_extractor=ViTFeatureExtractor(encoder, channels, levels, spatial_prior_width, spatial_prior_stem),
             # The stride-2p level max-pools the patch grid by 2: an even number of patches keeps it exact.
             size_divisible=2 * encoder.config.patch_size,
         )
+        keep_head_convs(self, head_convs)
 
     @property
     def encoder(self) -> VisionTransformer:

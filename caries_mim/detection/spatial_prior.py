@@ -38,6 +38,31 @@ def _conv_bn_relu(in_channels: int, out_channels: int, stride: int) -> nn.Sequen
     )
 
 
+def _stem(kind: str, width: int) -> nn.Sequential:
+    """(B, 1, H, W) -> (B, width, H/4, W/4).
+
+    ``vit_adapter``: ViT-Adapter's ResNet-style stem, three 3x3 convolutions (the first with stride 2) and 2x max
+    pooling. Its two stride-1 convolutions run on the H/2 x W/2 map: on a CPU, at 256 px crops, they cost about a
+    quarter of a whole fine-tuning step (benchmarks/detector_step.py).
+    ``strided``: two stride-2 3x3 convolutions (to ``width // 2``, then ``width``) and one 3x3 convolution at
+    stride 4: the same receptive field (15 px) and output shape, with only 16 channels at stride 2.
+    """
+    if kind == "vit_adapter":
+        return nn.Sequential(
+            _conv_bn_relu(1, width, stride=2),
+            _conv_bn_relu(width, width, stride=1),
+            _conv_bn_relu(width, width, stride=1),
+            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+        )
+    if kind == "strided":
+        return nn.Sequential(
+            _conv_bn_relu(1, width // 2, stride=2),
+            _conv_bn_relu(width // 2, width, stride=2),
+            _conv_bn_relu(width, width, stride=1),
+        )
+    raise ValueError(f"unknown spatial prior stem {kind!r}")
+
+
 class SpatialPriorModule(nn.Module):
     """(B, 1, H, W) images in [0, 1] -> one (B, C_s, H/s, W/s) map per requested stride s, finest first.
 
@@ -47,12 +72,21 @@ class SpatialPriorModule(nn.Module):
         width: C_s of the stride-4 map; every coarser map has twice that (as ViT-Adapter's 64 / 128 / 256 / 256,
             scaled down).
         input_mean, input_std: the standardization the ViT encoder applies, applied here too.
+        stem: ``vit_adapter`` (ViT-Adapter's) or ``strided`` (the same stride-4 map from 4x fewer multiply-adds),
+            see :func:`_stem`.
 
     H and W must be multiples of the coarsest stride (the detector's padding guarantees it), so each map tiles
     the image exactly like the ViT level it joins.
     """
 
-    def __init__(self, strides: tuple[int, ...], width: int, input_mean: float = 0.0, input_std: float = 1.0) -> None:
+    def __init__(
+        self,
+        strides: tuple[int, ...],
+        width: int,
+        input_mean: float = 0.0,
+        input_std: float = 1.0,
+        stem: str = "vit_adapter",
+    ) -> None:
         super().__init__()
         if not all(map(servable_stride, strides)) or list(strides) != sorted(set(strides)):
             raise ValueError(
@@ -61,12 +95,7 @@ class SpatialPriorModule(nn.Module):
         self.strides = tuple(strides)
         self.input_mean = input_mean
         self.input_std = input_std
-        self.stem = nn.Sequential(
-            _conv_bn_relu(1, width, stride=2),
-            _conv_bn_relu(width, width, stride=1),
-            _conv_bn_relu(width, width, stride=1),
-            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
-        )
+        self.stem = _stem(stem, width)
         # One stride-2 step per octave from 4 up to the coarsest requested stride.
         octaves = (max(strides) // STEM_STRIDE).bit_length() - 1
         widths = [width] + [2 * width] * octaves

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
 
-from caries_mim.detection import ViTRetinaNet
-from caries_mim.models import VisionTransformer
-from tests.detection.tiny import TINY_ENCODER
+from caries_mim.detection import CariesDetector, ViTRetinaNet
+from caries_mim.detection.heads import keep_head_convs
+from caries_mim.errors import InvalidArgumentError
+from caries_mim.models import VisionTransformer, ViTConfig
+from tests.detection.tiny import TINY_ENCODER, tiny_config
 
 
 def _network(num_classes: int = 2, num_anchors: int = 3) -> ViTRetinaNet:
@@ -51,3 +54,30 @@ def test_gradients_reach_the_encoder():
     gradient = network.encoder.patch_embed.proj.weight.grad
     assert gradient is not None
     assert gradient.abs().sum() > 0
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 4])
+def test_head_convs_keeps_that_many_blocks_in_both_heads_of_both_networks(blocks):
+    """MONAI builds four (conv, GroupNorm, ReLU) blocks per head; ``head_convs`` keeps the first ones, and the
+    detector still trains and predicts with the shorter towers."""
+    for backbone, encoder in (("vit", TINY_ENCODER), ("resnet10", ViTConfig(embed_dim=32, depth=1, num_heads=2))):
+        detector = CariesDetector(tiny_config(backbone=backbone, encoder=encoder, head_convs=blocks))
+        network = detector.network
+        for head in (network.classification_head, network.regression_head):
+            kinds = [type(layer) for layer in head.conv]
+            assert kinds == [torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.ReLU] * blocks
+        image = torch.rand(1, 1, 64, 64)
+        targets = [{"boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0]]), "labels": torch.tensor([0])}]
+        detector.losses(image, targets)["total"].backward()
+        assert network.classification_head.conv[0].weight.grad.abs().sum() > 0
+
+
+def test_keeping_more_head_blocks_than_monai_builds_is_refused():
+    with pytest.raises(ValueError, match="cannot keep 5 of the head's 4 convolution blocks"):
+        keep_head_convs(_network(), 5)
+
+
+@pytest.mark.parametrize("blocks", [0, 5])
+def test_a_head_length_outside_one_to_four_is_named(blocks):
+    with pytest.raises(InvalidArgumentError, match=rf"head_convs must be in \[1, 4\], got {blocks}"):
+        tiny_config(head_convs=blocks)

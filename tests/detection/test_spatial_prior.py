@@ -26,6 +26,47 @@ def test_maps_tile_the_image_at_each_stride_with_the_stem_width_then_twice_it(st
     assert [tuple(m.shape) for m in maps] == [(2, w, 64 // s, 96 // s) for s, w in zip(strides, widths, strict=True)]
 
 
+@pytest.mark.parametrize("stem", ["vit_adapter", "strided"])
+def test_both_stems_give_the_same_maps_and_reach(stem):
+    """Either stem gives the stride-4 map the levels are built on, and a change to one pixel reaches only the cells
+    whose 15 x 15 px receptive field holds it: a finding's context is the same with either."""
+    torch.manual_seed(0)
+    prior = SpatialPriorModule((4, 8), width=8, stem=stem).eval()
+    image = torch.rand(1, 1, 64, 64)
+    changed = image.clone()
+    changed[..., 32, 32] += 1.0
+    with torch.no_grad():
+        maps, again = prior(image), prior(changed)
+    assert prior.out_widths == (8, 16)
+    assert [tuple(m.shape) for m in maps] == [(1, 8, 16, 16), (1, 16, 8, 8)]
+    rows, cols = torch.nonzero((maps[0] - again[0]).abs().sum(dim=1)[0] > 0, as_tuple=True)
+    # Output cell i covers input pixels 4i - 7 ... 4i + 7 with both stems, so pixel 32 can reach cells 7 to 9 only
+    # (ReLU and max pooling may stop it reaching some of them).
+    assert rows.numel() > 0
+    assert set(rows.tolist()) <= {7, 8, 9}
+    assert set(cols.tolist()) <= {7, 8, 9}
+
+
+def test_the_strided_stem_is_the_cheaper_one():
+    """Multiply-adds per 256 x 256 image of the two stems (what their convolutions compute)."""
+
+    def multiply_adds(stem: torch.nn.Module) -> int:
+        total, side = 0, 256
+        for conv in (m for m in stem.modules() if isinstance(m, torch.nn.Conv2d)):
+            side //= conv.stride[0]
+            total += side * side * conv.in_channels * conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        return total
+
+    resnet_style = multiply_adds(SpatialPriorModule((4,), width=32).stem)
+    strided = multiply_adds(SpatialPriorModule((4,), width=32, stem="strided").stem)
+    assert strided * 4 < resnet_style
+
+
+def test_an_unknown_stem_is_named():
+    with pytest.raises(InvalidArgumentError, match="spatial_prior_stem must be one of vit_adapter, strided, got 'x'"):
+        tiny_config(encoder=ENCODER_16, spatial_prior_width=8, spatial_prior_stem="x")
+
+
 @pytest.mark.parametrize("strides", [(2, 4), (4, 12), (8, 4), (8, 8)])
 def test_strides_the_stem_cannot_serve_are_named(strides):
     with pytest.raises(ValueError, match="spatial prior strides must be increasing powers of two >= 4"):
@@ -72,7 +113,13 @@ def test_priors_must_come_exactly_with_prior_widths():
 @pytest.mark.parametrize("levels", [3, 4])
 def test_a_detector_with_the_prior_trains_finds_a_small_lesion_and_round_trips(levels):
     torch.manual_seed(0)
-    config = tiny_config(encoder=ENCODER_16, pyramid_levels=levels, spatial_prior_width=8, anchor_shapes=[(8.0, 8.0)])
+    config = tiny_config(
+        encoder=ENCODER_16,
+        pyramid_levels=levels,
+        spatial_prior_width=8,
+        spatial_prior_stem="strided" if levels == 4 else "vit_adapter",
+        anchor_shapes=[(8.0, 8.0)],
+    )
     detector = CariesDetector(config)
     prior = detector.network.feature_extractor.spatial_prior
     assert prior.strides == config.strides
@@ -92,8 +139,10 @@ def test_a_detector_with_the_prior_trains_finds_a_small_lesion_and_round_trips(l
 def test_the_plain_pyramid_has_no_prior_and_old_configs_load_without_one():
     assert CariesDetector(tiny_config()).network.feature_extractor.spatial_prior is None
     values = tiny_config().to_dict()
-    del values["spatial_prior_width"]
-    assert DetectorConfig.from_dict(values).spatial_prior_width is None
+    for key in ("spatial_prior_width", "spatial_prior_stem", "head_convs"):
+        del values[key]
+    old = DetectorConfig.from_dict(values)
+    assert (old.spatial_prior_width, old.spatial_prior_stem, old.head_convs) == (None, "vit_adapter", 4)
 
 
 @pytest.mark.parametrize(

@@ -61,13 +61,25 @@ def test_schemathesis_finds_nothing_against_the_real_server(package_path, tmp_pa
             check=False,
         )
         log = server.log_tail(50_000_000)
-    report = finished.stdout[-6000:] + finished.stderr[-2000:]
+    report = _readable_report(finished.stdout, finished.stderr, tmp_path / "schemathesis.txt")
     assert finished.returncode == 0, report
     assert "No issues found" in finished.stdout, report
     generated = re.search(r"(\d+) generated", finished.stdout)
     assert generated is not None, report
     assert int(generated.group(1)) >= CI_EXAMPLES, report
     assert "Traceback" not in log
+
+
+def _readable_report(stdout: str, stderr: str, keep: Path, line_chars: int = 400) -> str:
+    """What a failed run reported, short enough for pytest's message: the seed and every failure with its check,
+    request and response, each line cut to ``line_chars`` (a reproduction's upload is one line of binary body that
+    would otherwise push the check's name out of any tail). The whole output is kept in ``keep``."""
+    keep.write_text(stdout + "\n--- stderr ---\n" + stderr)
+    start = max(stdout.find("FAILURES"), 0)
+    lines = [line if len(line) <= line_chars else line[:line_chars] + " [...]" for line in stdout[start:].splitlines()]
+    seed = re.search(r"^.*[Ss]eed.*$", stdout, re.MULTILINE)
+    head = [seed.group(0)] if seed else []
+    return "\n".join([*head, *lines[-400:], stderr[-2000:], f"(full output: {keep})"])
 
 
 def test_the_schema_states_what_an_upload_must_be():

@@ -8,7 +8,14 @@ from torch import nn
 
 from caries_mim.errors import InvalidConfigError
 from caries_mim.models import VisionTransformer, ViTConfig
-from pipelines.training import adamw_param_groups, layer_decay_param_groups, vit_layer_id
+from pipelines import training
+from pipelines.training import (
+    adamw_param_groups,
+    cpu_has_amx_bf16,
+    layer_decay_param_groups,
+    resolve_precision,
+    vit_layer_id,
+)
 
 TINY = ViTConfig(image_size=32, patch_size=16, embed_dim=32, depth=3, num_heads=2)
 
@@ -80,3 +87,30 @@ def test_groups_drive_a_scheduled_optimizer():
 def test_bad_layer_decay_is_a_config_error(layer_decay):
     with pytest.raises(InvalidConfigError, match="layer_decay must be in"):
         layer_decay_param_groups(Detectorish(), base_lr=1e-3, weight_decay=0.05, layer_decay=layer_decay, depth=3)
+
+
+def test_amx_bf16_is_read_from_the_cpu_flags(tmp_path):
+    with_amx = tmp_path / "amx"
+    with_amx.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    without = tmp_path / "plain"
+    without.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16x\nbugs\t\t: amx_bf16\n")
+    assert cpu_has_amx_bf16(str(with_amx))
+    assert not cpu_has_amx_bf16(str(without))
+    assert not cpu_has_amx_bf16(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize(("amx", "expected"), [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_on_cpu_is_bf16_only_with_amx(monkeypatch, amx, expected):
+    monkeypatch.setattr(training, "cpu_has_amx_bf16", lambda: amx)
+    precision = resolve_precision("auto", torch.device("cpu"))
+    assert precision.name == expected
+    assert precision.autocast_dtype == (torch.bfloat16 if amx else None)
+    assert not precision.needs_scaler
+    assert resolve_precision("fp32", torch.device("cpu")).autocast_dtype is None
+
+
+def test_fp16_and_unknown_precisions_are_config_errors_on_cpu():
+    with pytest.raises(InvalidConfigError, match="fp16 needs a GPU"):
+        resolve_precision("fp16", torch.device("cpu"))
+    with pytest.raises(InvalidConfigError, match="'half' is not one of auto, fp32, bf16, fp16"):
+        resolve_precision("half", torch.device("cpu"))
