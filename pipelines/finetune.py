@@ -86,6 +86,7 @@ from pipelines.training import (
     restore_optimization,
     resumable_loader,
     warmup_cosine,
+    weight_average,
 )
 
 log = logging.getLogger("caries_mim.finetune")
@@ -152,6 +153,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.01
     #: Max gradient norm; null = no clipping.
     clip_grad: float | None = 1.0
+    #: Decay of an exponential moving average of the weights, which validation, the overlays and the package use
+    #: instead of the last weights (:func:`pipelines.training.weight_average`); null: none.
+    ema_decay: float | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.accumulate < 1:
@@ -162,6 +166,8 @@ class OptimConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ValueError(f"clip_grad must be > 0 or null, got {self.clip_grad}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) or null, got {self.ema_decay}")
 
 
 @dataclass(frozen=True)
@@ -573,9 +579,10 @@ class _Finetuning:
             world_size=context.world_size,
             seed=config.train.seed,
         )
+        average = None if optim.ema_decay is None else weight_average(detector, optim.ema_decay)
         state = TrainingState()
         if self.resume:
-            state = self._load_checkpoint(detector, optimizer, scheduler, scaler)
+            state = self._load_checkpoint(detector, optimizer, scheduler, scaler, average)
         elif context.is_main:
             configs.write_yaml(self.out / "config.yaml", configs.to_dict(config))
         if context.is_main:
@@ -595,10 +602,10 @@ class _Finetuning:
                 self.precision.name,
                 threads,
             )
-        loop = _Loop(self, epoch_set, val_set, sampler, detector, model, optimizer, scheduler, scaler, state)
+        loop = _Loop(self, epoch_set, val_set, sampler, detector, model, optimizer, scheduler, scaler, state, average)
         return loop.run()
 
-    def _load_checkpoint(self, detector, optimizer, scheduler, scaler) -> TrainingState:
+    def _load_checkpoint(self, detector, optimizer, scheduler, scaler, average) -> TrainingState:
         payload = read_resumable_checkpoint(
             self.checkpoint_path,
             checkpoint_format=CHECKPOINT_FORMAT,
@@ -609,6 +616,15 @@ class _Finetuning:
             frozen_reason="these decide the model's shapes or its training images (start a new run)",
         )
         detector.load_state_dict(payload["detector"])
+        if (average is None) != (payload.get("weight_average") is None):
+            raise InvalidConfigError(
+                f"optim.ema_decay is {'null' if average is None else self.config.optim.ema_decay} but "
+                f"{self.checkpoint_path} was trained "
+                f"{'without' if average is not None else 'with'} a weight average: resume with the setting it was "
+                "trained with"
+            )
+        if average is not None:
+            average.load_state_dict(payload["weight_average"])
         state = TrainingState(**payload["state"])
         restore_optimization(
             payload,
@@ -679,6 +695,7 @@ class _Loop:
         scheduler: torch.optim.lr_scheduler.LambdaLR,
         scaler: torch.amp.GradScaler,
         state: TrainingState,
+        average: torch.optim.swa_utils.AveragedModel | None = None,
     ) -> None:
         self.run_state = run
         self.config = run.config
@@ -694,6 +711,9 @@ class _Loop:
         self.scheduler = scheduler
         self.scaler = scaler
         self.state = state
+        self.average = average
+        #: What validation, the overlays and the package use: the weight average when there is one.
+        self.evaluated: CariesDetector = detector if average is None else average.module
         self.loader = resumable_loader(
             train_set,
             sampler,
@@ -787,6 +807,8 @@ class _Loop:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.average is not None:
+            self.average.update_parameters(self.detector)
         return grad_norm
 
     def _log(self, interval: dict[str, torch.Tensor], steps: int, elapsed: float, grad_norm, bar) -> None:
@@ -820,12 +842,12 @@ class _Loop:
     # -- validation -----------------------------------------------------------------------------------------
 
     def _predict_validation(self) -> list[EvaluatedImage]:
-        self.detector.eval()
+        self.evaluated.eval()
         evaluated = []
         with torch.inference_mode(), self.run_state.precision.autocast(self.device):
             for index, record in enumerate(self.val_set.records):
                 radiograph = self.val_set.load(record.image_path)
-                found = detect(self.detector, radiograph.pixels, radiograph.spacing_mm)
+                found = detect(self.evaluated, radiograph.pixels, radiograph.spacing_mm)
                 evaluated.append(
                     EvaluatedImage(
                         image_id=index,
@@ -917,7 +939,7 @@ class _Loop:
 
     def _save_package(self, point, row: dict[str, Any]) -> None:
         package = ModelPackage.from_detector(
-            self.detector,
+            self.evaluated,
             point.threshold,
             target_sensitivity=self.config.eval.target_sensitivity,
             version=__version__,
@@ -942,6 +964,7 @@ class _Loop:
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
             "detector": self.detector.state_dict(),
+            "weight_average": None if self.average is None else self.average.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),

@@ -75,6 +75,28 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
     return Precision(requested, dtype)
 
 
+def weight_average(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """An exponential moving average of ``model``'s weights and buffers (PyTorch's ``AveragedModel``), updated with
+    ``update_parameters(model)`` after each optimizer step.
+
+    Each update moves the average a fraction ``1 - d_n`` towards the current weights, with
+    ``d_n = min(decay, (1 + n) / (10 + n))`` after ``n`` updates (timm's and YOLO's warm-up): an average with the
+    full decay from the first step would still hold a large share of the randomly initialized heads after a short
+    schedule (0.998 ** 1000 = 0.14). Integer buffers (BatchNorm's batch counters) are copied, not averaged.
+    """
+    if not 0.0 < decay < 1.0:
+        raise InvalidConfigError(f"optim.ema_decay must be in (0, 1) or null, got {decay}")
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor | int) -> None:
+        if not averaged[0].is_floating_point():
+            torch._foreach_copy_(averaged, current)
+            return
+        done = int(updates)
+        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + done) / (10.0 + done)))
+
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+
+
 def configure_threads(device: torch.device, local_world_size: int, threads: int | None) -> int:
     """Intra-op threads for this process: the configured number, else the CPU cores shared by the processes on this
     node (oversubscribed threads make every matmul slower). On GPU also allow TF32 for fp32 matmuls."""

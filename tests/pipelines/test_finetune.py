@@ -255,11 +255,16 @@ def test_an_encoder_of_the_wrong_architecture_is_a_one_line_error(labeled, tmp_p
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
-def test_resumed_run_reproduces_the_uninterrupted_losses_and_validations(labeled, tmp_path, monkeypatch):
+@pytest.mark.parametrize("ema_decay", ["null", "0.9"])
+def test_resumed_run_reproduces_the_uninterrupted_losses_and_validations(labeled, tmp_path, monkeypatch, ema_decay):
     """6 steps, a SIGINT (what a scheduler's SIGTERM also does) between validations, then --resume for the rest ==
-    8 straight steps: weights, optimizer, schedule, RNG, data position and each patch's augmentation continue."""
+    8 straight steps: weights, optimizer, schedule, RNG, data position and each patch's augmentation continue, and
+    so does the weight average that validates (``optim.ema_decay``)."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = ("--set", "train.steps=8", "--set", "eval.every=4", "--set", "data.workers=1")
+    common = (
+        *("--set", "train.steps=8", "--set", "eval.every=4", "--set", "data.workers=1"),
+        *("--set", f"optim.ema_decay={ema_decay}"),
+    )
     assert finetune(labeled, straight, *common) == 0
 
     real_step = finetune_module._Loop._train_step
@@ -286,6 +291,26 @@ def test_resumed_run_reproduces_the_uninterrupted_losses_and_validations(labeled
     for step in (4, 8):
         assert got_val[step]["ap50"] == pytest.approx(expected_val[step]["ap50"])
         assert got_val[step]["threshold"] == pytest.approx(expected_val[step]["threshold"])
+
+
+def test_with_a_weight_average_the_package_holds_the_average_and_a_resume_must_keep_it(labeled, tmp_path, capsys):
+    run = tmp_path / "run"
+    settings = ("--set", "train.steps=3", "--set", "eval.every=3", "--set", "optim.ema_decay=0.5")
+    assert finetune(labeled, run, *settings) == 0
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    averaged = {key.removeprefix("module."): value for key, value in checkpoint["weight_average"].items()}
+    packaged = read_package(run / "model.cmpkg").state_dict
+    assert packaged.keys() == checkpoint["detector"].keys()
+    moved = 0
+    for name, tensor in packaged.items():
+        torch.testing.assert_close(tensor.float(), averaged[name].float(), rtol=1e-3, atol=1e-3)
+        moved += not torch.equal(tensor.float(), checkpoint["detector"][name].float())
+    assert moved > 0, "the package holds the last weights, not their average"
+    capsys.readouterr()
+    assert resume(labeled, run, "--set", "train.steps=5", "--set", "optim.ema_decay=null") == 2
+    err = capsys.readouterr().err
+    assert "optim.ema_decay is null but" in err
+    assert "was trained with a weight average: resume with the setting it was trained with" in err
 
 
 def test_early_stopping_keeps_the_best_validation_in_the_package(labeled, tmp_path, monkeypatch, capsys):

@@ -15,6 +15,7 @@ from pipelines.training import (
     layer_decay_param_groups,
     resolve_precision,
     vit_layer_id,
+    weight_average,
 )
 
 TINY = ViTConfig(image_size=32, patch_size=16, embed_dim=32, depth=3, num_heads=2)
@@ -114,3 +115,31 @@ def test_fp16_and_unknown_precisions_are_config_errors_on_cpu():
         resolve_precision("fp16", torch.device("cpu"))
     with pytest.raises(InvalidConfigError, match="'half' is not one of auto, fp32, bf16, fp16"):
         resolve_precision("half", torch.device("cpu"))
+
+
+def test_the_weight_average_warms_up_then_decays_at_the_configured_rate():
+    """Weights 0, 1, 2, 3 after successive steps: the first update copies, update n (n >= 1 done before it)
+    moves 1 - min(decay, (1 + n) / (10 + n)) of the way; integer buffers are copied."""
+    model = nn.BatchNorm1d(1)
+    average = weight_average(model, decay=0.5)
+    expected = None
+    for step, value in enumerate([0.0, 1.0, 2.0, 3.0]):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        model.num_batches_tracked.fill_(step + 7)
+        average.update_parameters(model)
+        if expected is None:
+            expected = value
+        else:
+            decay = min(0.5, (1 + step) / (10 + step))
+            expected = decay * expected + (1 - decay) * value
+        assert average.module.weight.item() == pytest.approx(expected)
+        assert average.module.num_batches_tracked.item() == step + 7
+    # Updates 1 and 2 are still warming up (2/11 and 3/12 under 0.5); update 3 uses 4/13 as well.
+    assert expected == pytest.approx(((0 * 2 / 11 + 1 * 9 / 11) * 3 / 12 + 2 * 9 / 12) * 4 / 13 + 3 * 9 / 13)
+
+
+@pytest.mark.parametrize("decay", [0.0, 1.0, -0.1])
+def test_a_weight_average_decay_outside_zero_one_is_a_config_error(decay):
+    with pytest.raises(InvalidConfigError, match=rf"optim.ema_decay must be in \(0, 1\) or null, got {decay}"):
+        weight_average(nn.Linear(1, 1), decay)
