@@ -228,7 +228,14 @@ def _cmd_reference(args: argparse.Namespace) -> int:
     from pipelines.reference import load_reference_config, run_reference
 
     config = load_reference_config(args.config, args.set)
-    provenance = run_reference(args.out, args.work, config, command=["caries-mim", *args.argv], progress=not args.quiet)
+    provenance = run_reference(
+        args.out,
+        args.work,
+        config,
+        command=["caries-mim", *args.argv],
+        progress=not args.quiet,
+        keep_foundation=args.keep_foundation,
+    )
     print(json.dumps({"out": str(args.out), "test_metrics": provenance["test_metrics"], "files": provenance["files"]}))
     return EXIT_OK
 
@@ -500,6 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(the chain in a minute)",
     )
     reference.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config value")
+    reference.add_argument(
+        "--keep-foundation",
+        action="store_true",
+        help="fine-tune and evaluate the detector again from the foundation encoder already in OUT (checked against "
+        "OUT/provenance.json, which it carries over) instead of pretraining one",
+    )
     reference.add_argument("--quiet", action="store_true", help="no progress bars")
     reference.set_defaults(handler=_cmd_reference)
 

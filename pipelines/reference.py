@@ -14,6 +14,11 @@ an interrupted run continues where it stopped):
    fp16 weights (half the size; both load into fp32 models), ``foundation_reconstructions.png``, and
    ``provenance.json``: the command, the resolved configs, the data seeds, the code commit, steps, final loss,
    wall time per stage, the machine, the test metrics and each file's SHA-256.
+
+``keep_foundation`` (``--keep-foundation``) skips steps 1's unlabeled corpus and 2: the detector is fine-tuned again
+from the foundation encoder already in ``--out``, whose provenance (pretraining config, data, steps, loss, time,
+code commit) is carried into the new one. Pretraining is the long part of the build (a GPU's work in the full
+build); a new detector recipe should not have to redo it.
 """
 
 from __future__ import annotations
@@ -217,10 +222,40 @@ def _metric_summary(evaluation: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _kept_foundation(out: Path) -> dict[str, Any]:
+    """The provenance of the foundation encoder already in ``out``, checked against the file itself."""
+    encoder, recorded = out / FOUNDATION_FILE, out / PROVENANCE_FILE
+    if not encoder.is_file() or not recorded.is_file():
+        raise InvalidArgumentError(
+            f"--keep-foundation needs {encoder} and {recorded} from an earlier build; run without it to pretrain one"
+        )
+    try:
+        earlier = json.loads(recorded.read_text())
+        expected = earlier["files"][FOUNDATION_FILE]["sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise InvalidArgumentError(
+            f"{recorded} is not a reference build's provenance (no {FOUNDATION_FILE} entry)"
+        ) from None
+    if file_sha256(encoder) != expected:
+        raise InvalidArgumentError(
+            f"{encoder} is not the encoder {recorded} describes (SHA-256 differs): its provenance is unknown"
+        )
+    return earlier
+
+
 def run_reference(
-    out: Path, work: Path, config: ReferenceConfig, *, command: list[str] | None = None, progress: bool = True
+    out: Path,
+    work: Path,
+    config: ReferenceConfig,
+    *,
+    command: list[str] | None = None,
+    progress: bool = True,
+    keep_foundation: bool = False,
 ) -> dict[str, Any]:
-    """Build (or finish building) the reference models into ``out``; returns the provenance it writes."""
+    """Build (or finish building) the reference models into ``out``; returns the provenance it writes.
+
+    With ``keep_foundation`` the foundation encoder in ``out`` is reused (see the module docstring)."""
+    earlier = _kept_foundation(out) if keep_foundation else None
     started = time.perf_counter()
     # The code that runs is the code at the start: a checkout edited during a long build must not be recorded.
     commit = code_commit()
@@ -240,7 +275,11 @@ def run_reference(
     default, shifted = SynthConfig(), SynthConfig.from_dict(config.shifted_generator)
     # (stage, folder, unlabeled, labeled, seed, generator): every set from its own seed.
     sets = (
-        ("synth_unlabeled", "unlabeled", config.unlabeled_images, 0, config.seed, default),
+        *(
+            ()
+            if keep_foundation
+            else (("synth_unlabeled", "unlabeled", config.unlabeled_images, 0, config.seed, default),)
+        ),
         ("synth_labeled", "labeled", 0, config.labeled_images, config.seed + 1, default),
         ("synth_test", "test", 0, config.test_images, config.seed + 2, default),
         ("synth_shifted_test", "shifted_test", 0, config.test_images, config.seed + 3, shifted),
@@ -258,18 +297,24 @@ def run_reference(
                 workers=config.synth_workers,
             ),
         )
-    corpus, labeled, fresh, other = (folders[name] for name in ("unlabeled", "labeled", "test", "shifted_test"))
+    labeled, fresh, other = (folders[name] for name in ("labeled", "test", "shifted_test"))
 
     cache = path_override("data.cache_dir", work / "decode_cache")
     pretrain_run = work / "pretrain"
-    pretrain_config = load_pretrain_config(config.pretrain_config, [*config.pretrain_set, cache])
-    pretrain = timed(
-        "pretrain",
-        lambda: _train(pretrain_run, lambda resume: run_pretrain(
-            [corpus / "unlabeled"], pretrain_run, pretrain_config, resume=resume, progress=progress
-        )),
-    )  # fmt: skip
-    encoder = Path(pretrain["encoder"])
+    if earlier is not None:
+        encoder = out / FOUNDATION_FILE
+        pretrain_config = earlier["pretrain_config"]
+        pretrain = earlier["pretrain"]
+    else:
+        pretrain_config = load_pretrain_config(config.pretrain_config, [*config.pretrain_set, cache])
+        corpus = folders["unlabeled"]
+        pretrain = timed(
+            "pretrain",
+            lambda: _train(pretrain_run, lambda resume: run_pretrain(
+                [corpus / "unlabeled"], pretrain_run, pretrain_config, resume=resume, progress=progress
+            )),
+        )  # fmt: skip
+        encoder = Path(pretrain["encoder"])
 
     finetune_run = work / "finetune"
     finetune_config = load_finetune_config(
@@ -305,10 +350,12 @@ def run_reference(
         "code_commit": commit,
         "machine": machine(),
         "reference_config": configs.to_dict(config),
-        "pretrain_config": configs.to_dict(pretrain_config),
+        "pretrain_config": pretrain_config if earlier is not None else configs.to_dict(pretrain_config),
         "finetune_config": configs.to_dict(finetune_config),
         "data": {
-            "unlabeled": {"images": config.unlabeled_images, "seed": config.seed, "generator": default.to_dict()},
+            "unlabeled": earlier["data"]["unlabeled"]
+            if earlier is not None
+            else {"images": config.unlabeled_images, "seed": config.seed, "generator": default.to_dict()},
             "labeled": {"images": config.labeled_images, "seed": config.seed + 1, "generator": default.to_dict()},
             "fresh_test": {"images": config.test_images, "seed": config.seed + 2, "generator": default.to_dict()},
             "shifted_test": {"images": config.test_images, "seed": config.seed + 3, "generator": shifted.to_dict()},
@@ -320,12 +367,26 @@ def run_reference(
         "test_metrics": evaluations,
         "stage_seconds": seconds,
     }
+    if earlier is not None:
+        # Where the kept encoder came from: the build that pretrained it, and that build's own record of it.
+        provenance["foundation_kept_from"] = {
+            "command": earlier["command"],
+            "code_commit": earlier["code_commit"],
+            "machine": earlier["machine"],
+            "stage_seconds": {
+                stage: seconds_
+                for stage, seconds_ in earlier.get("stage_seconds", {}).items()
+                if stage in ("synth_unlabeled", "pretrain")
+            },
+            "sha256": earlier["files"][FOUNDATION_FILE]["sha256"],
+        }
     # Through JSON: metric values may be numpy scalars, which a package (loaded with weights_only) must not hold.
     provenance = json.loads(json.dumps(provenance))
-    export_encoder(encoder, out / FOUNDATION_FILE)
+    if earlier is None:
+        export_encoder(encoder, out / FOUNDATION_FILE)
     export_package(package, out / DETECTOR_FILE, provenance)
     reconstructions = sorted((pretrain_run / "reconstructions").glob("step_*.png"))
-    if reconstructions:
+    if reconstructions and earlier is None:
         shutil.copyfile(reconstructions[-1], out / RECONSTRUCTIONS_FILE)
     provenance["wall_seconds"] = round(time.perf_counter() - started, 1)
     provenance["files"] = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -63,6 +64,51 @@ def test_a_second_run_keeps_every_finished_stage(built, capsys):
     assert "finetune" not in after["stage_seconds"]
     again = torch.load(out / FOUNDATION_FILE, weights_only=True)["state_dict"]
     assert all(torch.equal(weights[name], again[name]) for name in weights)
+
+
+def test_keep_foundation_fine_tunes_again_from_the_shipped_encoder_and_carries_its_provenance(built, tmp_path):
+    out, _ = built
+    kept = tmp_path / "models"
+    shutil.copytree(out, kept)
+    earlier = json.loads((kept / PROVENANCE_FILE).read_text())
+    args = ["reference", "--config", "smoke", "--out", str(kept), "--work", str(tmp_path / "work"), "--quiet"]
+    longer = [*load_reference_config("smoke", None).finetune_set, "train.steps=3", "eval.every=3"]
+    assert main([*args, "--keep-foundation", "--set", f"finetune_set=[{', '.join(longer)}]"]) == 0
+    after = json.loads((kept / PROVENANCE_FILE).read_text())
+    assert (kept / FOUNDATION_FILE).read_bytes() == (out / FOUNDATION_FILE).read_bytes()
+    assert after["files"][FOUNDATION_FILE] == earlier["files"][FOUNDATION_FILE]
+    assert after["files"][DETECTOR_FILE]["sha256"] != earlier["files"][DETECTOR_FILE]["sha256"]
+    assert after["finetune"]["steps"] == 3
+    assert after["pretrain"] == earlier["pretrain"]
+    assert after["pretrain_config"] == earlier["pretrain_config"]
+    assert after["data"]["unlabeled"] == earlier["data"]["unlabeled"]
+    assert after["foundation_kept_from"]["sha256"] == earlier["files"][FOUNDATION_FILE]["sha256"]
+    pretraining = {
+        stage: earlier["stage_seconds"][stage]
+        for stage in ("synth_unlabeled", "pretrain")
+        if stage in earlier["stage_seconds"]
+    }
+    assert after["foundation_kept_from"]["stage_seconds"] == pretraining
+    assert not {"synth_unlabeled", "pretrain"} & after["stage_seconds"].keys()
+    assert not (tmp_path / "work" / "unlabeled").exists()
+    assert read_package(kept / DETECTOR_FILE).provenance["reference"]["foundation_kept_from"]
+
+
+def test_keep_foundation_refuses_an_encoder_its_provenance_does_not_describe(built, tmp_path, capsys):
+    out, _ = built
+    kept = tmp_path / "models"
+    shutil.copytree(out, kept)
+    with (kept / FOUNDATION_FILE).open("ab") as encoder:
+        encoder.write(b"\0")
+    args = ["reference", "--config", "smoke", "--out", str(kept), "--work", str(tmp_path / "work"), "--quiet"]
+    assert main([*args, "--keep-foundation"]) == 2
+    error = capsys.readouterr().err
+    assert "SHA-256 differs" in error
+    assert "Traceback" not in error
+    shutil.rmtree(kept)
+    kept.mkdir()
+    assert main([*args, "--keep-foundation"]) == 2
+    assert "needs" in capsys.readouterr().err
 
 
 def test_bad_reference_settings_are_one_line_errors(tmp_path, capsys):
