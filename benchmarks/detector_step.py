@@ -9,7 +9,9 @@ working scale, 256 px crops, 64 pyramid channels, four levels, GIoU), on random 
   * + strided stem, + 2 head convs - the lighter prior stem and heads (``detector.spatial_prior_stem: strided``,
     ``detector.head_convs: 2``) of the demo's and the reference's recipe, each added to the row before;
   * + bf16        - that detector under bf16 autocast (``train.precision: bf16``; ``auto`` picks it on a GPU and on
-    a CPU with AMX-BF16, where oneDNN runs bf16 on its tile units; without AMX it is slower than fp32).
+    a CPU with AMX-BF16, where oneDNN runs bf16 on its tile units; without AMX it is slower than fp32);
+  * demo scale    - that detector on the demo's crops: 192 px at 0.08 mm/px, the same 15 mm field in 0.56x the
+    pixels (its lesions drawn 0.75x as large).
 For each: parameters, forward+backward+AdamW milliseconds per step (median of the timed steps after warm-up) and
 images per second. Ends with a JSON line.
 
@@ -39,6 +41,18 @@ VARIANTS = (
     ("+ strided stem", {"spatial_prior_width": 32, "spatial_prior_stem": "strided"}, False),
     ("+ 2 head convs", {"spatial_prior_width": 32, "spatial_prior_stem": "strided", "head_convs": 2}, False),
     ("+ bf16", {"spatial_prior_width": 32, "spatial_prior_stem": "strided", "head_convs": 2}, True),
+    (
+        "demo scale",
+        {
+            "spatial_prior_width": 32,
+            "spatial_prior_stem": "strided",
+            "head_convs": 2,
+            "image_size": 192,
+            "spacing_mm": 0.08,
+            "sliding_window_overlap": 0.3333,  # a window step of 128 px, a multiple of the coarsest stride
+        },
+        True,
+    ),
 )
 CROP = 256
 
@@ -59,12 +73,14 @@ def config(overrides: dict) -> DetectorConfig:
     return DetectorConfig(**{**values, **overrides})
 
 
-def batch(size: int, device: torch.device) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
-    """``size`` random crops in [0, 1], each with two lesion boxes of the recipe's sizes (8-25 px)."""
+def batch(size: int, device: torch.device, crop: int = CROP) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """``size`` random ``crop``-px crops in [0, 1], each with two lesion boxes of the recipe's sizes (8-25 px at
+    256 px, scaled with the crop: the same lesions at another working spacing)."""
     generator = torch.Generator().manual_seed(0)
-    images = torch.rand(size, 1, CROP, CROP, generator=generator)
-    corners = torch.randint(10, CROP - 40, (size, 2, 2), generator=generator).float()
-    sides = torch.randint(8, 26, (size, 2, 2), generator=generator).float()
+    images = torch.rand(size, 1, crop, crop, generator=generator)
+    scale = crop / CROP
+    corners = torch.randint(10, crop - 40, (size, 2, 2), generator=generator).float()
+    sides = torch.randint(round(8 * scale), round(25 * scale) + 1, (size, 2, 2), generator=generator).float()
     labels = torch.tensor([0, 1], device=device)
     targets = [
         {"boxes": torch.cat([corners[i], corners[i] + sides[i]], dim=1).to(device), "labels": labels}
@@ -75,9 +91,10 @@ def batch(size: int, device: torch.device) -> tuple[torch.Tensor, list[dict[str,
 
 def time_steps(name: str, overrides: dict, bf16: bool, size: int, steps: int, device: torch.device) -> dict:
     torch.manual_seed(0)
-    detector = CariesDetector(config(overrides)).to(device).train()
+    detector_config = config(overrides)
+    detector = CariesDetector(detector_config).to(device).train()
     optimizer = torch.optim.AdamW(detector.parameters(), lr=1e-4)
-    images, targets = batch(size, device)
+    images, targets = batch(size, device, detector_config.image_size)
     times = []
     for step in range(steps + 2):  # two warm-up steps
         if device.type == "cuda":
@@ -96,6 +113,7 @@ def time_steps(name: str, overrides: dict, bf16: bool, size: int, steps: int, de
     return {
         "backbone": name,
         "precision": "bf16" if bf16 else "fp32",
+        "crop_px": detector_config.image_size,
         "parameters_m": round(sum(p.numel() for p in detector.parameters()) / 1e6, 3),
         "ms_per_step": round(milliseconds, 1),
         "images_per_s": round(1000.0 * size / milliseconds, 2),
@@ -134,7 +152,6 @@ def main() -> None:
                 "python": platform.python_version(),
                 "threads": args.threads,
                 "batch": args.batch,
-                "crop_px": CROP,
                 "rows": rows,
             }
         )

@@ -139,17 +139,25 @@ def test_the_cpu_build_draws_the_same_data_and_trains_what_the_detector_and_the_
     pretrain = load_pretrain_config(config.pretrain_config, None)
     finetune = load_finetune_config(config.finetune_config, None)
     demo = load_finetune_config("demo", None)
-    # The demo fine-tunes the same detector at the same working scale from the encoder this build pretrains, made
-    # cheaper per step for its 15 minutes (docs/detection_recipe.md, "Cheaper steps for short schedules").
-    step_cost = {"spatial_prior_stem": "strided", "head_convs": 2}
-    assert {key: demo.detector[key] for key in step_cost} == step_cost
-    assert not step_cost.keys() & finetune.detector.keys()
-    assert finetune.detector == {key: value for key, value in demo.detector.items() if key not in step_cost}
+    # The reference detector is fine-tuned at the working scale its encoder was pretrained at.
     assert finetune.detector["spacing_mm"] == pretrain.data.spacing_mm
     assert (pretrain.model.size, pretrain.model.depth, pretrain.model.patch_size) == (
         finetune.model.size,
         finetune.model.depth,
         finetune.model.patch_size,
     )
+    # The demo fine-tunes the same detector from that encoder, at a coarser scale with the same physical field of
+    # view per crop, for its 15 minutes (docs/detection_recipe.md, "Cheaper steps for short schedules").
+    scale = {"image_size", "roi_size", "spacing_mm", "sliding_window_overlap"}
+    assert {key: value for key, value in demo.detector.items() if key not in scale} == {
+        key: value for key, value in finetune.detector.items() if key not in scale
+    }
+    field_mm = {
+        name: d["image_size"] * d["spacing_mm"]
+        for name, d in (("demo", demo.detector), ("reference", finetune.detector))
+    }
+    assert abs(field_mm["demo"] - field_mm["reference"]) < 0.1
+    assert demo.model == finetune.model
+    assert demo.data.positive_fraction == finetune.data.positive_fraction
     continued = load_pretrain_config("demo", None)
     assert (continued.model, continued.data.spacing_mm) == (pretrain.model, pretrain.data.spacing_mm)
