@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -146,8 +147,25 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+#: A source tree copied without its git metadata (a build host sent the tree, not a clone) may declare the commit
+#: it was exported from in this variable, a 40-digit hex SHA-1; it counts only where git cannot answer.
+SOURCE_COMMIT_VARIABLE = "CARIES_MIM_SOURCE_COMMIT"
+
+
+def declared_source_commit() -> str | None:
+    """The commit declared in :data:`SOURCE_COMMIT_VARIABLE`, or None (unset); a malformed value is an error: a
+    build must not record a commit nobody can look up."""
+    declared = os.environ.get(SOURCE_COMMIT_VARIABLE, "").strip()
+    if not declared:
+        return None
+    if not re.fullmatch(r"[0-9a-f]{40}", declared):
+        raise InvalidArgumentError(f"{SOURCE_COMMIT_VARIABLE} must be a 40-digit lowercase hex commit, got {declared!r}")
+    return declared
+
+
 def code_commit() -> str | None:
-    """The git commit of the code that runs (None outside a git checkout), with ``+dirty`` for local changes."""
+    """The git commit of the code that runs, with ``+dirty`` for local changes; outside a git checkout the commit
+    declared in :data:`SOURCE_COMMIT_VARIABLE`, else None."""
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(
@@ -162,7 +180,7 @@ def code_commit() -> str | None:
             check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        return declared_source_commit()
     return f"{commit}+dirty" if dirty else commit
 
 

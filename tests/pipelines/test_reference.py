@@ -14,6 +14,8 @@ from caries_mim.package import load_package, read_package
 from pipelines.cli import main
 from pipelines.finetune import load_finetune_config
 from pipelines.pretrain import load_pretrain_config
+from caries_mim.errors import InvalidArgumentError
+from pipelines import reference
 from pipelines.reference import DETECTOR_FILE, FOUNDATION_FILE, PROVENANCE_FILE, load_reference_config
 
 
@@ -161,3 +163,46 @@ def test_the_cpu_build_draws_the_same_data_and_trains_what_the_detector_and_the_
     assert demo.data.positive_fraction == finetune.data.positive_fraction
     continued = load_pretrain_config("demo", None)
     assert (continued.model, continued.data.spacing_mm) == (pretrain.model, pretrain.data.spacing_mm)
+
+
+def test_the_gpu_build_fine_tunes_the_cpu_recipe_longer_on_the_same_data():
+    gpu, cpu = load_reference_config("gpu", None), load_reference_config("cpu", None)
+    assert (gpu.unlabeled_images, gpu.labeled_images, gpu.test_images, gpu.seed, gpu.pretrain_config) == (
+        cpu.unlabeled_images,
+        cpu.labeled_images,
+        cpu.test_images,
+        cpu.seed,
+        cpu.pretrain_config,
+    )
+    on_gpu = load_finetune_config(gpu.finetune_config, None)
+    on_cpu = load_finetune_config(cpu.finetune_config, None)
+    # The same detector and sampling: only the schedule (batch, steps, warmup) and the workers differ.
+    assert (on_gpu.model, on_gpu.detector, on_gpu.data.positive_fraction) == (
+        on_cpu.model,
+        on_cpu.detector,
+        on_cpu.data.positive_fraction,
+    )
+    assert on_gpu.optim.batch_size * on_gpu.train.steps > on_cpu.optim.batch_size * on_cpu.train.steps
+
+
+def _without_git(*args, **kwargs):
+    raise FileNotFoundError("git")
+
+
+def test_a_tree_without_git_records_the_commit_it_declares(monkeypatch):
+    monkeypatch.setattr(reference.subprocess, "run", _without_git)
+    monkeypatch.delenv(reference.SOURCE_COMMIT_VARIABLE, raising=False)
+    assert reference.code_commit() is None
+    monkeypatch.setenv(reference.SOURCE_COMMIT_VARIABLE, "7d03633" + "0" * 33)
+    assert reference.code_commit() == "7d03633" + "0" * 33
+    monkeypatch.setenv(reference.SOURCE_COMMIT_VARIABLE, "main")
+    with pytest.raises(InvalidArgumentError, match="CARIES_MIM_SOURCE_COMMIT must be a 40-digit"):
+        reference.code_commit()
+
+
+def test_a_git_checkout_ignores_a_declared_commit(monkeypatch):
+    monkeypatch.setenv(reference.SOURCE_COMMIT_VARIABLE, "0" * 40)
+    recorded = reference.code_commit()
+    if recorded is None:
+        pytest.skip("this copy of the code is not a git checkout")
+    assert not recorded.startswith("0" * 40)
