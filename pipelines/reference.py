@@ -109,7 +109,9 @@ def load_reference_config(config: str | None, overrides: list[str] | None) -> Re
     return built
 
 
-def _synth(folder: Path, *, unlabeled: int, labeled: int, seed: int, config: SynthConfig, workers: int) -> Path:
+def _synth(
+    folder: Path, *, unlabeled: int, labeled: int, seed: int, config: SynthConfig, workers: int, progress: bool
+) -> Path:
     """A synthetic set, unless a complete one with these settings is already there."""
     manifest = folder / "manifest.json"
     if manifest.is_file():
@@ -122,7 +124,15 @@ def _synth(folder: Path, *, unlabeled: int, labeled: int, seed: int, config: Syn
             and (counts.get("unlabeled"), counts.get("labeled")) == (unlabeled, labeled)
         ):
             return folder
-    generate_dataset(folder, n_unlabeled=unlabeled, n_labeled=labeled, seed=seed, config=config, workers=workers)
+    generate_dataset(
+        folder,
+        n_unlabeled=unlabeled,
+        n_labeled=labeled,
+        seed=seed,
+        config=config,
+        workers=workers,
+        progress=progress,
+    )
     return folder
 
 
@@ -159,7 +169,9 @@ def declared_source_commit() -> str | None:
     if not declared:
         return None
     if not re.fullmatch(r"[0-9a-f]{40}", declared):
-        raise InvalidArgumentError(f"{SOURCE_COMMIT_VARIABLE} must be a 40-digit lowercase hex commit, got {declared!r}")
+        raise InvalidArgumentError(
+            f"{SOURCE_COMMIT_VARIABLE} must be a 40-digit lowercase hex commit, got {declared!r}"
+        )
     return declared
 
 
@@ -313,6 +325,7 @@ def run_reference(
                 seed=seed,
                 config=generator,
                 workers=config.synth_workers,
+                progress=progress,
             ),
         )
     labeled, fresh, other = (folders[name] for name in ("labeled", "test", "shifted_test"))

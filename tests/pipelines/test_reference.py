@@ -8,14 +8,14 @@ import shutil
 import pytest
 import torch
 
+from caries_mim.errors import InvalidArgumentError
 from caries_mim.inference import Predictor
 from caries_mim.models import load_encoder
 from caries_mim.package import load_package, read_package
+from pipelines import reference
 from pipelines.cli import main
 from pipelines.finetune import load_finetune_config
 from pipelines.pretrain import load_pretrain_config
-from caries_mim.errors import InvalidArgumentError
-from pipelines import reference
 from pipelines.reference import DETECTOR_FILE, FOUNDATION_FILE, PROVENANCE_FILE, load_reference_config
 
 
