@@ -42,6 +42,7 @@ from pipelines.finetune import load_finetune_config, run_finetune
 from pipelines.predict import run_predict
 from pipelines.pretrain import load_pretrain_config, run_pretrain
 from pipelines.service_client import LocalService, post_radiograph
+from pipelines.step_budget import StepPlan, measure_step_seconds, plan_steps
 
 SPLITS = ("train", "val", "test")
 #: The demo's default sizes (``caries-mim demo`` and ``make demo``; its --help names them): labeled images
@@ -49,6 +50,11 @@ SPLITS = ("train", "val", "test")
 DEMO_LABELED = 800
 DEMO_UNLABELED = 0
 DEMO_PRETRAIN_STEPS = 0
+#: The whole demo's wall-clock budget: the promise is 15 minutes on 2 CPU cores; one minute is kept for the
+#: variation between runs of the same plan.
+DEMO_BUDGET_SECONDS = 14 * 60
+#: Validations in a budgeted fine-tuning run: half-way and at the last step (the package is the better of the two).
+DEMO_VALIDATIONS = 2
 PREVIEW_IMAGES = 8
 #: Test files the predict stage runs on (as a user would: files in, JSON lines and overlays out).
 PREDICT_FILES = 4
@@ -129,22 +135,36 @@ def _pretrain(out: Path, data_dir: Path, encoder: Path, images: int, steps: int,
     return {**summary, "init_from": str(encoder), "reconstructions": str(pictures[-1]) if pictures else None}
 
 
-def _finetune(
-    out: Path, data_dir: Path, encoder: Path, steps: int | None, seed: int, train_images: int
-) -> dict[str, Any]:
-    """The shipped ``demo`` fine-tuning config from ``encoder`` into ``out/finetune``."""
-    run = out / "finetune"
-    if run.exists():
-        shutil.rmtree(run)
+def _finetune_settings(out: Path, encoder: Path, seed: int, train_images: int) -> list[str]:
+    """``--set`` overrides of the shipped ``demo`` fine-tuning config for this run."""
     batch = min(load_finetune_config("demo", None).optim.batch_size, train_images)
-    settings = [
+    return [
         f"train.seed={seed}",
         f"optim.batch_size={batch}",
         path_override("data.cache_dir", out / "decode_cache"),
         path_override("model.encoder", encoder),
     ]
-    if steps is not None:
-        settings.append(f"train.steps={steps}")
+
+
+def _plan(settings: list[str], seconds_left: float, splits: dict[str, Any]) -> StepPlan:
+    """The demo config's fine-tuning steps that fit ``seconds_left`` here (pipelines/step_budget.py), at most the
+    config's own ``train.steps``."""
+    config = load_finetune_config("demo", settings)
+    return plan_steps(
+        seconds_left,
+        measure_step_seconds(config),
+        validation_images=splits["val"]["images"],
+        evaluated_after=splits["test"]["images"] + PREDICT_FILES,
+        validations=DEMO_VALIDATIONS,
+        max_steps=config.train.steps,
+    )
+
+
+def _finetune(out: Path, data_dir: Path, settings: list[str]) -> dict[str, Any]:
+    """The shipped ``demo`` fine-tuning config with ``settings`` into ``out/finetune``."""
+    run = out / "finetune"
+    if run.exists():
+        shutil.rmtree(run)
     config = load_finetune_config("demo", settings)
     labeled = data_dir / "labeled"
     return run_finetune([labeled / "train.json"], [labeled / "val.json"], run, config)
@@ -207,12 +227,16 @@ def run_demo(
     encoder: Path | None = None,
     pretrain_steps: int | None = DEMO_PRETRAIN_STEPS,
     finetune_steps: int | None = None,
+    budget_seconds: float | None = DEMO_BUDGET_SECONDS,
 ) -> dict[str, Any]:
     """Run the demo into ``out`` and return (and print, and write as ``out/demo_summary.json``) its summary.
 
     ``encoder``: the MIM encoder the detector starts from (None: the shipped foundation encoder).
     ``pretrain_steps`` / ``finetune_steps``: None runs the demo configs' own lengths; ``pretrain_steps=0`` skips
     the MAE continuation (the detector then starts from ``encoder`` itself).
+    ``budget_seconds``: without ``finetune_steps``, the fine-tuning steps are those that fit this wall-clock budget
+    for the whole demo on this machine (:mod:`pipelines.step_budget`), at most the config's own; None: the
+    config's steps and validations, whatever they take.
 
     Raises:
         InvalidConfigError: no ``encoder`` given and no shipped foundation encoder (before anything is written).
@@ -284,7 +308,19 @@ def run_demo(
     since = begin(
         "finetune", f"fine-tuning the caries detector from {start} (config: demo) on the train split, val for selection"
     )
-    finetune = _finetune(out, data_dir, start, finetune_steps, seed, splits["train"]["images"])
+    settings = _finetune_settings(out, start, seed, splits["train"]["images"])
+    plan = None
+    if finetune_steps is not None:
+        settings.append(f"train.steps={finetune_steps}")
+    elif budget_seconds is not None:
+        plan = _plan(settings, budget_seconds - (time.perf_counter() - started), splits)
+        settings += [f"train.steps={plan.steps}", f"eval.every={plan.eval_every}"]
+        print(
+            f"  {plan.steps} steps fit the {budget_seconds / 60:g}-minute budget here (one step "
+            f"{1000 * plan.step_seconds:.0f} ms; validation every {plan.eval_every})",
+            flush=True,
+        )
+    finetune = _finetune(out, data_dir, settings)
     done("finetune", since)
 
     package = Path(finetune["package"])
@@ -309,6 +345,7 @@ def run_demo(
         "encoder": str(foundation),
         "pretrain": pretrain,
         "finetune": finetune,
+        "finetune_plan": plan.to_dict() if plan is not None else None,
         "evaluate": {key: value for key, value in evaluation.items() if key != "overlays"},
         "evaluate_overlays": str(out / "evaluate" / "overlays"),
         "predict": predict,

@@ -225,13 +225,13 @@ def load_finetune_config(
     built, origin = configs.load_layered(FinetuneConfig, "finetune", config, overrides, base)
     try:
         # Two placeholder classes: the data's are not read yet, and some options (class_scores) need two.
-        detector_config(built, ("caries", "deep_caries"), _encoder_architecture(built))
+        detector_config(built, ("caries", "deep_caries"), encoder_architecture(built))
     except InvalidArgumentError as exc:
         raise InvalidConfigError(f"detector: {exc.message} ({origin})") from None
     return built
 
 
-def _encoder_architecture(config: FinetuneConfig) -> ViTConfig:
+def encoder_architecture(config: FinetuneConfig) -> ViTConfig:
     """The encoder's architecture: from ``model.encoder`` when given (checked and read once here), else named."""
     if config.model.encoder is not None:
         architecture = load_encoder(config.model.encoder).encoder.config
@@ -534,7 +534,7 @@ class _Finetuning:
         self._prepare_folder()
         threads = configure_threads(self.device, context.local_world_size, config.train.threads)
         torch.manual_seed(config.train.seed * 1000 + context.rank)
-        train_set, val_set, detector_settings = self._datasets(_encoder_architecture(config))
+        train_set, val_set, detector_settings = self._datasets(encoder_architecture(config))
         classes = detector_settings.class_names
         # Same initial weights on every rank: seeded identically for the build, then per rank for drop-path.
         torch.manual_seed(config.train.seed)

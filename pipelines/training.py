@@ -46,29 +46,37 @@ class Precision:
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
 
+#: CPU flags of hardware bf16 matrix arithmetic that oneDNN uses: AMX-BF16 tiles (Intel Sapphire Rapids and later)
+#: and the AVX512-BF16 dot-product instructions (Intel Cooper Lake, AMD Zen 4 and later).
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
 @functools.cache
-def cpu_has_amx_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX-BF16, Sapphire Rapids and later), read
-    from the kernel's CPU flags; False where they cannot be read (not Linux)."""
+def cpu_has_bf16_matmul(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (any of :data:`BF16_CPU_FLAGS`), read from the
+    kernel's CPU flags; False where they cannot be read (not Linux)."""
     try:
         text = Path(cpuinfo).read_text()
     except OSError:
         return False
-    return any(line.startswith("flags") and "amx_bf16" in line.split() for line in text.splitlines())
+    return any(
+        line.startswith("flags") and any(flag in line.split() for flag in BF16_CPU_FLAGS) for line in text.splitlines()
+    )
 
 
 def resolve_precision(requested: str, device: torch.device) -> Precision:
-    """``auto``: bf16 autocast on a GPU that supports it and on a CPU with AMX-BF16 (oneDNN runs the detector's
-    convolutions and matmuls on its tile units: a fine-tuning step 1.6x faster than fp32 on the 2-core VM,
-    benchmarks/detector_step.py), fp32 on other CPUs (there bf16 autocast is slower than fp32, and numerically it
-    only costs). Explicit choices are checked against the device."""
+    """``auto``: bf16 autocast on a GPU that supports it and on a CPU with bf16 matrix hardware (oneDNN runs the
+    detector's convolutions and matmuls in bf16: a fine-tuning step 1.6x faster than fp32 on a 2-core Xeon with
+    AMX-BF16, 1.4x on a 2-core AMD EPYC with AVX512-BF16; benchmarks/detector_step.py), fp32 on other CPUs (there
+    bf16 is emulated: slower than fp32, and numerically it only costs). Explicit choices are checked against the
+    device."""
     if requested not in PRECISIONS:
         raise InvalidConfigError(f"train.precision: {requested!r} is not one of {', '.join(PRECISIONS)}")
     if requested == "auto":
         if device.type == "cuda":
             requested = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
         else:
-            requested = "bf16" if device.type == "cpu" and cpu_has_amx_bf16() else "fp32"
+            requested = "bf16" if device.type == "cpu" and cpu_has_bf16_matmul() else "fp32"
     if requested == "fp16" and device.type != "cuda":
         raise InvalidConfigError("train.precision: fp16 needs a GPU (use fp32 or bf16 on CPU)")
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[requested]

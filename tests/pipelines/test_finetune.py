@@ -596,7 +596,7 @@ def test_the_working_spacing_and_anchors_come_from_the_training_data():
     config = finetune_module.load_finetune_config(
         "tiny", ["detector.spacing_mm=median", "detector.anchor_shapes=auto", "model.depth=2"]
     )
-    encoder = finetune_module._encoder_architecture(config)
+    encoder = finetune_module.encoder_architecture(config)
     boxes = np.array([[100.0, 100.0, 140.0, 130.0]] * 4, dtype=np.float32)
     statistics = finetune_module.DataStatistics(
         spacings_mm=[0.02, 0.03, 0.04],

@@ -11,7 +11,7 @@ from caries_mim.models import VisionTransformer, ViTConfig
 from pipelines import training
 from pipelines.training import (
     adamw_param_groups,
-    cpu_has_amx_bf16,
+    cpu_has_bf16_matmul,
     layer_decay_param_groups,
     resolve_precision,
     vit_layer_id,
@@ -90,22 +90,26 @@ def test_bad_layer_decay_is_a_config_error(layer_decay):
         layer_decay_param_groups(Detectorish(), base_lr=1e-3, weight_decay=0.05, layer_decay=layer_decay, depth=3)
 
 
-def test_amx_bf16_is_read_from_the_cpu_flags(tmp_path):
-    with_amx = tmp_path / "amx"
-    with_amx.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n")
-    without = tmp_path / "plain"
-    without.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16x\nbugs\t\t: amx_bf16\n")
-    assert cpu_has_amx_bf16(str(with_amx))
-    assert not cpu_has_amx_bf16(str(without))
-    assert not cpu_has_amx_bf16(str(tmp_path / "missing"))
+def test_bf16_matrix_hardware_is_read_from_the_cpu_flags(tmp_path):
+    cpus = {
+        "sapphire_rapids": "processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n",
+        "zen4": "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n",
+        "plain": "processor\t: 0\nflags\t\t: fpu avx2 amx_bf16x avx512_bf16x\nbugs\t\t: amx_bf16\n",
+    }
+    for name, text in cpus.items():
+        (tmp_path / name).write_text(text)
+    assert cpu_has_bf16_matmul(str(tmp_path / "sapphire_rapids"))
+    assert cpu_has_bf16_matmul(str(tmp_path / "zen4"))
+    assert not cpu_has_bf16_matmul(str(tmp_path / "plain"))  # flags are whole words, and only on the flags line
+    assert not cpu_has_bf16_matmul(str(tmp_path / "missing"))
 
 
-@pytest.mark.parametrize(("amx", "expected"), [(True, "bf16"), (False, "fp32")])
-def test_auto_precision_on_cpu_is_bf16_only_with_amx(monkeypatch, amx, expected):
-    monkeypatch.setattr(training, "cpu_has_amx_bf16", lambda: amx)
+@pytest.mark.parametrize(("hardware", "expected"), [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_on_cpu_is_bf16_only_with_bf16_hardware(monkeypatch, hardware, expected):
+    monkeypatch.setattr(training, "cpu_has_bf16_matmul", lambda: hardware)
     precision = resolve_precision("auto", torch.device("cpu"))
     assert precision.name == expected
-    assert precision.autocast_dtype == (torch.bfloat16 if amx else None)
+    assert precision.autocast_dtype == (torch.bfloat16 if hardware else None)
     assert not precision.needs_scaler
     assert resolve_precision("fp32", torch.device("cpu")).autocast_dtype is None
 

@@ -1,0 +1,126 @@
+"""Fine-tuning steps that fit a wall-clock budget on the machine at hand.
+
+The demo promises its whole run in 15 minutes on 2 CPU cores, but a step of the same detector costs 202 ms on a
+2-core Xeon with AMX-BF16 and 329 ms on a 2-core AMD EPYC with AVX512-BF16 (benchmarks/detector_step.py, "demo
+scale"): a fixed step count either overruns the budget on the slower machine or wastes it on the faster one. So the
+demo times a few steps of its own detector here, on random crops, and plans the schedule (its cosine decay needs
+the total up front) from what is left of the budget:
+
+    steps = (seconds left - start-up - validations - what follows fine-tuning) / (loop overhead x step)
+
+Validation and evaluation run the same network over whole images, so their cost is counted in steps per image,
+measured with the step: the constants below come from the demo's run on the Xeon (2,400 steps: 703 s of
+fine-tuning with 4 validations of 120 images, evaluation of 120 test images 22 s; README).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from caries_mim.detection import CariesDetector
+from caries_mim.errors import InvalidArgumentError
+from pipelines.finetune import FinetuneConfig, detector_config, encoder_architecture
+from pipelines.training import configure_threads, resolve_precision
+
+#: A step of the training loop against the timed step: data loading, logging, gradient clipping, the scheduler.
+LOOP_OVERHEAD = 1.2
+#: Reading the training set, fitting anchors and building the loaders, before the first step.
+STARTUP_SECONDS = 40.0
+#: A validation or evaluation image (sliding-window inference, box selection, matching) in timed steps.
+STEPS_PER_EVALUATED_IMAGE = 0.85
+#: Lesion crops in the timed batch, like the recipe's (two lesions of 12 working pixels each).
+_LESIONS_PER_CROP = 2
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """A fine-tuning schedule sized to a budget: ``steps`` in all, a validation every ``eval_every``."""
+
+    steps: int
+    eval_every: int
+    step_seconds: float
+    seconds_for_steps: float
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {
+            "steps": self.steps,
+            "eval_every": self.eval_every,
+            "step_seconds": round(self.step_seconds, 4),
+            "seconds_for_steps": round(self.seconds_for_steps, 1),
+        }
+
+
+def measure_step_seconds(config: FinetuneConfig, *, timed: int = 4, warmup: int = 2) -> float:
+    """Seconds of one optimizer step (forward, losses, backward, AdamW) of ``config``'s detector on this machine:
+    the median of ``timed`` steps after ``warmup``, on random crops of the working size with two lesions each, at
+    the precision and CPU threads the run resolves. The weights are random: a step costs the same whatever they are.
+    """
+    if timed < 1 or warmup < 0:
+        raise InvalidArgumentError(f"need timed >= 1 and warmup >= 0, got {timed} and {warmup}")
+    device = torch.device("cuda" if config.train.device == "auto" and torch.cuda.is_available() else "cpu")
+    if config.train.device not in ("auto", "cpu"):
+        device = torch.device(config.train.device)
+    threads_before = torch.get_num_threads()
+    configure_threads(device, 1, config.train.threads)
+    try:
+        detector_settings = detector_config(config, ("caries", "deep_caries"), encoder_architecture(config))
+        detector = CariesDetector(detector_settings).to(device).train()
+        optimizer = torch.optim.AdamW(detector.parameters(), lr=1e-6)
+        precision = resolve_precision(config.train.precision, device)
+        size, crop = config.optim.batch_size, detector_settings.image_size
+        generator = torch.Generator().manual_seed(0)
+        images = torch.rand(size, 1, crop, crop, generator=generator).to(device)
+        corners = torch.randint(8, crop - 24, (size, _LESIONS_PER_CROP, 2), generator=generator).float()
+        labels = torch.arange(_LESIONS_PER_CROP, device=device) % 2
+        targets = [
+            {"boxes": torch.cat([corners[i], corners[i] + 12.0], dim=1).to(device), "labels": labels}
+            for i in range(size)
+        ]
+        times = []
+        for index in range(warmup + timed):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            with precision.autocast(device):
+                loss = detector.losses(images, targets)["total"]
+            loss.backward()
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if index >= warmup:
+                times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads_before)
+    return statistics.median(times)
+
+
+def plan_steps(
+    seconds_left: float,
+    step_seconds: float,
+    *,
+    validation_images: int,
+    evaluated_after: int,
+    validations: int = 2,
+    min_steps: int = 200,
+    max_steps: int,
+) -> StepPlan:
+    """The steps that fit ``seconds_left`` (see the module docstring), between ``min_steps`` and ``max_steps``,
+    with ``validations`` validations of ``validation_images`` images (the last at the last step) and
+    ``evaluated_after`` images evaluated once fine-tuning is done (test split, predictions)."""
+    if step_seconds <= 0 or validations < 1 or not 1 <= min_steps <= max_steps:
+        raise InvalidArgumentError(
+            f"need step_seconds > 0, validations >= 1 and 1 <= min_steps <= max_steps, got {step_seconds}, "
+            f"{validations}, {min_steps}, {max_steps}"
+        )
+    evaluated = validations * validation_images + evaluated_after
+    for_steps = seconds_left - STARTUP_SECONDS - evaluated * STEPS_PER_EVALUATED_IMAGE * step_seconds
+    steps = int(for_steps / (LOOP_OVERHEAD * step_seconds)) if for_steps > 0 else 0
+    steps = max(min_steps, min(max_steps, steps))
+    # A validation every steps / validations, the last one on the last step (the loop always validates there).
+    eval_every = -(-steps // validations)
+    return StepPlan(steps=steps, eval_every=eval_every, step_seconds=step_seconds, seconds_for_steps=for_steps)

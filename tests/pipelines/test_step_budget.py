@@ -1,0 +1,90 @@
+"""Fine-tuning steps sized to a wall-clock budget (pipelines/step_budget.py) and the demo's use of them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from caries_mim.errors import InvalidArgumentError
+from pipelines import demo
+from pipelines.finetune import load_finetune_config
+from pipelines.step_budget import (
+    LOOP_OVERHEAD,
+    STARTUP_SECONDS,
+    STEPS_PER_EVALUATED_IMAGE,
+    StepPlan,
+    measure_step_seconds,
+    plan_steps,
+)
+
+
+def test_the_plan_spends_what_is_left_after_start_up_and_evaluations_on_steps():
+    plan = plan_steps(700.0, 0.2, validation_images=120, evaluated_after=124, validations=2, max_steps=10_000)
+    evaluated_seconds = (2 * 120 + 124) * STEPS_PER_EVALUATED_IMAGE * 0.2
+    expected = int((700.0 - STARTUP_SECONDS - evaluated_seconds) / (LOOP_OVERHEAD * 0.2))
+    assert plan.steps == expected
+    # Two validations: half-way (rounded up) and at the last step.
+    assert plan.eval_every == -(-expected // 2)
+    assert plan.eval_every * 2 >= plan.steps > plan.eval_every
+    # Twice as slow a machine: about half the steps in the same time.
+    slower = plan_steps(700.0, 0.4, validation_images=120, evaluated_after=124, validations=2, max_steps=10_000)
+    assert abs(slower.steps - (700.0 - STARTUP_SECONDS - 2 * evaluated_seconds) / (LOOP_OVERHEAD * 0.4)) <= 1
+
+
+def test_the_plan_stays_between_its_bounds():
+    generous = plan_steps(1e6, 0.2, validation_images=10, evaluated_after=10, max_steps=3200)
+    assert (generous.steps, generous.eval_every) == (3200, 1600)
+    hopeless = plan_steps(10.0, 0.2, validation_images=10, evaluated_after=10, min_steps=50, max_steps=3200)
+    assert hopeless.steps == 50
+    assert hopeless.seconds_for_steps < 0
+    assert (
+        plan_steps(1e6, 0.2, validation_images=1, evaluated_after=0, validations=1, min_steps=1, max_steps=7).eval_every
+        == 7
+    )
+
+
+@pytest.mark.parametrize(
+    ("step_seconds", "validations", "min_steps", "max_steps"), [(0.0, 2, 1, 5), (0.1, 0, 1, 5), (0.1, 2, 6, 5)]
+)
+def test_impossible_plans_are_refused(step_seconds, validations, min_steps, max_steps):
+    with pytest.raises(InvalidArgumentError):
+        plan_steps(
+            100.0,
+            step_seconds,
+            validation_images=1,
+            evaluated_after=1,
+            validations=validations,
+            min_steps=min_steps,
+            max_steps=max_steps,
+        )
+
+
+def test_a_step_of_the_configured_detector_is_timed_here_and_the_threads_are_restored():
+    config = load_finetune_config(
+        "demo", ["optim.batch_size=2", "detector.image_size=96", "detector.roi_size=96", "train.threads=1"]
+    )
+    threads = torch.get_num_threads()
+    seconds = measure_step_seconds(config, timed=1, warmup=0)
+    assert 0.0 < seconds < 60.0
+    assert torch.get_num_threads() == threads
+    with pytest.raises(InvalidArgumentError, match="timed >= 1"):
+        measure_step_seconds(config, timed=0)
+
+
+def test_the_demo_fine_tunes_the_planned_steps_and_reports_the_plan(tmp_path, monkeypatch):
+    asked = {}
+
+    def plan(seconds_left, step_seconds, **kwargs):
+        asked.update(seconds_left=seconds_left, step_seconds=step_seconds, **kwargs)
+        return StepPlan(steps=2, eval_every=1, step_seconds=step_seconds, seconds_for_steps=1.0)
+
+    monkeypatch.setattr(demo, "measure_step_seconds", lambda config: 0.25)
+    monkeypatch.setattr(demo, "plan_steps", plan)
+    summary = demo.run_demo(tmp_path / "demo", n_labeled=16, seed=1, budget_seconds=600.0)
+    assert asked["step_seconds"] == 0.25
+    assert 0 < asked["seconds_left"] < 600.0  # what the stages before fine-tuning left
+    assert asked["validation_images"] == summary["splits"]["val"]["images"]
+    assert asked["evaluated_after"] == summary["splits"]["test"]["images"] + demo.PREDICT_FILES
+    assert asked["max_steps"] == load_finetune_config("demo", None).train.steps
+    assert summary["finetune"]["steps"] == 2
+    assert summary["finetune_plan"] == {"steps": 2, "eval_every": 1, "step_seconds": 0.25, "seconds_for_steps": 1.0}
