@@ -11,7 +11,7 @@ from pydicom.uid import DigitalIntraOralXRayImageStorageForPresentation
 
 from caries_mim.package import FOUNDATION_ENCODER, load_package
 from pipelines.cli import main
-from pipelines.demo import DEMO_LABELED, DEMO_PRETRAIN_STEPS, DEMO_UNLABELED
+from pipelines.demo import DEMO_BUDGET_SECONDS, DEMO_LABELED, DEMO_PRETRAIN_STEPS, DEMO_UNLABELED
 
 
 def test_synth_command_writes_a_dataset_and_a_json_summary(tmp_path, capsys):
@@ -160,3 +160,12 @@ def test_the_demo_help_names_the_demo_defaults(capsys):
     assert f"labeled images, split 70/15/15 into train/val/test (default: {DEMO_LABELED})" in text
     assert f"unlabeled images (default: {DEMO_UNLABELED})" in text
     assert f"0 skips them (default: {DEMO_PRETRAIN_STEPS})" in text
+    assert f"(default: {DEMO_BUDGET_SECONDS / 60:g}, inside the 15-minute promise)" in text
+
+
+@pytest.mark.parametrize("minutes", ["0", "-3", "nan", "soon"])
+def test_a_bad_demo_budget_is_a_usage_error(minutes, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["demo", "--budget-minutes", minutes])
+    assert stopped.value.code == 2
+    assert "--budget-minutes" in capsys.readouterr().err
