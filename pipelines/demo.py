@@ -315,8 +315,9 @@ def run_demo(
     elif budget_seconds is not None:
         plan = _plan(settings, budget_seconds - (time.perf_counter() - started), splits)
         settings += [f"train.steps={plan.steps}", f"eval.every={plan.eval_every}"]
+        verdict = "fit" if plan.fits else "are the fewest the demo runs, over"
         print(
-            f"  {plan.steps} steps fit the {budget_seconds / 60:g}-minute budget here (one step "
+            f"  {plan.steps} steps {verdict} the {budget_seconds / 60:g}-minute budget here (one step "
             f"{1000 * plan.step_seconds:.0f} ms; validation every {plan.eval_every})",
             flush=True,
         )

@@ -45,6 +45,11 @@ class StepPlan:
     step_seconds: float
     seconds_for_steps: float
 
+    @property
+    def fits(self) -> bool:
+        """Whether the steps fit the budget (False when the floor of the plan, ``min_steps``, overruns it)."""
+        return self.steps * LOOP_OVERHEAD * self.step_seconds <= max(self.seconds_for_steps, 0.0)
+
     def to_dict(self) -> dict[str, float | int]:
         return {
             "steps": self.steps,

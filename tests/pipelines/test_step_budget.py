@@ -37,6 +37,8 @@ def test_the_plan_stays_between_its_bounds():
     hopeless = plan_steps(10.0, 0.2, validation_images=10, evaluated_after=10, min_steps=50, max_steps=3200)
     assert hopeless.steps == 50
     assert hopeless.seconds_for_steps < 0
+    assert generous.fits
+    assert not hopeless.fits
     assert (
         plan_steps(1e6, 0.2, validation_images=1, evaluated_after=0, validations=1, min_steps=1, max_steps=7).eval_every
         == 7
@@ -71,7 +73,7 @@ def test_a_step_of_the_configured_detector_is_timed_here_and_the_threads_are_res
         measure_step_seconds(config, timed=0)
 
 
-def test_the_demo_fine_tunes_the_planned_steps_and_reports_the_plan(tmp_path, monkeypatch):
+def test_the_demo_fine_tunes_the_planned_steps_and_reports_the_plan(tmp_path, monkeypatch, capsys):
     asked = {}
 
     def plan(seconds_left, step_seconds, **kwargs):
@@ -88,3 +90,4 @@ def test_the_demo_fine_tunes_the_planned_steps_and_reports_the_plan(tmp_path, mo
     assert asked["max_steps"] == load_finetune_config("demo", None).train.steps
     assert summary["finetune"]["steps"] == 2
     assert summary["finetune_plan"] == {"steps": 2, "eval_every": 1, "step_seconds": 0.25, "seconds_for_steps": 1.0}
+    assert "2 steps fit the 10-minute budget here (one step 250 ms; validation every 1)" in capsys.readouterr().out
