@@ -26,7 +26,7 @@ demo: setup
 	$(BIN)/caries-mim demo --out runs/demo
 
 # Label-efficiency study on the demo's synthetic data, random init vs the shipped foundation encoder, with the
-# demo's fine-tuning config at 800 steps per run, the same for every fraction (run `make demo` first; about 50 min
+# demo's fine-tuning config at 800 steps per run, the same for every fraction (run `make demo` first; about an hour
 # on 2 cores).
 DEMO := runs/demo
 study: setup
