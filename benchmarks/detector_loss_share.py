@@ -18,31 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 
 import torch
 from detector_step import VARIANTS, batch, config  # benchmarks/ is on sys.path when run as a script
 from machine import cpu_name
 
 from caries_mim.detection import CariesDetector
+from pipelines.step_budget import median_seconds
 
 RECIPE = next(overrides for name, overrides, bf16 in VARIANTS if name == "+ 2 head convs")
-
-
-def _median_ms(action, steps: int, device: torch.device) -> float:
-    times = []
-    for index in range(steps + 2):  # two warm-up runs
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        action()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if index >= 2:
-            times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
 
 
 def measure(size: int, steps: int, device: torch.device) -> dict:
@@ -62,7 +47,9 @@ def measure(size: int, steps: int, device: torch.device) -> dict:
         outputs = network(images)  # {key: [one (B, C, H, W) map per pyramid level]}
         sum(level.float().sum() for levels in outputs.values() for level in levels).backward()
 
-    step_ms, network_ms = _median_ms(step, steps, device), _median_ms(network_only, steps, device)
+    step_ms, network_ms = (
+        1000.0 * median_seconds(action, timed=steps, warmup=2, device=device) for action in (step, network_only)
+    )
     return {
         "batch": size,
         "step_ms": round(step_ms, 1),

@@ -23,15 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 
 import torch
 from machine import cpu_name  # benchmarks/machine.py (this folder is on sys.path when run as a script)
 
 from caries_mim.detection import CariesDetector, DetectorConfig
 from caries_mim.models import ViTConfig
+from pipelines.step_budget import median_seconds
 
 #: (name, DetectorConfig overrides) in the order reported; the first is the peer.
 VARIANTS = (
@@ -95,21 +94,15 @@ def time_steps(name: str, overrides: dict, bf16: bool, size: int, steps: int, de
     detector = CariesDetector(detector_config).to(device).train()
     optimizer = torch.optim.AdamW(detector.parameters(), lr=1e-4)
     images, targets = batch(size, device, detector_config.image_size)
-    times = []
-    for step in range(steps + 2):  # two warm-up steps
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+
+    def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = detector.losses(images, targets)["total"]
         loss.backward()
         optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step >= 2:
-            times.append(time.perf_counter() - start)
-    milliseconds = 1000.0 * statistics.median(times)
+
+    milliseconds = 1000.0 * median_seconds(step, timed=steps, warmup=2, device=device)  # two warm-up steps
     return {
         "backbone": name,
         "precision": "bf16" if bf16 else "fp32",

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from caries_mim.detection import CariesDetector
 from caries_mim.errors import InvalidArgumentError
+from pipelines.distributed import choose_device
 from pipelines.finetune import FinetuneConfig, detector_config, encoder_architecture
 from pipelines.training import configure_threads, resolve_precision
 
@@ -59,16 +61,30 @@ class StepPlan:
         }
 
 
+def median_seconds(action: Callable[[], object], *, timed: int, warmup: int, device: torch.device) -> float:
+    """The median wall time of ``timed`` calls of ``action`` after ``warmup`` untimed ones; on a GPU each call is
+    timed from an idle device to an idle device (synchronized on both sides)."""
+    if timed < 1 or warmup < 0:
+        raise InvalidArgumentError(f"need timed >= 1 and warmup >= 0, got {timed} and {warmup}")
+    times = []
+    for index in range(warmup + timed):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        action()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if index >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def measure_step_seconds(config: FinetuneConfig, *, timed: int = 4, warmup: int = 2) -> float:
     """Seconds of one optimizer step (forward, losses, backward, AdamW) of ``config``'s detector on this machine:
     the median of ``timed`` steps after ``warmup``, on random crops of the working size with two lesions each, at
     the precision and CPU threads the run resolves. The weights are random: a step costs the same whatever they are.
     """
-    if timed < 1 or warmup < 0:
-        raise InvalidArgumentError(f"need timed >= 1 and warmup >= 0, got {timed} and {warmup}")
-    device = torch.device("cuda" if config.train.device == "auto" and torch.cuda.is_available() else "cpu")
-    if config.train.device not in ("auto", "cpu"):
-        device = torch.device(config.train.device)
+    device = choose_device(config.train.device, local_rank=0)
     threads_before = torch.get_num_threads()
     configure_threads(device, 1, config.train.threads)
     try:
@@ -85,23 +101,17 @@ def measure_step_seconds(config: FinetuneConfig, *, timed: int = 4, warmup: int 
             {"boxes": torch.cat([corners[i], corners[i] + 12.0], dim=1).to(device), "labels": labels}
             for i in range(size)
         ]
-        times = []
-        for index in range(warmup + timed):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
+
+        def step() -> None:
             optimizer.zero_grad(set_to_none=True)
             with precision.autocast(device):
                 loss = detector.losses(images, targets)["total"]
             loss.backward()
             optimizer.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if index >= warmup:
-                times.append(time.perf_counter() - start)
+
+        return median_seconds(step, timed=timed, warmup=warmup, device=device)
     finally:
         torch.set_num_threads(threads_before)
-    return statistics.median(times)
 
 
 def plan_steps(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from caries_mim.errors import InvalidArgumentError
-from pipelines import demo
+from pipelines import demo, step_budget
 from pipelines.finetune import load_finetune_config
 from pipelines.step_budget import (
     LOOP_OVERHEAD,
@@ -14,6 +16,7 @@ from pipelines.step_budget import (
     STEPS_PER_EVALUATED_IMAGE,
     StepPlan,
     measure_step_seconds,
+    median_seconds,
     plan_steps,
 )
 
@@ -59,6 +62,17 @@ def test_impossible_plans_are_refused(step_seconds, validations, min_steps, max_
             min_steps=min_steps,
             max_steps=max_steps,
         )
+
+
+def test_the_median_is_taken_over_the_timed_calls_after_the_warm_up(monkeypatch):
+    # The warm-up call reads the clock once (its end is never read); each timed call reads its start and its end.
+    clock = iter([0.0, 10.0, 10.5, 20.0, 20.1, 30.0, 30.3])
+    # Only this module's clock is replaced (pytest's own timing reads the real one).
+    monkeypatch.setattr(step_budget, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    calls = []
+    seconds = median_seconds(lambda: calls.append(1), timed=3, warmup=1, device=torch.device("cpu"))
+    assert len(calls) == 4
+    assert seconds == pytest.approx(0.3)  # the median of 0.5, 0.1 and 0.3
 
 
 def test_a_step_of_the_configured_detector_is_timed_here_and_the_threads_are_restored():
