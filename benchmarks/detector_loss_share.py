@@ -1,14 +1,16 @@
-"""What MONAI's loss machinery adds to a fine-tuning step, against the network alone (the limit of a free loss).
+"""What the loss machinery adds to a fine-tuning step: ours (batched), MONAI's (per image), and none at all.
 
 A RetinaNet step is the network (encoder, pyramid, heads: forward and backward) plus the loss: anchors matched to
-the boxes image by image (ATSS), sampled, encoded, then classification and box losses. On a CPU the network
-dominates; on a GPU the per-image matching is host work (thousands of small kernel launches and host
-synchronizations per step) that the GPU waits on. This times, per batch size, with the reference recipe's detector
-(``+ 2 head convs`` of detector_step.py, fp32, 256 px crops with two lesions each):
-  * step     - forward, losses, backward, AdamW (what fine-tuning runs);
-  * network  - forward and backward of the network alone, its outputs summed as a stand-in loss (the peer: what a
-               step would cost if the loss were free);
-and reports the loss machinery's share. Ends with a JSON line.
+the boxes (ATSS), encoded, then classification and box losses. MONAI matches image by image; on a GPU that is host
+work (thousands of small kernel launches and host synchronizations per step) that the GPU waits on, so the
+detector matches the whole batch at once (caries_mim/detection/batched_loss.py). This times, per batch size, with
+the reference recipe's detector (``+ 2 head convs`` of detector_step.py, fp32, 256 px crops with two lesions each):
+  * step       - forward, losses, backward, AdamW (what fine-tuning runs, with the batched loss);
+  * MONAI step - the same with MONAI's per-image ``compute_loss`` (the peer);
+  * network    - forward and backward of the network alone, its outputs summed as a stand-in loss (the limit:
+                 what a step would cost if the loss were free);
+and reports the loss machinery's share of each step. On a CPU the network dominates and the three are close.
+Ends with a JSON line.
 
     python benchmarks/detector_loss_share.py [--batches 8,16,32,64] [--steps 5] [--threads 2] [--device cpu|cuda]
 """
@@ -23,6 +25,7 @@ import sys
 import torch
 from detector_step import VARIANTS, batch, config  # benchmarks/ is on sys.path when run as a script
 from machine import cpu_name
+from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
 
 from caries_mim.detection import CariesDetector
 from pipelines.step_budget import median_seconds
@@ -42,19 +45,32 @@ def measure(size: int, steps: int, device: torch.device) -> dict:
         detector.losses(images, targets)["total"].backward()
         optimizer.step()
 
+    def monai_step() -> None:
+        # MONAI's per-image compute_loss on the same detector: the method the batched one overrides.
+        retinanet = detector.retinanet
+        retinanet.compute_loss = RetinaNetDetector.compute_loss.__get__(retinanet)
+        try:
+            step()
+        finally:
+            del retinanet.compute_loss
+
     def network_only() -> None:
         optimizer.zero_grad(set_to_none=True)
         outputs = network(images)  # {key: [one (B, C, H, W) map per pyramid level]}
         sum(level.float().sum() for levels in outputs.values() for level in levels).backward()
 
-    step_ms, network_ms = (
-        1000.0 * median_seconds(action, timed=steps, warmup=2, device=device) for action in (step, network_only)
+    step_ms, monai_ms, network_ms = (
+        1000.0 * median_seconds(action, timed=steps, warmup=2, device=device)
+        for action in (step, monai_step, network_only)
     )
     return {
         "batch": size,
         "step_ms": round(step_ms, 1),
+        "monai_step_ms": round(monai_ms, 1),
         "network_ms": round(network_ms, 1),
         "loss_share": round(max(step_ms - network_ms, 0.0) / step_ms, 3),
+        "monai_loss_share": round(max(monai_ms - network_ms, 0.0) / monai_ms, 3),
+        "speedup_over_monai": round(monai_ms / step_ms, 2),
         "crops_per_s": round(1000.0 * size / step_ms, 1),
         "crops_per_s_network_only": round(1000.0 * size / network_ms, 1),
     }
@@ -78,10 +94,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = [measure(size, args.steps, device) for size in sizes]
-    print(f"{'batch':>6}{'step ms':>10}{'network ms':>12}{'loss share':>12}{'crops/s':>10}{'network only':>14}")
+    print(
+        f"{'batch':>6}{'step ms':>10}{'MONAI step ms':>15}{'network ms':>12}{'loss share':>12}{'MONAI share':>13}"
+        f"{'crops/s':>10}{'network only':>14}"
+    )
     for row in rows:
         print(
-            f"{row['batch']:>6}{row['step_ms']:>10.1f}{row['network_ms']:>12.1f}{row['loss_share']:>12.2f}"
+            f"{row['batch']:>6}{row['step_ms']:>10.1f}{row['monai_step_ms']:>15.1f}{row['network_ms']:>12.1f}"
+            f"{row['loss_share']:>12.2f}{row['monai_loss_share']:>13.2f}"
             f"{row['crops_per_s']:>10.1f}{row['crops_per_s_network_only']:>14.1f}"
         )
     machine = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -20,6 +21,12 @@ from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorSha
 from monai.losses.giou_loss import BoxGIoULoss
 from torch import nn
 
+from caries_mim.detection.batched_loss import (
+    batched_atss_matches,
+    classification_targets,
+    foreground_box_pairs,
+    pad_boxes,
+)
 from caries_mim.detection.box_selection import padded_nms
 from caries_mim.detection.cnn_backbone import ResNetRetinaNet
 from caries_mim.detection.config import DetectorConfig
@@ -57,6 +64,57 @@ class _RetinaNetDetector(RetinaNetDetector):
 
     #: Class scores as P(lesion) x P(class | lesion) (``DetectorConfig.class_scores``); False: a sigmoid per class.
     lesion_times_class: bool = False
+
+    def compute_loss(
+        self,
+        head_outputs_reshape: dict[str, torch.Tensor],
+        targets: list[dict[str, torch.Tensor]],
+        anchors: list[torch.Tensor],
+        num_anchor_locs_per_level: Sequence[int],
+    ) -> dict[str, torch.Tensor]:
+        """MONAI's losses (same arguments, same result) with the matching, targets and box pairs of the whole
+        batch computed at once (:mod:`caries_mim.detection.batched_loss`).
+
+        MONAI's per-image path stays for what the batched one does not cover: a foreground/background sampler
+        (hard negative sampling draws per image) and anchors that differ between images.
+        """
+        if self.fg_bg_sampler is not None or any(image_anchors is not anchors[0] for image_anchors in anchors):
+            return super().compute_loss(head_outputs_reshape, targets, anchors, num_anchor_locs_per_level)
+        cls_logits = head_outputs_reshape[self.cls_key]  # (B, A, C)
+        box_regression = head_outputs_reshape[self.box_reg_key]  # (B, A, 4)
+        if not bool(torch.isfinite(cls_logits).all() & torch.isfinite(box_regression).all()):
+            # MONAI's per-image checks raise while training and only warn without gradients.
+            message = "NaN or Inf in predicted classification logits or box regression."
+            if torch.is_grad_enabled():
+                raise ValueError(message)
+            warnings.warn(message, stacklevel=2)
+        boxes, labels, valid = pad_boxes(
+            [target[self.target_box_key] for target in targets], [target[self.target_label_key] for target in targets]
+        )
+        matches = batched_atss_matches(
+            boxes,
+            valid,
+            anchors[0],
+            num_anchor_locs_per_level,
+            self.num_anchors_per_loc,
+            self.proposal_matcher.num_candidates,
+            self.proposal_matcher.center_in_gt,
+            self.proposal_matcher.min_dist,
+        )
+        class_targets = classification_targets(matches, labels, cls_logits.shape[-1], cls_logits.dtype)
+        classification = self.cls_loss_func(
+            cls_logits.reshape(-1, cls_logits.shape[-1]), class_targets.reshape(-1, cls_logits.shape[-1])
+        ).to(cls_logits.dtype)
+        predicted, matched_anchors, matched_boxes = foreground_box_pairs(box_regression, boxes, anchors[0], matches)
+        if predicted.shape[0] == 0:
+            box_loss = torch.zeros((), dtype=box_regression.dtype, device=box_regression.device)
+        else:
+            if self.encode_gt:
+                matched_boxes = self.box_coder.encode_single(matched_boxes, matched_anchors)
+            if self.decode_pred:
+                predicted = self.box_coder.decode_single(predicted, matched_anchors)
+            box_loss = self.box_loss_func(predicted, matched_boxes).to(predicted.dtype)
+        return {self.cls_key: classification, self.box_reg_key: box_loss}
 
     def compute_anchor_matched_idxs(
         self,
@@ -346,8 +404,10 @@ class CariesDetector(nn.Module):
         boxes, labels = target.get("boxes"), target.get("labels")
         if not isinstance(boxes, torch.Tensor) or not isinstance(labels, torch.Tensor):
             raise InvalidArgumentError(f"target {index} needs tensors 'boxes' and 'labels', got keys {sorted(target)}")
-        boxes = boxes.reshape(-1, 4).to(device=images.device, dtype=torch.float32)
-        labels = labels.reshape(-1).to(device=images.device, dtype=torch.long)
+        # Checked where the target lives (the data loader's CPU tensors), then moved: on a GPU each check would be
+        # a host synchronization per image.
+        boxes = boxes.reshape(-1, 4).to(dtype=torch.float32)
+        labels = labels.reshape(-1).to(dtype=torch.long)
         if boxes.shape[0] != labels.shape[0]:
             raise InvalidArgumentError(f"target {index} has {boxes.shape[0]} boxes but {labels.shape[0]} labels")
         if bool(((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any()):
@@ -356,7 +416,10 @@ class CariesDetector(nn.Module):
             raise InvalidArgumentError(
                 f"target {index} has labels outside [0, {self.config.num_classes}) (classes: {self.config.class_names})"
             )
-        return {self.retinanet.target_box_key: boxes[:, _SWAP_XY], self.retinanet.target_label_key: labels}
+        return {
+            self.retinanet.target_box_key: boxes[:, _SWAP_XY].to(images.device, non_blocking=True),
+            self.retinanet.target_label_key: labels.to(images.device, non_blocking=True),
+        }
 
 
 @contextlib.contextmanager
