@@ -50,6 +50,7 @@ from caries_mim.data import (
     load_annotations,
 )
 from caries_mim.data.indexing import IndexedImage
+from caries_mim.data.transforms import DETECTION_AUGMENTATIONS
 from caries_mim.detection import CariesDetector, DetectorConfig, build_detector, detect
 from caries_mim.detection.anchors import anchor_shapes_for_boxes
 from caries_mim.errors import (
@@ -129,6 +130,9 @@ class DataConfig:
     positive_fraction: float = 0.5
     #: Boxes cut by a crop or affine below this fraction of their area are dropped from that sample.
     min_visibility: float = 0.3
+    #: Training augmentation preset (caries_mim.data.transforms.detection_train_transform): standard, or sensor
+    #: (wider scale, blur, coarser grids, noise and edge enhancement: for radiographs from other sensors).
+    augmentation: str = "standard"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.label_fraction <= 1.0:
@@ -137,6 +141,10 @@ class DataConfig:
             raise ValueError("positive_fraction and min_visibility must be in [0, 1]")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.augmentation not in DETECTION_AUGMENTATIONS:
+            raise ValueError(
+                f"augmentation must be one of {', '.join(DETECTION_AUGMENTATIONS)}, got {self.augmentation!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -512,6 +520,7 @@ class _Finetuning:
             crop_size=detector.roi_size,
             positive_fraction=data.positive_fraction,
             rule=detector.scale_rule,
+            augmentation=data.augmentation,
         )
         self.fingerprint = data_fingerprint(self.train_files, train_set.records)
         self.all_train_images = len(all_train)

@@ -27,6 +27,8 @@ from caries_mim.data.scale import ScaleRule
 LABEL_FIELD = "labels"
 #: Key under which detection transforms get the image's (row, column) spacing in mm, or None.
 SPACING_FIELD = "spacing_mm"
+#: Augmentation presets of :func:`detection_train_transform` (``data.augmentation`` in the fine-tuning config).
+DETECTION_AUGMENTATIONS = ("standard", "sensor")
 
 
 class FloatClahe(A.ImageOnlyTransform):
@@ -187,6 +189,7 @@ def detection_train_transform(
     positive_fraction: float = 0.5,
     max_downscale: float = 4.0,
     rule: ScaleRule | None = None,
+    augmentation: str = "standard",
 ) -> A.Compose:
     """Box-aware training augmentation in the geometry of inference, on patches of ``crop_size`` x ``crop_size``.
 
@@ -200,9 +203,14 @@ def detection_train_transform(
        same way, ``RandCropBoxByPosNegLabeld``). The other patches are half centred on strong edges
        (:class:`StructureCrop`: proximal surfaces, embrasures, restorations, the look-alikes of caries) and half
        drawn uniformly. Inference then slides a window of the same size (``DetectorConfig.roi_size``).
-    3. Horizontal flip (caries look the same mirrored), small affine (scale 0.9-1.1, shift 5%, rotation 5
-       degrees: sensor placement varies that much), CLAHE, brightness/contrast/gamma, Gaussian noise (quantum
-       noise of low-dose sensors) and slight blur (motion, focal spot).
+    3. ``augmentation="standard"``: horizontal flip (caries look the same mirrored), small affine (scale 0.9-1.1,
+       shift 5%, rotation 5 degrees: sensor placement varies that much), CLAHE, brightness/contrast/gamma,
+       Gaussian noise (quantum noise of low-dose sensors) and slight blur (motion, focal spot).
+       ``augmentation="sensor"``: the same flip, then what differs between sensors and vendors, in the order an
+       acquisition applies it (:func:`_sensor_augmentation`): scale 0.8-1.25 (a declared spacing off by the
+       magnification, another sensor's pixel pitch), rotation 10 degrees, blur or a coarser pixel grid (focal
+       spot, scintillator spread, resolution), quantum and electronic noise up to 4% of the range, vendor edge
+       enhancement, then contrast, gamma and CLAHE (the display processing).
 
     Boxes keeping under ``min_visibility`` of their area are dropped with their labels. Call as
     ``transform(image=img, bboxes=boxes_xyxy, labels=labels, spacing_mm=(row, column) or None)``; output image
@@ -215,6 +223,8 @@ def detection_train_transform(
     padded = crop if rule.physical else size
     if not 0.0 <= positive_fraction <= 1.0:
         raise ValueError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
+    if augmentation not in DETECTION_AUGMENTATIONS:
+        raise ValueError(f"augmentation must be one of {', '.join(DETECTION_AUGMENTATIONS)}, got {augmentation!r}")
     return A.Compose(
         [
             ModelScale(rule),
@@ -230,23 +240,64 @@ def detection_train_transform(
                 p=1.0,
             ),
             A.HorizontalFlip(p=0.5),
-            A.Affine(
-                scale=(0.9, 1.1),
-                translate_percent=(-0.05, 0.05),
-                rotate=(-5, 5),
-                border_mode=cv2.BORDER_CONSTANT,
-                fill=0.0,
-                p=0.5,
-            ),
-            FloatClahe(p=0.3),
-            A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.15, p=0.5),
-            A.RandomGamma(gamma_limit=(80, 120), p=0.5),
-            A.GaussNoise(std_range=(0.005, 0.02), p=0.3),
-            A.GaussianBlur(blur_limit=(3, 5), p=0.2),
+            *(_sensor_augmentation() if augmentation == "sensor" else _standard_augmentation()),
         ],
         bbox_params=_bbox_params(min_visibility),
         seed=seed,
     )
+
+
+def _standard_augmentation() -> list[A.BasicTransform]:
+    """The recipe's augmentation after the crop and flip (see :func:`detection_train_transform`)."""
+    return [
+        A.Affine(
+            scale=(0.9, 1.1),
+            translate_percent=(-0.05, 0.05),
+            rotate=(-5, 5),
+            border_mode=cv2.BORDER_CONSTANT,
+            fill=0.0,
+            p=0.5,
+        ),
+        FloatClahe(p=0.3),
+        A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.15, p=0.5),
+        A.RandomGamma(gamma_limit=(80, 120), p=0.5),
+        A.GaussNoise(std_range=(0.005, 0.02), p=0.3),
+        A.GaussianBlur(blur_limit=(3, 5), p=0.2),
+    ]
+
+
+def _sensor_augmentation() -> list[A.BasicTransform]:
+    """Augmentation for radiographs from other sensors than the training set's, after the crop and flip.
+
+    In acquisition order: geometry (a PixelSpacing that is really ImagerPixelSpacing is off by the magnification,
+    1.05-1.3 for intra-oral geometry; pixel pitches differ by sensor), the sensor's blur or coarser grid, its noise,
+    the vendor's edge enhancement (which sharpens that noise too), then the display processing.
+    """
+    return [
+        A.Affine(
+            scale=(0.8, 1.25),
+            translate_percent=(-0.05, 0.05),
+            rotate=(-10, 10),
+            border_mode=cv2.BORDER_CONSTANT,
+            fill=0.0,
+            p=0.7,
+        ),
+        A.OneOf(
+            [
+                A.GaussianBlur(blur_limit=0, sigma_limit=(0.5, 1.5)),
+                A.Downscale(
+                    scale_range=(0.5, 0.85),
+                    interpolation_pair={"downscale": cv2.INTER_AREA, "upscale": cv2.INTER_LINEAR},
+                ),
+            ],
+            p=0.4,
+        ),
+        A.GaussNoise(std_range=(0.005, 0.04), p=0.5),
+        A.Sharpen(alpha=(0.1, 0.4), lightness=(1.0, 1.0), p=0.3),
+        A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.25, p=0.6),
+        A.RandomGamma(gamma_limit=(70, 140), p=0.5),
+        FloatClahe(p=0.3),
+    ]
 
 
 def detection_eval_transform(size: int = 512) -> A.Compose:

@@ -39,9 +39,10 @@ def assert_valid_boxes(boxes: np.ndarray, labels: np.ndarray, size: int, allowed
     assert set(labels.tolist()) <= allowed_labels
 
 
-def test_detection_train_transform_keeps_boxes_valid_over_many_draws():
+@pytest.mark.parametrize("augmentation", ["standard", "sensor"])
+def test_detection_train_transform_keeps_boxes_valid_over_many_draws(augmentation):
     size = 64
-    transform = detection_train_transform(size=size, seed=123)
+    transform = detection_train_transform(size=size, seed=123, augmentation=augmentation)
     rng = np.random.default_rng(0)
     kept = 0
     for _ in range(300):
@@ -191,6 +192,7 @@ def test_without_any_box_a_positive_patch_falls_back_to_a_uniform_one():
         ({"crop_size": 256}, "crop_size must be in"),
         ({"crop_size": 0}, "crop_size must be in"),
         ({"positive_fraction": 1.5}, "positive_fraction"),
+        ({"augmentation": "heavy"}, "augmentation must be one of standard, sensor"),
     ],
 )
 def test_bad_patch_settings_are_refused(kwargs, message):
@@ -324,3 +326,28 @@ def test_mim_crops_at_a_working_spacing_show_anatomy_at_the_detector_s_scale():
             widths.append(columns[-1] - columns[0] + 1)
     assert widths
     assert all(40 <= width <= 60 for width in widths)
+
+
+def test_the_sensor_preset_varies_scale_sharpness_and_noise_more_than_the_standard_one():
+    """Over many draws of one crop, the sensor preset spreads a lesion's box size, the image's fine detail (blur,
+    coarser grids, edge enhancement) and its noise wider than the standard preset does."""
+    rng = np.random.default_rng(0)
+    image = np.full((256, 256), 0.5, dtype=np.float32)
+    image[96:160, 96:160] = 0.8  # a bright square: its box tracks the scale, its edge the sharpness
+    box = np.array([[96.0, 96.0, 160.0, 160.0]], dtype=np.float32)
+    spreads = {}
+    for augmentation in ("standard", "sensor"):
+        transform = detection_train_transform(
+            256, crop_size=256, positive_fraction=1.0, seed=5, augmentation=augmentation
+        )
+        widths, edges = [], []
+        for _ in range(200):
+            out = transform(image=image + rng.normal(0, 0.001, image.shape).astype(np.float32), bboxes=box, labels=[0])
+            if len(out["bboxes"]) == 1:
+                x0, _, x1, _ = out["bboxes"][0]
+                widths.append(x1 - x0)
+            gradient = np.abs(np.diff(out["image"], axis=1))
+            edges.append(float(np.percentile(gradient, 99.9)))
+        spreads[augmentation] = (np.std(widths), np.std(edges))
+    assert spreads["sensor"][0] > 1.5 * spreads["standard"][0]
+    assert spreads["sensor"][1] > 1.2 * spreads["standard"][1]
