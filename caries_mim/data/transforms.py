@@ -247,17 +247,22 @@ def detection_train_transform(
     )
 
 
+def _placement(scale: tuple[float, float], degrees: float, p: float) -> A.Affine:
+    """Scale, a 5% shift and a rotation of up to ``degrees``, with black where the image moved away."""
+    return A.Affine(
+        scale=scale,
+        translate_percent=(-0.05, 0.05),
+        rotate=(-degrees, degrees),
+        border_mode=cv2.BORDER_CONSTANT,
+        fill=0.0,
+        p=p,
+    )
+
+
 def _standard_augmentation() -> list[A.BasicTransform]:
     """The recipe's augmentation after the crop and flip (see :func:`detection_train_transform`)."""
     return [
-        A.Affine(
-            scale=(0.9, 1.1),
-            translate_percent=(-0.05, 0.05),
-            rotate=(-5, 5),
-            border_mode=cv2.BORDER_CONSTANT,
-            fill=0.0,
-            p=0.5,
-        ),
+        _placement(scale=(0.9, 1.1), degrees=5, p=0.5),
         FloatClahe(p=0.3),
         A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.15, p=0.5),
         A.RandomGamma(gamma_limit=(80, 120), p=0.5),
@@ -274,14 +279,7 @@ def _sensor_augmentation() -> list[A.BasicTransform]:
     the vendor's edge enhancement (which sharpens that noise too), then the display processing.
     """
     return [
-        A.Affine(
-            scale=(0.8, 1.25),
-            translate_percent=(-0.05, 0.05),
-            rotate=(-10, 10),
-            border_mode=cv2.BORDER_CONSTANT,
-            fill=0.0,
-            p=0.7,
-        ),
+        _placement(scale=(0.8, 1.25), degrees=10, p=0.7),
         A.OneOf(
             [
                 A.GaussianBlur(blur_limit=0, sigma_limit=(0.5, 1.5)),
