@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
 from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
+from monai.apps.detection.utils.ATSS_matcher import ATSSMatcher
 from monai.losses.giou_loss import BoxGIoULoss
 from torch import nn
 
@@ -78,7 +79,11 @@ class _RetinaNetDetector(RetinaNetDetector):
         MONAI's per-image path stays for what the batched one does not cover: a foreground/background sampler
         (hard negative sampling draws per image) and anchors that differ between images.
         """
-        if self.fg_bg_sampler is not None or any(image_anchors is not anchors[0] for image_anchors in anchors):
+        if (
+            self.fg_bg_sampler is not None
+            or not isinstance(self.proposal_matcher, ATSSMatcher)
+            or any(image_anchors is not anchors[0] for image_anchors in anchors)
+        ):
             return super().compute_loss(head_outputs_reshape, targets, anchors, num_anchor_locs_per_level)
         cls_logits = head_outputs_reshape[self.cls_key]  # (B, A, C)
         box_regression = head_outputs_reshape[self.box_reg_key]  # (B, A, 4)
@@ -101,6 +106,13 @@ class _RetinaNetDetector(RetinaNetDetector):
             self.proposal_matcher.center_in_gt,
             self.proposal_matcher.min_dist,
         )
+        if bool((valid.any(dim=1) & (matches < 0).all(dim=1)).any()):
+            # MONAI warns per image; one check for the batch (a host synchronization on a GPU).
+            warnings.warn(
+                "No anchor is matched with a ground-truth box in an image of this batch: check the anchor shapes, "
+                "the pyramid levels and atss_center_in_gt against the lesion sizes at the working scale.",
+                stacklevel=2,
+            )
         class_targets = classification_targets(matches, labels, cls_logits.shape[-1], cls_logits.dtype)
         classification = self.cls_loss_func(
             cls_logits.reshape(-1, cls_logits.shape[-1]), class_targets.reshape(-1, cls_logits.shape[-1])

@@ -151,3 +151,16 @@ def test_a_nan_prediction_is_named_while_training():
         next(iter(detector.retinanet.network.classification_head.parameters())).fill_(float("nan"))
     with pytest.raises(ValueError, match="NaN or Inf"):
         detector.losses(images, targets)
+
+
+def test_an_image_whose_boxes_no_anchor_matches_is_warned_about():
+    """centre_in_gt with a box smaller than the anchors' spacing: no candidate's centre lies inside it."""
+    detector = CariesDetector(tiny_config(class_names=("caries", "deep_caries"), atss_center_in_gt=True))
+    images = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(5))
+    targets = [
+        {"boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0]]), "labels": torch.tensor([0])},
+        {"boxes": torch.tensor([[0.2, 0.2, 0.6, 0.6]]), "labels": torch.tensor([1])},
+    ]
+    with pytest.warns(UserWarning, match="No anchor is matched"):
+        losses = detector.losses(images, targets)
+    assert torch.isfinite(losses["total"])
