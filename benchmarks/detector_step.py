@@ -80,11 +80,9 @@ def batch(size: int, device: torch.device, crop: int = CROP) -> tuple[torch.Tens
     scale = crop / CROP
     corners = torch.randint(10, crop - 40, (size, 2, 2), generator=generator).float()
     sides = torch.randint(round(8 * scale), round(25 * scale) + 1, (size, 2, 2), generator=generator).float()
-    labels = torch.tensor([0, 1], device=device)
-    targets = [
-        {"boxes": torch.cat([corners[i], corners[i] + sides[i]], dim=1).to(device), "labels": labels}
-        for i in range(size)
-    ]
+    labels = torch.tensor([0, 1])
+    # Targets on the host, as fine-tuning hands them to the detector (which checks them there, then moves them).
+    targets = [{"boxes": torch.cat([corners[i], corners[i] + sides[i]], dim=1), "labels": labels} for i in range(size)]
     return images.to(device), targets
 
 

@@ -799,7 +799,9 @@ class _Loop:
         for micro in range(accumulate):
             batch = next(batches)
             images = batch["image"].to(self.device, non_blocking=True)
-            targets = [{key: value.to(self.device) for key, value in target.items()} for target in batch["targets"]]
+            # Targets stay on the host: the detector checks them there and then moves them (on a GPU a check of a
+            # device tensor is a host synchronization per image).
+            targets = batch["targets"]
             skip_sync = micro < accumulate - 1 and isinstance(self.model, DistributedDataParallel)
             with (
                 self.model.no_sync() if skip_sync else contextlib.nullcontext(),
