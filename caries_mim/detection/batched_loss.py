@@ -9,9 +9,10 @@ of a batch share their anchors (one input tensor, one anchor grid), so the boxes
 boxes per image and masked, and every image is matched in one set of operations.
 
 The arithmetic is MONAI's, in the same order (``boxes_center_distance``, ``box_iou``'s float32 intersection over
-union plus epsilon, the candidates' mean plus unbiased standard deviation as threshold, the first best box per
-anchor), so the matches are MONAI's; the losses are the ones MONAI's loss functions give on the same samples, summed
-in another order (see the tests, which compare both on random batches).
+union plus epsilon from :mod:`caries_mim.detection.box_overlap`, the candidates' mean plus unbiased standard
+deviation as threshold, the first best box per anchor), so the matches are MONAI's; the losses are the ones
+MONAI's loss functions give on the same samples, summed in another order (see the tests, which compare both on
+random batches).
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from collections.abc import Sequence
 
 import torch
 
+from caries_mim.detection.box_overlap import pairwise_iou
+
 #: MONAI's ``COMPUTE_DTYPE``: box arithmetic runs in float32 whatever the boxes' dtype.
 _COMPUTE_DTYPE = torch.float32
-#: MONAI's ``box_iou`` adds this to the union, so empty boxes give 0 instead of NaN.
-_UNION_EPS = torch.finfo(_COMPUTE_DTYPE).eps
 #: MONAI's ``Matcher.BELOW_LOW_THRESHOLD``: the anchor is background.
 BACKGROUND = -1
 
@@ -99,7 +100,7 @@ def batched_atss_matches(
     if candidate_index.shape[-1] <= 1:
         raise ValueError("ATSS needs at least two candidate anchors per box; the pyramid is too small")
 
-    overlaps = _pairwise_iou(boxes, anchors)  # (B, M, A)
+    overlaps = pairwise_iou(boxes, anchors[None])  # (B, M, A)
     candidate_overlaps = overlaps.gather(-1, candidate_index)  # (B, M, K)
     threshold = candidate_overlaps.mean(dim=-1) + candidate_overlaps.std(dim=-1)  # (B, M)
     positive = (candidate_overlaps >= threshold[..., None]) & valid[..., None]
@@ -112,17 +113,6 @@ def batched_atss_matches(
     kept.scatter_(-1, candidate_index, candidate_overlaps.masked_fill(~positive, float("-inf")))
     best, matches = kept.max(dim=1)  # over boxes: (B, A)
     return matches.masked_fill(best == float("-inf"), BACKGROUND)
-
-
-def _pairwise_iou(boxes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-    """(B, M, 4) boxes x (A, 4) anchors -> (B, M, A) IoU, with MONAI's ``box_iou`` operations in float32."""
-    box_area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])  # (B, M)
-    anchor_area = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])  # (A,)
-    top_left = torch.max(boxes[:, :, None, :2], anchors[None, None, :, :2])
-    bottom_right = torch.min(boxes[:, :, None, 2:], anchors[None, None, :, 2:])
-    intersection = (bottom_right - top_left).clamp(min=0).prod(dim=-1)
-    union = box_area[..., None] + anchor_area - intersection
-    return intersection / (union + _UNION_EPS)
 
 
 def classification_targets(matches: torch.Tensor, labels: torch.Tensor, num_classes: int, dtype: torch.dtype):

@@ -17,13 +17,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from caries_mim.detection.box_overlap import pairwise_iou
+
 #: The first prefix of ranks settled (see padded_nms) is this many times ``max_kept``.
 _FIRST_PREFIX_PER_KEPT = 6
 #: Most (image, kept rank, candidate rank) triples whose overlap is computed at once (about 16 MB per float
 #: temporary); past 2,048 ranks one image at a time, P * P floats each.
 _PAIRS_PER_GROUP = 1 << 22
-#: MONAI's box_iou adds this to the union (``torch.finfo(float32).eps``) so empty boxes give 0, not NaN.
-_UNION_EPS = torch.finfo(torch.float32).eps
 
 
 def batched_nms(
@@ -159,14 +159,9 @@ def _suppression(boxes: torch.Tensor, iou_threshold: float) -> np.ndarray:
     group = max(1, _PAIRS_PER_GROUP // (prefix * prefix))
     parts = []
     for first in range(0, count, group):
-        x0, y0, x1, y1 = boxes[first : first + group].unbind(dim=-1)  # (G, P) each
-        # MONAI's _box_inter_union and box_iou with boxes1 = the candidates (last axis), boxes2 = the kept box.
-        areas = (x1 - x0) * (y1 - y0)
-        width = torch.minimum(x1[:, None, :], x1[:, :, None]) - torch.maximum(x0[:, None, :], x0[:, :, None])
-        height = torch.minimum(y1[:, None, :], y1[:, :, None]) - torch.maximum(y0[:, None, :], y0[:, :, None])
-        inter = width.clamp_(min=0).mul_(height.clamp_(min=0))
-        union = (areas[:, None, :] + areas[:, :, None]).sub_(inter)
-        overlaps = inter.div_(union.add_(_UNION_EPS)).gt(iou_threshold)
+        members = boxes[first : first + group]  # (G, P, 4)
+        # MONAI's box_iou of kept rank k (row) and candidate rank c (column); the same bits either way round.
+        overlaps = pairwise_iou(members, members).gt(iou_threshold)
         overlaps &= above
         parts.append(overlaps)
     # (B, P, P) bools go to the host once per prefix: 5.8 MB for 16 images at the first prefix of 600.
