@@ -82,6 +82,7 @@ from pipelines.training import (
     capture_rng,
     configure_threads,
     endless_batches,
+    freeze_encoder_layers,
     layer_decay_param_groups,
     resolve_precision,
     restore_optimization,
@@ -133,8 +134,13 @@ class DataConfig:
     #: Training augmentation preset (caries_mim.data.transforms.detection_train_transform): standard, or sensor
     #: (wider scale, blur, coarser grids, noise and edge enhancement: for radiographs from other sensors).
     augmentation: str = "standard"
+    #: Megabytes of training images kept at the working scale in memory, per process (each loader worker keeps its
+    #: own): later crops of a kept image skip the cache read and the resize. 0: keep none.
+    memo_mb: float = 1024.0
 
     def __post_init__(self) -> None:
+        if self.memo_mb < 0:
+            raise ValueError(f"memo_mb must be >= 0, got {self.memo_mb}")
         if not 0.0 < self.label_fraction <= 1.0:
             raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
         if not 0.0 <= self.positive_fraction <= 1.0 or not 0.0 <= self.min_visibility <= 1.0:
@@ -161,6 +167,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.01
     #: Max gradient norm; null = no clipping.
     clip_grad: float | None = 1.0
+    #: Encoder layers kept at their pretrained weights, in layer-decay numbering (0: none; 1: the patch embedding;
+    #: 1 + i: it and blocks 0..i-1; depth + 1: the whole encoder but its final norm).
+    frozen_layers: int = 0
     #: Decay of an exponential moving average of the weights, which validation, the overlays and the package use
     #: instead of the last weights (:func:`pipelines.training.weight_average`); null: none.
     ema_decay: float | None = None
@@ -174,6 +183,8 @@ class OptimConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ValueError(f"clip_grad must be > 0 or null, got {self.clip_grad}")
+        if self.frozen_layers < 0:
+            raise ValueError(f"frozen_layers must be >= 0, got {self.frozen_layers}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or null, got {self.ema_decay}")
 
@@ -233,9 +244,17 @@ def load_finetune_config(
     built, origin = configs.load_layered(FinetuneConfig, "finetune", config, overrides, base)
     try:
         # Two placeholder classes: the data's are not read yet, and some options (class_scores) need two.
-        detector_config(built, ("caries", "deep_caries"), encoder_architecture(built))
+        settings = detector_config(built, ("caries", "deep_caries"), encoder_architecture(built))
     except InvalidArgumentError as exc:
         raise InvalidConfigError(f"detector: {exc.message} ({origin})") from None
+    frozen, depth = built.optim.frozen_layers, settings.encoder.depth
+    if frozen and settings.backbone != "vit":
+        raise InvalidConfigError(f"optim.frozen_layers: the {settings.backbone} backbone has no ViT encoder to freeze")
+    if frozen > depth + 1:
+        raise InvalidConfigError(
+            f"optim.frozen_layers must be at most {depth + 1} (the patch embedding and the encoder's {depth} blocks), "
+            f"got {frozen}"
+        )
     return built
 
 
@@ -511,7 +530,9 @@ class _Finetuning:
         cache = DecodeCache(cache_dir)
         options = ReadOptions(allowed_modalities=frozenset(data.modalities), allow_non_dicom=data.allow_non_dicom)
         with distributed.main_first(self.context):
-            train_set = DetectionDataset(train_records, cache=cache, options=options, progress=self.progress)
+            train_set = DetectionDataset(
+                train_records, cache=cache, options=options, progress=self.progress, memo_mb=data.memo_mb
+            )
             val_set = DetectionDataset(val_records, cache=cache, options=options, progress=self.progress)
         detector = detector_config(config, classes, encoder, data_statistics(train_set))
         train_set.transform = detection_train_transform(
@@ -549,6 +570,9 @@ class _Finetuning:
         torch.manual_seed(config.train.seed)
         detector = self._detector(detector_settings).to(self.device)
         torch.manual_seed(config.train.seed * 1000 + context.rank)
+        frozen = freeze_encoder_layers(detector, config.optim.frozen_layers, detector.config.encoder.depth)
+        if frozen and context.is_main:
+            log.info("encoder: its first %d layer(s) frozen (%d tensors)", config.optim.frozen_layers, frozen)
         model: torch.nn.Module = detector
         if context.enabled:
             model = DistributedDataParallel(

@@ -26,7 +26,7 @@ from caries_mim.detection import CariesDetector
 from caries_mim.errors import InvalidArgumentError
 from pipelines.distributed import choose_device
 from pipelines.finetune import FinetuneConfig, detector_config, encoder_architecture
-from pipelines.training import configure_threads, resolve_precision
+from pipelines.training import configure_threads, freeze_encoder_layers, resolve_precision
 
 #: A step of the training loop against the timed step: data loading, logging, gradient clipping, the scheduler.
 LOOP_OVERHEAD = 1.2
@@ -90,7 +90,8 @@ def measure_step_seconds(config: FinetuneConfig, *, timed: int = 4, warmup: int 
     try:
         detector_settings = detector_config(config, ("caries", "deep_caries"), encoder_architecture(config))
         detector = CariesDetector(detector_settings).to(device).train()
-        optimizer = torch.optim.AdamW(detector.parameters(), lr=1e-6)
+        freeze_encoder_layers(detector, config.optim.frozen_layers, detector_settings.encoder.depth)
+        optimizer = torch.optim.AdamW([p for p in detector.parameters() if p.requires_grad], lr=1e-6)
         precision = resolve_precision(config.train.precision, device)
         size, crop = config.optim.batch_size, detector_settings.image_size
         generator = torch.Generator().manual_seed(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch.utils.data import Dataset
 from caries_mim.data.cache import DecodeCache, RadiographLoader
 from caries_mim.data.indexing import IndexedImage, SkippedFiles, index_readable
 from caries_mim.data.records import LISTED, DetectionRecord
-from caries_mim.data.transforms import LABEL_FIELD, SPACING_FIELD, reseed_for_worker
+from caries_mim.data.transforms import LABEL_FIELD, SPACING_FIELD, TrainTransform, reseed_for_worker
 from caries_mim.data.unlabeled import image_tensor
 from caries_mim.errors import InvalidDatasetError
 from caries_mim.io import ReadOptions
@@ -35,6 +36,18 @@ def clip_boxes(boxes: np.ndarray, labels: np.ndarray, height: int, width: int) -
     return clipped[keep], labels[keep]
 
 
+@dataclass(frozen=True)
+class _Source:
+    """An image with its boxes before the random part of the transform: decoded, boxes clipped to it, and for a
+    :class:`~caries_mim.data.transforms.TrainTransform` already at the model's scale."""
+
+    image: np.ndarray
+    boxes: np.ndarray
+    labels: np.ndarray
+    spacing_mm: tuple[float, float] | None
+    original_size: tuple[int, int]
+
+
 class DetectionDataset(Dataset):
     """Annotated radiographs as detector inputs.
 
@@ -46,6 +59,11 @@ class DetectionDataset(Dataset):
         ``spacing_mm``: (row, col) pixel spacing of the original image in mm, or None,
         ``original_size``: (height, width) of the original image, to map boxes back
         (:class:`~caries_mim.data.transforms.Letterbox`).
+
+    With a :class:`~caries_mim.data.transforms.TrainTransform`, each image's scaled form (its ``scale`` stage) is
+    kept in memory, up to ``memo_mb`` megabytes per process (each DataLoader worker keeps its own), so later crops
+    of it skip the cache read and the resize; the crops are the same either way. Setting :attr:`transform` forgets
+    them.
 
     With ``validate`` (the default) construction decodes every image once through the cache (see
     :mod:`caries_mim.data.indexing`): unreadable images are left out with one summarized warning (recorded in
@@ -65,10 +83,16 @@ class DetectionDataset(Dataset):
         transform: DetectionTransform | None = None,
         validate: bool = True,
         progress: bool = True,
+        memo_mb: float = 0.0,
     ) -> None:
         if not records:
             raise InvalidDatasetError("the detection dataset has no annotated images")
+        if memo_mb < 0:
+            raise InvalidDatasetError(f"memo_mb must be >= 0, got {memo_mb}")
         self.load = RadiographLoader(cache, options or ReadOptions())
+        self.memo_bytes = int(memo_mb * 2**20)
+        self._memo: dict[int, _Source] = {}
+        self._memo_used = 0
         self.transform = transform
         self._transform_seed: int | None = None
         self.skipped = SkippedFiles()
@@ -104,14 +128,23 @@ class DetectionDataset(Dataset):
             )
         self.records = kept
 
+    @property
+    def transform(self) -> DetectionTransform | None:
+        return self._transform
+
+    @transform.setter
+    def transform(self, transform: DetectionTransform | None) -> None:
+        self._transform = transform
+        self._memo, self._memo_used = {}, 0
+
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        """The item described in the class doc. ``key`` is an index, or ``(index, augmentation_seed)`` as
-        :class:`~caries_mim.data.sampling.ResumableEpochSampler` yields: the transform is then seeded for this item
-        alone, so a resumed run draws the same crops and flips as an uninterrupted one."""
-        index, seed = key if isinstance(key, tuple) else (key, None)
+    def _source(self, index: int) -> _Source:
+        """Record ``index`` decoded, its boxes clipped, and scaled when the transform has a scale stage; kept while
+        the memory budget lasts."""
+        if index in self._memo:
+            return self._memo[index]
         record = self.records[index]
         radiograph = self.load(record.image_path)
         height, width = radiograph.height, radiograph.width
@@ -121,24 +154,52 @@ class DetectionDataset(Dataset):
             )
         image = radiograph.pixels
         boxes, labels = clip_boxes(record.boxes, record.labels, height, width)
-        if self.transform is not None:
-            if seed is not None and hasattr(self.transform, "set_random_seed"):
-                self.transform.set_random_seed(seed)
+        if not isinstance(self._transform, TrainTransform):
+            return _Source(image, boxes, labels, radiograph.spacing_mm, (height, width))
+        out = self._transform.scale(
+            image=image, bboxes=boxes, **{LABEL_FIELD: labels, SPACING_FIELD: radiograph.spacing_mm}
+        )
+        source = _Source(
+            out["image"],
+            np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4),
+            np.asarray(out[LABEL_FIELD], dtype=np.int64).reshape(-1),
+            radiograph.spacing_mm,
+            (height, width),
+        )
+        size = source.image.nbytes + source.boxes.nbytes + source.labels.nbytes
+        if self._memo_used + size <= self.memo_bytes:
+            self._memo[index] = source
+            self._memo_used += size
+        return source
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """The item described in the class doc. ``key`` is an index, or ``(index, augmentation_seed)`` as
+        :class:`~caries_mim.data.sampling.ResumableEpochSampler` yields: the transform is then seeded for this item
+        alone, so a resumed run draws the same crops and flips as an uninterrupted one."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        source = self._source(index)
+        image, boxes, labels = source.image, source.boxes, source.labels
+        transform = self._transform
+        if transform is not None:
+            if seed is not None and hasattr(transform, "set_random_seed"):
+                transform.set_random_seed(seed)
             else:
-                self._transform_seed = reseed_for_worker(self.transform, self._transform_seed)
-            out = self.transform(
-                image=image, bboxes=boxes, **{LABEL_FIELD: labels, SPACING_FIELD: radiograph.spacing_mm}
-            )
+                self._transform_seed = reseed_for_worker(transform, self._transform_seed)
+            random_part = transform.augment if isinstance(transform, TrainTransform) else transform
+            out = random_part(image=image, bboxes=boxes, **{LABEL_FIELD: labels, SPACING_FIELD: source.spacing_mm})
             image = out["image"]
             boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
             labels = np.asarray(out[LABEL_FIELD], dtype=np.int64).reshape(-1)
+        if np.may_share_memory(image, source.image):
+            # A crop can be a view of the kept image: the tensor must not write through to it.
+            image = image.copy()
         return {
             "image": image_tensor(image),
             "boxes": torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)),
             "labels": torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)),
-            "image_id": record.image_id,
-            "spacing_mm": radiograph.spacing_mm,
-            "original_size": (height, width),
+            "image_id": self.records[index].image_id,
+            "spacing_mm": source.spacing_mm,
+            "original_size": source.original_size,
         }
 
 

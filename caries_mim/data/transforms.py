@@ -180,6 +180,26 @@ class StructureCrop(A.RandomCrop):
         return {"crop_coords": (x0, y0, x0 + self.width, y0 + self.height), "pad_params": None}
 
 
+@dataclass(frozen=True)
+class TrainTransform:
+    """A training transform in two stages: ``scale``, the deterministic resize to the model's scale (the same for
+    every crop of an image), then ``augment``, the random crop and augmentation drawn anew for every crop.
+
+    Called like one albumentations transform. A dataset that draws many crops of the same image can run ``scale``
+    once per image and keep its result (:class:`~caries_mim.data.DetectionDataset` does, within a memory budget):
+    on 2 CPU cores the cache read and the whole-image resize were two thirds of a crop's cost.
+    """
+
+    scale: A.Compose
+    augment: A.Compose
+
+    def __call__(self, **data: Any) -> dict[str, Any]:
+        return self.augment(**self.scale(**data))
+
+    def set_random_seed(self, seed: int) -> None:
+        self.augment.set_random_seed(seed)
+
+
 def detection_train_transform(
     size: int = 512,
     min_visibility: float = 0.3,
@@ -190,7 +210,7 @@ def detection_train_transform(
     max_downscale: float = 4.0,
     rule: ScaleRule | None = None,
     augmentation: str = "standard",
-) -> A.Compose:
+) -> TrainTransform:
     """Box-aware training augmentation in the geometry of inference, on patches of ``crop_size`` x ``crop_size``.
 
     1. Resize as inference does (:class:`ModelScale` with ``rule``; by default the letterbox rule: long side to
@@ -225,9 +245,10 @@ def detection_train_transform(
         raise ValueError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
     if augmentation not in DETECTION_AUGMENTATIONS:
         raise ValueError(f"augmentation must be one of {', '.join(DETECTION_AUGMENTATIONS)}, got {augmentation!r}")
-    return A.Compose(
+    # The boxes keep all their area in the resize: only the crop and the augmentation may drop one.
+    scale = A.Compose([ModelScale(rule)], bbox_params=_bbox_params(min_visibility=0.0))
+    augment = A.Compose(
         [
-            ModelScale(rule),
             A.PadIfNeeded(
                 min_height=padded, min_width=padded, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0.0
             ),
@@ -245,6 +266,7 @@ def detection_train_transform(
         bbox_params=_bbox_params(min_visibility),
         seed=seed,
     )
+    return TrainTransform(scale, augment)
 
 
 def _placement(scale: tuple[float, float], degrees: float, p: float) -> A.Affine:

@@ -189,3 +189,41 @@ def test_batches_do_not_depend_on_the_number_of_workers(coco_set):
     for first, second in zip(in_process, in_worker, strict=True):
         assert torch.equal(first["image"], second["image"])
         assert all(torch.equal(a, b) for a, b in zip(first["boxes"], second["boxes"], strict=True))
+
+
+def test_kept_scaled_images_give_the_same_crops_and_are_never_written_through(coco_set):
+    """With a memory budget each image is scaled once and kept; every keyed crop is the one an unkept dataset
+    draws, and a crop that comes back as a view of the kept image is copied, so writing to it changes nothing."""
+    kept = DetectionDataset(
+        coco_set.records, transform=detection_train_transform(32, seed=0, crop_size=16), progress=False, memo_mb=64
+    )
+    plain = DetectionDataset(
+        coco_set.records, transform=detection_train_transform(32, seed=0, crop_size=16), progress=False
+    )
+    keys = [(index, seed) for seed in range(12) for index in range(len(kept))]
+    for key in keys:
+        item = kept[key]
+        _assert_same_item(item, plain[key])
+        item["image"].fill_(7.0)  # a consumer writing to its batch
+    assert len(kept._memo) == len(kept)
+    for key in keys:
+        _assert_same_item(kept[key], plain[key])
+
+
+def test_the_memory_budget_bounds_what_is_kept_and_a_new_transform_forgets_it(coco_set):
+    transform = detection_train_transform(32, seed=0, crop_size=16)
+    dataset = DetectionDataset(coco_set.records, transform=transform, progress=False, memo_mb=0)
+    for index in range(len(dataset)):
+        dataset[index]
+    assert not dataset._memo
+    dataset.memo_bytes = 2**20
+    dataset[0]
+    assert list(dataset._memo) == [0]
+    assert dataset._memo[0].image.shape == (20, 32)  # the 40 x 64 fixture image, long side to 32
+    dataset.transform = detection_train_transform(64, seed=0, crop_size=16)
+    assert not dataset._memo
+    # An image scaled for 32 px must not be served to the 64 px transform.
+    dataset[0]
+    assert dataset._memo[0].image.shape == (40, 64)
+    with pytest.raises(InvalidDatasetError, match="memo_mb must be >= 0"):
+        DetectionDataset(coco_set.records, progress=False, memo_mb=-1)

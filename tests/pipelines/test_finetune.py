@@ -224,6 +224,35 @@ def test_reinitialize_keeps_the_encoder_s_shape_but_not_its_weights(labeled, tmp
     assert not any(".blocks.1." in name for name in weights)
 
 
+def test_frozen_encoder_layers_keep_their_pretrained_weights(labeled, tmp_path, capsys, caplog):
+    """optim.frozen_layers=2 on a 1-block encoder: the patch embedding and the block stay as pretrained while the
+    encoder's final norm, the pyramid and the heads learn."""
+    torch.manual_seed(123)
+    encoder = VisionTransformer(ViTConfig.named("vit_tiny", depth=1, patch_size=16, image_size=64))
+    path = tmp_path / "encoder.pt"
+    save_encoder(encoder, path)
+    run = tmp_path / "run"
+    caplog.set_level(logging.INFO, logger="caries_mim.finetune")
+    extra = ("--encoder", str(path), "--set", "optim.frozen_layers=2", "--set", "train.steps=2")
+    assert finetune(labeled, run, *extra, "--set", "optim.lr=1.0e-2") == 0
+    assert "its first 2 layer(s) frozen" in caplog.text
+    weights = torch.load(run / "checkpoint.pt", weights_only=True)["detector"]
+    qkv = next(name for name in weights if name.endswith("encoder.blocks.0.attn.qkv.weight"))
+    prefix = qkv.removesuffix("blocks.0.attn.qkv.weight")
+    pretrained = encoder.state_dict()
+    for name in ("patch_embed.proj.weight", "cls_token", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc2.bias"):
+        torch.testing.assert_close(weights[prefix + name], pretrained[name], atol=0, rtol=0)
+    assert not torch.equal(weights[prefix + "norm.weight"], pretrained["norm.weight"])
+
+
+def test_frozen_layers_with_a_cnn_backbone_is_a_config_error(labeled, tmp_path, capsys):
+    extra = ("--set", "detector.backbone=resnet10", "--set", "optim.frozen_layers=1")
+    assert finetune(labeled, tmp_path / "run", *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert "optim.frozen_layers: the resnet10 backbone has no ViT encoder to freeze" in err
+    assert len(err.splitlines()) == 1
+
+
 def _other_patch_size(path: Path) -> None:
     save_encoder(VisionTransformer(ViTConfig.named("vit_tiny", depth=1, patch_size=12, image_size=96)), path)
 
@@ -456,6 +485,8 @@ def test_resuming_refuses_changed_frozen_keys_but_not_others(labeled, tmp_path, 
         ("eval.patience=0", "patience must be >= 1"),
         ("model.size=vit_huge", "unknown ViT size 'vit_huge'"),
         ("model.encoder=/no/such/encoder.pt", "/no/such/encoder.pt: no such file"),
+        ("optim.frozen_layers=-1", "frozen_layers must be >= 0, got -1"),
+        ("optim.frozen_layers=9", "optim.frozen_layers must be at most 3"),
     ],
 )
 def test_bad_config_values_are_one_line_errors_naming_the_key(labeled, tmp_path, capsys, override, named):

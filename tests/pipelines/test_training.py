@@ -12,6 +12,7 @@ from pipelines import training
 from pipelines.training import (
     adamw_param_groups,
     cpu_has_bf16_matmul,
+    freeze_encoder_layers,
     layer_decay_param_groups,
     resolve_precision,
     vit_layer_id,
@@ -88,6 +89,37 @@ def test_groups_drive_a_scheduled_optimizer():
 def test_bad_layer_decay_is_a_config_error(layer_decay):
     with pytest.raises(InvalidConfigError, match="layer_decay must be in"):
         layer_decay_param_groups(Detectorish(), base_lr=1e-3, weight_decay=0.05, layer_decay=layer_decay, depth=3)
+
+
+def test_frozen_layers_are_the_first_ones_and_leave_the_optimizer():
+    model = Detectorish()
+    encoder = model.backbone["encoder"]
+    frozen = freeze_encoder_layers(model, 2, depth=3)  # the patch embedding and block 0
+    stem_and_block0 = [p for n, p in encoder.named_parameters() if vit_layer_id(n, 3) < 2]
+    assert frozen == len(stem_and_block0) > 0
+    assert not any(p.requires_grad for p in stem_and_block0)
+    assert all(p.requires_grad for p in encoder.blocks[1].parameters())
+    assert all(p.requires_grad for p in model.head.parameters())
+    groups = layer_decay_param_groups(model, base_lr=1e-3, weight_decay=0.05, layer_decay=0.5, depth=3)
+    grouped = {id(p) for group in groups for p in group["params"]}
+    assert not grouped & {id(p) for p in stem_and_block0}
+    assert len(grouped) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_freezing_every_layer_keeps_the_final_norm_and_the_head_trainable():
+    model = Detectorish()
+    encoder = model.backbone["encoder"]
+    freeze_encoder_layers(model, 4, depth=3)
+    assert not any(p.requires_grad for block in encoder.blocks for p in block.parameters())
+    assert all(p.requires_grad for p in encoder.norm.parameters())
+    assert all(p.requires_grad for p in model.head.parameters())
+    assert freeze_encoder_layers(Detectorish(), 0, depth=3) == 0
+
+
+@pytest.mark.parametrize("layers", [-1, 5])
+def test_a_frozen_layer_count_outside_the_encoder_is_a_config_error(layers):
+    with pytest.raises(InvalidConfigError, match="frozen_layers must be in"):
+        freeze_encoder_layers(Detectorish(), layers, depth=3)
 
 
 def test_bf16_matrix_hardware_is_read_from_the_cpu_flags(tmp_path):
