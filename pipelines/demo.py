@@ -30,7 +30,13 @@ from pycocotools.coco import COCO
 from pydicom.uid import UID
 from tqdm import tqdm
 
-from caries_mim.data import DetectionDataset, detection_train_transform, find_radiographs, load_annotations
+from caries_mim.data import (
+    DecodeCache,
+    DetectionDataset,
+    detection_train_transform,
+    find_radiographs,
+    load_annotations,
+)
 from caries_mim.errors import CariesMimError, InvalidArgumentError
 from caries_mim.io import read_radiograph
 from caries_mim.package import shipped_foundation_encoder
@@ -60,15 +66,18 @@ PREVIEW_IMAGES = 8
 PREDICT_FILES = 4
 
 
-def _read_back(data_dir: Path) -> dict[str, Any]:
-    """Read every generated file with read_radiograph; count formats. Any failure is a generator bug."""
+def _read_back(data_dir: Path, cache: DecodeCache) -> dict[str, Any]:
+    """Read every generated file with read_radiograph; count formats. Any failure is a generator bug.
+
+    The reads go through ``cache`` (the decode cache fine-tuning reads, with the same default read options), so
+    fine-tuning finds every image decoded instead of decoding all of them a second time."""
     syntaxes: Counter[str] = Counter()
     photometrics: Counter[str] = Counter()
     failures: list[str] = []
     files = find_radiographs([data_dir])
     for path in tqdm(files, desc="read back", unit="file"):
         try:
-            radiograph = read_radiograph(path)
+            radiograph = cache.load(path)
         except CariesMimError as exc:
             failures.append(f"{path.name}: [{exc.code}] {exc.message}")
             continue
@@ -270,7 +279,7 @@ def run_demo(
     done("synth", since)
 
     since = begin("read_back", "reading every file back through caries_mim.io.read_radiograph")
-    read_back = _read_back(data_dir)
+    read_back = _read_back(data_dir, DecodeCache(out / "decode_cache"))
     done("read_back", since)
 
     since = begin("splits", "loading the COCO splits (caries_mim.data and pycocotools)")
