@@ -77,7 +77,14 @@ def test_the_median_is_taken_over_the_timed_calls_after_the_warm_up(monkeypatch)
 
 def test_a_step_of_the_configured_detector_is_timed_here_and_the_threads_are_restored():
     config = load_finetune_config(
-        "demo", ["optim.batch_size=2", "detector.image_size=96", "detector.roi_size=96", "train.threads=1"]
+        "demo",
+        [
+            "optim.batch_size=2",
+            "detector.image_size=96",
+            "detector.roi_size=96",
+            "detector.sliding_window_overlap=0.3333",
+            "train.threads=1",
+        ],
     )
     threads = torch.get_num_threads()
     seconds = measure_step_seconds(config, timed=1, warmup=0)
