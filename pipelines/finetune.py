@@ -464,7 +464,17 @@ def run_finetune(
     resume: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Fine-tune a detector; returns the summary (also written to RUN/summary.json on rank 0)."""
+    """Fine-tune a detector; returns the summary (also written to RUN/summary.json on rank 0).
+
+    Raises:
+        InvalidConfigError: ``optim.frozen_layers`` without a pretrained encoder to keep (none given, or
+            ``model.reinitialize``): frozen random weights would stay random.
+    """
+    if config.optim.frozen_layers and (config.model.encoder is None or config.model.reinitialize):
+        raise InvalidConfigError(
+            "optim.frozen_layers: a randomly initialized encoder would stay random; give a pretrained encoder "
+            "(--encoder) or set optim.frozen_layers=0"
+        )
     context = distributed.start(config.train.device)
     try:
         return _Finetuning(list(train), list(val), out, config, context, resume=resume, progress=progress).run()

@@ -145,6 +145,8 @@ def _run_one(
         # Both arms read the architecture from the encoder file; only the pretrained one keeps its weights.
         path_override("model.encoder", encoder),
         f"model.reinitialize={planned.init == 'scratch'}",
+        # A random encoder has to learn: the scratch arm trains every layer, whatever the config keeps frozen.
+        *(["optim.frozen_layers=0"] if planned.init == "scratch" else []),
     ]
     summary_path = folder / "summary.json"
     if not summary_path.is_file():

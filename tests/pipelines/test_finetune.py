@@ -245,6 +245,20 @@ def test_frozen_encoder_layers_keep_their_pretrained_weights(labeled, tmp_path, 
     assert not torch.equal(weights[prefix + "norm.weight"], pretrained["norm.weight"])
 
 
+@pytest.mark.parametrize("encoder", [False, True])
+def test_frozen_layers_without_a_pretrained_encoder_is_a_config_error(labeled, tmp_path, capsys, encoder):
+    extra = ["--set", "optim.frozen_layers=1"]
+    if encoder:  # given, but reinitialized
+        path = tmp_path / "encoder.pt"
+        save_encoder(VisionTransformer(ViTConfig.named("vit_tiny", depth=1, patch_size=16, image_size=64)), path)
+        extra += ["--encoder", str(path), "--set", "model.reinitialize=true"]
+    assert finetune(labeled, tmp_path / "run", *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert "optim.frozen_layers: a randomly initialized encoder would stay random" in err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
 def test_frozen_layers_with_a_cnn_backbone_is_a_config_error(labeled, tmp_path, capsys):
     extra = ("--set", "detector.backbone=resnet10", "--set", "optim.frozen_layers=1")
     assert finetune(labeled, tmp_path / "run", *extra) == 2

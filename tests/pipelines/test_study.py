@@ -308,7 +308,8 @@ def test_each_run_is_configured_for_its_arm_and_its_row_comes_from_its_own_files
         encoder=encoder,
         out=out,
         config="tiny",
-        overrides=["optim.batch_size=2"],
+        # A config that keeps the encoder frozen (as the demo's does): only the pretrained arm may.
+        overrides=["optim.batch_size=2", "optim.frozen_layers=1"],
         fractions=(0.25, 1.0),
         seeds=(0, 1),
         bootstrap=5,
@@ -323,6 +324,7 @@ def test_each_run_is_configured_for_its_arm_and_its_row_comes_from_its_own_files
         init, percent, seed = name.split("_")
         assert config.model.encoder == str(encoder)
         assert config.model.reinitialize is (init == "scratch")
+        assert config.optim.frozen_layers == (0 if init == "scratch" else 1)
         assert config.data.label_fraction == int(percent.removesuffix("pct")) / 100
         assert config.train.seed == config.data.seed == int(seed.removeprefix("seed"))
         assert config.optim.batch_size == 2
