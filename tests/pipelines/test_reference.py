@@ -148,17 +148,18 @@ def test_the_cpu_build_draws_the_same_data_and_trains_what_the_detector_and_the_
         finetune.model.depth,
         finetune.model.patch_size,
     )
-    # The demo fine-tunes the same detector from that encoder, at a coarser scale with the same physical field of
-    # view per crop, for its 15 minutes (docs/detection_recipe.md, "Cheaper steps for short schedules").
-    scale = {"image_size", "roi_size", "spacing_mm", "sliding_window_overlap"}
-    assert {key: value for key, value in demo.detector.items() if key not in scale} == {
-        key: value for key, value in finetune.detector.items() if key not in scale
+    # The demo fine-tunes the same detector on that encoder, at a coarser scale with about the same physical field of
+    # view per crop (two neighbouring teeth), and more positive anchors per lesion, for its 15 minutes
+    # (docs/detection_recipe.md, "A frozen foundation encoder for the demo").
+    demo_only = {"image_size", "roi_size", "spacing_mm", "sliding_window_overlap", "atss_candidates"}
+    assert {key: value for key, value in demo.detector.items() if key not in demo_only} == {
+        key: value for key, value in finetune.detector.items() if key not in demo_only
     }
     field_mm = {
         name: d["image_size"] * d["spacing_mm"]
         for name, d in (("demo", demo.detector), ("reference", finetune.detector))
     }
-    assert abs(field_mm["demo"] - field_mm["reference"]) < 0.1
+    assert abs(field_mm["demo"] - field_mm["reference"]) < 1.0
     assert demo.model == finetune.model
     assert demo.data.positive_fraction == finetune.data.positive_fraction
     continued = load_pretrain_config("demo", None)
