@@ -70,7 +70,8 @@ def _read_back(data_dir: Path, cache: DecodeCache) -> dict[str, Any]:
     """Read every generated file with read_radiograph; count formats. Any failure is a generator bug.
 
     The reads go through ``cache`` (the decode cache fine-tuning reads, with the same default read options), so
-    fine-tuning finds every image decoded instead of decoding all of them a second time."""
+    fine-tuning finds every image decoded instead of decoding all of them a second time. A re-run into the same
+    folder regenerates identical files, which the cache then serves without decoding them again."""
     syntaxes: Counter[str] = Counter()
     photometrics: Counter[str] = Counter()
     failures: list[str] = []
@@ -278,7 +279,7 @@ def run_demo(
     )
     done("synth", since)
 
-    since = begin("read_back", "reading every file back through caries_mim.io.read_radiograph")
+    since = begin("read_back", "reading every file back through caries_mim.io.read_radiograph (into the decode cache)")
     read_back = _read_back(data_dir, DecodeCache(out / "decode_cache"))
     done("read_back", since)
 

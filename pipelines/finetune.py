@@ -96,8 +96,9 @@ log = logging.getLogger("caries_mim.finetune")
 CHECKPOINT_FORMAT = "caries-mim-finetune-checkpoint"
 CHECKPOINT_VERSION = 1
 PACKAGE_NAME = "model.cmpkg"
-#: Config sections that must not change when resuming (they decide parameter shapes or what the data means).
-FROZEN_ON_RESUME = ("model", "detector", "data.label_fraction", "data.seed")
+#: Config sections that must not change when resuming (they decide parameter shapes, the optimizer's groups or what
+#: the data means).
+FROZEN_ON_RESUME = ("model", "detector", "data.label_fraction", "data.seed", "optim.frozen_layers")
 
 
 @dataclass(frozen=True)
@@ -134,13 +135,14 @@ class DataConfig:
     #: Training augmentation preset (caries_mim.data.transforms.detection_train_transform): standard, or sensor
     #: (wider scale, blur, coarser grids, noise and edge enhancement: for radiographs from other sensors).
     augmentation: str = "standard"
-    #: Megabytes of training images kept at the working scale in memory, per process (each loader worker keeps its
-    #: own): later crops of a kept image skip the cache read and the resize. 0: keep none.
+    #: Megabytes of training images kept at the working scale in memory, per training process, split evenly over
+    #: its loader workers (each keeps its own): later crops of a kept image skip the cache read and the resize.
+    #: 0: keep none.
     memo_mb: float = 1024.0
 
     def __post_init__(self) -> None:
-        if self.memo_mb < 0:
-            raise ValueError(f"memo_mb must be >= 0, got {self.memo_mb}")
+        if not 0.0 <= self.memo_mb < math.inf:
+            raise ValueError(f"memo_mb must be a finite number >= 0, got {self.memo_mb}")
         if not 0.0 < self.label_fraction <= 1.0:
             raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
         if not 0.0 <= self.positive_fraction <= 1.0 or not 0.0 <= self.min_visibility <= 1.0:
@@ -541,7 +543,11 @@ class _Finetuning:
         options = ReadOptions(allowed_modalities=frozenset(data.modalities), allow_non_dicom=data.allow_non_dicom)
         with distributed.main_first(self.context):
             train_set = DetectionDataset(
-                train_records, cache=cache, options=options, progress=self.progress, memo_mb=data.memo_mb
+                train_records,
+                cache=cache,
+                options=options,
+                progress=self.progress,
+                memo_mb=data.memo_mb / max(data.workers, 1),
             )
             val_set = DetectionDataset(val_records, cache=cache, options=options, progress=self.progress)
         detector = detector_config(config, classes, encoder, data_statistics(train_set))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,8 +88,8 @@ class DetectionDataset(Dataset):
     ) -> None:
         if not records:
             raise InvalidDatasetError("the detection dataset has no annotated images")
-        if memo_mb < 0:
-            raise InvalidDatasetError(f"memo_mb must be >= 0, got {memo_mb}")
+        if not 0.0 <= memo_mb < math.inf:
+            raise InvalidDatasetError(f"memo_mb must be a finite number >= 0, got {memo_mb}")
         self.load = RadiographLoader(cache, options or ReadOptions())
         self.memo_bytes = int(memo_mb * 2**20)
         self._memo: dict[int, _Source] = {}
@@ -178,6 +179,7 @@ class DetectionDataset(Dataset):
         alone, so a resumed run draws the same crops and flips as an uninterrupted one."""
         index, seed = key if isinstance(key, tuple) else (key, None)
         source = self._source(index)
+        kept = self._memo.get(index) is source
         image, boxes, labels = source.image, source.boxes, source.labels
         transform = self._transform
         if transform is not None:
@@ -190,7 +192,7 @@ class DetectionDataset(Dataset):
             image = out["image"]
             boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
             labels = np.asarray(out[LABEL_FIELD], dtype=np.int64).reshape(-1)
-        if np.may_share_memory(image, source.image):
+        if kept and np.may_share_memory(image, source.image):
             # A crop can be a view of the kept image: the tensor must not write through to it.
             image = image.copy()
         return {

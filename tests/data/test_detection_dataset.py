@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import pickle
 
 import numpy as np
@@ -22,6 +23,7 @@ from caries_mim.data import (
     detection_train_transform,
     load_annotations,
 )
+from caries_mim.data.transforms import TrainTransform
 from caries_mim.errors import InvalidDatasetError
 from tests.data.conftest import FIXTURES, write_dicom
 
@@ -191,9 +193,9 @@ def test_batches_do_not_depend_on_the_number_of_workers(coco_set):
         assert all(torch.equal(a, b) for a, b in zip(first["boxes"], second["boxes"], strict=True))
 
 
-def test_kept_scaled_images_give_the_same_crops_and_are_never_written_through(coco_set):
+def test_kept_scaled_images_give_the_same_crops(coco_set):
     """With a memory budget each image is scaled once and kept; every keyed crop is the one an unkept dataset
-    draws, and a crop that comes back as a view of the kept image is copied, so writing to it changes nothing."""
+    draws, before and after a consumer wrote to its batch."""
     kept = DetectionDataset(
         coco_set.records, transform=detection_train_transform(32, seed=0, crop_size=16), progress=False, memo_mb=64
     )
@@ -208,6 +210,27 @@ def test_kept_scaled_images_give_the_same_crops_and_are_never_written_through(co
     assert len(kept._memo) == len(kept)
     for key in keys:
         _assert_same_item(kept[key], plain[key])
+
+
+class _TopRowsView:
+    """An augment stage that returns its input's top 8 rows as a contiguous view (no copy), boxes dropped."""
+
+    def __call__(self, image, bboxes, labels, **_):
+        return {"image": image[:8], "bboxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64)}
+
+    def set_random_seed(self, seed):
+        pass
+
+
+def test_a_crop_that_is_a_view_of_a_kept_image_is_copied_before_it_leaves(coco_set):
+    scale = detection_train_transform(32, seed=0, crop_size=16).scale
+    dataset = DetectionDataset(
+        coco_set.records, transform=TrainTransform(scale, _TopRowsView()), progress=False, memo_mb=64
+    )
+    before = dataset[0]["image"].clone()
+    dataset[0]["image"].fill_(7.0)
+    torch.testing.assert_close(dataset[0]["image"], before, atol=0, rtol=0)
+    assert float(dataset._memo[0].image.max()) <= 1.0
 
 
 def test_the_memory_budget_bounds_what_is_kept_and_a_new_transform_forgets_it(coco_set):
@@ -225,5 +248,6 @@ def test_the_memory_budget_bounds_what_is_kept_and_a_new_transform_forgets_it(co
     # An image scaled for 32 px must not be served to the 64 px transform.
     dataset[0]
     assert dataset._memo[0].image.shape == (40, 64)
-    with pytest.raises(InvalidDatasetError, match="memo_mb must be >= 0"):
-        DetectionDataset(coco_set.records, progress=False, memo_mb=-1)
+    for bad in (-1, math.inf, math.nan):
+        with pytest.raises(InvalidDatasetError, match="memo_mb must be a finite number >= 0"):
+            DetectionDataset(coco_set.records, progress=False, memo_mb=bad)

@@ -259,6 +259,19 @@ def test_frozen_layers_without_a_pretrained_encoder_is_a_config_error(labeled, t
     assert not (tmp_path / "run").exists()
 
 
+def test_a_resume_must_keep_the_frozen_layers(labeled, tmp_path, capsys):
+    """Freezing other layers changes the optimizer's groups: a one-line config error, not a failed state load."""
+    path = tmp_path / "encoder.pt"
+    save_encoder(VisionTransformer(ViTConfig.named("vit_tiny", depth=1, patch_size=16, image_size=64)), path)
+    run = tmp_path / "run"
+    assert finetune(labeled, run, "--encoder", str(path), "--set", "train.steps=1") == 0
+    capsys.readouterr()
+    assert resume(labeled, run, "--set", "optim.frozen_layers=1") == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot resume with a changed optim.frozen_layers" in err
+    assert len(err.splitlines()) == 1
+
+
 def test_frozen_layers_with_a_cnn_backbone_is_a_config_error(labeled, tmp_path, capsys):
     extra = ("--set", "detector.backbone=resnet10", "--set", "optim.frozen_layers=1")
     assert finetune(labeled, tmp_path / "run", *extra) == 2
