@@ -66,6 +66,11 @@ PREVIEW_IMAGES = 8
 PREDICT_FILES = 4
 
 
+def _decode_cache_dir(out: Path) -> Path:
+    """The one decode cache of a demo run: the read-back fills it, pretraining and fine-tuning read it."""
+    return out / "decode_cache"
+
+
 def _read_back(data_dir: Path, cache: DecodeCache) -> dict[str, Any]:
     """Read every generated file with read_radiograph; count formats. Any failure is a generator bug.
 
@@ -137,7 +142,7 @@ def _pretrain(out: Path, data_dir: Path, encoder: Path, images: int, steps: int,
             f"optim.batch_size={batch}",
             path_override("model.init_from", encoder),
             # One decode cache for pretraining and fine-tuning: the labeled images are decoded once.
-            path_override("data.cache_dir", out / "decode_cache"),
+            path_override("data.cache_dir", _decode_cache_dir(out)),
         ],
     )
     summary = run_pretrain([data_dir], run, config)
@@ -151,7 +156,7 @@ def _finetune_settings(out: Path, encoder: Path, seed: int, train_images: int) -
     return [
         f"train.seed={seed}",
         f"optim.batch_size={batch}",
-        path_override("data.cache_dir", out / "decode_cache"),
+        path_override("data.cache_dir", _decode_cache_dir(out)),
         path_override("model.encoder", encoder),
     ]
 
@@ -280,7 +285,7 @@ def run_demo(
     done("synth", since)
 
     since = begin("read_back", "reading every file back through caries_mim.io.read_radiograph (into the decode cache)")
-    read_back = _read_back(data_dir, DecodeCache(out / "decode_cache"))
+    read_back = _read_back(data_dir, DecodeCache(_decode_cache_dir(out)))
     done("read_back", since)
 
     since = begin("splits", "loading the COCO splits (caries_mim.data and pycocotools)")

@@ -100,6 +100,14 @@ def rows(run: Path, split: str) -> dict[int, dict]:
     return {row["step"]: row for row in map(json.loads, lines) if row["split"] == split}
 
 
+def one_block_encoder(path: Path) -> VisionTransformer:
+    """A seeded 1-block ViT-Tiny/16 for 64 px inputs, saved as a pretraining encoder file at ``path``."""
+    torch.manual_seed(123)
+    encoder = VisionTransformer(ViTConfig.named("vit_tiny", depth=1, patch_size=16, image_size=64))
+    save_encoder(encoder, path)
+    return encoder
+
+
 def summary_line(out: str) -> dict:
     lines = [line for line in out.strip().splitlines() if line.startswith("{")]
     assert len(lines) == 1, out
@@ -209,10 +217,8 @@ def test_an_encoder_from_pretraining_is_loaded_and_decides_the_architecture(labe
 
 
 def test_reinitialize_keeps_the_encoder_s_shape_but_not_its_weights(labeled, tmp_path, capsys):
-    torch.manual_seed(123)
-    encoder = VisionTransformer(ViTConfig.named("vit_tiny", depth=1, patch_size=16, image_size=64))
     path = tmp_path / "encoder.pt"
-    save_encoder(encoder, path)
+    encoder = one_block_encoder(path)
     run = tmp_path / "run"
     extra = ("--encoder", str(path), "--set", "model.reinitialize=true", "--set", "train.steps=1")
     assert finetune(labeled, run, *extra, "--set", "optim.lr=1.0e-9") == 0
@@ -227,10 +233,8 @@ def test_reinitialize_keeps_the_encoder_s_shape_but_not_its_weights(labeled, tmp
 def test_frozen_encoder_layers_keep_their_pretrained_weights(labeled, tmp_path, capsys, caplog):
     """optim.frozen_layers=2 on a 1-block encoder: the patch embedding and the block stay as pretrained while the
     encoder's final norm, the pyramid and the heads learn."""
-    torch.manual_seed(123)
-    encoder = VisionTransformer(ViTConfig.named("vit_tiny", depth=1, patch_size=16, image_size=64))
     path = tmp_path / "encoder.pt"
-    save_encoder(encoder, path)
+    encoder = one_block_encoder(path)
     run = tmp_path / "run"
     caplog.set_level(logging.INFO, logger="caries_mim.finetune")
     extra = ("--encoder", str(path), "--set", "optim.frozen_layers=2", "--set", "train.steps=2")
@@ -250,7 +254,7 @@ def test_frozen_layers_without_a_pretrained_encoder_is_a_config_error(labeled, t
     extra = ["--set", "optim.frozen_layers=1"]
     if encoder:  # given, but reinitialized
         path = tmp_path / "encoder.pt"
-        save_encoder(VisionTransformer(ViTConfig.named("vit_tiny", depth=1, patch_size=16, image_size=64)), path)
+        one_block_encoder(path)
         extra += ["--encoder", str(path), "--set", "model.reinitialize=true"]
     assert finetune(labeled, tmp_path / "run", *extra) == 2
     err = capsys.readouterr().err.strip()
@@ -262,7 +266,7 @@ def test_frozen_layers_without_a_pretrained_encoder_is_a_config_error(labeled, t
 def test_a_resume_must_keep_the_frozen_layers(labeled, tmp_path, capsys):
     """Freezing other layers changes the optimizer's groups: a one-line config error, not a failed state load."""
     path = tmp_path / "encoder.pt"
-    save_encoder(VisionTransformer(ViTConfig.named("vit_tiny", depth=1, patch_size=16, image_size=64)), path)
+    one_block_encoder(path)
     run = tmp_path / "run"
     assert finetune(labeled, run, "--encoder", str(path), "--set", "train.steps=1") == 0
     capsys.readouterr()
