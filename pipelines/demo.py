@@ -172,6 +172,7 @@ def _plan(settings: list[str], seconds_left: float, splits: dict[str, Any]) -> S
         evaluated_after=splits["test"]["images"] + PREDICT_FILES,
         validations=DEMO_VALIDATIONS,
         max_steps=config.train.steps,
+        inference_passes=2 if config.detector.get("test_time_flip", False) else 1,
     )
 
 

@@ -124,16 +124,18 @@ def plan_steps(
     validations: int = 2,
     min_steps: int = 200,
     max_steps: int,
+    inference_passes: int = 1,
 ) -> StepPlan:
     """The steps that fit ``seconds_left`` (see the module docstring), between ``min_steps`` and ``max_steps``,
     with ``validations`` validations of ``validation_images`` images (the last at the last step) and
-    ``evaluated_after`` images evaluated once fine-tuning is done (test split, predictions)."""
-    if step_seconds <= 0 or validations < 1 or not 1 <= min_steps <= max_steps:
+    ``evaluated_after`` images evaluated once fine-tuning is done (test split, predictions), each image
+    ``inference_passes`` times through the network (2 with ``detector.test_time_flip``)."""
+    if step_seconds <= 0 or validations < 1 or inference_passes < 1 or not 1 <= min_steps <= max_steps:
         raise InvalidArgumentError(
-            f"need step_seconds > 0, validations >= 1 and 1 <= min_steps <= max_steps, got {step_seconds}, "
-            f"{validations}, {min_steps}, {max_steps}"
+            f"need step_seconds > 0, validations >= 1, inference_passes >= 1 and 1 <= min_steps <= max_steps, got "
+            f"{step_seconds}, {validations}, {inference_passes}, {min_steps}, {max_steps}"
         )
-    evaluated = validations * validation_images + evaluated_after
+    evaluated = (validations * validation_images + evaluated_after) * inference_passes
     for_steps = seconds_left - STARTUP_SECONDS - evaluated * STEPS_PER_EVALUATED_IMAGE * step_seconds
     steps = int(for_steps / (LOOP_OVERHEAD * step_seconds)) if for_steps > 0 else 0
     steps = max(min_steps, min(max_steps, steps))

@@ -108,6 +108,11 @@ class DetectorConfig:
         nms_threshold: IoU above which the lower-scoring of two overlapping detections is suppressed.
         candidates_per_level: best-scoring boxes per pyramid level kept before NMS.
         detections_per_image: most detections returned per image.
+        box_fusion_iou: in (0, 1]: each box NMS keeps becomes the score-weighted mean of the candidates of its class
+            overlapping it at IoU >= this (box voting), and with ``test_time_flip`` the two passes' detections are
+            fused at this overlap (:mod:`caries_mim.detection.box_fusion`). None: plain NMS (packages made before).
+        test_time_flip: predict on the image and on its mirror and fuse the two (needs ``box_fusion_iou``); twice
+            the inference cost. The package's operating threshold is chosen with the same inference, so it fits.
         roi_size: side in pixels of the square sliding window used for inputs larger than it; ``None`` (the
             default) means ``image_size``, the scale the model was trained at.
         sliding_window_overlap: fraction in [0, 1) by which neighbouring windows overlap.
@@ -144,6 +149,8 @@ class DetectorConfig:
     nms_threshold: float = 0.3
     candidates_per_level: int = 1000
     detections_per_image: int = 100
+    box_fusion_iou: float | None = None
+    test_time_flip: bool = False
     roi_size: int | None = None
     sliding_window_overlap: float = 0.25
     sliding_window_batch_size: int = 4
@@ -278,6 +285,10 @@ class DetectorConfig:
             for key in ("sampler_positive_fraction", "nms_threshold")
             if not 0.0 < getattr(self, key) <= 1.0
         )
+        if self.box_fusion_iou is not None and not 0.0 < self.box_fusion_iou <= 1.0:
+            problems.append(f"box_fusion_iou must be in (0, 1] or null, got {self.box_fusion_iou}")
+        if self.test_time_flip and self.box_fusion_iou is None:
+            problems.append("test_time_flip fuses the two passes' boxes: it needs box_fusion_iou (0.5 is usual)")
         if not 0.0 <= self.score_threshold < 1.0:
             problems.append(f"score_threshold must be in [0, 1), got {self.score_threshold}")
         return problems

@@ -28,6 +28,7 @@ from caries_mim.detection.batched_loss import (
     foreground_box_pairs,
     pad_boxes,
 )
+from caries_mim.detection.box_fusion import fuse_passes, vote_boxes
 from caries_mim.detection.box_selection import padded_nms
 from caries_mim.detection.cnn_backbone import ResNetRetinaNet
 from caries_mim.detection.config import DetectorConfig
@@ -60,11 +61,14 @@ class _RetinaNetDetector(RetinaNetDetector):
 
     With :attr:`lesion_times_class` set, the last classification output of each anchor is a lesion logit and the
     class scores are :func:`~caries_mim.detection.lesion_times_class.lesion_times_class_scores` instead of a sigmoid
-    per output.
+    per output. With :attr:`box_voting_iou` set, each kept box is the score-weighted mean of the candidates of its
+    class overlapping it at that IoU (:func:`~caries_mim.detection.box_fusion.vote_boxes`).
     """
 
     #: Class scores as P(lesion) x P(class | lesion) (``DetectorConfig.class_scores``); False: a sigmoid per class.
     lesion_times_class: bool = False
+    #: ``DetectorConfig.box_fusion_iou``: box voting after NMS at this IoU; None: NMS's boxes as they are.
+    box_voting_iou: float | None = None
 
     def compute_loss(
         self,
@@ -216,12 +220,24 @@ class _RetinaNetDetector(RetinaNetDetector):
             labels.append(top_index % classes)
             valid.append((top_scores > selector.score_thresh) & nonempty)  # the -inf fill is never above
         boxes_t, scores_t, labels_t = torch.cat(boxes, dim=1), torch.cat(scores, dim=1), torch.cat(labels, dim=1)
-        kept = padded_nms(
-            boxes_t, scores_t, labels_t, torch.cat(valid, dim=1), selector.nms_thresh, selector.detections_per_img
-        )
+        valid_t = torch.cat(valid, dim=1)
+        kept = padded_nms(boxes_t, scores_t, labels_t, valid_t, selector.nms_thresh, selector.detections_per_img)
+        kept_boxes = [boxes_t[row, keep] for row, keep in enumerate(kept)]
+        if self.box_voting_iou is not None:
+            kept_boxes = [
+                vote_boxes(
+                    kept_boxes[row],
+                    labels_t[row, keep],
+                    boxes_t[row, valid_t[row]],
+                    scores_t[row, valid_t[row]],
+                    labels_t[row, valid_t[row]],
+                    self.box_voting_iou,
+                )
+                for row, keep in enumerate(kept)
+            ]
         return [
             {
-                self.target_box_key: boxes_t[row, keep],
+                self.target_box_key: kept_boxes[row],
                 self.pred_score_key: scores_t[row, keep].to(compute_dtype),
                 self.target_label_key: labels_t[row, keep],
             }
@@ -304,6 +320,7 @@ class CariesDetector(nn.Module):
             # MONAI's GIoU loss compares decoded predicted boxes with the ground truth boxes, so the ground truth
             # is not encoded and the predictions are decoded (its documented pairing).
             detector.set_box_regression_loss(BoxGIoULoss(reduction="mean"), encode_gt=False, decode_pred=True)
+        detector.box_voting_iou = config.box_fusion_iou
         detector.set_box_selector_parameters(
             score_thresh=config.score_threshold,
             topk_candidates_per_level=config.candidates_per_level,
@@ -374,12 +391,35 @@ class CariesDetector(nn.Module):
     def predict(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """Detections for a batch of same-size images (call ``eval()`` first for deterministic output).
 
+        With ``config.test_time_flip`` the images and their mirrors both go through the network and each image's
+        two sets of detections are fused (:func:`~caries_mim.detection.box_fusion.fuse_passes`).
+
         Args:
             images: (B, 1, H, W) float in [0, 1], any H and W.
         Returns:
             B dicts: ``boxes`` float (N, 4) ``[x0, y0, x1, y1]`` in pixels of ``images``, inside them;
             ``scores`` float (N,) in [0, 1], descending; ``labels`` int64 (N,) class indices.
         """
+        plain = self._predict_once(images)
+        if not self.config.test_time_flip:
+            return plain
+        width = images.shape[-1]
+        fused = []
+        for found, mirrored in zip(plain, self._predict_once(images.flip(-1)), strict=True):
+            # x -> width - x maps the mirror's pixel edges back onto the image's: [x0, x1] becomes [W - x1, W - x0].
+            unflipped = mirrored["boxes"][:, [2, 1, 0, 3]] * mirrored["boxes"].new_tensor([-1, 1, -1, 1])
+            unflipped = unflipped + unflipped.new_tensor([width, 0, width, 0])
+            fused.append(
+                fuse_passes(
+                    [found, {**mirrored, "boxes": unflipped}],
+                    iou_threshold=self.config.box_fusion_iou,
+                    max_kept=self.config.detections_per_image,
+                )
+            )
+        return fused
+
+    def _predict_once(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """:meth:`predict` without the mirrored pass."""
         height, width = images.shape[-2:]
         use_window = max(height, width) > self.config.roi_size
         if use_window:
