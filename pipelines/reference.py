@@ -399,8 +399,9 @@ def run_reference(
         "stage_seconds": seconds,
     }
     if earlier is not None:
-        # Where the kept encoder came from: the build that pretrained it, and that build's own record of it.
-        provenance["foundation_kept_from"] = {
+        # Where the kept encoder came from: the build that pretrained it, and that build's own record of it. An
+        # earlier build that itself kept the encoder points further back, to the build that did pretrain it.
+        provenance["foundation_kept_from"] = earlier.get("foundation_kept_from") or {
             "command": earlier["command"],
             "code_commit": earlier["code_commit"],
             "machine": earlier["machine"],
