@@ -294,15 +294,11 @@ def run_reference(
     out.mkdir(parents=True, exist_ok=True)
 
     def timed(name: str, action):
-        """``action()``, timed; a stage an earlier run of this build finished (None) is read from its run's summary,
-        with the time that summary records (a build resumed after its fine-tuning still says what that took)."""
+        """``action()``, timed; a stage that was already done (None) is read from its run's summary, untimed."""
         since = time.perf_counter()
         result = action()
         if result is None:
-            summary = json.loads((work / name / "summary.json").read_text())
-            if isinstance(summary.get("seconds"), (int, float)):
-                seconds[name] = round(float(summary["seconds"]), 1)
-            return summary
+            return json.loads((work / name / "summary.json").read_text())
         seconds[name] = round(time.perf_counter() - since, 1)
         return result
 

@@ -62,10 +62,8 @@ def test_a_second_run_keeps_every_finished_stage(built, capsys):
     code = main(["reference", "--config", "smoke", "--out", str(out), "--work", str(work), "--quiet"])
     assert code == 0
     after = json.loads((out / PROVENANCE_FILE).read_text())
-    # Stages the first run finished are not run again; their times are the ones their runs recorded.
-    for stage in ("pretrain", "finetune"):
-        recorded = json.loads((work / stage / "summary.json").read_text())["seconds"]
-        assert after["stage_seconds"][stage] == round(recorded, 1)
+    assert "pretrain" not in after["stage_seconds"]
+    assert "finetune" not in after["stage_seconds"]
     again = torch.load(out / FOUNDATION_FILE, weights_only=True)["state_dict"]
     assert all(torch.equal(weights[name], again[name]) for name in weights)
 
@@ -96,13 +94,6 @@ def test_keep_foundation_fine_tunes_again_from_the_shipped_encoder_and_carries_i
     assert not {"synth_unlabeled", "pretrain"} & after["stage_seconds"].keys()
     assert not (tmp_path / "work" / "unlabeled").exists()
     assert read_package(kept / DETECTOR_FILE).provenance["reference"]["foundation_kept_from"]
-    # A detector rebuilt again from that build still points to the build that pretrained the encoder.
-    again = tmp_path / "models_again"
-    shutil.copytree(kept, again)
-    args = ["reference", "--config", "smoke", "--out", str(again), "--work", str(tmp_path / "work_again"), "--quiet"]
-    assert main([*args, "--keep-foundation", "--set", f"finetune_set=[{', '.join(longer)}]"]) == 0
-    twice = json.loads((again / PROVENANCE_FILE).read_text())
-    assert twice["foundation_kept_from"] == after["foundation_kept_from"]
 
 
 def test_keep_foundation_refuses_an_encoder_its_provenance_does_not_describe(built, tmp_path, capsys):
