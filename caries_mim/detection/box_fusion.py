@@ -49,9 +49,20 @@ def vote_boxes(
     """
     if kept_boxes.shape[0] == 0 or boxes.shape[0] == 0:
         return kept_boxes.clone()
-    overlap = pairwise_iou(kept_boxes.to(torch.float32), boxes.to(torch.float32))  # (K, C)
-    same_class = kept_labels[:, None] == labels[None, :]
-    weights = torch.where((overlap >= iou_threshold) & same_class, scores.to(torch.float32)[None, :], 0.0)
+    members = _members(kept_boxes, kept_labels, boxes, labels, iou_threshold)
+    return _weighted_mean(kept_boxes, torch.where(members, scores.to(torch.float32)[None, :], 0.0), boxes)
+
+
+def _members(
+    kept_boxes: torch.Tensor, kept_labels: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, iou: float
+) -> torch.Tensor:
+    """(K, C) bool: candidate c is of kept box k's class and overlaps it at IoU >= ``iou``."""
+    overlap = pairwise_iou(kept_boxes.to(torch.float32), boxes.to(torch.float32))
+    return (overlap >= iou) & (kept_labels[:, None] == labels[None, :])
+
+
+def _weighted_mean(kept_boxes: torch.Tensor, weights: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Each kept box as the ``weights``-weighted (K, C) mean of ``boxes`` (C, 4); unweighted ones stay."""
     total = weights.sum(dim=1, keepdim=True)  # (K, 1)
     voted = (weights @ boxes.to(torch.float32)) / total.clamp(min=torch.finfo(torch.float32).tiny)
     return torch.where(total > 0, voted, kept_boxes.to(torch.float32)).to(kept_boxes.dtype)
@@ -87,10 +98,9 @@ def fuse_passes(
         return {"boxes": boxes, "scores": scores, "labels": labels}
     (heads,) = batched_nms([boxes], [scores], [labels], iou_threshold, max_kept)
     head_boxes, head_labels = boxes[heads], labels[heads]
-    fused_boxes = vote_boxes(head_boxes, head_labels, boxes, scores, labels, iou_threshold)
+    member_scores = torch.where(_members(head_boxes, head_labels, boxes, labels, iou_threshold), scores[None, :], 0.0)
+    fused_boxes = _weighted_mean(head_boxes, member_scores, boxes)
     # Each pass's best score among the cluster's members: (K, C) member scores, maximum within each pass.
-    members = (pairwise_iou(head_boxes, boxes) >= iou_threshold) & (head_labels[:, None] == labels[None, :])
-    member_scores = torch.where(members, scores[None, :], 0.0)
     # A zero column per pass stands for "no member" (an empty maximum); scores are never negative.
     nothing = member_scores.new_zeros((member_scores.shape[0], 1))
     per_pass = torch.stack(
