@@ -172,7 +172,10 @@ def _plan(settings: list[str], seconds_left: float, splits: dict[str, Any]) -> S
         evaluated_after=splits["test"]["images"] + PREDICT_FILES,
         validations=DEMO_VALIDATIONS,
         max_steps=config.train.steps,
-        inference_passes=2 if config.detector.get("test_time_flip", False) else 1,
+        # One pass, two with one test-time flip, four with both (DetectorConfig.test_time_mirrors; the config's
+        # detector section is not a DetectorConfig yet: its anchors are still "auto").
+        inference_passes=(1 + bool(config.detector.get("test_time_flip")))
+        * (1 + bool(config.detector.get("test_time_vertical_flip"))),
     )
 
 

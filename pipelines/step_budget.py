@@ -129,7 +129,8 @@ def plan_steps(
     """The steps that fit ``seconds_left`` (see the module docstring), between ``min_steps`` and ``max_steps``,
     with ``validations`` validations of ``validation_images`` images (the last at the last step) and
     ``evaluated_after`` images evaluated once fine-tuning is done (test split, predictions), each image
-    ``inference_passes`` times through the network (2 with ``detector.test_time_flip``)."""
+    ``inference_passes`` times through the network (``DetectorConfig.test_time_mirrors``: 2 with one test-time
+    flip, 4 with both)."""
     if step_seconds <= 0 or validations < 1 or inference_passes < 1 or not 1 <= min_steps <= max_steps:
         raise InvalidArgumentError(
             f"need step_seconds > 0, validations >= 1, inference_passes >= 1 and 1 <= min_steps <= max_steps, got "

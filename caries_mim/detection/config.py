@@ -109,10 +109,14 @@ class DetectorConfig:
         candidates_per_level: best-scoring boxes per pyramid level kept before NMS.
         detections_per_image: most detections returned per image.
         box_fusion_iou: in (0, 1]: each box NMS keeps becomes the score-weighted mean of the candidates of its class
-            overlapping it at IoU >= this (box voting), and with ``test_time_flip`` the two passes' detections are
+            overlapping it at IoU >= this (box voting), and with test-time flips the passes' detections are
             fused at this overlap (:mod:`caries_mim.detection.box_fusion`). None: plain NMS (packages made before).
-        test_time_flip: predict on the image and on its mirror and fuse the two (needs ``box_fusion_iou``); twice
-            the inference cost. The package's operating threshold is chosen with the same inference, so it fits.
+        test_time_flip: predict on the image and on its left-right mirror and fuse the passes (needs
+            ``box_fusion_iou``); twice the inference cost. The package's operating threshold is chosen with the same
+            inference, so it fits.
+        test_time_vertical_flip: predict on the upside-down image too (a bitewing upside down is one with its jaws
+            swapped: the same kind of image), fused likewise (needs ``box_fusion_iou``). With ``test_time_flip``
+            both mirrors and the image turned 180 degrees: four passes.
         roi_size: side in pixels of the square sliding window used for inputs larger than it; ``None`` (the
             default) means ``image_size``, the scale the model was trained at.
         sliding_window_overlap: fraction in [0, 1) by which neighbouring windows overlap.
@@ -151,6 +155,7 @@ class DetectorConfig:
     detections_per_image: int = 100
     box_fusion_iou: float | None = None
     test_time_flip: bool = False
+    test_time_vertical_flip: bool = False
     roi_size: int | None = None
     sliding_window_overlap: float = 0.25
     sliding_window_batch_size: int = 4
@@ -287,8 +292,11 @@ class DetectorConfig:
         )
         if self.box_fusion_iou is not None and not 0.0 < self.box_fusion_iou <= 1.0:
             problems.append(f"box_fusion_iou must be in (0, 1] or null, got {self.box_fusion_iou}")
-        if self.test_time_flip and self.box_fusion_iou is None:
-            problems.append("test_time_flip fuses the two passes' boxes: it needs box_fusion_iou (0.5 is usual)")
+        problems.extend(
+            f"{key} fuses the passes' boxes: it needs box_fusion_iou (0.5 is usual)"
+            for key in ("test_time_flip", "test_time_vertical_flip")
+            if getattr(self, key) and self.box_fusion_iou is None
+        )
         if not 0.0 <= self.score_threshold < 1.0:
             problems.append(f"score_threshold must be in [0, 1), got {self.score_threshold}")
         return problems
@@ -296,6 +304,14 @@ class DetectorConfig:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def test_time_mirrors(self) -> tuple[tuple[bool, bool], ...]:
+        """The inference passes as (left-right mirrored, upside down) pairs, the plain image first: one pass
+        without test-time flips, two with one of them, four with both."""
+        horizontal = (False, True) if self.test_time_flip else (False,)
+        vertical = (False, True) if self.test_time_vertical_flip else (False,)
+        return tuple((mirror_x, mirror_y) for mirror_y in vertical for mirror_x in horizontal)
 
     @property
     def head_outputs(self) -> int:

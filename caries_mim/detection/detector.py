@@ -45,6 +45,23 @@ from caries_mim.models.vit import VisionTransformer
 _SWAP_XY = [1, 0, 3, 2]
 
 
+def _unmirror(boxes: torch.Tensor, width: int, height: int, mirror_x: bool, mirror_y: bool) -> torch.Tensor:
+    """Boxes found on a mirrored image, mapped back onto the image.
+
+    Args:
+        boxes: (N, 4) float ``[x0, y0, x1, y1]`` in pixels of the mirrored image of size ``width`` x ``height``.
+    Returns:
+        (N, 4) the same boxes on the unmirrored image: x -> width - x maps the mirror's pixel edges back onto the
+        image's, so ``[x0, x1]`` becomes ``[W - x1, W - x0]``; likewise in y.
+    """
+    mapped = boxes.clone()
+    if mirror_x:
+        mapped[:, [0, 2]] = width - boxes[:, [2, 0]]
+    if mirror_y:
+        mapped[:, [1, 3]] = height - boxes[:, [3, 1]]
+    return mapped
+
+
 class _RetinaNetDetector(RetinaNetDetector):
     """RetinaNetDetector whose anchor matching calls its ATSS matcher directly and whose box selection runs one
     non-maximum suppression for the whole batch.
@@ -391,8 +408,9 @@ class CariesDetector(nn.Module):
     def predict(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """Detections for a batch of same-size images (call ``eval()`` first for deterministic output).
 
-        With ``config.test_time_flip`` the images and their mirrors both go through the network and each image's
-        two sets of detections are fused (:func:`~caries_mim.detection.box_fusion.fuse_passes`).
+        With test-time flips (``config.test_time_flip``, ``config.test_time_vertical_flip``) the images and their
+        mirrors all go through the network, each pass's boxes are mapped back onto the image, and each image's
+        passes are fused (:func:`~caries_mim.detection.box_fusion.fuse_passes`).
 
         Args:
             images: (B, 1, H, W) float in [0, 1], any H and W.
@@ -400,23 +418,29 @@ class CariesDetector(nn.Module):
             B dicts: ``boxes`` float (N, 4) ``[x0, y0, x1, y1]`` in pixels of ``images``, inside them;
             ``scores`` float (N,) in [0, 1], descending; ``labels`` int64 (N,) class indices.
         """
-        plain = self._predict_once(images)
-        if not self.config.test_time_flip:
-            return plain
-        width = images.shape[-1]
-        fused = []
-        for found, mirrored in zip(plain, self._predict_once(images.flip(-1)), strict=True):
-            # x -> width - x maps the mirror's pixel edges back onto the image's: [x0, x1] becomes [W - x1, W - x0].
-            unflipped = mirrored["boxes"][:, [2, 1, 0, 3]] * mirrored["boxes"].new_tensor([-1, 1, -1, 1])
-            unflipped = unflipped + unflipped.new_tensor([width, 0, width, 0])
-            fused.append(
-                fuse_passes(
-                    [found, {**mirrored, "boxes": unflipped}],
-                    iou_threshold=self.config.box_fusion_iou,
-                    max_kept=self.config.detections_per_image,
-                )
+        mirrors = self.config.test_time_mirrors
+        if len(mirrors) == 1:
+            return self._predict_once(images)
+        height, width = images.shape[-2:]
+        passes = []
+        for mirror_x, mirror_y in mirrors:
+            flipped_dims = [dim for dim, flipped in ((-1, mirror_x), (-2, mirror_y)) if flipped]
+            found = self._predict_once(images.flip(flipped_dims) if flipped_dims else images)
+            passes.append(
+                [{**one, "boxes": _unmirror(one["boxes"], width, height, mirror_x, mirror_y)} for one in found]
             )
-        return fused
+        fused = [
+            fuse_passes(
+                list(image_passes),
+                iou_threshold=self.config.box_fusion_iou,
+                max_kept=self.config.detections_per_image,
+            )
+            for image_passes in zip(*passes, strict=True)
+        ]
+        # A score-weighted mean of boxes inside the image is inside it, up to float rounding (an edge at W can come
+        # back as W plus one ulp): clipped so the contract holds exactly.
+        inside = images.new_tensor([width, height, width, height])
+        return [{**one, "boxes": torch.minimum(one["boxes"].clamp(min=0), inside)} for one in fused]
 
     def _predict_once(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """:meth:`predict` without the mirrored pass."""

@@ -7,6 +7,7 @@ import torch
 
 from caries_mim.detection import CariesDetector
 from caries_mim.detection.box_fusion import fuse_passes, vote_boxes
+from caries_mim.detection.detector import _unmirror
 from caries_mim.errors import InvalidArgumentError
 from tests.detection.tiny import tiny_config
 
@@ -94,7 +95,8 @@ def test_fusing_nothing_returns_nothing_and_no_pass_is_an_error():
     [
         ({"box_fusion_iou": 0.0}, "box_fusion_iou must be in"),
         ({"box_fusion_iou": 1.5}, "box_fusion_iou must be in"),
-        ({"test_time_flip": True}, "test_time_flip fuses the two passes' boxes: it needs box_fusion_iou"),
+        ({"test_time_flip": True}, "test_time_flip fuses the passes' boxes: it needs box_fusion_iou"),
+        ({"test_time_vertical_flip": True}, "test_time_vertical_flip fuses the passes' boxes: it needs box_fusion_iou"),
     ],
 )
 def test_fusion_settings_are_checked(overrides, message):
@@ -104,10 +106,26 @@ def test_fusion_settings_are_checked(overrides, message):
 
 def test_a_config_saved_before_fusion_existed_predicts_with_plain_nms():
     saved = tiny_config().to_dict()
-    del saved["box_fusion_iou"], saved["test_time_flip"]
+    del saved["box_fusion_iou"], saved["test_time_flip"], saved["test_time_vertical_flip"]
     config = type(tiny_config()).from_dict(saved)
     assert config.box_fusion_iou is None
     assert config.test_time_flip is False
+    assert config.test_time_vertical_flip is False
+    assert config.test_time_mirrors == ((False, False),)
+
+
+@pytest.mark.parametrize(
+    ("horizontal", "vertical", "mirrors"),
+    [
+        (False, False, ((False, False),)),
+        (True, False, ((False, False), (True, False))),
+        (False, True, ((False, False), (False, True))),
+        (True, True, ((False, False), (True, False), (False, True), (True, True))),
+    ],
+)
+def test_the_flip_settings_name_the_passes_plain_image_first(horizontal, vertical, mirrors):
+    config = tiny_config(box_fusion_iou=0.5, test_time_flip=horizontal, test_time_vertical_flip=vertical)
+    assert config.test_time_mirrors == mirrors
 
 
 def _image(seed: int, height: int = 64, width: int = 96) -> torch.Tensor:
@@ -141,4 +159,39 @@ def test_the_mirrored_pass_is_unflipped_and_fused_with_the_plain_one():
     torch.testing.assert_close(found["scores"], expected["scores"])
     assert torch.equal(found["labels"], expected["labels"])
     assert bool((found["scores"][:-1] >= found["scores"][1:]).all())
+    assert bool(((found["boxes"] >= 0) & (found["boxes"] <= torch.tensor([96, 64, 96, 64]))).all())
+
+
+def test_boxes_found_on_mirrors_map_back_onto_the_image():
+    # One box on a 96 x 64 image, [10, 5, 30, 25], as each mirror shows it; mapped back it is the box again.
+    box = torch.tensor([[10.0, 5.0, 30.0, 25.0]])
+    seen = {
+        (True, False): [[66.0, 5.0, 86.0, 25.0]],
+        (False, True): [[10.0, 39.0, 30.0, 59.0]],
+        (True, True): [[66.0, 39.0, 86.0, 59.0]],
+    }
+    for (mirror_x, mirror_y), mirrored in seen.items():
+        torch.testing.assert_close(_unmirror(torch.tensor(mirrored), 96, 64, mirror_x, mirror_y), box)
+
+
+def test_four_passes_are_each_mapped_back_and_fused():
+    torch.manual_seed(0)
+    config = tiny_config(box_fusion_iou=0.5, test_time_flip=True, test_time_vertical_flip=True)
+    detector = CariesDetector(config).eval()
+    image = _image(3)
+    passes = []
+    for flipped_dims, mirror_x, mirror_y in (([], False, False), ([-1], True, False), ([-2], False, True),
+                                              ([-1, -2], True, True)):  # fmt: skip
+        found = detector._predict_once(image.flip(flipped_dims) if flipped_dims else image)[0]
+        boxes = found["boxes"].clone()
+        if mirror_x:
+            boxes[:, 0], boxes[:, 2] = 96 - found["boxes"][:, 2], 96 - found["boxes"][:, 0]
+        if mirror_y:
+            boxes[:, 1], boxes[:, 3] = 64 - found["boxes"][:, 3], 64 - found["boxes"][:, 1]
+        passes.append({**found, "boxes": boxes})
+    expected = fuse_passes(passes, iou_threshold=0.5, max_kept=config.detections_per_image)
+    found = detector.predict(image)[0]
+    torch.testing.assert_close(found["boxes"], expected["boxes"])
+    torch.testing.assert_close(found["scores"], expected["scores"])
+    assert torch.equal(found["labels"], expected["labels"])
     assert bool(((found["boxes"] >= 0) & (found["boxes"] <= torch.tensor([96, 64, 96, 64]))).all())
