@@ -197,6 +197,31 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_retune(args: argparse.Namespace) -> int:
+    from pipelines.config import parse_overrides
+    from pipelines.retune import retune_package
+
+    # Taken by their own name or, as in a fine-tuning config, under detector. (detector.test_time_flip=true).
+    settings = parse_overrides(args.set)
+    if isinstance(settings.get("detector"), dict):
+        settings.update(settings.pop("detector"))
+    nested = sorted(key for key, value in settings.items() if isinstance(value, dict))
+    if nested:
+        raise InvalidArgumentError(f"--set takes detector settings such as box_fusion_iou=0.5, not {', '.join(nested)}")
+    summary = retune_package(
+        args.model,
+        args.val,
+        args.out,
+        settings,
+        target_sensitivity=args.target_sensitivity,
+        progress=not args.quiet,
+        device=args.device,
+        options=_read_options(args),
+    )
+    print(json.dumps(summary))
+    return EXIT_OK
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from caries_mim.package import shipped_reference_detector
     from pipelines.predict import run_predict
@@ -246,6 +271,7 @@ def _cmd_reference(args: argparse.Namespace) -> int:
         command=["caries-mim", *args.argv],
         progress=not args.quiet,
         keep_foundation=args.keep_foundation,
+        keep_detector=args.keep_detector,
     )
     print(json.dumps({"out": str(args.out), "test_metrics": provenance["test_metrics"], "files": provenance["files"]}))
     return EXIT_OK
@@ -400,6 +426,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_read_options(evaluate)
     evaluate.set_defaults(handler=_cmd_evaluate)
 
+    retune = commands.add_parser(
+        "retune",
+        help="give a model package new inference settings (box fusion, test-time flips, NMS, sliding window) and "
+        "choose its operating threshold again on validation images",
+        description="Writes OUT: the package's weights with the new settings and a threshold chosen on the "
+        "validation images for the package's target lesion sensitivity; its provenance records the change. Prints "
+        "a one-line JSON summary. Use the fine-tuning run's validation split, never its training images.",
+    )
+    retune.add_argument("--model", type=Path, required=True, metavar="PKG", help="model package to retune")
+    retune.add_argument(
+        "--val", nargs="+", type=Path, required=True, metavar="FILE", help="validation annotation files"
+    )
+    retune.add_argument("--out", type=Path, required=True, metavar="PKG", help="the retuned package")
+    retune.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an inference setting, e.g. test_time_vertical_flip=true or box_fusion_iou=0.5 (repeatable)",
+    )
+    retune.add_argument(
+        "--target-sensitivity",
+        type=float,
+        metavar="S",
+        help="lesion sensitivity in (0, 1] the threshold is chosen for (default: the package's)",
+    )
+    retune.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
+    retune.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_read_options(retune)
+    retune.set_defaults(handler=_cmd_retune)
+
     predict = commands.add_parser(
         "predict",
         help="find caries on radiograph files with a model package (JSON lines)",
@@ -531,6 +587,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fine-tune and evaluate the detector again from the foundation encoder already in OUT (checked against "
         "OUT/provenance.json, which it carries over) instead of pretraining one",
+    )
+    reference.add_argument(
+        "--keep-detector",
+        action="store_true",
+        help="keep the detector in OUT too (implies --keep-foundation): apply the recipe's inference settings, "
+        "choose its threshold again on the fine-tuning validation split, evaluate again; no fine-tuning",
     )
     reference.add_argument("--quiet", action="store_true", help="no progress bars")
     reference.set_defaults(handler=_cmd_reference)

@@ -19,6 +19,13 @@ an interrupted run continues where it stopped):
 from the foundation encoder already in ``--out``, whose provenance (pretraining config, data, steps, loss, time,
 code commit) is carried into the new one. Pretraining is the long part of the build (a GPU's work in the full
 build); a new detector recipe should not have to redo it.
+
+``keep_detector`` (``--keep-detector``) also keeps the detector in ``--out`` and replaces step 3 by a retune
+(:mod:`pipelines.retune`): the recipe's inference settings (box selection and fusion, test-time flips, sliding
+window) are applied to the kept weights and the operating threshold is chosen again on the fine-tuning run's own
+validation split; then both test sets are evaluated again. A new inference recipe does not need a new fine-tuning
+run. The provenance keeps the fine-tuning record of the build that trained the weights (``detector_kept_from``,
+``finetune``, ``finetune_config`` with the new inference settings) and says what the retune changed (``retune``).
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from pipelines.config import path_override
 from pipelines.evaluate import run_evaluate
 from pipelines.finetune import load_finetune_config, run_finetune
 from pipelines.pretrain import load_pretrain_config, run_pretrain
+from pipelines.retune import inference_settings, retune_package
 
 #: A second generator for the generalization test: a coarser, noisier, blurrier sensor with another contrast, and
 #: no image at the first generator's most common settings.
@@ -273,6 +281,25 @@ def _kept_foundation(out: Path) -> dict[str, Any]:
     return earlier
 
 
+def _kept_detector(out: Path, earlier: dict[str, Any], labeled: dict[str, Any]) -> None:
+    """Checks that the detector in ``out`` is the one ``earlier`` describes, fine-tuned on the ``labeled`` set this
+    build draws (its validation split is where the threshold is chosen again: other data could overlap training)."""
+    detector = out / DETECTOR_FILE
+    recorded = earlier.get("files", {}).get(DETECTOR_FILE, {}).get("sha256")
+    if not detector.is_file() or recorded is None:
+        raise InvalidArgumentError(f"--keep-detector needs {detector} and its entry in {out / PROVENANCE_FILE}")
+    if file_sha256(detector) != recorded:
+        raise InvalidArgumentError(
+            f"{detector} is not the detector {out / PROVENANCE_FILE} describes (SHA-256 differs): its provenance is "
+            "unknown"
+        )
+    if earlier["data"]["labeled"] != labeled:
+        raise InvalidArgumentError(
+            "--keep-detector: the kept detector was fine-tuned on another labeled set (seed, count or generator) than "
+            "this config draws; its validation split would not be the one it was validated on"
+        )
+
+
 def run_reference(
     out: Path,
     work: Path,
@@ -281,11 +308,18 @@ def run_reference(
     command: list[str] | None = None,
     progress: bool = True,
     keep_foundation: bool = False,
+    keep_detector: bool = False,
 ) -> dict[str, Any]:
     """Build (or finish building) the reference models into ``out``; returns the provenance it writes.
 
-    With ``keep_foundation`` the foundation encoder in ``out`` is reused (see the module docstring)."""
+    With ``keep_foundation`` the foundation encoder in ``out`` is reused, with ``keep_detector`` the detector too
+    (retuned for the recipe's inference settings; it implies ``keep_foundation``); see the module docstring."""
+    keep_foundation = keep_foundation or keep_detector
     earlier = _kept_foundation(out) if keep_foundation else None
+    default = SynthConfig()
+    labeled_record = {"images": config.labeled_images, "seed": config.seed + 1, "generator": default.to_dict()}
+    if keep_detector:
+        _kept_detector(out, earlier, labeled_record)
     started = time.perf_counter()
     # The code that runs is the code at the start: a checkout edited during a long build must not be recorded.
     commit = code_commit()
@@ -302,7 +336,7 @@ def run_reference(
         seconds[name] = round(time.perf_counter() - since, 1)
         return result
 
-    default, shifted = SynthConfig(), SynthConfig.from_dict(config.shifted_generator)
+    shifted = SynthConfig.from_dict(config.shifted_generator)
     # (stage, folder, unlabeled, labeled, seed, generator): every set from its own seed.
     sets = (
         *(
@@ -352,13 +386,26 @@ def run_reference(
         config.finetune_config, [*config.finetune_set, cache, path_override("model.encoder", encoder)]
     )
     train_file, val_file = (labeled / "labeled" / f"{split}.json" for split in ("train", "val"))
-    finetune = timed(
-        "finetune",
-        lambda: _train(finetune_run, lambda resume: run_finetune(
-            [train_file], [val_file], finetune_run, finetune_config, resume=resume, progress=progress
-        )),
-    )  # fmt: skip
-    package = Path(finetune["package"])
+    retune = None
+    if keep_detector:
+        settings = inference_settings(finetune_config.detector)
+        package = work / "retune" / DETECTOR_FILE
+        package.parent.mkdir(parents=True, exist_ok=True)
+        retune = timed(
+            "retune", lambda: retune_package(out / DETECTOR_FILE, [val_file], package, settings, progress=progress)
+        )
+        finetune = earlier["finetune"]
+        trained = earlier["finetune_config"]
+        recorded_finetune_config = {**trained, "detector": {**trained["detector"], **settings}}
+    else:
+        finetune = timed(
+            "finetune",
+            lambda: _train(finetune_run, lambda resume: run_finetune(
+                [train_file], [val_file], finetune_run, finetune_config, resume=resume, progress=progress
+            )),
+        )  # fmt: skip
+        package = Path(finetune["package"])
+        recorded_finetune_config = configs.to_dict(finetune_config)
 
     evaluations = {}
     for name, test_set in (("fresh_seed", fresh), ("shifted_generator", other)):
@@ -382,12 +429,12 @@ def run_reference(
         "machine": machine(),
         "reference_config": configs.to_dict(config),
         "pretrain_config": pretrain_config if earlier is not None else configs.to_dict(pretrain_config),
-        "finetune_config": configs.to_dict(finetune_config),
+        "finetune_config": recorded_finetune_config,
         "data": {
             "unlabeled": earlier["data"]["unlabeled"]
             if earlier is not None
             else {"images": config.unlabeled_images, "seed": config.seed, "generator": default.to_dict()},
-            "labeled": {"images": config.labeled_images, "seed": config.seed + 1, "generator": default.to_dict()},
+            "labeled": labeled_record,
             "fresh_test": {"images": config.test_images, "seed": config.seed + 2, "generator": default.to_dict()},
             "shifted_test": {"images": config.test_images, "seed": config.seed + 3, "generator": shifted.to_dict()},
         },
@@ -412,6 +459,17 @@ def run_reference(
             },
             "sha256": earlier["files"][FOUNDATION_FILE]["sha256"],
         }
+    if keep_detector:
+        # Where the kept weights came from: the build that fine-tuned them (or the one an earlier retune kept them
+        # from), and what this build changed.
+        provenance["detector_kept_from"] = earlier.get("detector_kept_from") or {
+            "command": earlier["command"],
+            "code_commit": earlier["code_commit"],
+            "machine": earlier["machine"],
+            "stage_seconds": {"finetune": earlier["stage_seconds"]["finetune"]},
+            "sha256": earlier["files"][DETECTOR_FILE]["sha256"],
+        }
+        provenance["retune"] = retune
     # Through JSON: metric values may be numpy scalars, which a package (loaded with weights_only) must not hold.
     provenance = json.loads(json.dumps(provenance))
     if earlier is None:
