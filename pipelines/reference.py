@@ -466,7 +466,9 @@ def run_reference(
             "command": earlier["command"],
             "code_commit": earlier["code_commit"],
             "machine": earlier["machine"],
-            "stage_seconds": {"finetune": earlier["stage_seconds"]["finetune"]},
+            "stage_seconds": {
+                stage: seconds_ for stage, seconds_ in earlier.get("stage_seconds", {}).items() if stage == "finetune"
+            },
             "sha256": earlier["files"][DETECTOR_FILE]["sha256"],
         }
         provenance["retune"] = retune

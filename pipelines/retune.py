@@ -48,8 +48,10 @@ INFERENCE_SETTINGS = (
 
 
 def inference_settings(detector: dict[str, Any]) -> dict[str, Any]:
-    """The inference-only entries of a detector config mapping (a recipe's ``detector`` section)."""
-    return {key: detector[key] for key in INFERENCE_SETTINGS if key in detector}
+    """Every inference setting of a recipe's ``detector`` section: its value there, else the default of
+    :class:`DetectorConfig` (what a detector fine-tuned with that recipe would use)."""
+    defaults = {field.name: field.default for field in dataclasses.fields(DetectorConfig)}
+    return {key: detector.get(key, defaults[key]) for key in INFERENCE_SETTINGS}
 
 
 def retuned_config(config: DetectorConfig, settings: dict[str, Any]) -> DetectorConfig:

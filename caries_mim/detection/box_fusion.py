@@ -4,13 +4,15 @@ Greedy NMS keeps the best-scoring box of a cluster and throws the others away, y
 estimates of the same lesion's extent: averaging them, weighted by score, places the box better (Gidaris and
 Komodakis' box voting, 2015). A lesion's visible edge is fuzzy, so single estimates scatter; on the shipped reference
 detector, voting at IoU 0.5 moved fresh-seed test AP50 from 0.802 to 0.817 with the same detections found, and
-voting with a fused mirrored pass to 0.849 (docs/detection_recipe.md, "Box fusion and a mirrored pass").
+voting with a fused mirrored pass to 0.849, and with the upside-down and turned passes too to 0.860
+(docs/detection_recipe.md, "Box fusion and test-time flips").
 
 Test-time flipping runs the detector on the image and on its mirror (caries look the same mirrored; training flips
-too) and fuses the two sets as weighted box fusion does (Solovyev et al., 2021): clusters of same-class boxes that
-overlap at IoU >= the fusion threshold become one box, the score-weighted mean of the members, scored by the mean
-over the passes of each pass's best member (0 for a pass that missed it), so a detection both passes agree on keeps
-its score and one only a single pass saw is halved. The ``ensemble-boxes`` package implements WBF but pulls in pandas
+too), optionally upside down as well (a bitewing with its jaws swapped), and fuses the passes as weighted box fusion
+does (Solovyev et al., 2021): clusters of same-class boxes that overlap at IoU >= the fusion threshold become one
+box, the score-weighted mean of the members, scored by the mean over the passes of each pass's best member (0 for a
+pass that missed it), so a detection every pass agrees on keeps its score and one only a single pass of two saw is
+halved. The ``ensemble-boxes`` package implements WBF but pulls in pandas
 and numba for it; the clusters here come from the NMS the detector already has (:func:`batched_nms`), which also
 keeps the fusion on the tensors' device.
 """

@@ -17,6 +17,7 @@ from pipelines.cli import main
 from pipelines.finetune import load_finetune_config
 from pipelines.pretrain import load_pretrain_config
 from pipelines.reference import DETECTOR_FILE, FOUNDATION_FILE, PROVENANCE_FILE, load_reference_config
+from pipelines.retune import INFERENCE_SETTINGS
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +112,69 @@ def test_keep_foundation_refuses_an_encoder_its_provenance_does_not_describe(bui
     kept.mkdir()
     assert main([*args, "--keep-foundation"]) == 2
     assert "needs" in capsys.readouterr().err
+
+
+def test_keep_detector_retunes_the_kept_weights_and_records_where_they_came_from(built, tmp_path, capsys):
+    out, _ = built
+    kept = tmp_path / "models"
+    shutil.copytree(out, kept)
+    earlier = json.loads((kept / PROVENANCE_FILE).read_text())
+    work = tmp_path / "work"
+    args = ["reference", "--config", "smoke", "--out", str(kept), "--work", str(work), "--quiet"]
+    fused = [*load_reference_config("smoke", None).finetune_set, "detector.box_fusion_iou=0.5"]
+    assert main([*args, "--keep-detector", "--set", f"finetune_set=[{', '.join([*fused, 'train.steps=99'])}]"]) == 0
+    after = json.loads((kept / PROVENANCE_FILE).read_text())
+    before_package, after_package = read_package(out / DETECTOR_FILE), read_package(kept / DETECTOR_FILE)
+    weights = before_package.state_dict
+    assert all(torch.equal(weights[name], after_package.state_dict[name]) for name in weights)
+    assert (before_package.config.box_fusion_iou, after_package.config.box_fusion_iou) == (None, 0.5)
+    assert after_package.threshold == after["retune"]["threshold"]
+    assert after["retune"]["settings"] == {"box_fusion_iou": {"from": None, "to": 0.5}}
+    # The training record is the one of the build that trained the weights (its 2 steps, not the recipe's 99),
+    # with the inference settings now used.
+    assert after["finetune"] == earlier["finetune"]
+    recorded, trained = after["finetune_config"], earlier["finetune_config"]
+    assert {key: value for key, value in recorded.items() if key != "detector"} == {
+        key: value for key, value in trained.items() if key != "detector"
+    }
+    assert set(INFERENCE_SETTINGS) <= set(recorded["detector"])
+    assert recorded["detector"]["box_fusion_iou"] == 0.5
+    training_only = {key: value for key, value in trained["detector"].items() if key not in INFERENCE_SETTINGS}
+    assert training_only.items() <= recorded["detector"].items()
+    assert after["detector_kept_from"] == {
+        "command": earlier["command"],
+        "code_commit": earlier["code_commit"],
+        "machine": earlier["machine"],
+        # The fixture's build was re-run once, which timed no fine-tuning: then there is none to carry.
+        "stage_seconds": {stage: time for stage, time in earlier["stage_seconds"].items() if stage == "finetune"},
+        "sha256": earlier["files"][DETECTOR_FILE]["sha256"],
+    }
+    assert "retune" in after["stage_seconds"]
+    assert "finetune" not in after["stage_seconds"]
+    assert not (work / "finetune").exists()
+    assert not (work / "unlabeled").exists()
+    assert after["files"][FOUNDATION_FILE] == earlier["files"][FOUNDATION_FILE]
+    # Retuned again, it still points at the build that fine-tuned the weights.
+    assert main([*args, "--keep-detector"]) == 0
+    again = json.loads((kept / PROVENANCE_FILE).read_text())
+    assert again["detector_kept_from"] == after["detector_kept_from"]
+    assert again["retune"]["settings"] == {"box_fusion_iou": {"from": 0.5, "to": None}}
+
+
+def test_keep_detector_refuses_a_detector_or_labeled_set_its_provenance_does_not_describe(built, tmp_path, capsys):
+    out, _ = built
+    kept = tmp_path / "models"
+    shutil.copytree(out, kept)
+    args = ["reference", "--config", "smoke", "--out", str(kept), "--work", str(tmp_path / "work"), "--quiet"]
+    assert main([*args, "--keep-detector", "--set", "labeled_images=15"]) == 2
+    error = capsys.readouterr().err
+    assert "another labeled set" in error
+    assert "Traceback" not in error
+    with (kept / DETECTOR_FILE).open("ab") as detector:
+        detector.write(b"\0")
+    assert main([*args, "--keep-detector"]) == 2
+    assert "SHA-256 differs" in capsys.readouterr().err
+    assert not (tmp_path / "work" / "retune").exists()
 
 
 def test_bad_reference_settings_are_one_line_errors(tmp_path, capsys):

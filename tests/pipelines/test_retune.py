@@ -95,7 +95,13 @@ def test_only_inference_settings_can_be_retuned(package, validation, tmp_path):
         retune_package(package, [validation], tmp_path / "x.cmpkg", {}, progress=False)  # the package has none
     assert not (tmp_path / "x.cmpkg").exists()
     recipe = {"atss_candidates": 9, "box_fusion_iou": 0.5, "test_time_flip": True, "image_size": 512}
-    assert inference_settings(recipe) == {"box_fusion_iou": 0.5, "test_time_flip": True}
+    resolved = inference_settings(recipe)
+    assert set(resolved) == set(INFERENCE_SETTINGS)
+    assert (resolved["box_fusion_iou"], resolved["test_time_flip"], resolved["test_time_vertical_flip"]) == (
+        0.5,
+        True,
+        False,
+    )
     assert set(INFERENCE_SETTINGS) <= set(read_package(package).config.to_dict())
 
 
