@@ -135,6 +135,8 @@ class DataConfig:
     #: Training augmentation preset (caries_mim.data.transforms.detection_train_transform): standard, or sensor
     #: (wider scale, blur, coarser grids, noise and edge enhancement: for radiographs from other sensors).
     augmentation: str = "standard"
+    #: Chance that a training patch is also turned upside down (see detection_train_transform).
+    vertical_flip: float = 0.0
     #: Megabytes of training images kept at the working scale in memory, per training process, split evenly over
     #: its loader workers (each keeps its own): later crops of a kept image skip the cache read and the resize.
     #: 0: keep none.
@@ -145,8 +147,8 @@ class DataConfig:
             raise ValueError(f"memo_mb must be a finite number >= 0, got {self.memo_mb}")
         if not 0.0 < self.label_fraction <= 1.0:
             raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
-        if not 0.0 <= self.positive_fraction <= 1.0 or not 0.0 <= self.min_visibility <= 1.0:
-            raise ValueError("positive_fraction and min_visibility must be in [0, 1]")
+        if not all(0.0 <= value <= 1.0 for value in (self.positive_fraction, self.min_visibility, self.vertical_flip)):
+            raise ValueError("positive_fraction, min_visibility and vertical_flip must be in [0, 1]")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         if self.augmentation not in DETECTION_AUGMENTATIONS:
@@ -558,6 +560,7 @@ class _Finetuning:
             positive_fraction=data.positive_fraction,
             rule=detector.scale_rule,
             augmentation=data.augmentation,
+            vertical_flip=data.vertical_flip,
         )
         self.fingerprint = data_fingerprint(self.train_files, train_set.records)
         self.all_train_images = len(all_train)

@@ -12,7 +12,9 @@ Validation and evaluation run the same network over whole images, so their cost 
 measured with the step: the constants below come from the demo's run on the Xeon (2,400 steps: 703 s of
 fine-tuning with 4 validations of 120 images, evaluation of 120 test images 22 s; README). They still bound the
 frozen-encoder recipe on a 2-core EPYC (fresh clone, 2026-12-04: step timed 129 ms, loop 148 ms = 1.15x; a
-validated image 0.1 s = 0.8 timed steps; the whole demo 13 min 37 s against the 14-minute plan).
+validated image 0.1 s = 0.8 timed steps; the whole demo 13 min 37 s against the 14-minute plan). Test-time flips
+run the network again on the image already read and resampled: with four passes (fresh clone, 2026-12-05, step timed
+161 ms) a validated image took 0.44 s = 2.7 timed steps, under 0.85 + 3 x 0.65.
 """
 
 from __future__ import annotations
@@ -34,8 +36,11 @@ from pipelines.training import configure_threads, freeze_encoder_layers, resolve
 LOOP_OVERHEAD = 1.2
 #: Reading the training set, fitting anchors and building the loaders, before the first step.
 STARTUP_SECONDS = 40.0
-#: A validation or evaluation image (sliding-window inference, box selection, matching) in timed steps.
+#: A validation or evaluation image (reading, resampling, sliding-window inference, box selection, matching) in timed
+#: steps, with one inference pass.
 STEPS_PER_EVALUATED_IMAGE = 0.85
+#: Each further test-time pass over an image already read and resampled (a flipped copy), in timed steps.
+STEPS_PER_EXTRA_PASS = 0.65
 #: Lesion crops in the timed batch, like the recipe's (two lesions of 12 working pixels each).
 _LESIONS_PER_CROP = 2
 
@@ -136,8 +141,9 @@ def plan_steps(
             f"need step_seconds > 0, validations >= 1, inference_passes >= 1 and 1 <= min_steps <= max_steps, got "
             f"{step_seconds}, {validations}, {inference_passes}, {min_steps}, {max_steps}"
         )
-    evaluated = (validations * validation_images + evaluated_after) * inference_passes
-    for_steps = seconds_left - STARTUP_SECONDS - evaluated * STEPS_PER_EVALUATED_IMAGE * step_seconds
+    evaluated = validations * validation_images + evaluated_after
+    per_image = STEPS_PER_EVALUATED_IMAGE + (inference_passes - 1) * STEPS_PER_EXTRA_PASS
+    for_steps = seconds_left - STARTUP_SECONDS - evaluated * per_image * step_seconds
     steps = int(for_steps / (LOOP_OVERHEAD * step_seconds)) if for_steps > 0 else 0
     steps = max(min_steps, min(max_steps, steps))
     # A validation every steps / validations, the last one on the last step (the loop always validates there).

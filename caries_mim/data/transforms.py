@@ -210,6 +210,7 @@ def detection_train_transform(
     max_downscale: float = 4.0,
     rule: ScaleRule | None = None,
     augmentation: str = "standard",
+    vertical_flip: float = 0.0,
 ) -> TrainTransform:
     """Box-aware training augmentation in the geometry of inference, on patches of ``crop_size`` x ``crop_size``.
 
@@ -231,6 +232,9 @@ def detection_train_transform(
        magnification, another sensor's pixel pitch), rotation 10 degrees, blur or a coarser pixel grid (focal
        spot, scintillator spread, resolution), quantum and electronic noise up to 4% of the range, vendor edge
        enhancement, then contrast, gamma and CLAHE (the display processing).
+       Either way, with probability ``vertical_flip`` the patch is also turned upside down after the horizontal
+       flip (a bitewing upside down has its jaws swapped: the same kind of image; what a detector predicting with
+       ``test_time_vertical_flip`` sees in its extra passes).
 
     Boxes keeping under ``min_visibility`` of their area are dropped with their labels. Call as
     ``transform(image=img, bboxes=boxes_xyxy, labels=labels, spacing_mm=(row, column) or None)``; output image
@@ -245,6 +249,8 @@ def detection_train_transform(
         raise ValueError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
     if augmentation not in DETECTION_AUGMENTATIONS:
         raise ValueError(f"augmentation must be one of {', '.join(DETECTION_AUGMENTATIONS)}, got {augmentation!r}")
+    if not 0.0 <= vertical_flip <= 1.0:
+        raise ValueError(f"vertical_flip must be in [0, 1], got {vertical_flip}")
     # The boxes keep all their area in the resize: only the crop and the augmentation may drop one.
     scale = A.Compose([ModelScale(rule)], bbox_params=_bbox_params(min_visibility=0.0))
     augment = A.Compose(
@@ -261,6 +267,9 @@ def detection_train_transform(
                 p=1.0,
             ),
             A.HorizontalFlip(p=0.5),
+            # Left out at 0 rather than added with p=0: a transform draws from the seeded generator even when it
+            # does not apply, which would change the crops of every recipe trained before this setting existed.
+            *([A.VerticalFlip(p=vertical_flip)] if vertical_flip > 0 else []),
             *(_sensor_augmentation() if augmentation == "sensor" else _standard_augmentation()),
         ],
         bbox_params=_bbox_params(min_visibility),

@@ -186,9 +186,34 @@ def test_without_any_box_a_positive_patch_falls_back_to_a_uniform_one():
     assert len(out["bboxes"]) == 0
 
 
+def _brighter_half_of_the_box(vertical_flip: float) -> list[str]:
+    """Which half of the lesion's box is brighter in each of 60 patches: the lesion is bright on top, dim below."""
+    image = np.zeros((400, 400), np.float32)
+    image[100:120, 200:240], image[120:140, 200:240] = 1.0, 0.4
+    lesion = np.array([[200.0, 100.0, 240.0, 140.0]], np.float32)
+    transform = detection_train_transform(128, seed=5, crop_size=64, positive_fraction=1.0, vertical_flip=vertical_flip)
+    halves = []
+    for _ in range(60):
+        out = transform(image=image, bboxes=lesion, labels=np.array([1]))
+        if len(out["bboxes"]):
+            x0, y0, x1, y1 = np.rint(np.asarray(out["bboxes"][0])).astype(int)
+            middle = (y0 + y1) // 2
+            top, bottom = out["image"][y0:middle, x0:x1].mean(), out["image"][middle:y1, x0:x1].mean()
+            halves.append("top" if top > bottom else "bottom")
+    return halves
+
+
+def test_a_vertical_flip_turns_patches_upside_down_with_their_boxes():
+    assert _brighter_half_of_the_box(0.0).count("top") >= 55
+    assert _brighter_half_of_the_box(1.0).count("bottom") >= 55
+    mixed = _brighter_half_of_the_box(0.5)
+    assert 15 <= mixed.count("bottom") <= 45
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
+        ({"vertical_flip": 1.5}, "vertical_flip must be in"),
         ({"crop_size": 256}, "crop_size must be in"),
         ({"crop_size": 0}, "crop_size must be in"),
         ({"positive_fraction": 1.5}, "positive_fraction"),

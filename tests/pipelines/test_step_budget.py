@@ -14,6 +14,7 @@ from pipelines.step_budget import (
     LOOP_OVERHEAD,
     STARTUP_SECONDS,
     STEPS_PER_EVALUATED_IMAGE,
+    STEPS_PER_EXTRA_PASS,
     StepPlan,
     measure_step_seconds,
     median_seconds,
@@ -32,6 +33,19 @@ def test_the_plan_spends_what_is_left_after_start_up_and_evaluations_on_steps():
     # Twice as slow a machine: about half the steps in the same time.
     slower = plan_steps(700.0, 0.4, validation_images=120, evaluated_after=124, validations=2, max_steps=10_000)
     assert abs(slower.steps - (700.0 - STARTUP_SECONDS - 2 * evaluated_seconds) / (LOOP_OVERHEAD * 0.4)) <= 1
+
+
+def test_further_inference_passes_cost_less_than_the_first_one():
+    one = plan_steps(700.0, 0.2, validation_images=120, evaluated_after=124, validations=2, max_steps=10_000)
+    four = plan_steps(
+        700.0, 0.2, validation_images=120, evaluated_after=124, validations=2, max_steps=10_000, inference_passes=4
+    )
+    per_image = STEPS_PER_EVALUATED_IMAGE + 3 * STEPS_PER_EXTRA_PASS
+    assert STEPS_PER_EXTRA_PASS < STEPS_PER_EVALUATED_IMAGE
+    assert four.seconds_for_steps == pytest.approx(700.0 - STARTUP_SECONDS - 364 * per_image * 0.2)
+    assert four.steps < one.steps
+    with pytest.raises(InvalidArgumentError, match="inference_passes >= 1"):
+        plan_steps(700.0, 0.2, validation_images=1, evaluated_after=1, max_steps=10, inference_passes=0)
 
 
 def test_the_plan_stays_between_its_bounds():
