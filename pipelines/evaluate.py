@@ -214,6 +214,18 @@ def evaluated_image(item: EvaluationItem, findings: Findings, class_names: Seque
     )
 
 
+def predict_items(
+    predictor: Predictor, data: EvaluationData, options: ReadOptions, *, progress: bool, desc: str = "evaluate"
+) -> list[EvaluatedImage]:
+    """Every item of ``data`` predicted by ``predictor``, with its ground truth, in file order (a progress bar with
+    rate and time left on stderr when ``progress``)."""
+    class_names = predictor.class_names
+    return [
+        evaluated_image(item, predictor.predict(read_image(item.image_path, options)), class_names)
+        for item in tqdm(data.items, desc=desc, unit="image", disable=not progress)
+    ]
+
+
 @dataclass(frozen=True, eq=False)
 class EvaluationMetrics:
     """The metric sections of ``metrics.json``, as the :mod:`caries_mim.metrics` results they come from.
@@ -410,10 +422,7 @@ def run_evaluate(
     evaluation = load_evaluation_data(data, class_names)
     _make_folder(out)
 
-    images = []
-    for item in tqdm(evaluation.items, desc="evaluate", unit="image", disable=not progress):
-        findings = predictor.predict(read_image(item.image_path, options))
-        images.append(evaluated_image(item, findings, class_names))
+    images = predict_items(predictor, evaluation, options, progress=progress)
 
     item_strata = [item.strata() for item in evaluation.items]
     strata = {name: [per_item[name] for per_item in item_strata] for name in ("depth", "conspicuity")}

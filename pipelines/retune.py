@@ -21,8 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from caries_mim import __version__
 from caries_mim.detection import DetectorConfig
 from caries_mim.errors import InvalidArgumentError
@@ -30,7 +28,7 @@ from caries_mim.inference import Predictor
 from caries_mim.io import ReadOptions
 from caries_mim.metrics import coco_metrics, froc, select_operating_point
 from caries_mim.package import ModelPackage, read_package, save_package
-from pipelines.evaluate import evaluated_image, load_evaluation_data, read_image
+from pipelines.evaluate import load_evaluation_data, predict_items
 
 #: The detector settings that act only at inference: a package's weights fit any values of these.
 INFERENCE_SETTINGS = (
@@ -115,10 +113,7 @@ def retune_package(
     options = options or ReadOptions()
     evaluation = load_evaluation_data(validation, list(config.class_names))
     predictor = Predictor(dataclasses.replace(package, config=config), device=device, source=str(model))
-    images = [
-        evaluated_image(item, predictor.predict(read_image(item.image_path, options)), config.class_names)
-        for item in tqdm(evaluation.items, desc="retune (validating)", unit="image", disable=not progress)
-    ]
+    images = predict_items(predictor, evaluation, options, progress=progress, desc="retune (validating)")
     point = select_operating_point(images, target_sensitivity=target)
     validation_figures = {
         "files": [Path(path).name for path in validation],
