@@ -274,11 +274,16 @@ def _kept_foundation(out: Path) -> dict[str, Any]:
         raise InvalidArgumentError(
             f"{recorded} is not a reference build's provenance (no {FOUNDATION_FILE} entry)"
         ) from None
-    if file_sha256(encoder) != expected:
-        raise InvalidArgumentError(
-            f"{encoder} is not the encoder {recorded} describes (SHA-256 differs): its provenance is unknown"
-        )
+    _check_kept_file(encoder, expected, "encoder", recorded)
     return earlier
+
+
+def _check_kept_file(path: Path, expected_sha256: str, what: str, provenance: Path) -> None:
+    """Raises unless ``path`` holds the bytes ``provenance`` recorded for it."""
+    if file_sha256(path) != expected_sha256:
+        raise InvalidArgumentError(
+            f"{path} is not the {what} {provenance} describes (SHA-256 differs): its provenance is unknown"
+        )
 
 
 def _kept_detector(out: Path, earlier: dict[str, Any], labeled: dict[str, Any]) -> None:
@@ -288,16 +293,24 @@ def _kept_detector(out: Path, earlier: dict[str, Any], labeled: dict[str, Any]) 
     recorded = earlier.get("files", {}).get(DETECTOR_FILE, {}).get("sha256")
     if not detector.is_file() or recorded is None:
         raise InvalidArgumentError(f"--keep-detector needs {detector} and its entry in {out / PROVENANCE_FILE}")
-    if file_sha256(detector) != recorded:
-        raise InvalidArgumentError(
-            f"{detector} is not the detector {out / PROVENANCE_FILE} describes (SHA-256 differs): its provenance is "
-            "unknown"
-        )
+    _check_kept_file(detector, recorded, "detector", out / PROVENANCE_FILE)
     if earlier["data"]["labeled"] != labeled:
         raise InvalidArgumentError(
             "--keep-detector: the kept detector was fine-tuned on another labeled set (seed, count or generator) than "
             "this config draws; its validation split would not be the one it was validated on"
         )
+
+
+def _kept_from(earlier: dict[str, Any], file: str, stages: tuple[str, ...]) -> dict[str, Any]:
+    """Where a kept file of ``earlier``'s build came from: that build's command, commit and machine, the time its
+    ``stages`` took there (those it timed), and the file's SHA-256."""
+    return {
+        "command": earlier["command"],
+        "code_commit": earlier["code_commit"],
+        "machine": earlier["machine"],
+        "stage_seconds": {stage: took for stage, took in earlier.get("stage_seconds", {}).items() if stage in stages},
+        "sha256": earlier["files"][file]["sha256"],
+    }
 
 
 def run_reference(
@@ -448,29 +461,15 @@ def run_reference(
     if earlier is not None:
         # Where the kept encoder came from: the build that pretrained it, and that build's own record of it. An
         # earlier build that itself kept the encoder points further back, to the build that did pretrain it.
-        provenance["foundation_kept_from"] = earlier.get("foundation_kept_from") or {
-            "command": earlier["command"],
-            "code_commit": earlier["code_commit"],
-            "machine": earlier["machine"],
-            "stage_seconds": {
-                stage: seconds_
-                for stage, seconds_ in earlier.get("stage_seconds", {}).items()
-                if stage in ("synth_unlabeled", "pretrain")
-            },
-            "sha256": earlier["files"][FOUNDATION_FILE]["sha256"],
-        }
+        provenance["foundation_kept_from"] = earlier.get("foundation_kept_from") or _kept_from(
+            earlier, FOUNDATION_FILE, ("synth_unlabeled", "pretrain")
+        )
     if keep_detector:
         # Where the kept weights came from: the build that fine-tuned them (or the one an earlier retune kept them
         # from), and what this build changed.
-        provenance["detector_kept_from"] = earlier.get("detector_kept_from") or {
-            "command": earlier["command"],
-            "code_commit": earlier["code_commit"],
-            "machine": earlier["machine"],
-            "stage_seconds": {
-                stage: seconds_ for stage, seconds_ in earlier.get("stage_seconds", {}).items() if stage == "finetune"
-            },
-            "sha256": earlier["files"][DETECTOR_FILE]["sha256"],
-        }
+        provenance["detector_kept_from"] = earlier.get("detector_kept_from") or _kept_from(
+            earlier, DETECTOR_FILE, ("finetune",)
+        )
         provenance["retune"] = retune
     # Through JSON: metric values may be numpy scalars, which a package (loaded with weights_only) must not hold.
     provenance = json.loads(json.dumps(provenance))
