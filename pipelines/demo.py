@@ -37,6 +37,7 @@ from caries_mim.data import (
     find_radiographs,
     load_annotations,
 )
+from caries_mim.detection.config import test_time_mirrors
 from caries_mim.errors import CariesMimError, InvalidArgumentError
 from caries_mim.io import read_radiograph
 from caries_mim.package import shipped_foundation_encoder
@@ -174,10 +175,12 @@ def _plan(settings: list[str], seconds_left: float, splits: dict[str, Any]) -> S
         evaluated_after=splits["test"]["images"] + PREDICT_FILES,
         validations=DEMO_VALIDATIONS,
         max_steps=config.train.steps,
-        # One pass, two with one test-time flip, four with both (DetectorConfig.test_time_mirrors; the config's
-        # detector section is not a DetectorConfig yet: its anchors are still "auto").
-        inference_passes=(1 + bool(config.detector.get("test_time_flip")))
-        * (1 + bool(config.detector.get("test_time_vertical_flip"))),
+        # From the config's detector section: not a DetectorConfig yet (its anchors are still "auto").
+        inference_passes=len(
+            test_time_mirrors(
+                bool(config.detector.get("test_time_flip")), bool(config.detector.get("test_time_vertical_flip"))
+            )
+        ),
     )
 
 

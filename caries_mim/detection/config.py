@@ -307,11 +307,8 @@ class DetectorConfig:
 
     @property
     def test_time_mirrors(self) -> tuple[tuple[bool, bool], ...]:
-        """The inference passes as (left-right mirrored, upside down) pairs, the plain image first: one pass
-        without test-time flips, two with one of them, four with both."""
-        horizontal = (False, True) if self.test_time_flip else (False,)
-        vertical = (False, True) if self.test_time_vertical_flip else (False,)
-        return tuple((mirror_x, mirror_y) for mirror_y in vertical for mirror_x in horizontal)
+        """The inference passes (see :func:`test_time_mirrors`)."""
+        return test_time_mirrors(self.test_time_flip, self.test_time_vertical_flip)
 
     @property
     def head_outputs(self) -> int:
@@ -354,6 +351,15 @@ class DetectorConfig:
         if "encoder" in checked and not isinstance(checked["encoder"], ViTConfig):
             checked["encoder"] = _encoder_from_dict(checked["encoder"])
         return cls(**checked)
+
+
+def test_time_mirrors(horizontal: bool, vertical: bool) -> tuple[tuple[bool, bool], ...]:
+    """The inference passes as (left-right mirrored, upside down) pairs, the plain image first: one pass without
+    test-time flips, two with one of them, four with both (``DetectorConfig.test_time_flip`` and
+    ``test_time_vertical_flip``)."""
+    horizontal_passes = (False, True) if horizontal else (False,)
+    vertical_passes = (False, True) if vertical else (False,)
+    return tuple((mirror_x, mirror_y) for mirror_y in vertical_passes for mirror_x in horizontal_passes)
 
 
 def _encoder_from_dict(values: Any) -> ViTConfig:
