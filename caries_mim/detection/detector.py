@@ -443,7 +443,7 @@ class CariesDetector(nn.Module):
         return [{**one, "boxes": torch.minimum(one["boxes"].clamp(min=0), inside)} for one in fused]
 
     def _predict_once(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        """:meth:`predict` without the mirrored pass."""
+        """:meth:`predict` in one pass, without test-time flips."""
         height, width = images.shape[-2:]
         use_window = max(height, width) > self.config.roi_size
         if use_window:
