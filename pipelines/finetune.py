@@ -20,14 +20,13 @@ validations without a better AP50.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import logging
 import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,6 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 from caries_mim import __version__
 from caries_mim.atomic_files import atomic_path
@@ -67,9 +65,9 @@ from caries_mim.visualization import draw_predictions_and_truth, tile
 from pipelines import config as configs
 from pipelines import distributed
 from pipelines.distributed import Distributed
+from pipelines.engine import LoopPosition, TrainingEngine
 from pipelines.run_folder import (
     append_metrics,
-    check_finite_loss,
     finish_summary,
     prepare_run_folder,
     read_resumable_checkpoint,
@@ -77,8 +75,8 @@ from pipelines.run_folder import (
     truncate_metrics,
 )
 from pipelines.training import (
-    GracefulStop,
     TrainConfig,
+    WarmupCosine,
     capture_rng,
     configure_threads,
     endless_batches,
@@ -87,7 +85,6 @@ from pipelines.training import (
     resolve_precision,
     restore_optimization,
     resumable_loader,
-    warmup_cosine,
     weight_average,
 )
 
@@ -448,12 +445,9 @@ def _training_classes(sets: Sequence[AnnotationSet]) -> tuple[str, ...]:
 
 
 @dataclass
-class TrainingState:
-    """What decides the rest of a run besides the weights: data position and the best validation so far."""
+class TrainingState(LoopPosition):
+    """What decides the rest of a run besides the weights: the loop's position and the best validation so far."""
 
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
     best_ap50: float | None = None
     best_step: int | None = None
     validations_since_best: int = 0
@@ -579,6 +573,7 @@ class _Finetuning:
         return detector
 
     def run(self) -> dict[str, Any]:
+        started = time.perf_counter()  # a time limit counts the start-up too
         config, context = self.config, self.context
         self._prepare_folder()
         threads = configure_threads(self.device, context.local_world_size, config.train.threads)
@@ -614,7 +609,7 @@ class _Finetuning:
             fused=self.device.type in ("cpu", "cuda"),
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(config.train.steps, optim.warmup_steps, optim.min_lr_ratio)
+            optimizer, WarmupCosine(config.train.steps, optim.warmup_steps, optim.min_lr_ratio)
         )
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.needs_scaler)
         global_batch = optim.batch_size * context.world_size
@@ -654,7 +649,9 @@ class _Finetuning:
                 self.precision.name,
                 threads,
             )
-        loop = _Loop(self, epoch_set, val_set, sampler, detector, model, optimizer, scheduler, scaler, state, average)
+        loop = _Loop(
+            self, epoch_set, val_set, sampler, detector, model, optimizer, scheduler, scaler, state, average, started
+        )
         return loop.run()
 
     def _load_checkpoint(self, detector, optimizer, scheduler, scaler, average) -> TrainingState:
@@ -732,8 +729,9 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class _Loop:
-    """The optimization loop and everything it writes (rank 0): metrics, TensorBoard, overlays, checkpoints,
-    the model package."""
+    """What fine-tuning feeds the training engine (:mod:`pipelines.engine`): the detector's losses, validations every
+    ``eval.every`` steps and at the last (each a checkpoint), the weight average, and everything it writes (rank 0):
+    metrics, TensorBoard, overlays, checkpoints, the model package."""
 
     def __init__(
         self,
@@ -747,7 +745,8 @@ class _Loop:
         scheduler: torch.optim.lr_scheduler.LambdaLR,
         scaler: torch.amp.GradScaler,
         state: TrainingState,
-        average: torch.optim.swa_utils.AveragedModel | None = None,
+        average: torch.optim.swa_utils.AveragedModel | None,
+        started: float,
     ) -> None:
         self.run_state = run
         self.config = run.config
@@ -783,111 +782,74 @@ class _Loop:
         self.last_loss: float | None = None
         self.last_validation: dict[str, Any] | None = None
         self.pending_package: tuple[Any, dict[str, Any]] | None = None
+        config = self.config
+        self.engine = TrainingEngine(
+            model=model,
+            module=detector,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            precision=run.precision,
+            context=self.context,
+            device=self.device,
+            batches=endless_batches(self.loader, sampler, state),
+            position=state,
+            max_steps=config.train.steps,
+            accumulate=config.optim.accumulate,
+            clip_grad=config.optim.clip_grad,
+            images_per_step=config.optim.batch_size * config.optim.accumulate * self.context.world_size,
+            log_every=config.log.every,
+            lr_key="optim.lr",
+            description="finetune",
+            progress=run.progress,
+            time_limit_s=config.train.time_limit_s,
+            started=started,
+        )
 
     def run(self) -> dict[str, Any]:
-        config = self.config
-        total = config.train.steps
-        batches = endless_batches(self.loader, self.sampler, self.state)
-        bar = tqdm(
-            total=total,
-            initial=self.state.step,
-            desc="finetune",
-            unit="step",
-            disable=not self.run_state.progress,
-            dynamic_ncols=True,
-        )
-        interval: dict[str, torch.Tensor] = {}
-        interval_steps = 0
-        interval_start = started = time.perf_counter()
-        start_step = self.state.step
-        stopped_early = False
         try:
-            with GracefulStop() as stop:
-                while self.state.step < total:
-                    self.model.train()
-                    grad_norm = self._train_step(batches, interval)
-                    self.state.step += 1
-                    interval_steps += 1
-                    bar.update(1)
-                    step = self.state.step
-                    stopping = distributed.any_rank(stop.requested, self.context)
-                    validating = step % config.eval.every == 0 or step == total
-                    if step % config.log.every == 0 or validating or stopping:
-                        elapsed = time.perf_counter() - interval_start
-                        self._log(interval, interval_steps, elapsed, grad_norm, bar)
-                        interval.clear()
-                        interval_steps = 0
-                        interval_start = time.perf_counter()
-                    if validating:
-                        stopped_early = self._validate(bar)
-                    if validating or stopping:
-                        self._save_checkpoint()
-                    if self.pending_package is not None:
-                        self._save_package(*self.pending_package)
-                        self.pending_package = None
-                    if stopping:
-                        log.warning("stopped at step %d, checkpoint saved: continue with --resume", step)
-                        raise KeyboardInterrupt
-                    if stopped_early:
-                        break
+            outcome = self.engine.run(self)
         finally:
-            bar.close()
             if self.writer is not None:
                 self.writer.close()
-        return self._finish(time.perf_counter() - started, self.state.step - start_step, stopped_early)
+        return self._finish(outcome.seconds, outcome.steps_run, outcome.stopped_early)
 
-    def _train_step(self, batches: Iterator[dict[str, Any]], interval: dict[str, torch.Tensor]) -> float | None:
-        accumulate = self.config.optim.accumulate
-        self.optimizer.zero_grad(set_to_none=True)
-        for micro in range(accumulate):
-            batch = next(batches)
-            images = batch["image"].to(self.device, non_blocking=True)
-            # Targets stay on the host: the detector checks them there and then moves them (on a GPU a check of a
-            # device tensor is a host synchronization per image).
-            targets = batch["targets"]
-            skip_sync = micro < accumulate - 1 and isinstance(self.model, DistributedDataParallel)
-            with (
-                self.model.no_sync() if skip_sync else contextlib.nullcontext(),
-                self.run_state.precision.autocast(self.device),
-            ):
-                losses = self.model(images, targets)
-            self.scaler.scale(losses["total"] / accumulate).backward()
-            for name, value in losses.items():
-                interval[name] = interval.get(name, torch.zeros((), device=self.device)) + value.detach() / accumulate
-        grad_norm = None
-        if self.config.optim.clip_grad is not None:
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.detector.parameters(), self.config.optim.clip_grad))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+    # -- the engine's task ----------------------------------------------------------------------------------
+
+    def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        images = batch["image"].to(self.device, non_blocking=True)
+        # Targets stay on the host: the detector checks them there and then moves them (on a GPU a check of a
+        # device tensor is a host synchronization per image).
+        return self.model(images, batch["targets"])
+
+    def after_update(self) -> None:
         if self.average is not None:
             self.average.update_parameters(self.detector)
-        return grad_norm
 
-    def _log(self, interval: dict[str, torch.Tensor], steps: int, elapsed: float, grad_norm, bar) -> None:
-        means = {
-            name: distributed.mean_across_ranks(value / max(steps, 1), self.context).item()
-            for name, value in sorted(interval.items())
-        }
-        total = means.get("total", float("nan"))
-        check_finite_loss(total, self.state.step, "optim.lr")
-        if not self.context.is_main:
-            return
-        images = steps * self.config.optim.batch_size * self.config.optim.accumulate * self.context.world_size
-        throughput = images / max(elapsed, 1e-9)
-        lr = max(group["lr"] for group in self.optimizer.param_groups)
+    def is_milestone(self, step: int, last: bool) -> bool:
+        return step % self.config.eval.every == 0 or last
+
+    def after_step(self, step: int, *, last: bool, milestone: bool, stopping: bool, bar) -> bool:
+        stopped_early = self._validate(bar) if milestone else False
+        if milestone or stopping:
+            self._save_checkpoint()
+        if self.pending_package is not None:
+            self._save_package(*self.pending_package)
+            self.pending_package = None
+        return stopped_early
+
+    def log(self, means: dict[str, float], images_per_second: float, lr: float, grad_norm: float | None) -> None:
         step = self.state.step
+        total = means["total"]
         if self.first_loss is None:
             self.first_loss = total
         self.last_loss = total
-        bar.set_postfix(loss=f"{total:.4f}", img_s=f"{throughput:.1f}", lr=f"{lr:.2e}")
-        row = {"split": "train", "step": step, "epoch": self.state.epoch, "lr": lr, "img_s": throughput}
+        row = {"split": "train", "step": step, "epoch": self.state.epoch, "lr": lr, "img_s": images_per_second}
         row.update({f"loss_{name}": value for name, value in means.items()})
         for name, value in means.items():
             self.writer.add_scalar(f"train/loss_{name}", value, step)
         self.writer.add_scalar("train/lr", lr, step)
-        self.writer.add_scalar("train/images_per_second", throughput, step)
+        self.writer.add_scalar("train/images_per_second", images_per_second, step)
         if grad_norm is not None:
             row["grad_norm"] = grad_norm
             self.writer.add_scalar("train/grad_norm", grad_norm, step)

@@ -18,11 +18,9 @@ uninterrupted ones.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,6 @@ import torch
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 from caries_mim import __version__
 from caries_mim.atomic_files import atomic_path
@@ -46,9 +43,9 @@ from caries_mim.visualization import tile, to_uint8
 from pipelines import config as configs
 from pipelines import distributed
 from pipelines.distributed import Distributed
+from pipelines.engine import LoopPosition, TrainingEngine
 from pipelines.run_folder import (
     append_metrics,
-    check_finite_loss,
     finish_summary,
     prepare_run_folder,
     read_resumable_checkpoint,
@@ -56,8 +53,8 @@ from pipelines.run_folder import (
     truncate_metrics,
 )
 from pipelines.training import (
-    GracefulStop,
     TrainConfig,
+    WarmupCosine,
     adamw_param_groups,
     capture_rng,
     configure_threads,
@@ -65,7 +62,6 @@ from pipelines.training import (
     resolve_precision,
     restore_optimization,
     resumable_loader,
-    warmup_cosine,
 )
 
 log = logging.getLogger("caries_mim.pretrain")
@@ -185,15 +181,6 @@ def load_pretrain_config(
     return built
 
 
-@dataclass
-class DataPosition:
-    """Where training stands: optimizer steps done, epoch, and micro-batches consumed in that epoch."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-
-
 def run_pretrain(
     data_dirs: list[Path],
     out: Path,
@@ -292,6 +279,7 @@ class _Pretraining:
     # -- the run --------------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
+        started = time.perf_counter()  # a time limit counts the start-up too
         config, context = self.config, self.context
         self._prepare_folder()
         threads = configure_threads(self.device, context.local_world_size, config.train.threads)
@@ -320,7 +308,7 @@ class _Pretraining:
             fused=self.device.type in ("cpu", "cuda"),
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(config.train.steps, optim.warmup_steps, optim.min_lr_ratio)
+            optimizer, WarmupCosine(config.train.steps, optim.warmup_steps, optim.min_lr_ratio)
         )
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.needs_scaler)
         sampler = ResumableEpochSampler(
@@ -330,7 +318,7 @@ class _Pretraining:
             world_size=context.world_size,
             seed=config.train.seed,
         )
-        position = DataPosition()
+        position = LoopPosition()
         if self.resume:
             position = self._load_checkpoint(objective, optimizer, scheduler, scaler)
         elif context.is_main:
@@ -349,10 +337,10 @@ class _Pretraining:
                 lr,
                 threads,
             )
-        trainer = _Loop(self, dataset, sampler, objective, model, optimizer, scheduler, scaler, position)
+        trainer = _Loop(self, dataset, sampler, objective, model, optimizer, scheduler, scaler, position, started)
         return trainer.run()
 
-    def _load_checkpoint(self, objective, optimizer, scheduler, scaler) -> DataPosition:
+    def _load_checkpoint(self, objective, optimizer, scheduler, scaler) -> LoopPosition:
         payload = read_resumable_checkpoint(
             self.checkpoint_path,
             checkpoint_format=CHECKPOINT_FORMAT,
@@ -364,7 +352,7 @@ class _Pretraining:
             frozen_reason="these decide the model's shapes or loss (start a new run, or init_from the old encoder.pt)",
         )
         objective.load_state_dict(payload["objective"])
-        position = DataPosition(**payload["position"])
+        position = LoopPosition(**payload["position"])
         restore_optimization(
             payload,
             optimizer,
@@ -381,7 +369,9 @@ class _Pretraining:
 
 
 class _Loop:
-    """The optimization loop and everything it writes (rank 0): metrics, TensorBoard, pictures, checkpoints."""
+    """What pretraining feeds the training engine (:mod:`pipelines.engine`): the objective's loss, checkpoints every
+    ``log.checkpoint_every`` steps, reconstruction pictures, and everything it writes (rank 0): metrics,
+    TensorBoard, pictures, checkpoints, the encoder."""
 
     def __init__(
         self,
@@ -393,7 +383,8 @@ class _Loop:
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LambdaLR,
         scaler: torch.amp.GradScaler,
-        position: DataPosition,
+        position: LoopPosition,
+        started: float,
     ) -> None:
         self.run_state = run
         self.config = run.config
@@ -423,6 +414,29 @@ class _Loop:
         self.preview = self._preview_batch() if self.context.is_main else None
         self.first_loss: float | None = None
         self.last_loss: float | None = None
+        config = self.config
+        self.engine = TrainingEngine(
+            model=model,
+            module=objective,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            precision=run.precision,
+            context=self.context,
+            device=self.device,
+            batches=endless_batches(self.loader, sampler, position),
+            position=position,
+            max_steps=config.train.steps,
+            accumulate=config.optim.accumulate,
+            clip_grad=config.optim.clip_grad,
+            images_per_step=config.optim.batch_size * config.optim.accumulate * self.context.world_size,
+            log_every=config.log.every,
+            lr_key="optim.base_lr",
+            description="pretrain",
+            progress=run.progress,
+            time_limit_s=config.train.time_limit_s,
+            started=started,
+        )
 
     def _preview_batch(self) -> torch.Tensor:
         """Fixed views for reconstruction grids, the same at every step: crops at the middle of the training crop
@@ -439,97 +453,44 @@ class _Loop:
         return torch.stack(images)
 
     def run(self) -> dict[str, Any]:
-        config = self.config
-        total = config.train.steps
-        batches = endless_batches(self.loader, self.sampler, self.position)
-        bar = tqdm(
-            total=total,
-            initial=self.position.step,
-            desc="pretrain",
-            unit="step",
-            disable=not self.run_state.progress,
-            dynamic_ncols=True,
-        )
-        interval_loss = torch.zeros((), device=self.device)
-        interval_steps = 0
-        interval_start = started = time.perf_counter()
-        start_step = self.position.step
-        self.model.train()
         try:
-            with GracefulStop() as stop:
-                while self.position.step < total:
-                    grad_norm = self._train_step(batches, interval_loss)
-                    self.position.step += 1
-                    interval_steps += 1
-                    bar.update(1)
-                    step = self.position.step
-                    stopping = distributed.any_rank(stop.requested, self.context)
-                    checkpointing = step % config.log.checkpoint_every == 0 or step == total or stopping
-                    # Logging also checks the loss is finite, so it runs before every checkpoint.
-                    if step % config.log.every == 0 or checkpointing:
-                        elapsed = time.perf_counter() - interval_start
-                        self._log(interval_loss / interval_steps, interval_steps, elapsed, grad_norm, bar)
-                        interval_loss.zero_()
-                        interval_steps = 0
-                        interval_start = time.perf_counter()
-                    if step % config.log.images_every == 0 or step == total:
-                        self._write_reconstructions(step)
-                    if checkpointing:
-                        self._save_checkpoint()
-                    if stopping:
-                        log.warning("stopped at step %d, checkpoint saved: continue with --resume", step)
-                        raise KeyboardInterrupt
+            outcome = self.engine.run(self)
         finally:
-            bar.close()
             if self.writer is not None:
                 self.writer.close()
-        return self._finish(time.perf_counter() - started, self.position.step - start_step)
+        return self._finish(outcome.seconds, outcome.steps_run)
 
-    def _train_step(self, batches: Iterator[torch.Tensor], loss_sum: torch.Tensor) -> torch.Tensor | None:
-        """One optimizer step over ``optim.accumulate`` micro-batches; adds the step's loss to ``loss_sum`` (kept on
-        the device: reading it every step would stall a GPU). Returns the gradient norm when clipping."""
-        accumulate = self.config.optim.accumulate
-        self.optimizer.zero_grad(set_to_none=True)
-        for micro in range(accumulate):
-            images = next(batches).to(self.device, non_blocking=True)
-            # DDP all-reduces gradients on every backward unless told not to; only the last micro-batch needs it.
-            skip_sync = micro < accumulate - 1 and isinstance(self.model, DistributedDataParallel)
-            with (
-                self.model.no_sync() if skip_sync else contextlib.nullcontext(),
-                self.run_state.precision.autocast(self.device),
-            ):
-                loss = self.model(images).loss / accumulate
-            self.scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        grad_norm = None
-        if self.config.optim.clip_grad is not None:
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.objective.parameters(), self.config.optim.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        return grad_norm
+    # -- the engine's task ----------------------------------------------------------------------------------
 
-    def _log(self, loss: torch.Tensor, steps: int, elapsed: float, grad_norm, bar) -> None:
-        mean_loss = distributed.mean_across_ranks(loss, self.context).item()
-        check_finite_loss(mean_loss, self.position.step, "optim.base_lr")
-        if not self.context.is_main:
-            return
-        images = steps * self.config.optim.batch_size * self.config.optim.accumulate * self.context.world_size
-        throughput = images / max(elapsed, 1e-9)
-        lr = self.optimizer.param_groups[0]["lr"]
+    def losses(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"total": self.model(images.to(self.device, non_blocking=True)).loss}
+
+    def after_update(self) -> None:
+        pass
+
+    def is_milestone(self, step: int, last: bool) -> bool:
+        return step % self.config.log.checkpoint_every == 0 or last
+
+    def after_step(self, step: int, *, last: bool, milestone: bool, stopping: bool, bar) -> bool:
+        if step % self.config.log.images_every == 0 or last:
+            self._write_reconstructions(step)
+        if milestone or stopping:
+            self._save_checkpoint()
+        return False
+
+    def log(self, means: dict[str, float], images_per_second: float, lr: float, grad_norm: float | None) -> None:
+        loss = means["total"]
         step = self.position.step
         if self.first_loss is None:
-            self.first_loss = mean_loss
-        self.last_loss = mean_loss
-        bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{throughput:.1f}", lr=f"{lr:.2e}")
-        row = {"step": step, "epoch": self.position.epoch, "loss": mean_loss, "lr": lr, "img_s": throughput}
-        self.writer.add_scalar("train/loss", mean_loss, step)
+            self.first_loss = loss
+        self.last_loss = loss
+        row = {"step": step, "epoch": self.position.epoch, "loss": loss, "lr": lr, "img_s": images_per_second}
+        self.writer.add_scalar("train/loss", loss, step)
         self.writer.add_scalar("train/lr", lr, step)
-        self.writer.add_scalar("train/images_per_second", throughput, step)
+        self.writer.add_scalar("train/images_per_second", images_per_second, step)
         if grad_norm is not None:
-            row["grad_norm"] = float(grad_norm)
-            self.writer.add_scalar("train/grad_norm", float(grad_norm), step)
+            row["grad_norm"] = grad_norm
+            self.writer.add_scalar("train/grad_norm", grad_norm, step)
         append_metrics(self.out / "metrics.jsonl", row)
 
     def _write_reconstructions(self, step: int) -> None:

@@ -194,17 +194,24 @@ def layer_decay_param_groups(
     return [groups[key] for key in sorted(groups)]
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
+class WarmupCosine:
     """LR multiplier per optimizer step: linear warmup from ~0 to 1 over ``warmup_steps``, then half-cosine down to
-    ``min_lr_ratio`` at ``total_steps`` (MAE's schedule, in steps instead of epochs)."""
+    ``min_lr_ratio`` at ``total_steps`` (MAE's schedule, in steps instead of epochs).
 
-    def multiplier(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    An object rather than a closure so that a time limit can shorten ``total_steps`` during the run, and so that
+    LambdaLR's state_dict carries its fields into checkpoints.
+    """
 
-    return multiplier
+    def __init__(self, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> None:
+        self.total_steps = total_steps
+        self.warmup_steps = warmup_steps
+        self.min_lr_ratio = min_lr_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def capture_rng(device: torch.device) -> dict[str, Any]:
@@ -270,10 +277,17 @@ class TrainConfig:
     compile: bool = False
     #: Intra-op CPU threads per process; null = cores / processes on this node.
     threads: int | None = None
+    #: Wall-clock seconds for the run's steps, its start-up included and its milestones (validations, pictures,
+    #: checkpoints) not: after a few dozen steps the loop measures its own rate and shortens the schedule, its cosine
+    #: decay included, to the steps that end in time, at most ``steps`` (pipelines/engine.py). Counted across
+    #: resumes. null: ``steps``, whatever they take.
+    time_limit_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.time_limit_s is not None and not 0 < self.time_limit_s < math.inf:
+            raise ValueError(f"time_limit_s must be a number of seconds > 0 or null, got {self.time_limit_s}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 or null, got {self.threads}")
 

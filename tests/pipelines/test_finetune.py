@@ -23,8 +23,10 @@ from caries_mim.data import DetectionRecord
 from caries_mim.models import VisionTransformer, ViTConfig, save_encoder
 from caries_mim.package import load_package, read_package
 from caries_mim.synth import generate_dataset
+from pipelines import engine as engine_module
 from pipelines import finetune as finetune_module
 from pipelines.cli import main
+from pipelines.engine import RATE_MEASURED_STEPS, RATE_SKIPPED_STEPS
 from pipelines.finetune import label_subset
 
 #: A detector small enough for a step in well under a second on 2 CPU cores: 2 ViT-Tiny blocks on 64 px inputs, one
@@ -327,15 +329,15 @@ def test_resumed_run_reproduces_the_uninterrupted_losses_and_validations(labeled
     )
     assert finetune(labeled, straight, *common) == 0
 
-    real_step = finetune_module._Loop._train_step
+    real_step = engine_module.TrainingEngine._optimizer_step
 
-    def interrupted_after_six(loop, *args):
-        result = real_step(loop, *args)
-        if loop.state.step == 5:  # the step being finished is the 6th
+    def interrupted_after_six(engine, *args):
+        result = real_step(engine, *args)
+        if engine.position.step == 5:  # the step being finished is the 6th
             os.kill(os.getpid(), signal.SIGINT)
         return result
 
-    monkeypatch.setattr(finetune_module._Loop, "_train_step", interrupted_after_six)
+    monkeypatch.setattr(engine_module.TrainingEngine, "_optimizer_step", interrupted_after_six)
     assert finetune(labeled, resumed, *common) == 130
     assert torch.load(resumed / "checkpoint.pt", weights_only=True)["state"]["step"] == 6
     monkeypatch.undo()
@@ -351,6 +353,25 @@ def test_resumed_run_reproduces_the_uninterrupted_losses_and_validations(labeled
     for step in (4, 8):
         assert got_val[step]["ap50"] == pytest.approx(expected_val[step]["ap50"])
         assert got_val[step]["threshold"] == pytest.approx(expected_val[step]["threshold"])
+
+
+def test_a_time_limit_shortens_the_schedule_and_still_validates_and_packages_the_last_step(labeled, tmp_path):
+    """``train.time_limit_s``: the loop measures its own rate and ends the schedule within the limit; the last step
+    validates and writes the package as in any run (the decay of a shortened cosine: tests/pipelines/test_engine.py,
+    on a fake clock)."""
+    run = tmp_path / "run"
+    # Half a second is gone before the first step; the first plan waits for a measured rate, then ends the run.
+    settings = ("--set", "train.steps=100000", "--set", "eval.every=100000", "--set", "train.time_limit_s=0.5")
+    assert finetune(labeled, run, *settings) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    first_plan = RATE_SKIPPED_STEPS + RATE_MEASURED_STEPS
+    assert summary["steps"] == first_plan
+    assert sorted(rows(run, "val")) == [first_plan]
+    assert read_package(run / "model.cmpkg").provenance["step"] == first_plan
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["time_limit_s"] == 0.5
+    state = torch.load(run / "checkpoint.pt", weights_only=True)["state"]
+    assert state["planned_steps"] == first_plan
+    assert state["train_seconds"] > 0.5
 
 
 def test_with_a_weight_average_the_package_holds_the_average_and_a_resume_must_keep_it(labeled, tmp_path, capsys):

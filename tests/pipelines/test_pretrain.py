@@ -14,7 +14,7 @@ import torch
 
 from caries_mim.models import load_encoder
 from caries_mim.synth import generate_dataset
-from pipelines import pretrain as pretrain_module
+from pipelines import engine as engine_module
 from pipelines.cli import main
 
 #: A model and input small enough for dozens of steps per second on 2 CPU cores.
@@ -87,15 +87,15 @@ def test_resumed_run_reproduces_the_uninterrupted_loss_curve(unlabeled, tmp_path
     common = ("--set", "train.steps=20", "--set", "log.checkpoint_every=100", "--set", "data.workers=1")
     assert pretrain(unlabeled, straight, *common) == 0
 
-    real_step = pretrain_module._Loop._train_step
+    real_step = engine_module.TrainingEngine._optimizer_step
 
-    def interrupted_after_ten(loop, *args):
-        result = real_step(loop, *args)
-        if loop.position.step == 9:  # the step being finished is the 10th
+    def interrupted_after_ten(engine, *args):
+        result = real_step(engine, *args)
+        if engine.position.step == 9:  # the step being finished is the 10th
             os.kill(os.getpid(), signal.SIGINT)
         return result
 
-    monkeypatch.setattr(pretrain_module._Loop, "_train_step", interrupted_after_ten)
+    monkeypatch.setattr(engine_module.TrainingEngine, "_optimizer_step", interrupted_after_ten)
     assert pretrain(unlabeled, resumed, *common) == 130
     assert torch.load(resumed / "checkpoint.pt", weights_only=True)["position"]["step"] == 10
     monkeypatch.undo()
