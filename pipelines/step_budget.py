@@ -3,10 +3,13 @@
 The demo promises its whole run in 15 minutes on 2 CPU cores, but a step of the same detector costs 202 ms on a
 2-core Xeon with AMX-BF16 and 329 ms on a 2-core AMD EPYC with AVX512-BF16 (benchmarks/detector_step.py, "demo
 scale"): a fixed step count either overruns the budget on the slower machine or wastes it on the faster one. So the
-demo times a few steps of its own detector here, on random crops, and plans the schedule (its cosine decay needs
-the total up front) from what is left of the budget:
+demo times a few steps of its own detector here, on random crops, and from what is left of the budget sets aside
+what validation and evaluation will cost; the rest is the fine-tuning run's time limit (``train.time_limit_s``),
+within which the training loop fits its schedule to its own measured rate (pipelines/engine.py). The timed step
+only prices the evaluations and gives the first estimate of the steps:
 
-    steps = (seconds left - start-up - validations - what follows fine-tuning) / (loop overhead x step)
+    time limit = seconds left - validations - what follows fine-tuning
+    steps ~ (time limit - start-up) / (loop overhead x step)
 
 Validation and evaluation run the same network over whole images, so their cost is counted in steps per image,
 measured with the step: the constants below come from the demo's run on the Xeon (2,400 steps: 703 s of
@@ -35,7 +38,7 @@ from pipelines.training import configure_threads, freeze_encoder_layers, resolve
 #: A step of the training loop against the timed step: data loading, logging, gradient clipping, the scheduler.
 #: Measured 1.15 (fresh clone, 2026-12-04); on 2026-12-05 four fresh clones on the same 2-core EPYC timed 161, 164,
 #: 177 and 133 ms for a loop that ran 164, 154, 157 and 162 ms a step (0.89 to 1.22x): the timing of a few steps
-#: moves with the VM's neighbours, and this factor has to cover that (a plan at 1.0x ran 15 min 17 s with set-up).
+#: moves with the VM's neighbours. Only the first estimate uses it: the loop measures its own rate.
 LOOP_OVERHEAD = 1.1
 #: Reading the training set, fitting anchors and building the loaders, before the first step.
 STARTUP_SECONDS = 40.0
@@ -44,18 +47,24 @@ STARTUP_SECONDS = 40.0
 STEPS_PER_EVALUATED_IMAGE = 0.85
 #: Each further test-time pass over an image already read and resampled (a flipped copy), in timed steps.
 STEPS_PER_EXTRA_PASS = 0.65
+#: What follows fine-tuning besides predicting images: evaluation's bootstrap, curves and overlays (19 s), the
+#: service's start and its three answers (6 s), the predict stage's files (2 s) (fresh clone, 2026-12-05).
+SECONDS_AFTER_FINETUNING = 30.0
 #: Lesion crops in the timed batch, like the recipe's (two lesions of 12 working pixels each).
 _LESIONS_PER_CROP = 2
 
 
 @dataclass(frozen=True)
 class StepPlan:
-    """A fine-tuning schedule sized to a budget: ``steps`` in all, a validation every ``eval_every``."""
+    """A fine-tuning schedule sized to a budget: about ``steps`` in all (at most ``max_steps``) within
+    ``time_limit_s`` seconds of the run (start-up and steps; validations not), a validation every ``eval_every``."""
 
     steps: int
+    max_steps: int
     eval_every: int
     step_seconds: float
     seconds_for_steps: float
+    time_limit_s: float
 
     @property
     def fits(self) -> bool:
@@ -65,9 +74,11 @@ class StepPlan:
     def to_dict(self) -> dict[str, float | int]:
         return {
             "steps": self.steps,
+            "max_steps": self.max_steps,
             "eval_every": self.eval_every,
             "step_seconds": round(self.step_seconds, 4),
             "seconds_for_steps": round(self.seconds_for_steps, 1),
+            "time_limit_s": round(self.time_limit_s, 1),
         }
 
 
@@ -134,11 +145,11 @@ def plan_steps(
     max_steps: int,
     inference_passes: int = 1,
 ) -> StepPlan:
-    """The steps that fit ``seconds_left`` (see the module docstring), between ``min_steps`` and ``max_steps``,
-    with ``validations`` validations of ``validation_images`` images (the last at the last step) and
-    ``evaluated_after`` images evaluated once fine-tuning is done (test split, predictions), each image
-    ``inference_passes`` times through the network (``DetectorConfig.test_time_mirrors``: 2 with one test-time
-    flip, 4 with both)."""
+    """The fine-tuning run's time limit and about the steps that fit ``seconds_left`` (see the module docstring),
+    between ``min_steps`` and ``max_steps``, with ``validations`` validations of ``validation_images`` images (the
+    last at the last step; one: only there, wherever the loop ends) and ``evaluated_after`` images evaluated once
+    fine-tuning is done (test split, predictions), each image ``inference_passes`` times through the network
+    (``DetectorConfig.test_time_mirrors``: 2 with one test-time flip, 4 with both)."""
     if step_seconds <= 0 or validations < 1 or inference_passes < 1 or not 1 <= min_steps <= max_steps:
         raise InvalidArgumentError(
             f"need step_seconds > 0, validations >= 1, inference_passes >= 1 and 1 <= min_steps <= max_steps, got "
@@ -146,9 +157,18 @@ def plan_steps(
         )
     evaluated = validations * validation_images + evaluated_after
     per_image = STEPS_PER_EVALUATED_IMAGE + (inference_passes - 1) * STEPS_PER_EXTRA_PASS
-    for_steps = seconds_left - STARTUP_SECONDS - evaluated * per_image * step_seconds
+    time_limit = seconds_left - SECONDS_AFTER_FINETUNING - evaluated * per_image * step_seconds
+    for_steps = time_limit - STARTUP_SECONDS
     steps = int(for_steps / (LOOP_OVERHEAD * step_seconds)) if for_steps > 0 else 0
     steps = max(min_steps, min(max_steps, steps))
-    # A validation every steps / validations, the last one on the last step (the loop always validates there).
-    eval_every = -(-steps // validations)
-    return StepPlan(steps=steps, eval_every=eval_every, step_seconds=step_seconds, seconds_for_steps=for_steps)
+    # A validation every steps / validations, the last one on the last step (the loop always validates there); a
+    # single one only there, wherever the time limit ends the run.
+    eval_every = max_steps if validations == 1 else -(-steps // validations)
+    return StepPlan(
+        steps=steps,
+        max_steps=max_steps,
+        eval_every=eval_every,
+        step_seconds=step_seconds,
+        seconds_for_steps=for_steps,
+        time_limit_s=time_limit,
+    )

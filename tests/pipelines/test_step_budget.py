@@ -6,12 +6,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 from caries_mim.errors import InvalidArgumentError
 from pipelines import demo, step_budget
 from pipelines.finetune import load_finetune_config
 from pipelines.step_budget import (
     LOOP_OVERHEAD,
+    SECONDS_AFTER_FINETUNING,
     STARTUP_SECONDS,
     STEPS_PER_EVALUATED_IMAGE,
     STEPS_PER_EXTRA_PASS,
@@ -25,14 +27,18 @@ from pipelines.step_budget import (
 def test_the_plan_spends_what_is_left_after_start_up_and_evaluations_on_steps():
     plan = plan_steps(700.0, 0.2, validation_images=120, evaluated_after=124, validations=2, max_steps=10_000)
     evaluated_seconds = (2 * 120 + 124) * STEPS_PER_EVALUATED_IMAGE * 0.2
-    expected = int((700.0 - STARTUP_SECONDS - evaluated_seconds) / (LOOP_OVERHEAD * 0.2))
+    # The fine-tuning run gets what validations and evaluation leave; its steps are estimated after its start-up.
+    assert plan.time_limit_s == pytest.approx(700.0 - SECONDS_AFTER_FINETUNING - evaluated_seconds)
+    expected = int((plan.time_limit_s - STARTUP_SECONDS) / (LOOP_OVERHEAD * 0.2))
     assert plan.steps == expected
+    assert plan.max_steps == 10_000
     # Two validations: half-way (rounded up) and at the last step.
     assert plan.eval_every == -(-expected // 2)
     assert plan.eval_every * 2 >= plan.steps > plan.eval_every
     # Twice as slow a machine: about half the steps in the same time.
     slower = plan_steps(700.0, 0.4, validation_images=120, evaluated_after=124, validations=2, max_steps=10_000)
-    assert abs(slower.steps - (700.0 - STARTUP_SECONDS - 2 * evaluated_seconds) / (LOOP_OVERHEAD * 0.4)) <= 1
+    slower_seconds = 700.0 - SECONDS_AFTER_FINETUNING - STARTUP_SECONDS - 2 * evaluated_seconds
+    assert abs(slower.steps - slower_seconds / (LOOP_OVERHEAD * 0.4)) <= 1
 
 
 def test_further_inference_passes_cost_less_than_the_first_one():
@@ -42,7 +48,9 @@ def test_further_inference_passes_cost_less_than_the_first_one():
     )
     per_image = STEPS_PER_EVALUATED_IMAGE + 3 * STEPS_PER_EXTRA_PASS
     assert STEPS_PER_EXTRA_PASS < STEPS_PER_EVALUATED_IMAGE
-    assert four.seconds_for_steps == pytest.approx(700.0 - STARTUP_SECONDS - 364 * per_image * 0.2)
+    assert four.seconds_for_steps == pytest.approx(
+        700.0 - SECONDS_AFTER_FINETUNING - STARTUP_SECONDS - 364 * per_image * 0.2
+    )
     assert four.steps < one.steps
     with pytest.raises(InvalidArgumentError, match="inference_passes >= 1"):
         plan_steps(700.0, 0.2, validation_images=1, evaluated_after=1, max_steps=10, inference_passes=0)
@@ -56,10 +64,10 @@ def test_the_plan_stays_between_its_bounds():
     assert hopeless.seconds_for_steps < 0
     assert generous.fits
     assert not hopeless.fits
-    assert (
-        plan_steps(1e6, 0.2, validation_images=1, evaluated_after=0, validations=1, min_steps=1, max_steps=7).eval_every
-        == 7
-    )
+    # One validation: at the last step only, wherever the time limit ends the run.
+    single = plan_steps(1e3, 0.2, validation_images=1, evaluated_after=0, validations=1, min_steps=1, max_steps=9000)
+    assert single.steps < 9000
+    assert single.eval_every == 9000
 
 
 @pytest.mark.parametrize(
@@ -113,7 +121,9 @@ def test_the_demo_fine_tunes_the_planned_steps_and_reports_the_plan(tmp_path, mo
 
     def plan(seconds_left, step_seconds, **kwargs):
         asked.update(seconds_left=seconds_left, step_seconds=step_seconds, **kwargs)
-        return StepPlan(steps=2, eval_every=1, step_seconds=step_seconds, seconds_for_steps=1.0)
+        return StepPlan(
+            steps=2, max_steps=2, eval_every=1, step_seconds=step_seconds, seconds_for_steps=1.0, time_limit_s=600.0
+        )
 
     monkeypatch.setattr(demo, "measure_step_seconds", lambda config: 0.25)
     monkeypatch.setattr(demo, "plan_steps", plan)
@@ -124,5 +134,19 @@ def test_the_demo_fine_tunes_the_planned_steps_and_reports_the_plan(tmp_path, mo
     assert asked["evaluated_after"] == summary["splits"]["test"]["images"] + demo.PREDICT_FILES
     assert asked["max_steps"] == load_finetune_config("demo", None).train.steps
     assert summary["finetune"]["steps"] == 2
-    assert summary["finetune_plan"] == {"steps": 2, "eval_every": 1, "step_seconds": 0.25, "seconds_for_steps": 1.0}
-    assert "2 steps fit the 10-minute budget here (one step 250 ms; validation every 1)" in capsys.readouterr().out
+    assert summary["finetune_plan"] == {
+        "steps": 2,
+        "max_steps": 2,
+        "eval_every": 1,
+        "step_seconds": 0.25,
+        "seconds_for_steps": 1.0,
+        "time_limit_s": 600.0,
+    }
+    # Fine-tuning ran under the plan's time limit, capped at its steps.
+    trained = yaml.safe_load((tmp_path / "demo" / "finetune" / "config.yaml").read_text())
+    assert trained["train"]["time_limit_s"] == 600.0
+    assert trained["train"]["steps"] == 2
+    assert (
+        "about 2 steps fit the 10-minute budget here (one step timed at 250 ms): fine-tuning gets 600 s and fits its "
+        "schedule to them at its own rate" in capsys.readouterr().out
+    )
