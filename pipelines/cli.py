@@ -560,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="M",
         help="wall-clock minutes for the whole demo: the fine-tuning steps are those that fit on this machine, "
-        "timed before fine-tuning, at most the demo config's (default: 13.5, inside the 15-minute promise)",
+        "timed before fine-tuning, at most the demo config's (default: 13.25, inside the 15-minute promise)",
     )
     demo.set_defaults(handler=_cmd_demo)
 
