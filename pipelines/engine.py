@@ -86,6 +86,17 @@ class TrainingTask(Protocol):
         returns True to stop early (the same on every rank)."""
 
 
+class PipelineRun(Protocol):
+    """What a pipeline's run knows that its engine needs: the config's shared sections (``train``, ``optim``,
+    ``log``), where it runs, its precision and whether it shows progress."""
+
+    config: Any
+    context: Distributed
+    device: torch.device
+    precision: Precision
+    progress: bool
+
+
 @dataclass(frozen=True)
 class LoopOutcome:
     seconds: float
@@ -160,6 +171,47 @@ class TrainingEngine:
         else:
             self.total = min(max_steps, max(position.planned_steps or max_steps, position.step))
         self._set_total(self.total)
+
+    @classmethod
+    def for_run(
+        cls,
+        run: PipelineRun,
+        *,
+        model: torch.nn.Module,
+        module: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LambdaLR,
+        scaler: torch.amp.GradScaler,
+        batches: Iterator[Any],
+        position: LoopPosition,
+        lr_key: str,
+        description: str,
+        started: float,
+    ) -> TrainingEngine:
+        """The engine of a pipeline's run, its settings from the config sections every pipeline has."""
+        config, context = run.config, run.context
+        return cls(
+            model=model,
+            module=module,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            precision=run.precision,
+            context=context,
+            device=run.device,
+            batches=batches,
+            position=position,
+            max_steps=config.train.steps,
+            accumulate=config.optim.accumulate,
+            clip_grad=config.optim.clip_grad,
+            images_per_step=config.optim.batch_size * config.optim.accumulate * context.world_size,
+            log_every=config.log.every,
+            lr_key=lr_key,
+            description=description,
+            progress=run.progress,
+            time_limit_s=config.train.time_limit_s,
+            started=started,
+        )
 
     def seconds_used(self) -> float:
         """Seconds the run's steps have taken (start-up included, milestones excluded), across resumes."""

@@ -782,27 +782,17 @@ class _Loop:
         self.last_loss: float | None = None
         self.last_validation: dict[str, Any] | None = None
         self.pending_package: tuple[Any, dict[str, Any]] | None = None
-        config = self.config
-        self.engine = TrainingEngine(
+        self.engine = TrainingEngine.for_run(
+            run,
             model=model,
             module=detector,
             optimizer=optimizer,
             scheduler=scheduler,
             scaler=scaler,
-            precision=run.precision,
-            context=self.context,
-            device=self.device,
             batches=endless_batches(self.loader, sampler, state),
             position=state,
-            max_steps=config.train.steps,
-            accumulate=config.optim.accumulate,
-            clip_grad=config.optim.clip_grad,
-            images_per_step=config.optim.batch_size * config.optim.accumulate * self.context.world_size,
-            log_every=config.log.every,
             lr_key="optim.lr",
             description="finetune",
-            progress=run.progress,
-            time_limit_s=config.train.time_limit_s,
             started=started,
         )
 

@@ -414,27 +414,17 @@ class _Loop:
         self.preview = self._preview_batch() if self.context.is_main else None
         self.first_loss: float | None = None
         self.last_loss: float | None = None
-        config = self.config
-        self.engine = TrainingEngine(
+        self.engine = TrainingEngine.for_run(
+            run,
             model=model,
             module=objective,
             optimizer=optimizer,
             scheduler=scheduler,
             scaler=scaler,
-            precision=run.precision,
-            context=self.context,
-            device=self.device,
             batches=endless_batches(self.loader, sampler, position),
             position=position,
-            max_steps=config.train.steps,
-            accumulate=config.optim.accumulate,
-            clip_grad=config.optim.clip_grad,
-            images_per_step=config.optim.batch_size * config.optim.accumulate * self.context.world_size,
-            log_every=config.log.every,
             lr_key="optim.base_lr",
             description="pretrain",
-            progress=run.progress,
-            time_limit_s=config.train.time_limit_s,
             started=started,
         )
 
