@@ -559,8 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_minutes,
         default=None,
         metavar="M",
-        help="wall-clock minutes for the whole demo: the fine-tuning steps are those that fit on this machine, "
-        "timed before fine-tuning, at most the demo config's (default: 13.25, inside the 15-minute promise)",
+        help="wall-clock minutes for the whole demo: fine-tuning gets what the evaluations after it leave (priced by "
+        "a step timed here) as a time limit, and runs the steps that fit it at its own measured rate, at most the "
+        "demo config's (default: 13.25, inside the 15-minute promise)",
     )
     demo.set_defaults(handler=_cmd_demo)
 

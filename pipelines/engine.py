@@ -166,10 +166,16 @@ class TrainingEngine:
         self.schedules = [fn for fn in scheduler.lr_lambdas if isinstance(fn, WarmupCosine)]
         if time_limit_s is not None and not self.schedules:
             raise ValueError("a time limit needs a WarmupCosine schedule to shorten")
+        planned = position.planned_steps
         if time_limit_s is None:
             self.total = max_steps
+        elif position.train_seconds >= time_limit_s:
+            self.total = position.step  # resumed out of time: nothing more to run
+        elif planned is None or planned <= position.step:
+            # A new run, or a finished one given more time: the first plan comes from the measured rate.
+            self.total = max(max_steps, position.step)
         else:
-            self.total = min(max_steps, max(position.planned_steps or max_steps, position.step))
+            self.total = min(max_steps, planned)
         self._set_total(self.total)
 
     @classmethod
@@ -221,8 +227,7 @@ class TrainingEngine:
         self.total = total
         for schedule in self.schedules:
             schedule.total_steps = total
-        if self.time_limit_s is not None:
-            self.position.planned_steps = total
+        self.position.planned_steps = None if self.time_limit_s is None else total
 
     def _replan(self, bar: tqdm) -> None:
         """Under a time limit: the schedule's length from the rate measured in this process so far."""
@@ -314,7 +319,8 @@ class TrainingEngine:
                 losses = task.losses(batch)
             self.scaler.scale(losses["total"] / self.accumulate).backward()
             for name, value in losses.items():
-                detached = value.detach() / self.accumulate
+                # float32 sums: a bf16 or fp16 loss summed over an interval in its own precision would lose digits.
+                detached = value.detach().float() / self.accumulate
                 interval[name] = interval[name] + detached if name in interval else detached
         grad_norm = None
         if self.clip_grad is not None:

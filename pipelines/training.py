@@ -356,7 +356,13 @@ def restore_optimization(
     rank, world_size, device = context.rank, context.world_size, context.device
     global_batch = batch_size * world_size
     optimizer.load_state_dict(payload["optimizer"])
+    # The schedule's settings come from this run's config (and its length from the training engine), not from the
+    # checkpoint: LambdaLR's state holds the fields of callable schedules, which would override a changed warmup.
+    schedules = [fn for fn in getattr(scheduler, "lr_lambdas", []) if isinstance(fn, WarmupCosine)]
+    configured = [dict(vars(schedule)) for schedule in schedules]
     scheduler.load_state_dict(payload["scheduler"])
+    for schedule, values in zip(schedules, configured, strict=True):
+        vars(schedule).update(values)
     scaler.load_state_dict(payload["scaler"])
     rng_states = payload["rng"]
     if len(rng_states) == world_size:

@@ -16,7 +16,7 @@ from pipelines.engine import (
     TrainingEngine,
     steps_that_fit,
 )
-from pipelines.training import TrainConfig, WarmupCosine, resolve_precision
+from pipelines.training import TrainConfig, WarmupCosine, capture_rng, resolve_precision, restore_optimization
 
 LR = 0.1
 SINGLE = Distributed(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
@@ -128,13 +128,27 @@ def test_warmup_cosine_warms_up_then_decays_to_its_floor_and_follows_a_shortened
     assert schedule(60) == pytest.approx(0.1)
 
 
-def test_the_schedule_length_travels_in_the_schedulers_state():
+def test_a_resume_takes_the_schedule_settings_from_the_config_not_the_checkpoint():
     parameter = nn.Parameter(torch.zeros(1))
-    saved = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([parameter], lr=1.0), WarmupCosine(500, 10, 0.0))
-    saved.lr_lambdas[0].total_steps = 321
-    restored = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([parameter], lr=1.0), WarmupCosine(500, 10, 0.0))
-    restored.load_state_dict(saved.state_dict())
-    assert restored.lr_lambdas[0].total_steps == 321
+    optimizer = torch.optim.SGD([parameter], lr=1.0)
+    saved = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(500, 10, 0.0))
+    optimizer.step()
+    saved.step()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    payload = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": saved.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": [capture_rng(torch.device("cpu"))],
+        "global_batch": 4,
+    }
+    resumed_optimizer = torch.optim.SGD([parameter], lr=1.0)
+    resumed = torch.optim.lr_scheduler.LambdaLR(resumed_optimizer, WarmupCosine(800, 50, 0.1))
+    restore_optimization(
+        payload, resumed_optimizer, resumed, scaler, context=SINGLE, position=LoopPosition(), batch_size=4
+    )
+    assert vars(resumed.lr_lambdas[0]) == {"total_steps": 800, "warmup_steps": 50, "min_lr_ratio": 0.1}
+    assert resumed.last_epoch == 1  # the position in the schedule is the checkpoint's
 
 
 def test_without_a_limit_the_engine_runs_every_step_logs_and_marks_milestones():
@@ -203,3 +217,25 @@ def test_time_limit_must_be_positive():
     with pytest.raises(ValueError, match="time_limit_s"):
         TrainConfig(time_limit_s=0)
     assert TrainConfig(time_limit_s=30.5).time_limit_s == 30.5
+
+
+def test_a_run_resumed_out_of_time_ends_at_once_and_one_given_more_time_plans_again():
+    clock = FakeClock()
+    task = LinearTask(clock)
+    spent = LoopPosition(step=80, train_seconds=100.0, planned_steps=80)
+    outcome = engine(task, clock, max_steps=1000, time_limit_s=100.0, position=spent).run(task)
+    assert outcome.steps_run == 0
+    # The same finished run with a longer limit: 100 s more at a second per step.
+    more = LoopPosition(step=80, train_seconds=100.0, planned_steps=80)
+    run = engine(task, clock, max_steps=1000, time_limit_s=200.0, position=more)
+    assert run.run(task).steps_run == 100
+
+
+def test_without_a_limit_no_plan_is_kept():
+    clock = FakeClock()
+    task = LinearTask(clock)
+    position = LoopPosition(step=10, planned_steps=40)
+    run = engine(task, clock, max_steps=20, position=position)
+    run.run(task)
+    assert position.step == 20
+    assert position.planned_steps is None
