@@ -76,7 +76,9 @@ def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float) -> t
     key is its positive, every other key (this rank's and, under DDP, every other rank's) a negative. Both are
     L2-normalized; the cross-entropy is multiplied by 2T, as MoCo v3 does. Returns a scalar (float32)."""
     if queries.shape != keys.shape or queries.dim() != 2:
-        raise InvalidArgumentError(f"queries and keys must both be (B, D), got {tuple(queries.shape)} and {tuple(keys.shape)}")
+        raise InvalidArgumentError(
+            f"queries and keys must both be (B, D), got {tuple(queries.shape)} and {tuple(keys.shape)}"
+        )
     queries = F.normalize(queries.float(), dim=1)
     every_key, offset = gather_keys(F.normalize(keys.float(), dim=1))
     logits = queries @ every_key.T / temperature  # (B, world * B)

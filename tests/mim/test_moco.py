@@ -118,8 +118,14 @@ def test_views_must_come_in_pairs():
 
 
 @pytest.mark.parametrize(
-    "bad", [{"temperature": 0.0}, {"base_momentum": 1.0}, {"projector_layers": 1}, {"out_dim": 0}]
+    ("bad", "named"),
+    [
+        ({"temperature": 0.0}, "temperature"),
+        ({"base_momentum": 1.0}, "base_momentum"),
+        ({"projector_layers": 1}, "projector_layers"),
+        ({"out_dim": 0}, "widths"),
+    ],
 )
-def test_bad_options_are_refused(bad):
-    with pytest.raises(ValueError):
+def test_bad_options_are_refused(bad, named):
+    with pytest.raises(ValueError, match=named):
         MoCoOptions(**bad)
