@@ -21,6 +21,7 @@ from caries_mim.data.sampling import ResumableEpochSampler, item_seed
 from caries_mim.data.transforms import (
     FloatClahe,
     Letterbox,
+    contrastive_view_transform,
     detection_eval_transform,
     detection_train_transform,
     mim_pretrain_transform,
@@ -44,6 +45,7 @@ __all__ = [
     "SkippedFiles",
     "UnlabeledRadiographs",
     "collate_detection",
+    "contrastive_view_transform",
     "detection_eval_transform",
     "detection_train_transform",
     "find_radiographs",

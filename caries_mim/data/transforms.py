@@ -103,8 +103,24 @@ def mim_pretrain_transform(
     brightness/contrast/gamma jitter (detector and exposure variation between practices, kept mild so
     reconstruction targets stay realistic).
     """
+    return A.Compose(
+        [
+            *_pretrain_geometry(size, scale, spacing_mm, scale_jitter=0.15),
+            A.HorizontalFlip(p=0.5),
+            A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
+            A.RandomGamma(gamma_limit=(85, 115), p=0.5),
+        ],
+        seed=seed,
+    )
+
+
+def _pretrain_geometry(
+    size: int, scale: tuple[float, float], spacing_mm: float | None, *, scale_jitter: float
+) -> list[A.BasicTransform]:
+    """A ``size`` x ``size`` crop: a random resized crop of area fraction ``scale`` without ``spacing_mm``; with it,
+    the image resampled to that spacing as the detector does, jittered in scale by +-``scale_jitter``, then cropped."""
     if spacing_mm is None:
-        geometry: list[A.BasicTransform] = [
+        return [
             A.RandomResizedCrop(
                 size=(size, size),
                 scale=scale,
@@ -113,19 +129,42 @@ def mim_pretrain_transform(
                 area_for_downscale="image",
             )
         ]
-    else:
-        geometry = [
-            ModelScale(ScaleRule(size, 1.0, spacing_mm=spacing_mm)),
-            A.RandomScale(scale_limit=0.15, interpolation=cv2.INTER_LINEAR, p=1.0),
-            A.PadIfNeeded(min_height=size, min_width=size, position="top_left", border_mode=cv2.BORDER_CONSTANT),
-            A.RandomCrop(size, size),
-        ]
+    return [
+        ModelScale(ScaleRule(size, 1.0, spacing_mm=spacing_mm)),
+        A.RandomScale(scale_limit=scale_jitter, interpolation=cv2.INTER_LINEAR, p=1.0),
+        A.PadIfNeeded(min_height=size, min_width=size, position="top_left", border_mode=cv2.BORDER_CONSTANT),
+        A.RandomCrop(size, size),
+    ]
+
+
+def contrastive_view_transform(
+    size: int = 224,
+    scale: tuple[float, float] = (0.2, 1.0),
+    seed: int | None = None,
+    *,
+    spacing_mm: float | None = None,
+) -> A.Compose:
+    """One view for two-view (contrastive) objectives, to ``size`` x ``size`` float32 in [0, 1]; apply it twice to
+    the same decoded image for the two views.
+
+    MoCo v3's recipe made for single-channel radiographs: colour jitter and grayscale are no-ops on one channel, so
+    what stays is the geometry (as :func:`mim_pretrain_transform`, with +-30% scale jitter at a working spacing),
+    both flips (a bitewing upside down is a bitewing with its jaws swapped), strong brightness/contrast and gamma
+    (exposure and sensor response), Gaussian blur (focal spot, motion), sensor noise, CLAHE (the contrast
+    enhancement viewers apply) and a rare solarization (MoCo v3 solarizes one view in five). Stronger than the MIM
+    preset: two views must differ enough that matching them takes the anatomy, not the pixels.
+    """
     return A.Compose(
         [
-            *geometry,
+            *_pretrain_geometry(size, scale, spacing_mm, scale_jitter=0.3),
             A.HorizontalFlip(p=0.5),
-            A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
-            A.RandomGamma(gamma_limit=(85, 115), p=0.5),
+            A.VerticalFlip(p=0.5),
+            A.RandomBrightnessContrast(brightness_limit=0.3, contrast_limit=0.3, p=0.8),
+            A.RandomGamma(gamma_limit=(70, 150), p=0.5),
+            A.GaussianBlur(blur_limit=(3, 9), sigma_limit=(0.1, 2.0), p=0.5),
+            A.GaussNoise(std_range=(0.01, 0.05), p=0.3),
+            FloatClahe(p=0.3),
+            A.Solarize(threshold_range=(0.5, 0.5), p=0.1),
         ],
         seed=seed,
     )

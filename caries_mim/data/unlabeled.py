@@ -40,6 +40,8 @@ class UnlabeledRadiographs(Dataset):
         cache: decode cache; strongly advised for training (without it every epoch decodes every file).
         options: how files are read (modality allow-list, size limit).
         transform: albumentations-style callable applied to the (H, W) float32 image.
+        views: augmented views per item. 1: items are (1, H, W). 2 (two-view, contrastive objectives): items are
+            (2, 1, H, W), the transform applied twice to one decoded image (decode once, augment twice).
         progress: show a tqdm bar during the validation pass.
     Raises:
         InvalidDatasetError: a root does not exist, or not one readable radiograph was found.
@@ -52,8 +54,12 @@ class UnlabeledRadiographs(Dataset):
         cache: DecodeCache | None = None,
         options: ReadOptions | None = None,
         transform: ImageTransform | None = None,
+        views: int = 1,
         progress: bool = True,
     ) -> None:
+        if views < 1 or (views > 1 and transform is None):
+            raise ValueError(f"views must be >= 1, and more than one needs a transform to tell them apart; got {views}")
+        self.views = views
         root_list = [Path(roots)] if isinstance(roots, (str, os.PathLike)) else [Path(root) for root in roots]
         self.load = RadiographLoader(cache, options or ReadOptions())
         self.transform = transform
@@ -75,20 +81,26 @@ class UnlabeledRadiographs(Dataset):
         return len(self.images)
 
     def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
-        """float32 tensor (1, H, W) in [0, 1] (the transform's range when it changes intensities).
+        """float32 tensor (1, H, W) in [0, 1] (the transform's range when it changes intensities), or
+        (views, 1, H, W) with several views.
 
         ``key`` is an index, or ``(index, augmentation_seed)`` as
         :class:`~caries_mim.data.sampling.ResumableEpochSampler` yields: the transform is then seeded for this
-        item alone, so its augmentation does not depend on worker count or iteration history.
+        item alone (the views follow each other in its stream), so its augmentation does not depend on worker count
+        or iteration history.
         """
         index, seed = key if isinstance(key, tuple) else (key, None)
         radiograph = self.load(self.images[index].path)
         pixels = radiograph.pixels
-        if self.transform is not None:
-            if seed is not None and hasattr(self.transform, "set_random_seed"):
-                self.transform.set_random_seed(seed)
-            else:
-                self._transform_seed = reseed_for_worker(self.transform, self._transform_seed)
-            # A spacing-aware transform (mim_pretrain_transform at a working spacing) reads it; others ignore it.
-            pixels = self.transform(image=pixels, **{SPACING_FIELD: radiograph.spacing_mm})["image"]
-        return image_tensor(pixels)
+        if self.transform is None:
+            return image_tensor(pixels)
+        if seed is not None and hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(seed)
+        else:
+            self._transform_seed = reseed_for_worker(self.transform, self._transform_seed)
+        # A spacing-aware transform (mim_pretrain_transform at a working spacing) reads it; others ignore it.
+        views = [
+            image_tensor(self.transform(image=pixels, **{SPACING_FIELD: radiograph.spacing_mm})["image"])
+            for _ in range(self.views)
+        ]
+        return views[0] if self.views == 1 else torch.stack(views)

@@ -9,6 +9,7 @@ import pytest
 from caries_mim.data import (
     FloatClahe,
     Letterbox,
+    contrastive_view_transform,
     detection_eval_transform,
     detection_train_transform,
     mim_pretrain_transform,
@@ -75,6 +76,26 @@ def test_mim_transform_output_shape_and_range():
         assert out.dtype == np.float32
         assert float(out.min()) >= 0.0
         assert float(out.max()) <= 1.0
+
+
+@pytest.mark.parametrize("spacing", [None, 0.06])
+def test_contrastive_views_are_square_in_range_and_vary_more_than_mim_crops(spacing):
+    """Two-view crops keep the shape and range, at the working spacing too, and their intensities vary more than
+    the MIM preset's (the views must differ enough that matching them needs the anatomy)."""
+    rng = np.random.default_rng(3)
+    image = rng.random((200, 240), dtype=np.float32) * 0.5 + 0.25
+    extra = {} if spacing is None else {"spacing_mm": (0.03, 0.03)}
+    views = contrastive_view_transform(64, seed=5, spacing_mm=spacing)
+    mim = mim_pretrain_transform(64, seed=5, spacing_mm=spacing)
+    view_means, mim_means = [], []
+    for _ in range(60):
+        out = views(image=image, **extra)["image"]
+        assert out.shape == (64, 64)
+        assert out.dtype == np.float32
+        assert 0.0 <= float(out.min()) <= float(out.max()) <= 1.0
+        view_means.append(float(out.mean()))
+        mim_means.append(float(mim(image=image, **extra)["image"].mean()))
+    assert np.std(view_means) > 1.5 * np.std(mim_means)
 
 
 def test_eval_transform_boxes_round_trip_to_original_pixels():

@@ -11,7 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from caries_mim.data import DecodeCache, UnlabeledRadiographs, find_radiographs, mim_pretrain_transform
+from caries_mim.data import (
+    DecodeCache,
+    UnlabeledRadiographs,
+    contrastive_view_transform,
+    find_radiographs,
+    mim_pretrain_transform,
+)
 from caries_mim.errors import InvalidDatasetError
 from tests.data.conftest import write_dicom
 from tests.dicom_factory import make_dataset, ramp, to_bytes
@@ -158,3 +164,27 @@ def test_dataloader_workers_draw_different_augmentations(tmp_path):
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2)
     first_worker_batch, second_worker_batch = list(loader)
     assert not torch.equal(first_worker_batch, second_worker_batch)
+
+
+def test_two_views_of_one_decode_differ_and_repeat_with_their_seed(tmp_path, monkeypatch):
+    root = tmp_path / "views"
+    write_png(root / "a.png", 64, 64)
+    write_png(root / "b.png", 48, 64)
+    dataset = UnlabeledRadiographs(root, transform=contrastive_view_transform(32), views=2, progress=False)
+    reads = []
+    real_load = dataset.load
+    monkeypatch.setattr(dataset, "load", lambda path: reads.append(path) or real_load(path))
+    pair = dataset[(0, 123)]
+    assert pair.shape == (2, 1, 32, 32)
+    assert pair.dtype == torch.float32
+    assert len(reads) == 1, "each view decoded the image again"
+    assert not torch.equal(pair[0], pair[1])
+    torch.testing.assert_close(dataset[(0, 123)], pair, rtol=0, atol=0)
+    assert not torch.equal(dataset[(0, 124)], pair)
+    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=2)))
+    assert batch.shape == (2, 2, 1, 32, 32)
+
+
+def test_more_than_one_view_needs_a_transform(folder_with_bad_files):
+    with pytest.raises(ValueError, match="views"):
+        UnlabeledRadiographs(folder_with_bad_files, views=2, progress=False)
