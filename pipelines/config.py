@@ -83,11 +83,14 @@ def path_override(key: str, path: str | os.PathLike) -> str:
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge; ``update`` wins on leaves."""
+    """Recursive dict merge; ``update`` wins on leaves. A section chosen by name (``objective: {name: ...}``) that
+    ``update`` names differently starts over from ``update``'s keys: the old options belong to the old name (an MAE
+    decoder width means nothing to MoCo)."""
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
+            renamed = "name" in value and value["name"] != merged[key].get("name")
+            merged[key] = dict(value) if renamed else merge(merged[key], value)
         else:
             merged[key] = value
     return merged

@@ -7,7 +7,9 @@ Run folder (``--out RUN``)::
     encoder.pt           encoder weights + architecture (caries_mim.models.load_encoder), refreshed with checkpoints
     metrics.jsonl        one line per logged interval: step, loss, lr, img/s
     tensorboard/         scalars and reconstruction images
-    reconstructions/     step_NNNNNN.png grids: original | masked | reconstruction
+    reconstructions/     step_NNNNNN.png grids: original | masked | reconstruction (masked image modeling)
+    views/               step_NNNNNN.png: each preview image's two training views (two-view objectives)
+    diagnostics.jsonl    the objective's own measurements, e.g. the hybrid's per-block gradient cosines
     decode_cache/        decoded pixels (unless data.cache_dir points elsewhere)
     summary.json         written when the run completes
 
@@ -33,10 +35,16 @@ from torch.utils.tensorboard import SummaryWriter
 
 from caries_mim import __version__
 from caries_mim.atomic_files import atomic_path
-from caries_mim.data import DecodeCache, ResumableEpochSampler, UnlabeledRadiographs, mim_pretrain_transform
+from caries_mim.data import (
+    DecodeCache,
+    ResumableEpochSampler,
+    UnlabeledRadiographs,
+    contrastive_view_transform,
+    mim_pretrain_transform,
+)
 from caries_mim.errors import InvalidArgumentError, InvalidConfigError
 from caries_mim.io import DEFAULT_ALLOWED_MODALITIES, ReadOptions
-from caries_mim.mim import MaskedImageObjective, build_objective
+from caries_mim.mim import MaskedImageObjective, PretrainingObjective, build_objective
 from caries_mim.models import VisionTransformer, ViTConfig, import_mae_weights, save_encoder
 from caries_mim.models.encoder_file import encoder_from_payload, is_encoder_payload, read_weights_file
 from caries_mim.visualization import tile, to_uint8
@@ -65,6 +73,9 @@ from pipelines.training import (
 )
 
 log = logging.getLogger("caries_mim.pretrain")
+
+#: Rows of the objective's own measurements, now and then (see ``_write_diagnostics``).
+DIAGNOSTICS_NAME = "diagnostics.jsonl"
 
 CHECKPOINT_FORMAT = "caries-mim-pretrain-checkpoint"
 #: 2: encoders standardize their input (ViTConfig.input_mean/input_std); a version-1 run cannot continue as one.
@@ -230,11 +241,14 @@ class _Pretraining:
         )
         distributed.barrier(self.context)
 
-    def _dataset(self) -> UnlabeledRadiographs:
+    def _dataset(self, views: int) -> UnlabeledRadiographs:
+        """The unlabeled images, ``views`` augmented views of each (two-view objectives: decoded once, augmented
+        twice with the contrastive preset; masked image modeling: one MIM crop)."""
         data = self.config.data
         cache_dir = Path(data.cache_dir).expanduser() if data.cache_dir else self.out / "decode_cache"
         options = ReadOptions(allowed_modalities=frozenset(data.modalities), allow_non_dicom=data.allow_non_dicom)
-        transform = mim_pretrain_transform(data.image_size, scale=data.crop_scale, spacing_mm=data.spacing_mm)
+        preset = contrastive_view_transform if views > 1 else mim_pretrain_transform
+        transform = preset(data.image_size, scale=data.crop_scale, spacing_mm=data.spacing_mm)
         # Rank 0 decodes every file once into the cache; the other ranks then index from cache hits.
         with distributed.main_first(self.context):
             dataset = UnlabeledRadiographs(
@@ -242,6 +256,7 @@ class _Pretraining:
                 cache=DecodeCache(cache_dir),
                 options=options,
                 transform=transform,
+                views=views,
                 progress=self.progress,
             )
         global_batch = self.config.optim.batch_size * self.context.world_size
@@ -284,11 +299,10 @@ class _Pretraining:
         self._prepare_folder()
         threads = configure_threads(self.device, context.local_world_size, config.train.threads)
         torch.manual_seed(config.train.seed * 1000 + context.rank)  # masks and drop-path differ per rank
-        dataset = self._dataset()
-
         objective = build_objective(
             config.objective["name"], self._encoder(), {k: v for k, v in config.objective.items() if k != "name"}
         ).to(self.device)
+        dataset = self._dataset(objective.views)
         model: torch.nn.Module = objective
         if context.enabled:
             model = DistributedDataParallel(
@@ -364,6 +378,7 @@ class _Pretraining:
         )
         if self.context.is_main:
             truncate_metrics(self.out / "metrics.jsonl", position.step)
+            truncate_metrics(self.out / DIAGNOSTICS_NAME, position.step)
             log.info("resumed from %s at step %d", self.checkpoint_path, position.step)
         return position
 
@@ -378,7 +393,7 @@ class _Loop:
         run: _Pretraining,
         dataset: UnlabeledRadiographs,
         sampler: ResumableEpochSampler,
-        objective: MaskedImageObjective,
+        objective: PretrainingObjective,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LambdaLR,
@@ -429,10 +444,13 @@ class _Loop:
         )
 
     def _preview_batch(self) -> torch.Tensor:
-        """Fixed views for reconstruction grids, the same at every step: crops at the middle of the training crop
-        scale, so the pictures show the task the model learns (a tiny config trained on zoomed-in crops would
-        look worse on whole images than it is)."""
+        """Fixed views for the pictures, the same at every step. Masked image modeling: crops at the middle of the
+        training crop scale, so the pictures show the task the model learns (a tiny config trained on zoomed-in
+        crops would look worse on whole images than it is). Two-view objectives: the training views of the first
+        images, (count, 2, 1, H, W)."""
         count = min(self.config.log.images, len(self.dataset))
+        if self.objective.views > 1:
+            return torch.stack([self.dataset[(index, index)] for index in range(count)])
         middle = sum(self.config.data.crop_scale) / 2
         view = mim_pretrain_transform(self.config.data.image_size, scale=(middle, middle))
         images = []
@@ -453,17 +471,23 @@ class _Loop:
     # -- the engine's task ----------------------------------------------------------------------------------
 
     def losses(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"total": self.model(images.to(self.device, non_blocking=True)).loss}
+        output = self.model(images.to(self.device, non_blocking=True))
+        return {"total": output.loss, **output.parts}
 
     def after_update(self) -> None:
-        pass
+        # Called before the engine counts the step just taken.
+        self.objective.after_update((self.position.step + 1) / max(1, self.engine.total))
 
     def is_milestone(self, step: int, last: bool) -> bool:
         return step % self.config.log.checkpoint_every == 0 or last
 
     def after_step(self, step: int, *, last: bool, milestone: bool, stopping: bool, bar) -> bool:
         if step % self.config.log.images_every == 0 or last:
-            self._write_reconstructions(step)
+            if isinstance(self.objective, MaskedImageObjective):
+                self._write_reconstructions(step)
+            else:
+                self._write_views(step)
+            self._write_diagnostics(step)
         if milestone or stopping:
             self._save_checkpoint()
         return False
@@ -475,6 +499,10 @@ class _Loop:
             self.first_loss = loss
         self.last_loss = loss
         row = {"step": step, "epoch": self.position.epoch, "loss": loss, "lr": lr, "img_s": images_per_second}
+        for name, value in means.items():
+            if name != "total":  # the parts of a composite loss
+                row[f"loss_{name}"] = value
+                self.writer.add_scalar(f"train/loss_{name}", value, step)
         self.writer.add_scalar("train/loss", loss, step)
         self.writer.add_scalar("train/lr", lr, step)
         self.writer.add_scalar("train/images_per_second", images_per_second, step)
@@ -505,6 +533,44 @@ class _Loop:
         with atomic_path(folder / f"step_{step:06d}.png") as temporary:
             grid.save(temporary, format="PNG")
         self.writer.add_image("reconstructions", np.asarray(grid), step, dataformats="HW")
+
+    def _write_diagnostics(self, step: int) -> None:
+        """The objective's own measurements (the hybrid's per-block gradient cosines) on the preview batch, into
+        ``diagnostics.jsonl`` and TensorBoard. Rank 0 alone, with a fixed seed (comparable across steps), and
+        without a trace in the run: the training RNG stream is forked and buffers (BatchNorm statistics) restored."""
+        if not self.context.is_main:
+            return
+        saved = {name: buffer.clone() for name, buffer in self.objective.named_buffers()}
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(0)
+            with self.run_state.precision.autocast(self.device):
+                values = self.objective.diagnostics(self.preview.to(self.device))
+        with torch.no_grad():
+            for name, buffer in self.objective.named_buffers():
+                buffer.copy_(saved[name])
+        if not values:
+            return
+        append_metrics(self.out / DIAGNOSTICS_NAME, {"step": step, **values})
+        for name, value in values.items():
+            self.writer.add_scalar(f"diagnostics/{name}", value, step)
+
+    def _write_views(self, step: int) -> None:
+        """A two-view objective's picture, once per run folder: each preview image's two training views side by side
+        (the views are fixed, so later steps would draw the same picture)."""
+        folder = self.out / "views"
+        if not self.context.is_main or folder.exists():
+            return
+        cells = [
+            Image.fromarray(to_uint8(self.preview[index, view, 0].numpy()))
+            for index in range(self.preview.shape[0])
+            for view in range(self.preview.shape[1])
+        ]
+        side = max(self.config.data.image_size, 256)
+        grid = tile(cells, columns=self.preview.shape[1], cell_width=side).convert("L")
+        folder.mkdir()
+        with atomic_path(folder / f"step_{step:06d}.png") as temporary:
+            grid.save(temporary, format="PNG")
+        self.writer.add_image("views", np.asarray(grid), step, dataformats="HW")
 
     def _save_checkpoint(self) -> None:
         rng_states = distributed.gather_objects(capture_rng(self.device), self.context)

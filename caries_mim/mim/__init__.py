@@ -1,22 +1,37 @@
-"""Masked image modeling objectives (one module each) and their registry."""
+"""Pretraining objectives (one module each: masked image modeling, contrastive) and their registry."""
 
+from caries_mim.mim.hybrid import HybridCLMIM, HybridOptions, gradient_cosines
 from caries_mim.mim.mae import MAEOptions, MaskedAutoencoder, random_masking
-from caries_mim.mim.objective import MaskedImageObjective, MIMOutput, Reconstruction
+from caries_mim.mim.moco import MoCoOptions, MoCoV3
+from caries_mim.mim.objective import (
+    MaskedImageObjective,
+    MIMOutput,
+    ObjectiveOutput,
+    PretrainingObjective,
+    Reconstruction,
+)
 from caries_mim.mim.patches import mask_to_pixels, patchify, unpatchify
 from caries_mim.mim.registry import OBJECTIVES, build_objective
 from caries_mim.mim.simmim import SimMIM, SimMIMOptions, block_masking
 
 __all__ = [
     "OBJECTIVES",
+    "HybridCLMIM",
+    "HybridOptions",
     "MAEOptions",
     "MIMOutput",
     "MaskedAutoencoder",
     "MaskedImageObjective",
+    "MoCoOptions",
+    "MoCoV3",
+    "ObjectiveOutput",
+    "PretrainingObjective",
     "Reconstruction",
     "SimMIM",
     "SimMIMOptions",
     "block_masking",
     "build_objective",
+    "gradient_cosines",
     "mask_to_pixels",
     "patchify",
     "random_masking",

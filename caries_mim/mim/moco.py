@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from caries_mim.errors import InvalidArgumentError
+from caries_mim.mim.objective import ObjectiveOutput, PretrainingObjective
 from caries_mim.models.vit import VisionTransformer
 
 
@@ -71,16 +72,18 @@ def gather_keys(keys: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat(gathered), dist.get_rank() * keys.shape[0]
 
 
-def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float) -> torch.Tensor:
+def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float, *, gather: bool = True) -> torch.Tensor:
     """InfoNCE of (B, D) ``queries`` against (B, D) ``keys`` of the same images, in the same order: each query's own
-    key is its positive, every other key (this rank's and, under DDP, every other rank's) a negative. Both are
-    L2-normalized; the cross-entropy is multiplied by 2T, as MoCo v3 does. Returns a scalar (float32)."""
+    key is its positive, every other key (this rank's and, under DDP with ``gather``, every other rank's) a
+    negative. Both are L2-normalized; the cross-entropy is multiplied by 2T, as MoCo v3 does. Returns a scalar
+    (float32). ``gather=False`` keeps to this rank's keys (a measurement one rank makes alone)."""
     if queries.shape != keys.shape or queries.dim() != 2:
         raise InvalidArgumentError(
             f"queries and keys must both be (B, D), got {tuple(queries.shape)} and {tuple(keys.shape)}"
         )
     queries = F.normalize(queries.float(), dim=1)
-    every_key, offset = gather_keys(F.normalize(keys.float(), dim=1))
+    normalized = F.normalize(keys.float(), dim=1)
+    every_key, offset = gather_keys(normalized) if gather else (normalized, 0)
     logits = queries @ every_key.T / temperature  # (B, world * B)
     labels = torch.arange(queries.shape[0], device=queries.device) + offset
     return F.cross_entropy(logits, labels) * (2 * temperature)
@@ -100,20 +103,20 @@ def momentum_update(online: nn.Module, target: nn.Module, momentum: float) -> No
         target_param.lerp_(online_param, 1.0 - momentum)
 
 
-class MoCoV3(nn.Module):
+class MoCoV3(PretrainingObjective):
     """MoCo v3 around a :class:`~caries_mim.models.VisionTransformer`; ``forward`` takes two views of each image.
 
     ``encoder`` and ``projector`` (online) are trained; ``predictor`` is online only; ``momentum_encoder`` and
-    ``momentum_projector`` follow them by :meth:`update_momentum` after each optimizer step and get no gradient.
+    ``momentum_projector`` follow them by :meth:`after_update` after each optimizer step and get no gradient.
     """
 
     name = "moco"
     Options = MoCoOptions
+    views = 2
 
     def __init__(self, encoder: VisionTransformer, options: MoCoOptions | None = None) -> None:
-        super().__init__()
+        super().__init__(encoder)
         self.options = options = options or MoCoOptions()
-        self.encoder = encoder
         dim = encoder.config.embed_dim
         self.projector = projection_mlp(dim, options.projector_hidden, options.out_dim, options.projector_layers)
         self.predictor = projection_mlp(options.out_dim, options.predictor_hidden, options.out_dim, 2)
@@ -123,25 +126,28 @@ class MoCoV3(nn.Module):
             parameter.requires_grad_(False)
         self.momentum = options.base_momentum
 
-    def update_momentum(self, progress: float) -> None:
+    def after_update(self, progress: float) -> None:
         """After an optimizer step at ``progress`` in [0, 1] of the run: the momentum branch follows the online one
         with the momentum of the cosine schedule."""
         self.momentum = cosine_momentum(progress, self.options.base_momentum)
         momentum_update(self.encoder, self.momentum_encoder, self.momentum)
         momentum_update(self.projector, self.momentum_projector, self.momentum)
 
-    def contrastive_loss(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-        """Two (B, C, H, W) views of the same B images -> the symmetric MoCo v3 loss (a scalar)."""
+    def contrastive_loss(self, first: torch.Tensor, second: torch.Tensor, *, gather: bool = True) -> torch.Tensor:
+        """Two (B, C, H, W) views of the same B images -> the symmetric MoCo v3 loss (a scalar); ``gather``: the keys
+        of every rank are negatives (:func:`info_nce`)."""
         if first.shape != second.shape:
             raise InvalidArgumentError(f"the two views differ in shape: {tuple(first.shape)} and {tuple(second.shape)}")
         queries = [self.predictor(self.projector(self.encoder(view).tokens[:, 0])) for view in (first, second)]
         with torch.no_grad():
             keys = [self.momentum_projector(self.momentum_encoder(view).tokens[:, 0]) for view in (first, second)]
         temperature = self.options.temperature
-        return info_nce(queries[0], keys[1], temperature) + info_nce(queries[1], keys[0], temperature)
+        return info_nce(queries[0], keys[1], temperature, gather=gather) + info_nce(
+            queries[1], keys[0], temperature, gather=gather
+        )
 
-    def forward(self, views: torch.Tensor) -> torch.Tensor:
+    def forward(self, views: torch.Tensor) -> ObjectiveOutput:
         """(B, 2, C, H, W) two views per image -> the loss (a scalar)."""
         if views.dim() != 5 or views.shape[1] != 2:
             raise InvalidArgumentError(f"expected two views per image (B, 2, C, H, W), got {tuple(views.shape)}")
-        return self.contrastive_loss(views[:, 0], views[:, 1])
+        return ObjectiveOutput(loss=self.contrastive_loss(views[:, 0], views[:, 1]))

@@ -1,15 +1,18 @@
-"""What every masked-image-modeling objective provides, so pipelines can train any of them the same way.
+"""What every pretraining objective provides, so pipelines can train any of them the same way.
 
 An objective is an ``nn.Module`` that owns the encoder (``.encoder``, a
 :class:`~caries_mim.models.VisionTransformer`) plus whatever it needs only for pretraining (decoder, mask token,
-prediction head). Its forward takes images and returns the loss; :meth:`MaskedImageObjective.reconstruct` turns a
-forward into pictures. Hyper-parameters live in a frozen dataclass (``Options``) so configs are validated by name.
+prediction head, projector, momentum branch). Its forward takes a batch of ``views`` views per image and returns
+an :class:`ObjectiveOutput` with the loss; :meth:`PretrainingObjective.after_update` runs after each optimizer
+step (a momentum branch follows the encoder there). Masked-image-modeling objectives also turn a forward into
+pictures (:meth:`MaskedImageObjective.reconstruct`). Hyper-parameters live in a frozen dataclass (``Options``) so
+configs are validated by name.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -25,8 +28,21 @@ MASKED_FILL = 0.5
 
 
 @dataclass
-class MIMOutput:
-    """One forward pass of an objective.
+class ObjectiveOutput:
+    """One forward pass of a pretraining objective.
+
+    Attributes:
+        loss: scalar, what is optimized.
+        parts: named scalars the loss is made of, logged beside it (a hybrid's contrastive and MIM terms).
+    """
+
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor] = field(default_factory=dict, kw_only=True)
+
+
+@dataclass
+class MIMOutput(ObjectiveOutput):
+    """One forward pass of a masked-image-modeling objective.
 
     Attributes:
         loss: scalar, averaged over removed patches only.
@@ -37,7 +53,6 @@ class MIMOutput:
         grid: (rows, columns) patch grid.
     """
 
-    loss: torch.Tensor
     mask: torch.Tensor
     prediction: torch.Tensor
     grid: tuple[int, int]
@@ -59,15 +74,31 @@ class Reconstruction:
     reconstruction: torch.Tensor
 
 
-class MaskedImageObjective(nn.Module):
-    """Base class: subclasses set ``name`` and ``Options`` and implement :meth:`forward`."""
+class PretrainingObjective(nn.Module):
+    """Base class: subclasses set ``name``, ``Options`` and ``views`` and implement :meth:`forward`."""
 
     name: ClassVar[str]
     Options: ClassVar[type]
+    #: Augmented views of each image a batch holds: 1, (B, C, H, W) batches; 2, (B, 2, C, H, W) (two-view objectives).
+    views: ClassVar[int] = 1
 
     def __init__(self, encoder: VisionTransformer) -> None:
         super().__init__()
         self.encoder = encoder
+
+    def forward(self, batch: torch.Tensor) -> ObjectiveOutput:
+        raise NotImplementedError
+
+    def after_update(self, progress: float) -> None:
+        """After each optimizer step, ``progress`` in [0, 1] of the run; nothing unless the objective needs it."""
+
+    def diagnostics(self, batch: torch.Tensor) -> dict[str, float]:
+        """Named measurements on ``batch`` that the pipeline logs beside the loss now and then; none by default."""
+        return {}
+
+
+class MaskedImageObjective(PretrainingObjective):
+    """Base class of masked image modeling: one view per image, and pictures of what it reconstructs."""
 
     def forward(self, images: torch.Tensor) -> MIMOutput:
         """(B, C, H, W) float images in [0, 1], sides multiples of the patch size -> :class:`MIMOutput`."""

@@ -1,24 +1,29 @@
-"""Named MIM objectives. Adding one = one module with a :class:`MaskedImageObjective` subclass + one entry here."""
+"""Named pretraining objectives. Adding one = one module with a :class:`PretrainingObjective` subclass + one entry
+here."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from caries_mim.errors import InvalidConfigError
+from caries_mim.mim.hybrid import HybridCLMIM
 from caries_mim.mim.mae import MaskedAutoencoder
-from caries_mim.mim.objective import MaskedImageObjective, options_from_dict
+from caries_mim.mim.moco import MoCoV3
+from caries_mim.mim.objective import PretrainingObjective, options_from_dict
 from caries_mim.mim.simmim import SimMIM
 from caries_mim.models.vit import VisionTransformer
 
-OBJECTIVES: dict[str, type[MaskedImageObjective]] = {
+OBJECTIVES: dict[str, type[PretrainingObjective]] = {
     MaskedAutoencoder.name: MaskedAutoencoder,
     SimMIM.name: SimMIM,
+    MoCoV3.name: MoCoV3,
+    HybridCLMIM.name: HybridCLMIM,
 }
 
 
 def build_objective(
     name: str, encoder: VisionTransformer, options: dict[str, Any] | None = None
-) -> MaskedImageObjective:
+) -> PretrainingObjective:
     """``build_objective("mae", encoder, {"mask_ratio": 0.75})``; unknown names and option keys are config errors."""
     if name not in OBJECTIVES:
         raise InvalidConfigError(f"objective.name: unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")

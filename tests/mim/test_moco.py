@@ -85,7 +85,7 @@ def test_the_objective_trains_the_online_branch_only_and_its_momentum_branch_fol
     torch.manual_seed(0)
     objective = MoCoV3(VisionTransformer(TINY), SMALL_HEADS)
     views = torch.rand(4, 2, 1, 32, 32)
-    loss = objective(views)
+    loss = objective(views).loss
     assert loss.dim() == 0
     assert torch.isfinite(loss)
     loss.backward()
@@ -97,7 +97,7 @@ def test_the_objective_trains_the_online_branch_only_and_its_momentum_branch_fol
     before = objective.momentum_encoder.blocks[0].attn.qkv.weight.clone()
     with torch.no_grad():
         objective.encoder.blocks[0].attn.qkv.weight.add_(1.0)
-    objective.update_momentum(progress=0.0)
+    objective.after_update(progress=0.0)
     after = objective.momentum_encoder.blocks[0].attn.qkv.weight
     assert torch.allclose(after, before + 0.01, atol=1e-6)
     assert objective.momentum == pytest.approx(0.99)
@@ -107,8 +107,8 @@ def test_the_loss_is_symmetric_in_the_two_views():
     torch.manual_seed(0)
     objective = MoCoV3(VisionTransformer(TINY), SMALL_HEADS).eval()  # eval: BatchNorm by its running statistics
     first, second = torch.rand(3, 1, 32, 32), torch.rand(3, 1, 32, 32)
-    swapped = objective(torch.stack([second, first], dim=1))
-    assert objective(torch.stack([first, second], dim=1)).item() == pytest.approx(swapped.item(), rel=1e-5)
+    swapped = objective(torch.stack([second, first], dim=1)).loss
+    assert objective(torch.stack([first, second], dim=1)).loss.item() == pytest.approx(swapped.item(), rel=1e-5)
 
 
 def test_views_must_come_in_pairs():

@@ -15,6 +15,8 @@ from caries_mim.mim import (
     MaskedAutoencoder,
     MaskedImageObjective,
     MIMOutput,
+    MoCoV3,
+    PretrainingObjective,
     SimMIM,
     SimMIMOptions,
     build_objective,
@@ -27,12 +29,21 @@ from caries_mim.models import VisionTransformer, ViTConfig
 SMALL = ViTConfig(image_size=(64, 64), patch_size=16, embed_dim=64, depth=2, num_heads=4)
 
 
-def test_registry_holds_mae_and_simmim():
+def test_registry_holds_mae_simmim_moco_and_the_hybrid():
     assert OBJECTIVES["mae"] is MaskedAutoencoder
     assert OBJECTIVES["simmim"] is SimMIM
+    assert OBJECTIVES["moco"] is MoCoV3
     for name, objective_type in OBJECTIVES.items():
         assert objective_type.name == name
-        assert issubclass(objective_type, MaskedImageObjective)
+        assert issubclass(objective_type, PretrainingObjective)
+    # Masked image modeling takes one view of each image; the contrastive objective two.
+    assert {name: objective_type.views for name, objective_type in OBJECTIVES.items()} == {
+        "mae": 1,
+        "simmim": 1,
+        "moco": 2,
+        "hybrid": 2,
+    }
+    assert not issubclass(MoCoV3, MaskedImageObjective)
 
 
 def test_unknown_objective_names_the_choices():

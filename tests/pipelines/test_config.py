@@ -41,7 +41,8 @@ def test_overrides_win_over_the_file_and_parse_as_yaml():
     assert config.data.crop_scale == (0.5, 1.0)
     assert config.optim.clip_grad is None
     assert config.objective["name"] == "simmim"
-    assert config.objective["mask_ratio"] == 0.75  # from the file: the objective section merges key by key
+    # Another objective named: the file's MAE options (decoder width, ...) do not carry over to SimMIM.
+    assert config.objective == {"name": "simmim"}
 
 
 def test_model_depth_replaces_the_named_size_depth_only():
@@ -109,3 +110,13 @@ def test_a_user_file_is_validated_with_its_name_in_the_error(tmp_path):
         InvalidConfigError, match=r"optim\.batch_size: expected a whole number, got 'many' \(.*mine\.yaml\)"
     ):
         load_pretrain_config(str(path), None)
+
+
+def test_naming_another_objective_drops_the_old_one_s_options():
+    switched = load_pretrain_config("tiny", ["objective.name=moco", "objective.out_dim=32"])
+    assert switched.objective == {"name": "moco", "out_dim": 32}
+    # The same name keeps the file's options and changes only what is set.
+    tuned = load_pretrain_config("tiny", ["objective.mask_ratio=0.6"])
+    assert tuned.objective["name"] == "mae"
+    assert tuned.objective["mask_ratio"] == 0.6
+    assert tuned.objective["decoder_dim"] == 128

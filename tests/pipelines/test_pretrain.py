@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -80,11 +81,27 @@ def test_tiny_run_learns_and_writes_every_output(unlabeled, tmp_path, capsys):
     assert not list(run.glob(".*.tmp")), "temporary files left behind"
 
 
-def test_resumed_run_reproduces_the_uninterrupted_loss_curve(unlabeled, tmp_path, monkeypatch):
+#: MoCo v3 with MLP heads sized for the tiny encoder.
+MOCO = (
+    *("--set", "objective.name=moco", "--set", "objective.projector_hidden=64"),
+    *("--set", "objective.predictor_hidden=64", "--set", "objective.out_dim=32"),
+)
+
+
+#: The CL+MIM hybrid (SimMIM part) with the same MoCo heads.
+HYBRID = (
+    *("--set", "objective.name=hybrid", "--set", "objective.contrastive_weight=0.4"),
+    *("--set", "objective.moco={projector_hidden: 64, predictor_hidden: 64, out_dim: 32}"),
+)
+
+
+@pytest.mark.parametrize("objective", [(), MOCO, HYBRID], ids=["mae", "moco", "hybrid"])
+def test_resumed_run_reproduces_the_uninterrupted_loss_curve(unlabeled, tmp_path, monkeypatch, objective):
     """10 steps, a SIGINT (what a scheduler's SIGTERM also does), then --resume for the rest == 20 straight steps:
-    weights, optimizer, schedule, RNG (masks) and data position (crops) all continue exactly."""
+    weights, optimizer, schedule, RNG (masks) and data position (crops) all continue exactly; for MoCo also its
+    momentum branch and the views drawn from each image."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = ("--set", "train.steps=20", "--set", "log.checkpoint_every=100", "--set", "data.workers=1")
+    common = ("--set", "train.steps=20", "--set", "log.checkpoint_every=100", "--set", "data.workers=1", *objective)
     assert pretrain(unlabeled, straight, *common) == 0
 
     real_step = engine_module.TrainingEngine._optimizer_step
@@ -215,6 +232,38 @@ def test_a_checkpoint_write_that_dies_leaves_the_previous_one_intact(unlabeled, 
     assert not list(run.glob(".*.tmp"))
 
 
+def test_moco_pretrains_on_two_views_of_each_image_and_its_momentum_branch_follows(unlabeled, tmp_path):
+    run = tmp_path / "moco"
+    assert pretrain(unlabeled, run, *MOCO, "--set", "train.steps=6", "--set", "log.images_every=3") == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, 7))
+    assert all(math.isfinite(row["loss"]) for row in rows)
+    # One picture of the fixed views (two per image), not one per image step.
+    assert [p.name for p in (run / "views").iterdir()] == ["step_000003.png"]
+    assert not (run / "reconstructions").exists()
+    loaded = load_encoder(run / "encoder.pt")
+    assert loaded.metadata["objective"]["name"] == "moco"
+    state = torch.load(run / "checkpoint.pt", weights_only=True)["objective"]
+    online = state["encoder.blocks.0.attn.qkv.weight"]
+    momentum = state["momentum_encoder.blocks.0.attn.qkv.weight"]
+    assert not torch.equal(online, momentum), "the momentum branch is a copy that never moved"
+    torch.testing.assert_close(loaded.encoder.state_dict()["blocks.0.attn.qkv.weight"], online)
+
+
+def test_the_hybrid_logs_its_parts_and_the_gradient_cosines_of_every_block(unlabeled, tmp_path):
+    run = tmp_path / "hybrid"
+    assert pretrain(unlabeled, run, *HYBRID, "--set", "train.steps=4", "--set", "log.images_every=2") == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert row["loss"] == pytest.approx(0.4 * row["loss_contrastive"] + 0.6 * row["loss_mim"], rel=1e-4)
+    diagnostics = [json.loads(line) for line in (run / "diagnostics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in diagnostics] == [2, 4]
+    depth = load_encoder(run / "encoder.pt").encoder.config.depth
+    for row in diagnostics:
+        cosines = [row[f"gradient_cosine_block_{block}"] for block in range(depth)]
+        assert all(-1.0 <= value <= 1.0 for value in cosines)
+
+
 @pytest.mark.slow
 def test_two_process_gloo_ddp_run(unlabeled, tmp_path):
     """The torchrun path on CPU: two ranks, one checkpoint and encoder written by rank 0, one summary line."""
@@ -236,3 +285,22 @@ def test_two_process_gloo_ddp_run(unlabeled, tmp_path):
     assert len(payload["rng"]) == 2, "every rank's RNG state is saved"
     assert payload["global_batch"] == 8
     assert load_encoder(run / "encoder.pt").metadata["steps"] == 6
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ddp_run_of_moco_gathers_keys_across_ranks(unlabeled, tmp_path):
+    """MoCo under torchrun: InfoNCE gathers the keys of both ranks (all_gather in the forward), the momentum branch
+    follows the same weights on both, rank 0 writes one encoder."""
+    run = tmp_path / "ddp_moco"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "pipelines.cli", "pretrain", "--data", str(unlabeled), "--out", str(run),
+        *FAST, *MOCO, "--set", "train.steps=4", "--set", "optim.batch_size=4",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))
+    assert summary["processes"] == 2
+    assert summary["steps"] == 4
+    assert load_encoder(run / "encoder.pt").metadata["objective"]["name"] == "moco"
