@@ -264,21 +264,27 @@ def test_the_hybrid_logs_its_parts_and_the_gradient_cosines_of_every_block(unlab
         assert all(-1.0 <= value <= 1.0 for value in cosines)
 
 
-@pytest.mark.slow
-def test_two_process_gloo_ddp_run(unlabeled, tmp_path):
-    """The torchrun path on CPU: two ranks, one checkpoint and encoder written by rank 0, one summary line."""
-    run = tmp_path / "ddp"
+def torchrun_pretrain(data: Path, out: Path, *extra: str) -> dict:
+    """``caries-mim pretrain`` on two CPU processes under torchrun (gloo); returns its one summary."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "pipelines.cli", "pretrain", "--data", str(unlabeled), "--out", str(run),
-        *FAST, "--set", "train.steps=6", "--set", "optim.batch_size=4", "--set", "log.checkpoint_every=3",
+        "-m", "pipelines.cli", "pretrain", "--data", str(data), "--out", str(out), *FAST, *extra,
     ]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     summary_lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(summary_lines) == 1, done.stdout
-    summary = json.loads(summary_lines[0])
+    return json.loads(summary_lines[0])
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ddp_run(unlabeled, tmp_path):
+    """The torchrun path on CPU: two ranks, one checkpoint and encoder written by rank 0, one summary line."""
+    run = tmp_path / "ddp"
+    summary = torchrun_pretrain(
+        unlabeled, run, "--set", "train.steps=6", "--set", "optim.batch_size=4", "--set", "log.checkpoint_every=3"
+    )
     assert summary["processes"] == 2
     assert summary["steps"] == 6
     payload = torch.load(run / "checkpoint.pt", weights_only=True)
@@ -289,18 +295,11 @@ def test_two_process_gloo_ddp_run(unlabeled, tmp_path):
 
 @pytest.mark.slow
 def test_two_process_gloo_ddp_run_of_moco_gathers_keys_across_ranks(unlabeled, tmp_path):
-    """MoCo under torchrun: InfoNCE gathers the keys of both ranks (all_gather in the forward), the momentum branch
-    follows the same weights on both, rank 0 writes one encoder."""
+    """MoCo under torchrun: the keys of both ranks are gathered in every forward (an all_gather both ranks must
+    reach, with a momentum branch on each), and rank 0 writes one encoder of the online branch."""
     run = tmp_path / "ddp_moco"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "pipelines.cli", "pretrain", "--data", str(unlabeled), "--out", str(run),
-        *FAST, *MOCO, "--set", "train.steps=4", "--set", "optim.batch_size=4",
-    ]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))
+    summary = torchrun_pretrain(unlabeled, run, *MOCO, "--set", "train.steps=4", "--set", "optim.batch_size=4")
     assert summary["processes"] == 2
     assert summary["steps"] == 4
+    assert math.isfinite(summary["last_loss"])
     assert load_encoder(run / "encoder.pt").metadata["objective"]["name"] == "moco"
