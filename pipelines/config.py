@@ -152,6 +152,19 @@ def _build(schema: type, values: Any, prefix: str, origin: str) -> Any:
         raise InvalidConfigError(f"{section}: {exc} ({origin})") from None
 
 
+def _mapping_defaults(schema: type) -> dict[str, Any]:
+    """The defaults of ``schema``'s plain-mapping fields (``objective: {name: mae}``): the layers merge into them, so
+    ``--set objective.mask_ratio=0.6`` on the defaults keeps the default objective's name. (Dataclass sections need
+    none: :func:`build` fills what a layer leaves out.)"""
+    defaults = {}
+    for item in dataclasses.fields(schema):
+        if item.default_factory is not dataclasses.MISSING:
+            value = item.default_factory()
+            if isinstance(value, dict):
+                defaults[item.name] = value
+    return defaults
+
+
 def load_layered(
     schema: type[Schema],
     prefix: str,
@@ -162,7 +175,7 @@ def load_layered(
     """Defaults <- ``base`` (a resumed run's config.yaml) <- ``config`` (a file or the shipped
     ``{prefix}_{name}.yaml``) <- ``--set`` overrides, built into ``schema``; returns it with its origin (for
     messages)."""
-    values: dict[str, Any] = dict(base or {})
+    values: dict[str, Any] = merge(_mapping_defaults(schema), base or {})
     origin = "defaults"
     if config is not None:
         path = shipped_config(prefix, config)

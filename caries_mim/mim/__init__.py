@@ -12,6 +12,7 @@ from caries_mim.mim.objective import (
 )
 from caries_mim.mim.patches import mask_to_pixels, patchify, unpatchify
 from caries_mim.mim.registry import OBJECTIVES, build_objective
+from caries_mim.mim.semantic_mim import SemanticMIM, SemanticMIMOptions
 from caries_mim.mim.simmim import SimMIM, SimMIMOptions, block_masking
 
 __all__ = [
@@ -27,6 +28,8 @@ __all__ = [
     "ObjectiveOutput",
     "PretrainingObjective",
     "Reconstruction",
+    "SemanticMIM",
+    "SemanticMIMOptions",
     "SimMIM",
     "SimMIMOptions",
     "block_masking",

@@ -73,6 +73,32 @@ def normalize_patches(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return (patches - mean) / std, mean, std
 
 
+def scatter_removed(predicted: torch.Tensor, removed: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """Predictions (B, R, V) of the removed patches ``removed`` (B, R) -> (B, N, V) in patch order, zero elsewhere."""
+    prediction = predicted.new_zeros(predicted.shape[0], num_patches, predicted.shape[-1])
+    return prediction.scatter(1, removed.unsqueeze(-1).expand_as(predicted), predicted)
+
+
+def masked_pixel_loss(
+    prediction: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix_loss: bool
+) -> torch.Tensor:
+    """MAE's loss: the MSE between ``prediction`` (B, N, p*p*C) and the patches of ``images`` (B, C, H, W; each
+    patch standardized when ``norm_pix_loss``), per patch, averaged over the removed ones (``mask`` (B, N) = 1)."""
+    target = patchify(images, patch_size)  # (B, N, p*p*C)
+    if norm_pix_loss:
+        target = normalize_patches(target)[0]
+    per_patch = (prediction.float() - target.float()).pow(2).mean(dim=-1)  # (B, N)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+def norm_pix_to_pixels(prediction: torch.Tensor, target_patches: torch.Tensor, norm_pix_loss: bool) -> torch.Tensor:
+    """Undo norm-pix with the input patch's own mean/std (MAE's visualization), else identity."""
+    if not norm_pix_loss:
+        return prediction
+    _, mean, std = normalize_patches(target_patches)
+    return prediction * std + mean
+
+
 class MaskedAutoencoder(MaskedImageObjective):
     """MAE around a :class:`~caries_mim.models.VisionTransformer`."""
 
@@ -113,11 +139,7 @@ class MaskedAutoencoder(MaskedImageObjective):
         removed = restore.argsort(dim=1)[:, keep.shape[1] :]  # (B, R) indices of the removed patches
         prediction = self._decode(latent, restore, removed, grid)  # (B, N, p*p*C)
 
-        target = patchify(images, encoder.patch_size)  # (B, N, p*p*C)
-        if self.options.norm_pix_loss:
-            target = normalize_patches(target)[0]
-        per_patch = (prediction.float() - target.float()).pow(2).mean(dim=-1)  # (B, N)
-        loss = (per_patch * mask).sum() / mask.sum()
+        loss = masked_pixel_loss(prediction, images, mask, encoder.patch_size, self.options.norm_pix_loss)
         return MIMOutput(loss=loss, mask=mask, prediction=prediction, grid=grid)
 
     def _decode(
@@ -143,12 +165,8 @@ class MaskedAutoencoder(MaskedImageObjective):
             tokens = block(tokens)[0]
         index = (removed + 1).unsqueeze(-1).expand(-1, -1, width)  # token 0 is CLS
         predicted = self.decoder_pred(self.decoder_norm(last.forward_selected(tokens, index)))  # (B, R, p*p*C)
-        prediction = predicted.new_zeros(batch, num_patches, predicted.shape[-1])
-        return prediction.scatter(1, removed.unsqueeze(-1).expand_as(predicted), predicted)
+        return scatter_removed(predicted, removed, num_patches)
 
     def prediction_to_pixels(self, prediction: torch.Tensor, target_patches: torch.Tensor) -> torch.Tensor:
         """Undo norm-pix with the input patch's own mean/std (MAE's visualization), else identity."""
-        if not self.options.norm_pix_loss:
-            return prediction
-        _, mean, std = normalize_patches(target_patches)
-        return prediction * std + mean
+        return norm_pix_to_pixels(prediction, target_patches, self.options.norm_pix_loss)

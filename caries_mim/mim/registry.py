@@ -10,6 +10,7 @@ from caries_mim.mim.hybrid import HybridCLMIM
 from caries_mim.mim.mae import MaskedAutoencoder
 from caries_mim.mim.moco import MoCoV3
 from caries_mim.mim.objective import PretrainingObjective, options_from_dict
+from caries_mim.mim.semantic_mim import SemanticMIM
 from caries_mim.mim.simmim import SimMIM
 from caries_mim.models.vit import VisionTransformer
 
@@ -18,6 +19,7 @@ OBJECTIVES: dict[str, type[PretrainingObjective]] = {
     SimMIM.name: SimMIM,
     MoCoV3.name: MoCoV3,
     HybridCLMIM.name: HybridCLMIM,
+    SemanticMIM.name: SemanticMIM,
 }
 
 

@@ -17,6 +17,7 @@ from caries_mim.mim import (
     MIMOutput,
     MoCoV3,
     PretrainingObjective,
+    SemanticMIM,
     SimMIM,
     SimMIMOptions,
     build_objective,
@@ -29,10 +30,11 @@ from caries_mim.models import VisionTransformer, ViTConfig
 SMALL = ViTConfig(image_size=(64, 64), patch_size=16, embed_dim=64, depth=2, num_heads=4)
 
 
-def test_registry_holds_mae_simmim_moco_and_the_hybrid():
+def test_registry_holds_mae_simmim_moco_the_hybrid_and_semantic_mim():
     assert OBJECTIVES["mae"] is MaskedAutoencoder
     assert OBJECTIVES["simmim"] is SimMIM
     assert OBJECTIVES["moco"] is MoCoV3
+    assert OBJECTIVES["semantic_mim"] is SemanticMIM
     for name, objective_type in OBJECTIVES.items():
         assert objective_type.name == name
         assert issubclass(objective_type, PretrainingObjective)
@@ -42,6 +44,7 @@ def test_registry_holds_mae_simmim_moco_and_the_hybrid():
         "simmim": 1,
         "moco": 2,
         "hybrid": 2,
+        "semantic_mim": 1,
     }
     assert not issubclass(MoCoV3, MaskedImageObjective)
 

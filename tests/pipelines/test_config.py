@@ -45,6 +45,17 @@ def test_overrides_win_over_the_file_and_parse_as_yaml():
     assert config.objective == {"name": "simmim"}
 
 
+def test_objective_options_on_the_defaults_keep_the_default_objective_and_are_checked_by_name():
+    # No config file: the default objective (mae) takes the option, it is not dropped for having no name.
+    assert load_pretrain_config(None, ["objective.mask_ratio=0.6"]).objective == {"name": "mae", "mask_ratio": 0.6}
+    with pytest.raises(InvalidConfigError, match=r"unknown key\(s\) no_such_key"):
+        load_pretrain_config("tiny", ["objective.no_such_key=1"])
+    with pytest.raises(InvalidConfigError, match="unknown objective 'byol'"):
+        load_pretrain_config(None, ["objective.name=byol"])
+    with pytest.raises(InvalidConfigError, match="proxy_tokens must be >= 1"):
+        load_pretrain_config(None, ["objective.name=semantic_mim", "objective.proxy_tokens=0"])
+
+
 def test_model_depth_replaces_the_named_size_depth_only():
     assert load_pretrain_config("tiny", None).encoder_config().depth == 6
     config = load_pretrain_config("tiny", ["model.depth=null"]).encoder_config()

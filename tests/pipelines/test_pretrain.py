@@ -95,7 +95,11 @@ HYBRID = (
 )
 
 
-@pytest.mark.parametrize("objective", [(), MOCO, HYBRID], ids=["mae", "moco", "hybrid"])
+#: SemanticMIM with the CLS token and one extra proxy.
+SEMANTIC_MIM = ("--set", "objective.name=semantic_mim", "--set", "objective.proxy_tokens=2")
+
+
+@pytest.mark.parametrize("objective", [(), MOCO, HYBRID, SEMANTIC_MIM], ids=["mae", "moco", "hybrid", "semantic_mim"])
 def test_resumed_run_reproduces_the_uninterrupted_loss_curve(unlabeled, tmp_path, monkeypatch, objective):
     """10 steps, a SIGINT (what a scheduler's SIGTERM also does), then --resume for the rest == 20 straight steps:
     weights, optimizer, schedule, RNG (masks) and data position (crops) all continue exactly; for MoCo also its
@@ -279,11 +283,15 @@ def torchrun_pretrain(data: Path, out: Path, *extra: str) -> dict:
 
 
 @pytest.mark.slow
-def test_two_process_gloo_ddp_run(unlabeled, tmp_path):
+@pytest.mark.parametrize("objective", [(), SEMANTIC_MIM], ids=["mae", "semantic_mim"])
+def test_two_process_gloo_ddp_run(unlabeled, tmp_path, objective):
     """The torchrun path on CPU: two ranks, one checkpoint and encoder written by rank 0, one summary line."""
     run = tmp_path / "ddp"
     summary = torchrun_pretrain(
-        unlabeled, run, "--set", "train.steps=6", "--set", "optim.batch_size=4", "--set", "log.checkpoint_every=3"
+        unlabeled,
+        run,
+        *("--set", "train.steps=6", "--set", "optim.batch_size=4", "--set", "log.checkpoint_every=3"),
+        *objective,
     )
     assert summary["processes"] == 2
     assert summary["steps"] == 6
