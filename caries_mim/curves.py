@@ -30,13 +30,13 @@ DPI = 200
 PrecisionRecallArrays = tuple[Any, ...]
 
 
-def _new_figure() -> tuple[Figure, Any]:
+def new_figure() -> tuple[Figure, Any]:
     figure = Figure(figsize=FIGURE_SIZE, dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
     return figure, figure.add_subplot()
 
 
-def _save(figure: Figure, path: str | os.PathLike, *, tight: bool = False) -> Path:
+def save_figure(figure: Figure, path: str | os.PathLike, *, tight: bool = False) -> Path:
     """``tight``: grow the canvas to hold what lies outside the axes (a legend below them)."""
     path = Path(path)
     with atomic_path(path) as temporary:
@@ -84,7 +84,7 @@ def plot_precision_recall(
     Raises:
         InvalidArgumentError: a curve that is not in one of those forms.
     """
-    figure, axes = _new_figure()
+    figure, axes = new_figure()
     for name, curve in curves.items():
         recall, precision, ap = _pr_arrays(name, curve)
         label = name if ap is None else f"{name} (AP {ap:.3f})"
@@ -99,7 +99,7 @@ def plot_precision_recall(
         _note(axes, "no class has ground truth")
     axes.set(xlim=(0.0, 1.0), ylim=(0.0, 1.02), xlabel="recall", ylabel="precision", title=title)
     axes.grid(alpha=0.3)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_froc(
@@ -140,7 +140,7 @@ def plot_froc(
         order = np.argsort(fps, kind="mergesort")
         marks = tuple(float(np.interp(rate, fps[order], sensitivity[order])) for rate in rates) if fps.size else None
 
-    figure, axes = _new_figure()
+    figure, axes = new_figure()
     # A log axis cannot show 0 false positives; those points hold at the left edge of the curve anyway.
     shown = fps > 0
     if shown.any():
@@ -160,7 +160,7 @@ def plot_froc(
     axes.set(xlim=(low, high), ylim=(0.0, 1.02), xlabel="false positives per image", ylabel="lesion sensitivity")
     axes.set(title=title)
     axes.grid(alpha=0.3, which="both")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def _efficiency_row(index: int, row: Mapping[str, Any]) -> tuple[str, float, float, float | None, float | None]:
@@ -214,7 +214,7 @@ def plot_label_efficiency(
         if ap50 is not None:
             groups[init][fraction].append((ap50, low, high))
 
-    figure, axes = _new_figure()
+    figure, axes = new_figure()
     fractions: set[float] = set()
     for init, by_fraction in groups.items():
         xs = sorted(by_fraction)
@@ -245,7 +245,7 @@ def plot_label_efficiency(
         _note(axes, "no AP50 to show")
     axes.set(ylim=(0.0, 1.02), xlabel="labeled training images used", ylabel="AP50", title=title)
     axes.grid(alpha=0.3)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 __all__ = ["plot_froc", "plot_label_efficiency", "plot_precision_recall"]
@@ -265,7 +265,7 @@ def plot_learning_curves(
     Raises:
         InvalidArgumentError: a curve whose steps and values differ in length.
     """
-    figure, axes = _new_figure()
+    figure, axes = new_figure()
     # Matplotlib's default cycle has 10 colours: past them, lines repeat colours with another dash and marker so
     # that every run stays distinguishable.
     styles = (("-", "o"), ("--", "s"), (":", "^"))
@@ -283,4 +283,4 @@ def plot_learning_curves(
     if curves:
         # Below the axes: a dozen runs' labels would hide the curves' starts.
         axes.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
-    return _save(figure, path, tight=bool(curves))
+    return save_figure(figure, path, tight=bool(curves))

@@ -45,6 +45,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
 def _positive_minutes(text: str) -> float:
     try:
         value = float(text)
@@ -170,6 +180,56 @@ def _cmd_study_label_efficiency(args: argparse.Namespace) -> int:
         overrides=args.set or [],
         fractions=parse_fractions(args.fractions),
         seeds=args.seeds,
+        bootstrap=args.bootstrap,
+        progress=not args.quiet,
+        command=command_line(args.argv),
+    )
+    print(Path(summary["markdown"]).read_text(encoding="utf-8"), end="")
+    print(json.dumps({key: value for key, value in summary.items() if key != "rows"}))
+    return EXIT_OK
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from pipelines.analyze import AnalysisSettings, parse_encoders, run_analyze, summary_line
+
+    settings = AnalysisSettings(
+        images=args.images,
+        spacing_mm=args.spacing_mm,
+        crop=args.crop,
+        probe_crop=args.probe_crop,
+        healthy_per_image=args.healthy_per_image,
+        seed=args.seed,
+    )
+    summary = run_analyze(
+        parse_encoders(args.encoder),
+        args.data,
+        args.out,
+        labels=args.labels,
+        settings=settings,
+        options=_read_options(args),
+        progress=not args.quiet,
+    )
+    print(json.dumps(summary_line(summary)))
+    return EXIT_OK
+
+
+def _cmd_study_objectives(args: argparse.Namespace) -> int:
+    from pipelines.study import command_line, parse_fractions
+    from pipelines.study_objectives import parse_objectives, run_objectives_study
+
+    summary = run_objectives_study(
+        data=args.data,
+        train=args.train,
+        val=args.val,
+        test=args.test,
+        out=args.out,
+        objectives=parse_objectives(args.objectives),
+        pretrain_config=args.pretrain_config,
+        pretrain_overrides=args.pretrain_set or [],
+        finetune_config=args.config,
+        finetune_overrides=args.set or [],
+        fractions=parse_fractions(args.fractions),
+        seed=args.seed,
         bootstrap=args.bootstrap,
         progress=not args.quiet,
         command=command_line(args.argv),
@@ -394,6 +454,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     finetune.set_defaults(handler=_cmd_finetune)
 
+    analyze = commands.add_parser(
+        "analyze",
+        help="what pretraining did to encoders: attention distance, NMI, Fourier, effective rank, probes",
+        description="Measures one or several encoders on the same radiographs (resampled to --spacing-mm, centre "
+        "crops of --crop px): mean attention distance and query-key NMI per block and head, the relative log "
+        "amplitude of the highest frequency and the effective rank of each block's tokens and, with --labels, "
+        "linear-probe and k-NN accuracy of frozen features on lesion and healthy-surface crops. Writes "
+        "OUT/analysis.json, one PNG per measure (encoders overlaid) and OUT/attention/*.png; prints a one-line "
+        "JSON summary.",
+    )
+    analyze.add_argument(
+        "--encoder",
+        action="append",
+        required=True,
+        metavar="NAME=PATH",
+        help="an encoder.pt (from caries-mim pretrain, or models/foundation_encoder.pt) under a name; repeatable",
+    )
+    analyze.add_argument("--data", type=Path, required=True, metavar="DIR", help="folder of radiographs")
+    analyze.add_argument(
+        "--labels", type=Path, metavar="FILE", help="annotations (COCO, DENTEX or box CSV) for the probes"
+    )
+    analyze.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    analyze.add_argument("--images", type=_positive_int, default=16, help="radiographs measured (default: %(default)s)")
+    analyze.add_argument(
+        "--spacing-mm",
+        type=_positive_float,
+        default=0.1,
+        help="working spacing the radiographs are resampled to, mm/px (default: %(default)s, the demo's)",
+    )
+    analyze.add_argument(
+        "--crop", type=_positive_int, default=160, help="side of the measured field, px (default: %(default)s)"
+    )
+    analyze.add_argument(
+        "--probe-crop", type=_positive_int, default=64, help="side of a probe crop, px (default: %(default)s)"
+    )
+    analyze.add_argument(
+        "--healthy-per-image",
+        type=_non_negative_int,
+        default=2,
+        help="healthy-surface probe crops per labelled image (default: %(default)s)",
+    )
+    analyze.add_argument("--seed", type=_non_negative_int, default=0, help="image choice and split seed")
+    analyze.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_read_options(analyze)
+    analyze.set_defaults(handler=_cmd_analyze)
+
     evaluate = commands.add_parser(
         "evaluate",
         help="evaluate a model package on annotated radiographs (COCO AP, FROC, image-level, 95%% CIs, plots)",
@@ -474,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_read_options(predict)
     predict.set_defaults(handler=_cmd_predict)
 
-    study = commands.add_parser("study", help="experiments made of many runs (label-efficiency)")
+    study = commands.add_parser("study", help="experiments made of many runs (label-efficiency, objectives)")
     studies = study.add_subparsers(dest="study", required=True, metavar="STUDY")
     label_efficiency = studies.add_parser(
         "label-efficiency",
@@ -508,6 +614,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     label_efficiency.add_argument("--quiet", action="store_true", help="no progress bars")
     label_efficiency.set_defaults(handler=_cmd_study_label_efficiency)
+    objectives = studies.add_parser(
+        "objectives",
+        help="pretrain MAE, SimMIM, MoCo, hybrid and SemanticMIM on one budget; analyze and fine-tune each",
+        description="Pretrains every objective on the same unlabeled images with the same steps and encoder size, "
+        "measures them together (caries-mim analyze, probes on the validation labels), fine-tunes each at the "
+        "label fractions beside a random encoder and evaluates on the test split. Writes "
+        "OUT/objectives.{md,csv,png}, OUT/analysis/ and one folder per run; finished runs are reused when the "
+        "command is repeated.",
+    )
+    objectives.add_argument(
+        "--data", nargs="+", type=Path, required=True, metavar="DIR", help="unlabeled radiograph folders"
+    )
+    objectives.add_argument("--train", nargs="+", type=Path, required=True, metavar="FILE")
+    objectives.add_argument("--val", nargs="+", type=Path, required=True, metavar="FILE")
+    objectives.add_argument("--test", nargs="+", type=Path, required=True, metavar="FILE")
+    objectives.add_argument("--out", type=Path, required=True, metavar="DIR")
+    objectives.add_argument(
+        "--objectives",
+        default="mae,simmim,moco,hybrid,semantic_mim",
+        metavar="NAMES",
+        help="objectives compared, comma-separated (default: %(default)s)",
+    )
+    objectives.add_argument(
+        "--pretrain-config", default="demo", metavar="FILE|NAME", help="pretraining config (default: %(default)s)"
+    )
+    objectives.add_argument(
+        "--pretrain-set", action="append", metavar="KEY=VALUE", help="pretraining override, e.g. train.steps=1000"
+    )
+    objectives.add_argument(
+        "--config", default="demo", metavar="FILE|NAME", help="fine-tuning config (default: %(default)s)"
+    )
+    objectives.add_argument("--set", action="append", metavar="KEY=VALUE", help="fine-tuning override (repeatable)")
+    objectives.add_argument(
+        "--fractions", default="10,100", metavar="PERCENTS", help="label fractions in percent (default: %(default)s)"
+    )
+    objectives.add_argument("--seed", type=_non_negative_int, default=0, help="fine-tuning and analysis seed")
+    objectives.add_argument(
+        "--bootstrap", type=_non_negative_int, default=1000, metavar="N", help="bootstrap resamples for the CIs"
+    )
+    objectives.add_argument("--quiet", action="store_true", help="no progress bars")
+    objectives.set_defaults(handler=_cmd_study_objectives)
 
     demo = commands.add_parser(
         "demo",
