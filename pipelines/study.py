@@ -111,7 +111,9 @@ def run_label_efficiency(
     rows = []
     for number, planned in enumerate(plan, start=1):
         print(f"[{number}/{len(plan)}] {planned.name}", file=sys.stderr, flush=True)
-        rows.append(_run_one(planned, train, val, test, encoder, out, config, overrides, bootstrap, progress=progress))
+        rows.append(
+            run_study_arm(planned, train, val, test, encoder, out, config, overrides, bootstrap, progress=progress)
+        )
     written = _write_outputs(out, rows, command)
     return {
         "out": str(out),
@@ -122,7 +124,7 @@ def run_label_efficiency(
     }
 
 
-def _run_one(
+def run_study_arm(
     planned: StudyRun,
     train: Sequence[Path],
     val: Sequence[Path],
@@ -215,30 +217,55 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _write_outputs(out: Path, rows: list[dict[str, Any]], command: str | None) -> dict[str, str]:
+    return write_study_outputs(
+        out / "label_efficiency",
+        rows,
+        CSV_COLUMNS,
+        title="Label efficiency: test AP50, fine-tuned from scratch vs from the MIM encoder",
+        table=markdown_table(rows),
+        command=command,
+        arm="init",
+        plot_title="Label efficiency (test AP50)",
+    )
+
+
+def write_study_outputs(
+    stem: Path,
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[str],
+    *,
+    title: str,
+    table: str,
+    command: str | None,
+    arm: str,
+    plot_title: str,
+) -> dict[str, str]:
+    """A study's ``stem``.csv (``columns`` of every row), ``stem``.md (``title``, the command, ``table``) and
+    ``stem``.png (test AP50 against the label fraction, one line per value of the rows' ``arm`` key), atomically."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({key: "" if row[key] is None else row[key] for key in CSV_COLUMNS})
-    csv_path, md_path, png_path = (out / f"label_efficiency.{ext}" for ext in ("csv", "md", "png"))
+        writer.writerow({key: "" if row[key] is None else row[key] for key in columns})
+    csv_path, md_path, png_path = (stem.with_name(f"{stem.name}.{ext}") for ext in ("csv", "md", "png"))
     with atomic_path(csv_path) as temporary:
         temporary.write_text(buffer.getvalue(), encoding="utf-8")
-    header = "# Label efficiency: test AP50, fine-tuned from scratch vs from the MIM encoder\n\n"
+    header = f"# {title}\n\n"
     if command:
         header += f"Made by:\n\n```\n{command}\n```\n\n"
     with atomic_path(md_path) as temporary:
-        temporary.write_text(header + markdown_table(rows), encoding="utf-8")
+        temporary.write_text(header + table, encoding="utf-8")
     plot_rows = [
         {
             "fraction": row["fraction"],
-            "init": row["init"],
+            "init": row[arm],
             "ap50": row["test_ap50"],
             "ap50_low": row["test_ap50_low"],
             "ap50_high": row["test_ap50_high"],
         }
         for row in rows
     ]
-    plot_label_efficiency(plot_rows, png_path, title="Label efficiency (test AP50)")
+    plot_label_efficiency(plot_rows, png_path, title=plot_title)
     return {"csv": str(csv_path), "markdown": str(md_path), "plot": str(png_path)}
 
 
