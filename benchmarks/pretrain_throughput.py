@@ -9,6 +9,12 @@ MLP 1024; 224 x 224 x 1 input, mask ratio 0.75, qkv bias) with the same batch, i
   * peak   - the best square matmul rate of this device in this process (fp32 on CPU, bf16 on a GPU);
   * loader - ``UnlabeledRadiographs`` + ``mim_pretrain_transform`` through a DataLoader, decode cache warm.
 
+With ``--objectives`` (e.g. ``simmim,moco,hybrid,semantic_mim``) the run also times a step of each of those
+objectives on the same encoder, batch and optimizer, beside ours (MAE) in alternating rounds, with its FLOPs; a
+two-view objective (MoCo, the hybrid) trains on two views of each of the batch's images. The loader line then also
+times the two-view dataset (``views=2``, ``contrastive_view_transform``): each image is decoded once and augmented
+twice, so it should deliver about as many images per second as the one-view loader, not half.
+
 A training step is zero_grad, forward, loss, backward and one AdamW step (the same optimizer for both: fused when
 the device supports it). fp32 on CPU, bf16 autocast on CUDA. Ours and MONAI are timed in alternating rounds (the
 order flips every round) and each reports the median round, so machine noise hits both alike. FLOPs per step come
@@ -16,7 +22,7 @@ from torch's FlopCounterMode over one forward + backward, with attention counted
 ``ATTENTION_NOTE``). Prints human-readable lines, then a final JSON line.
 
     python benchmarks/pretrain_throughput.py [--device auto] [--batch 16] [--steps 2] [--rounds 4] [--threads N]
-        [--data DIR] [--workers 2] [--compile]
+        [--data DIR] [--workers 2] [--compile] [--objectives simmim,moco,hybrid,semantic_mim]
 
 Defaults on a GPU: batch 256, 20 steps per round, 5 warmup steps, 8 loader workers. On a CPU the run also reports
 the smallest share of the cores this process got during the timed rounds: under ~90% another process was competing
@@ -42,7 +48,8 @@ from machine import cpu_name  # benchmarks/machine.py (this folder is on sys.pat
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from caries_mim.data import DecodeCache, UnlabeledRadiographs, mim_pretrain_transform
+from caries_mim.data import DecodeCache, UnlabeledRadiographs, contrastive_view_transform, mim_pretrain_transform
+from caries_mim.mim import PretrainingObjective, build_objective
 from caries_mim.mim.mae import MAEOptions, MaskedAutoencoder, normalize_patches
 from caries_mim.mim.patches import patchify
 from caries_mim.models.config import ViTConfig
@@ -69,8 +76,8 @@ Step = Callable[[], None]
 # ---------------------------------------------------------------------------------------------------------- models
 
 
-def build_ours(norm_pix_loss: bool) -> MaskedAutoencoder:
-    config = ViTConfig(
+def encoder_config() -> ViTConfig:
+    return ViTConfig(
         image_size=(IMAGE_SIZE, IMAGE_SIZE),
         patch_size=PATCH,
         in_channels=1,
@@ -80,6 +87,20 @@ def build_ours(norm_pix_loss: bool) -> MaskedAutoencoder:
         mlp_ratio=ENCODER["mlp_dim"] / ENCODER["embed_dim"],
         qkv_bias=True,
     )
+
+
+#: Options of the other objectives for ViT-S (MoCo v3's reference MLP widths; the hybrid's weight is the paper's
+#: fine-tuning choice; SemanticMIM with 8 proxies).
+OBJECTIVE_OPTIONS = {
+    "simmim": {},
+    "moco": {},
+    "hybrid": {"contrastive_weight": 0.2},
+    "semantic_mim": {"proxy_tokens": 8, "mask_ratio": MASK_RATIO},
+}
+
+
+def build_ours(norm_pix_loss: bool) -> MaskedAutoencoder:
+    config = encoder_config()
     options = MAEOptions(
         mask_ratio=MASK_RATIO,
         decoder_dim=DECODER["dim"],
@@ -133,6 +154,14 @@ def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
 
 def ours_loss(model: MaskedAutoencoder) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda images: model(images).loss
+
+
+def objective_loss(objective: PretrainingObjective) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The objective's loss on the benchmark's (B, 1, H, W) batch; a two-view objective gets (B, 2, 1, H, W): the
+    batch and its mirror image (the step's cost does not depend on how the views differ)."""
+    if objective.views == 1:
+        return lambda images: objective(images).loss
+    return lambda images: objective(torch.stack([images, images.flip(-1)], dim=1)).loss
 
 
 def monai_loss(model: torch.nn.Module, norm_pix_loss: bool) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -322,7 +351,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, help="DataLoader workers (default 2 on CPU, 8 on CUDA)")
     parser.add_argument("--loader-seconds", type=float, default=3.0, help="how long to time the loader")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of ours")
+    parser.add_argument(
+        "--objectives",
+        default="",
+        help=f"also time these objectives' steps beside MAE, comma-separated ({', '.join(OBJECTIVE_OPTIONS)})",
+    )
     args = parser.parse_args()
+    args.objectives = [name for name in args.objectives.split(",") if name.strip()]
+    unknown = [name for name in args.objectives if name not in OBJECTIVE_OPTIONS]
+    if unknown:
+        parser.error(f"--objectives: unknown {', '.join(unknown)}; choose from {', '.join(OBJECTIVE_OPTIONS)}")
     if args.rounds < 1 or (args.steps is not None and args.steps < 1):
         parser.error("--rounds and --steps must be >= 1")
     return args
@@ -382,20 +420,29 @@ def main() -> None:
         }
         params = {name: sum(p.numel() for p in trainable(model)) for name, model in models.items()}
         flops = {name: flops_per_step(losses[name], models[name], images, autocast) for name in models}
+        others: dict[str, torch.nn.Module] = {}
+        for name in args.objectives:
+            torch.manual_seed(0)
+            others[name] = build_objective(name, VisionTransformer(encoder_config()), OBJECTIVE_OPTIONS[name])
+            others[name] = others[name].to(device).train()
+            losses[name] = objective_loss(others[name])
+            step_of[name] = make_step(losses[name], make_optimizer(trainable(others[name]), fused), images, autocast)
+            flops[name] = flops_per_step(losses[name], others[name], images, autocast)
 
         # ---- the matmul peak (before and after the models, best taken), warmup, alternating rounds
         # CPUs without bf16 units emulate it at a few GFLOP/s: keep those sizes small.
         sizes = (4096, 8192) if on_gpu else (1024, 2048, 4096) if precision == "fp32" else (256, 512)
         peak_seconds = 0.5 if on_gpu else 1.0
         peak = matmul_peak(device, dtype, sizes, peak_seconds)
-        for name in models:
+        timed = [*models, *others]
+        for name in timed:
             for _ in range(warmup):
                 step_of[name]()
-        rounds: dict[str, list[float]] = {name: [] for name in models}
+        rounds: dict[str, list[float]] = {name: [] for name in timed}
         cpu_share: list[float] = []  # process CPU time / (wall time x threads): under 1 when others took cores
         steal_share: list[float] = []  # hypervisor steal / (wall time x cores): above 0 when other VMs took them
         for index in range(args.rounds):
-            for name in ("ours", "monai") if index % 2 == 0 else ("monai", "ours"):
+            for name in timed if index % 2 == 0 else timed[::-1]:
                 cpu_started, wall_started, steal_started = time.process_time(), time.perf_counter(), steal_seconds()
                 rounds[name].append(images_per_second(step_of[name], steps, batch, device))
                 wall = time.perf_counter() - wall_started
@@ -417,6 +464,17 @@ def main() -> None:
 
         # ---- the data pipeline alone (on a small machine its workers would compete with the step)
         loader_img_s = loader_images_per_second(dataset, batch, workers, on_gpu, args.loader_seconds)
+        two_view_img_s = None
+        if any(others[name].views > 1 for name in others):
+            # Images (each with both its views) per second: decoded once, augmented twice.
+            two_views = UnlabeledRadiographs(
+                data_root,
+                cache=DecodeCache(root / "cache"),
+                transform=contrastive_view_transform(IMAGE_SIZE),
+                views=2,
+                progress=False,
+            )
+            two_view_img_s = loader_images_per_second(two_views, batch, workers, on_gpu, args.loader_seconds)
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
 
     img_s = {name: statistics.median(values) for name, values in rounds.items()}
@@ -468,6 +526,17 @@ def main() -> None:
             f"steal max {steal:.0%}"
             + (" - others took CPU time: figures are low and noisy, rerun when idle" if noisy else "")
         )
+    for name in others:
+        print(
+            f"{name:<13}{img_s[name]:>7.2f} img/s ({img_s[name] / img_s['ours']:.2f}x MAE), "
+            f"{flops[name] / 1e9:.1f} GFLOP/step ({flops[name] / flops['ours']:.2f}x MAE), "
+            f"{gflops(flops[name] * img_s[name] / batch)} achieved"
+        )
+    if two_view_img_s is not None:
+        print(
+            f"two-view loader: {two_view_img_s:.1f} images/s (each with both views), "
+            f"{two_view_img_s / loader_img_s:.2f}x the one-view loader: one decode serves both views"
+        )
     if compiled_img_s is not None:
         print(f"ours, torch.compile: {compiled_img_s:.2f} img/s ({compiled_img_s / img_s['monai']:.2f}x monai)")
     print(
@@ -500,6 +569,16 @@ def main() -> None:
         "ours_peak_fraction": round(fraction["ours"], 4),
         "monai_peak_fraction": round(fraction["monai"], 4),
         "ours_compiled_img_s": None if compiled_img_s is None else round(compiled_img_s, 3),
+        "objectives": {
+            name: {
+                "img_s": round(img_s[name], 3),
+                "relative_to_mae": round(img_s[name] / img_s["ours"], 3),
+                "flops_per_step": flops[name],
+                "flops_relative_to_mae": round(flops[name] / flops["ours"], 3),
+            }
+            for name in others
+        },
+        "two_view_loader_img_s": None if two_view_img_s is None else round(two_view_img_s, 2),
         "loader_img_s": round(loader_img_s, 2),
         "loader_workers": workers,
         "loader_headroom": round(loader_img_s / img_s["ours"], 2),
