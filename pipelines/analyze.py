@@ -36,6 +36,7 @@ from caries_mim.analysis import (
     knn_accuracy,
     linear_probe_accuracy,
     mean_attention_distance,
+    patch_distances,
     surface_crops,
     to_working_scale,
 )
@@ -152,7 +153,7 @@ def measure_layers(encoder: VisionTransformer, fields: torch.Tensor, spacing_mm:
     depth = len(encoder.blocks)
     output = encoder(fields, hidden_blocks=range(depth), attention_blocks=range(depth))
     grid, patch = output.grid, encoder.patch_size
-    layers: dict[str, list[Any]] = {
+    layers: dict[str, Any] = {
         key: [] for key in ("attention_distance_px", "attention_distance_mm", "nmi", "high_frequency", "effective_rank")
     }
     for block in range(depth):
@@ -164,6 +165,8 @@ def measure_layers(encoder: VisionTransformer, fields: torch.Tensor, spacing_mm:
         layers["high_frequency"].append(round(high_frequency_log_amplitude(output.feature_map(block)), 4))
         tokens = output.hidden[block][:, 1:]
         layers["effective_rank"].append(round(effective_rank(tokens.reshape(-1, tokens.shape[-1])), 3))
+    uniform = patch_distances(grid, patch).mean().item()  # what a head attending everywhere alike would give
+    layers["uniform_attention_distance_mm"] = round(uniform * spacing_mm, 4)
     rows, columns = grid
     cls_attention = {
         block: output.attention[block][:, :, 0, 1:].reshape(fields.shape[0], -1, rows, columns)
@@ -208,6 +211,7 @@ def _write_figures(out: Path, results: Mapping[str, dict[str, Any]], chance: flo
             "distance (mm)",
             {name: _mean(layer["attention_distance_mm"]) for name, layer in layers.items()},
             {name: layer["attention_distance_mm"] for name, layer in layers.items()},
+            reference=(next(iter(layers.values()))["uniform_attention_distance_mm"], "uniform attention"),
         ),
         "nmi": layer_figure(
             out / "nmi.png",
@@ -215,6 +219,7 @@ def _write_figures(out: Path, results: Mapping[str, dict[str, Any]], chance: flo
             "NMI",
             {name: _mean(layer["nmi"]) for name, layer in layers.items()},
             {name: layer["nmi"] for name, layer in layers.items()},
+            reference=(0.0, "collapse: every query attends alike"),
         ),
         "high_frequency": layer_figure(
             out / "fourier.png",

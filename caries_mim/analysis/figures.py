@@ -22,10 +22,14 @@ def layer_figure(
     ylabel: str,
     per_layer: Mapping[str, Sequence[float]],
     per_head: Mapping[str, Sequence[Sequence[float]]] | None = None,
+    reference: tuple[float, str] | None = None,
 ) -> Path:
     """A measure against block index (1 = first block), one line per encoder; ``per_head`` adds each head as a dot
-    of the encoder's colour (attention distance and NMI vary more between heads than between layers)."""
+    of the encoder's colour (attention distance and NMI vary more between heads than between layers);
+    ``reference`` (value, label) a dashed grey line, e.g. what uniform attention would give."""
     figure, axes = new_figure()
+    if reference is not None:
+        axes.axhline(reference[0], color="gray", linestyle="--", label=reference[1])
     for index, (name, values) in enumerate(per_layer.items()):
         colour = f"C{index}"
         layers = np.arange(1, len(values) + 1)
@@ -68,4 +72,5 @@ def attention_picture(image: np.ndarray, cls_attention: torch.Tensor, heads: Seq
         coloured = cv2.applyColorMap(to_uint8(heat), cv2.COLORMAP_INFERNO)[..., ::-1]
         grey = np.repeat(base[..., None], 3, axis=2)
         pictures.append(Image.fromarray((0.5 * grey + 0.5 * coloured).astype(np.uint8)))
-    return tile(pictures, columns=len(pictures), cell_width=base.shape[1])
+    # At least 320 px a cell: a 160 px field's 10 x 10 patches stay readable.
+    return tile(pictures, columns=len(pictures), cell_width=max(base.shape[1], 320))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,14 @@ def test_several_encoders_are_measured_on_the_same_images_with_probes_and_figure
             pixels, millimetres = layers["attention_distance_px"][block], layers["attention_distance_mm"][block]
             assert millimetres == pytest.approx([0.1 * px for px in pixels], abs=1e-3)
             assert 1.0 <= layers["effective_rank"][block] <= TINY.embed_dim
+        # A random encoder attends almost uniformly: its distances sit near the uniform reference (96 px crops at
+        # 0.1 mm/px: a 6 x 6 grid of 1.6 mm patches).
+        uniform = layers["uniform_attention_distance_mm"]
+        pairs = [math.hypot(a // 6 - b // 6, a % 6 - b % 6) * 1.6 for a in range(36) for b in range(36)]
+        assert uniform == pytest.approx(sum(pairs) / len(pairs), abs=1e-3)
+        assert all(
+            abs(value - uniform) < 0.25 * uniform for heads in layers["attention_distance_mm"] for value in heads
+        )
         assert 0.0 <= result["probe"]["linear_probe"] <= 1.0
         assert result["probe"]["train_crops"] > 0
         assert result["probe"]["test_crops"] > 0

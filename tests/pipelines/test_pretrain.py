@@ -302,12 +302,26 @@ def test_two_process_gloo_ddp_run(unlabeled, tmp_path, objective):
 
 
 @pytest.mark.slow
-def test_two_process_gloo_ddp_run_of_moco_gathers_keys_across_ranks(unlabeled, tmp_path):
-    """MoCo under torchrun: the keys of both ranks are gathered in every forward (an all_gather both ranks must
-    reach, with a momentum branch on each), and rank 0 writes one encoder of the online branch."""
-    run = tmp_path / "ddp_moco"
-    summary = torchrun_pretrain(unlabeled, run, *MOCO, "--set", "train.steps=4", "--set", "optim.batch_size=4")
+@pytest.mark.parametrize(("objective", "name"), [(MOCO, "moco"), (HYBRID, "hybrid")], ids=["moco", "hybrid"])
+def test_two_process_gloo_ddp_run_of_moco_gathers_keys_across_ranks(unlabeled, tmp_path, objective, name):
+    """MoCo (alone, and as the hybrid's contrastive part) under torchrun: the keys of both ranks are gathered in
+    every forward (an all_gather both ranks must reach, with a momentum branch on each), and rank 0 writes one
+    encoder of the online branch (the hybrid also logs its gradient cosines there, from rank 0's batch alone)."""
+    run = tmp_path / f"ddp_{name}"
+    summary = torchrun_pretrain(
+        unlabeled,
+        run,
+        *objective,
+        "--set",
+        "train.steps=4",
+        "--set",
+        "optim.batch_size=4",
+        "--set",
+        "log.images_every=2",
+    )
     assert summary["processes"] == 2
     assert summary["steps"] == 4
     assert math.isfinite(summary["last_loss"])
-    assert load_encoder(run / "encoder.pt").metadata["objective"]["name"] == "moco"
+    assert load_encoder(run / "encoder.pt").metadata["objective"]["name"] == name
+    if name == "hybrid":
+        assert (run / "diagnostics.jsonl").read_text().count("\n") == 2  # steps 2 and 4
