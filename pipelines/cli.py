@@ -167,6 +167,13 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _print_study(summary: dict) -> int:
+    """A study's table (its markdown file), then its summary as one JSON line without the rows."""
+    print(Path(summary["markdown"]).read_text(encoding="utf-8"), end="")
+    print(json.dumps({key: value for key, value in summary.items() if key != "rows"}))
+    return EXIT_OK
+
+
 def _cmd_study_label_efficiency(args: argparse.Namespace) -> int:
     from pipelines.study import command_line, parse_fractions, run_label_efficiency
 
@@ -184,9 +191,7 @@ def _cmd_study_label_efficiency(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         command=command_line(args.argv),
     )
-    print(Path(summary["markdown"]).read_text(encoding="utf-8"), end="")
-    print(json.dumps({key: value for key, value in summary.items() if key != "rows"}))
-    return EXIT_OK
+    return _print_study(summary)
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -234,9 +239,7 @@ def _cmd_study_objectives(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         command=command_line(args.argv),
     )
-    print(Path(summary["markdown"]).read_text(encoding="utf-8"), end="")
-    print(json.dumps({key: value for key, value in summary.items() if key != "rows"}))
-    return EXIT_OK
+    return _print_study(summary)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:

@@ -179,12 +179,23 @@ def run_study_arm(
     }
 
 
-def _format(value: Any, digits: int = 3) -> str:
+def format_cell(value: Any, digits: int = 3) -> str:
+    """A table cell: floats to ``digits`` decimals, None as n/a."""
     if value is None:
         return "n/a"
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+def ap50_cell(row: dict[str, Any] | None) -> str:
+    """A row's test AP50 with its bootstrap interval when there is one: ``0.812 (0.749-0.863)``."""
+    if row is None:
+        return "n/a"
+    interval = ""
+    if row.get("test_ap50_low") is not None:
+        interval = f" ({format_cell(row['test_ap50_low'])}-{format_cell(row['test_ap50_high'])})"
+    return format_cell(row.get("test_ap50")) + interval
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -199,15 +210,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     for fraction in fractions:
         for seed in seeds:
             scratch, pretrained = by_key.get(("scratch", fraction, seed)), by_key.get(("pretrained", fraction, seed))
-            cells = []
-            for row in (scratch, pretrained):
-                if row is None:
-                    cells.append("n/a")
-                else:
-                    interval = ""
-                    if row["test_ap50_low"] is not None:
-                        interval = f" ({_format(row['test_ap50_low'])}-{_format(row['test_ap50_high'])})"
-                    cells.append(_format(row["test_ap50"]) + interval)
+            cells = [ap50_cell(scratch), ap50_cell(pretrained)]
             gain = "n/a"
             if scratch and pretrained and scratch["test_ap50"] is not None and pretrained["test_ap50"] is not None:
                 gain = f"{pretrained['test_ap50'] - scratch['test_ap50']:+.3f}"

@@ -36,7 +36,7 @@ from pipelines.analyze import AnalysisSettings, run_analyze
 from pipelines.finetune import load_finetune_config
 from pipelines.pretrain import load_pretrain_config, run_pretrain
 from pipelines.run_folder import read_run_config
-from pipelines.study import StudyRun, run_study_arm, write_study_outputs
+from pipelines.study import StudyRun, ap50_cell, format_cell, run_study_arm, write_study_outputs
 
 #: The objectives compared, with the options that size them for the study's small encoders (MoCo v3's reference
 #: MLPs are 4096 wide for ViT-B; a ViT-Tiny's 192-wide CLS token gets 1024, as the hybrid's MoCo part does).
@@ -223,12 +223,6 @@ def _rows(
     return rows
 
 
-def _cell(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """One line per objective: pretraining, the diagnostics of its last block, probes and test AP50 per fraction."""
     fractions = sorted({row["fraction"] for row in rows})
@@ -243,23 +237,16 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     ]
     for arm, per_fraction in by_arm.items():
         first = next(iter(per_fraction.values()))
-        aps = []
-        for fraction in fractions:
-            row = per_fraction.get(fraction) or {}
-            interval = ""
-            if row.get("test_ap50_low") is not None:
-                interval = f" ({_cell(row['test_ap50_low'])}-{_cell(row['test_ap50_high'])})"
-            aps.append(_cell(row.get("test_ap50")) + interval)
+        aps = [ap50_cell(per_fraction.get(fraction)) for fraction in fractions]
         distance = "n/a"
         if first["attention_distance_mm_first"] is not None:
-            distance = (
-                f"{_cell(first['attention_distance_mm_first'], 2)} / {_cell(first['attention_distance_mm_last'], 2)}"
-            )
+            first_block, last_block = first["attention_distance_mm_first"], first["attention_distance_mm_last"]
+            distance = f"{format_cell(first_block, 2)} / {format_cell(last_block, 2)}"
         name = "random encoder (floor)" if arm == "scratch" else arm
         lines.append(
-            f"| {name} | {_cell(first['pretrain_last_loss'])} | {distance} | {_cell(first['nmi_last'])} | "
-            f"{_cell(first['high_frequency_first'], 2)} | {_cell(first['effective_rank_last'], 1)} | "
-            f"{_cell(first['linear_probe'])} | {_cell(first['knn'])} | {' | '.join(aps)} |"
+            f"| {name} | {format_cell(first['pretrain_last_loss'])} | {distance} | {format_cell(first['nmi_last'])} | "
+            f"{format_cell(first['high_frequency_first'], 2)} | {format_cell(first['effective_rank_last'], 1)} | "
+            f"{format_cell(first['linear_probe'])} | {format_cell(first['knn'])} | {' | '.join(aps)} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -41,13 +41,13 @@ def test_the_plan_spends_what_is_left_after_start_up_and_evaluations_on_steps():
     assert abs(slower.steps - slower_seconds / (LOOP_OVERHEAD * 0.4)) <= 1
 
 
-def test_further_inference_passes_cost_less_than_the_first_one():
+def test_further_inference_passes_cost_no_more_than_the_first_one():
     one = plan_steps(700.0, 0.2, validation_images=120, evaluated_after=124, validations=2, max_steps=10_000)
     four = plan_steps(
         700.0, 0.2, validation_images=120, evaluated_after=124, validations=2, max_steps=10_000, inference_passes=4
     )
     per_image = STEPS_PER_EVALUATED_IMAGE + 3 * STEPS_PER_EXTRA_PASS
-    assert STEPS_PER_EXTRA_PASS < STEPS_PER_EVALUATED_IMAGE
+    assert STEPS_PER_EXTRA_PASS <= STEPS_PER_EVALUATED_IMAGE  # the image is read and resampled once
     assert four.seconds_for_steps == pytest.approx(
         700.0 - SECONDS_AFTER_FINETUNING - STARTUP_SECONDS - 364 * per_image * 0.2
     )

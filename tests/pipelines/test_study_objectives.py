@@ -13,8 +13,9 @@ from caries_mim.errors import InvalidArgumentError
 from caries_mim.synth import generate_dataset
 from pipelines.cli import main
 from pipelines.study_objectives import OBJECTIVE_SETTINGS, parse_objectives
+from tests.pipelines.test_study import FAST
 
-#: Tiny pretraining (a 2-block ViT on 64 px crops, 3 steps) and fine-tuning (the label-efficiency test's: 2 steps).
+#: Tiny pretraining: a 2-block ViT on 64 px crops, 3 steps.
 PRETRAIN = [
     "--pretrain-config", "tiny",
     "--pretrain-set", "model.depth=2",
@@ -25,22 +26,8 @@ PRETRAIN = [
     "--pretrain-set", "train.threads=1",
     "--pretrain-set", "log.images=2",
 ]  # fmt: skip
-FINETUNE = [
-    "--config", "tiny",
-    "--set", "detector.image_size=64",
-    "--set", "detector.roi_size=64",
-    "--set", "detector.sliding_window_overlap=0.5",
-    "--set", "detector.max_downscale=32",
-    "--set", "detector.pyramid_channels=16",
-    "--set", "optim.batch_size=2",
-    "--set", "data.workers=0",
-    "--set", "train.threads=1",
-    "--set", "train.steps=2",
-    "--set", "eval.every=2",
-    "--set", "eval.overlays=1",
-    "--bootstrap", "20",
-    "--quiet",
-]  # fmt: skip
+#: Fine-tuning as in the label-efficiency test (2 steps, validation and package at step 2, 20 bootstrap resamples).
+FINETUNE = FAST
 
 
 @pytest.fixture(scope="module")
