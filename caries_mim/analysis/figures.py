@@ -52,7 +52,7 @@ def probe_figure(path: str | os.PathLike, results: Mapping[str, Mapping[str, flo
     for offset, (key, label) in zip((-0.2, 0.2), (("linear_probe", "linear probe"), ("knn", "k-NN")), strict=True):
         axes.bar(positions + offset, [results[name][key] for name in names], width=0.4, label=label)
     axes.axhline(chance, color="gray", linestyle="--", label=f"majority class ({chance:.2f})")
-    axes.set_xticks(positions, names)
+    axes.set_xticks(positions, names, rotation=20, ha="right")
     axes.set_ylim(0, 1)
     axes.set_ylabel("held-out accuracy")
     axes.set_title("frozen features: healthy / caries / deep caries surfaces")
