@@ -92,6 +92,14 @@ def parse_encoders(values: Sequence[str]) -> dict[str, Path]:
     return encoders
 
 
+def _read_at_working_scale(
+    path: Path, settings: AnalysisSettings, options: ReadOptions | None
+) -> tuple[np.ndarray, float]:
+    """A radiograph's pixels resampled to the working spacing, and the factor from its own pixels."""
+    radiograph = read_radiograph(path, options)
+    return to_working_scale(radiograph.pixels, radiograph.spacing_mm, settings.spacing_mm)
+
+
 def _fields(data: Path, settings: AnalysisSettings, options: ReadOptions | None) -> tuple[torch.Tensor, list[str]]:
     """(B, 1, crop, crop) float32 centre crops at the working scale of up to ``settings.images`` radiographs of
     ``data`` (a seeded choice), and their file names."""
@@ -102,8 +110,7 @@ def _fields(data: Path, settings: AnalysisSettings, options: ReadOptions | None)
     chosen = sorted(rng.choice(len(files), size=min(settings.images, len(files)), replace=False).tolist())
     crops, names = [], []
     for index in chosen:
-        radiograph = read_radiograph(files[index], options)
-        image, _ = to_working_scale(radiograph.pixels, radiograph.spacing_mm, settings.spacing_mm)
+        image, _ = _read_at_working_scale(files[index], settings, options)
         crops.append(centre_crop(image, settings.crop))
         names.append(files[index].name)
     return torch.from_numpy(np.stack(crops)).unsqueeze(1), names
@@ -113,14 +120,13 @@ def _probe_samples(
     labels: Path, settings: AnalysisSettings, options: ReadOptions | None, progress: bool
 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, tuple[str, ...]]:
     """Surface crops of every labelled image: (M, 1, s, s) pixels, (M,) labels (0 healthy), (M,) image index, and
-    the class names behind labels 1...; raises when a class has no crop on either side of the split."""
+    the class names behind labels 1...; raises when no crop could be made."""
     annotations = load_annotations(labels)
     rng = np.random.default_rng(settings.seed)
     pixels, targets, images = [], [], []
     records = tqdm(annotations.records, desc="probe crops", unit="image", leave=False, disable=not progress)
     for number, record in enumerate(records):
-        radiograph = read_radiograph(record.image_path, options)
-        image, factor = to_working_scale(radiograph.pixels, radiograph.spacing_mm, settings.spacing_mm)
+        image, factor = _read_at_working_scale(record.image_path, settings, options)
         for crop in surface_crops(
             image, record.boxes * factor, record.labels, settings.probe_crop, settings.healthy_per_image, rng
         ):

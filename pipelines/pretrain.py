@@ -44,8 +44,8 @@ from caries_mim.data import (
 )
 from caries_mim.errors import InvalidArgumentError, InvalidConfigError
 from caries_mim.io import DEFAULT_ALLOWED_MODALITIES, ReadOptions
-from caries_mim.mim import OBJECTIVES, MaskedImageObjective, PretrainingObjective, build_objective
-from caries_mim.mim.objective import options_from_dict
+from caries_mim.mim import MaskedImageObjective, PretrainingObjective, build_objective
+from caries_mim.mim.registry import objective_options
 from caries_mim.models import VisionTransformer, ViTConfig, import_mae_weights, save_encoder
 from caries_mim.models.encoder_file import encoder_from_payload, is_encoder_payload, read_weights_file
 from caries_mim.visualization import tile, to_uint8
@@ -191,11 +191,8 @@ def load_pretrain_config(
     except InvalidArgumentError as exc:
         raise InvalidConfigError(f"model/data: {exc.message} ({origin})") from None
     # The objective's name and option keys are checked now, before a run folder or a data index is made.
-    name = built.objective["name"]
-    if name not in OBJECTIVES:
-        raise InvalidConfigError(f"objective.name: unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
     options = {key: value for key, value in built.objective.items() if key != "name"}
-    options_from_dict(OBJECTIVES[name].Options, options, f"objective options for {name!r} ({origin})")
+    objective_options(built.objective["name"], options, origin)
     return built
 
 

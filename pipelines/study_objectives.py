@@ -82,6 +82,11 @@ def parse_objectives(text: str) -> tuple[str, ...]:
     return names
 
 
+def _pretrain_settings(name: str, overrides: Sequence[str]) -> list[str]:
+    """The ``--set`` list that makes the pretraining config train objective ``name`` with its study options."""
+    return [f"objective.name={name}", *OBJECTIVE_SETTINGS[name], *overrides]
+
+
 def _pretrain(
     name: str, data: Sequence[Path], out: Path, config: str | None, overrides: Sequence[str], progress: bool
 ) -> dict[str, Any]:
@@ -89,8 +94,8 @@ def _pretrain(
     summary = folder / "summary.json"
     if not summary.is_file():
         resume = (folder / "checkpoint.pt").is_file()
-        settings = [f"objective.name={name}", *OBJECTIVE_SETTINGS[name], *overrides]
-        built = load_pretrain_config(config, settings, base=read_run_config(folder) if resume else None)
+        base = read_run_config(folder) if resume else None
+        built = load_pretrain_config(config, _pretrain_settings(name, overrides), base=base)
         run_pretrain(list(data), folder, built, resume=resume, progress=progress)
     return json.loads(summary.read_text(encoding="utf-8"))
 
@@ -120,9 +125,7 @@ def run_objectives_study(
             raise InvalidArgumentError(f"--{flag}: give at least one")
     # Every config is resolved before the first run: a bad key fails now, not after an hour of pretraining.
     for name in objectives:
-        load_pretrain_config(
-            pretrain_config, [f"objective.name={name}", *OBJECTIVE_SETTINGS[name], *pretrain_overrides]
-        )
+        load_pretrain_config(pretrain_config, _pretrain_settings(name, pretrain_overrides))
     load_finetune_config(finetune_config, list(finetune_overrides))
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -66,6 +66,27 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, device: torc
     return keep, mask.gather(1, restore), restore
 
 
+@dataclass(frozen=True)
+class VisibleSplit:
+    """Patch tokens split by :func:`random_masking`: ``visible`` (B, K, D) the kept tokens (in ``keep``'s order),
+    ``mask`` (B, N) 1 = removed, ``restore`` (B, N) the permutation back to patch order, ``removed`` (B, R) the
+    removed patches' indices."""
+
+    visible: torch.Tensor
+    mask: torch.Tensor
+    restore: torch.Tensor
+    removed: torch.Tensor
+
+
+def split_visible(tokens: torch.Tensor, mask_ratio: float) -> VisibleSplit:
+    """Mask (B, N, D) patch tokens (positions already added) per sample with :func:`random_masking`."""
+    batch, num_patches, dim = tokens.shape
+    keep, mask, restore = random_masking(batch, num_patches, mask_ratio, tokens.device)
+    visible = tokens.gather(1, keep.unsqueeze(-1).expand(-1, -1, dim))
+    removed = restore.argsort(dim=1)[:, keep.shape[1] :]
+    return VisibleSplit(visible=visible, mask=mask, restore=restore, removed=removed)
+
+
 def normalize_patches(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-patch standardization (B, N, V) -> (normalized, mean (B, N, 1), std (B, N, 1)), as MAE computes it."""
     mean = patches.mean(dim=-1, keepdim=True)
@@ -131,16 +152,12 @@ class MaskedAutoencoder(MaskedImageObjective):
     def forward(self, images: torch.Tensor) -> MIMOutput:
         encoder = self.encoder
         tokens, grid = encoder.embed_patches(images)  # (B, N, D)
-        tokens = tokens + encoder.position_embedding(grid)
-        batch, num_patches, dim = tokens.shape
-        keep, mask, restore = random_masking(batch, num_patches, self.options.mask_ratio, tokens.device)
-        visible = tokens.gather(1, keep.unsqueeze(-1).expand(-1, -1, dim))  # (B, K, D)
-        latent = encoder.encode(visible, grid).tokens  # (B, 1 + K, D)
-        removed = restore.argsort(dim=1)[:, keep.shape[1] :]  # (B, R) indices of the removed patches
-        prediction = self._decode(latent, restore, removed, grid)  # (B, N, p*p*C)
+        split = split_visible(tokens + encoder.position_embedding(grid), self.options.mask_ratio)
+        latent = encoder.encode(split.visible, grid).tokens  # (B, 1 + K, D)
+        prediction = self._decode(latent, split.restore, split.removed, grid)  # (B, N, p*p*C)
 
-        loss = masked_pixel_loss(prediction, images, mask, encoder.patch_size, self.options.norm_pix_loss)
-        return MIMOutput(loss=loss, mask=mask, prediction=prediction, grid=grid)
+        loss = masked_pixel_loss(prediction, images, split.mask, encoder.patch_size, self.options.norm_pix_loss)
+        return MIMOutput(loss=loss, mask=split.mask, prediction=prediction, grid=grid)
 
     def _decode(
         self, latent: torch.Tensor, restore: torch.Tensor, removed: torch.Tensor, grid: tuple[int, int]

@@ -23,14 +23,21 @@ OBJECTIVES: dict[str, type[PretrainingObjective]] = {
 }
 
 
+def objective_options(name: str, options: dict[str, Any] | None = None, origin: str | None = None) -> Any:
+    """The ``Options`` of objective ``name`` from a config mapping; an unknown name, key or value is an
+    :class:`InvalidConfigError` (``origin``, e.g. the config file, is named in it)."""
+    if name not in OBJECTIVES:
+        raise InvalidConfigError(f"objective.name: unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
+    context = f"objective options for {name!r}" + (f" ({origin})" if origin else "")
+    return options_from_dict(OBJECTIVES[name].Options, options, context)
+
+
 def build_objective(
     name: str, encoder: VisionTransformer, options: dict[str, Any] | None = None
 ) -> PretrainingObjective:
     """``build_objective("mae", encoder, {"mask_ratio": 0.75})``; unknown names and option keys are config errors."""
-    if name not in OBJECTIVES:
-        raise InvalidConfigError(f"objective.name: unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
+    parsed = objective_options(name, options)
     objective_type = OBJECTIVES[name]
-    parsed = options_from_dict(objective_type.Options, options, f"objective options for {name!r}")
     try:
         return objective_type(encoder, parsed)
     except ValueError as exc:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from caries_mim.mim.mae import masked_pixel_loss, norm_pix_to_pixels, random_masking, scatter_removed
+from caries_mim.mim.mae import masked_pixel_loss, norm_pix_to_pixels, scatter_removed, split_visible
 from caries_mim.mim.objective import MaskedImageObjective, MIMOutput
 from caries_mim.models.vit import Block, VisionTransformer
 
@@ -104,18 +104,16 @@ class SemanticMIM(MaskedImageObjective):
         encoder = self.encoder
         tokens, grid = encoder.embed_patches(images)  # (B, N, D)
         positions = encoder.position_embedding(grid)  # (1, N, D)
-        tokens = tokens + positions
+        split = split_visible(tokens + positions, self.options.mask_ratio)
+        layers = self.compress(split.visible, grid)
         batch, num_patches, dim = tokens.shape
-        keep, mask, restore = random_masking(batch, num_patches, self.options.mask_ratio, tokens.device)
-        visible = tokens.gather(1, keep.unsqueeze(-1).expand(-1, -1, dim))  # (B, K, D)
-        layers = self.compress(visible, grid)
-        removed = restore.argsort(dim=1)[:, keep.shape[1] :]  # (B, R) indices of the removed patches
-        removed_positions = positions.expand(batch, -1, -1).gather(1, removed.unsqueeze(-1).expand(-1, -1, dim))
+        index = split.removed.unsqueeze(-1).expand(-1, -1, dim)
+        removed_positions = positions.expand(batch, -1, -1).gather(1, index)  # (B, R, D)
         states = self.reconstruct_removed(layers, self.mask_token + removed_positions)
         predicted = self.predict(self.mask_norm(states))  # (B, R, p*p*C)
-        prediction = scatter_removed(predicted, removed, num_patches)
-        loss = masked_pixel_loss(prediction, images, mask, encoder.patch_size, self.options.norm_pix_loss)
-        return MIMOutput(loss=loss, mask=mask, prediction=prediction, grid=grid)
+        prediction = scatter_removed(predicted, split.removed, num_patches)
+        loss = masked_pixel_loss(prediction, images, split.mask, encoder.patch_size, self.options.norm_pix_loss)
+        return MIMOutput(loss=loss, mask=split.mask, prediction=prediction, grid=grid)
 
     def prediction_to_pixels(self, prediction: torch.Tensor, target_patches: torch.Tensor) -> torch.Tensor:
         """Undo norm-pix with the input patch's own mean/std (as MAE shows it), else identity."""
