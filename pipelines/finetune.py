@@ -46,6 +46,7 @@ from caries_mim.data import (
     ResumableEpochSampler,
     detection_train_transform,
     load_annotations,
+    repeat_factors,
 )
 from caries_mim.data.indexing import IndexedImage
 from caries_mim.data.transforms import DETECTION_AUGMENTATIONS
@@ -138,8 +139,13 @@ class DataConfig:
     #: its loader workers (each keeps its own): later crops of a kept image skip the cache read and the resize.
     #: 0: keep none.
     memo_mb: float = 1024.0
+    #: Repeat factor sampling (LVIS): images holding a class found in fewer than this fraction of the training
+    #: images are drawn more often, by sqrt(threshold / fraction) (caries_mim.data.repeat_factors). null: off.
+    repeat_threshold: float | None = None
 
     def __post_init__(self) -> None:
+        if self.repeat_threshold is not None and not 0.0 < self.repeat_threshold <= 1.0:
+            raise ValueError(f"repeat_threshold must be in (0, 1] or null, got {self.repeat_threshold}")
         if not 0.0 <= self.memo_mb < math.inf:
             raise ValueError(f"memo_mb must be a finite number >= 0, got {self.memo_mb}")
         if not 0.0 < self.label_fraction <= 1.0:
@@ -619,12 +625,25 @@ class _Finetuning:
         epoch_set = RepeatedDataset(train_set, repeats) if repeats > 1 else train_set
         if repeats > 1 and context.is_main:
             log.info("%d training image(s) repeated %dx to fill a batch of %d", len(train_set), repeats, global_batch)
+        factors = None
+        if config.data.repeat_threshold is not None:
+            factors = repeat_factors([record.labels for record in train_set.records], config.data.repeat_threshold)
+            factors = factors * repeats
+            if context.is_main:
+                log.info(
+                    "repeat factor sampling (threshold %g): %d of %d training image(s) over-sampled, up to %.2fx",
+                    config.data.repeat_threshold,
+                    sum(factor > 1.0 for factor in factors[: len(train_set)]),
+                    len(train_set),
+                    max(factors),
+                )
         sampler = ResumableEpochSampler(
             len(epoch_set),
             batch_size=optim.batch_size,
             rank=context.rank,
             world_size=context.world_size,
             seed=config.train.seed,
+            repeat_factors=factors,
         )
         average = None if optim.ema_decay is None else weight_average(detector, optim.ema_decay)
         state = TrainingState()

@@ -2,7 +2,8 @@
 
 * :class:`DecodeCache` - decoded pixels on disk, keyed by file content, so epochs do not re-decode DICOM.
 * :class:`UnlabeledRadiographs` - every readable radiograph under some folders, for MIM pretraining.
-* :class:`ResumableEpochSampler` - per-epoch shuffle split across ranks, restartable mid-epoch, seeded items.
+* :class:`ResumableEpochSampler` - per-epoch shuffle split across ranks, restartable mid-epoch, seeded items;
+  :func:`repeat_factors` for over-sampling images of rare classes.
 * :func:`load_annotations` - COCO, DENTEX and box-CSV annotations as :class:`DetectionRecord` lists.
 * :class:`DetectionDataset` and :func:`collate_detection` - annotated images for the detector.
 * :mod:`caries_mim.data.transforms` - albumentations presets and the :class:`Letterbox` box mapping.
@@ -17,7 +18,7 @@ from caries_mim.data.detection import DetectionDataset, collate_detection
 from caries_mim.data.discovery import RADIOGRAPH_SUFFIXES, find_radiographs
 from caries_mim.data.indexing import SkippedFiles, index_readable
 from caries_mim.data.records import AnnotationSet, AnnotationStats, DetectionRecord
-from caries_mim.data.sampling import ResumableEpochSampler, item_seed
+from caries_mim.data.sampling import ResumableEpochSampler, item_seed, repeat_factors
 from caries_mim.data.transforms import (
     FloatClahe,
     Letterbox,
@@ -51,6 +52,7 @@ __all__ = [
     "find_radiographs",
     "index_readable",
     "item_seed",
+    "repeat_factors",
     "load_annotations",
     "load_box_csv",
     "load_coco",

@@ -1,4 +1,5 @@
-"""A shuffling, rank-splitting sampler that can restart in the middle of an epoch, and seeds every item.
+"""A shuffling, rank-splitting sampler that can restart in the middle of an epoch, and seeds every item; with
+repeat factors, it over-samples images of rare classes (LVIS's repeat factor sampling).
 
 torch's ``DistributedSampler`` shuffles per epoch and splits across ranks, but cannot start at a batch offset, so a
 resumed run would either repeat or skip data; and augmentation randomness drawn from worker RNG streams depends on
@@ -9,7 +10,8 @@ resumed at any batch sees exactly the images, crops and flips the uninterrupted 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
@@ -34,12 +36,33 @@ class ResumableEpochSampler(Sampler[tuple[int, int]]):
     so every rank gets the same number of batches and no image appears twice in a step. Datasets that yield
     the key to :meth:`~caries_mim.data.UnlabeledRadiographs.__getitem__` apply the seed to their transform.
 
+    ``repeat_factors`` (one per dataset item, each >= 1; see :func:`repeat_factors`): each epoch item i appears
+    ``floor(r_i)`` times plus once more with probability ``frac(r_i)``, drawn anew every epoch from (seed, epoch) as
+    detectron2's ``RepeatFactorTrainingSampler`` does, so every image keeps its expected share rather than a fixed
+    rounding of it. The epoch is then cut (or topped up from its own shuffle) to ``floor(sum(r))`` items: a fixed
+    length keeps the batch position of a checkpoint meaningful.
+
     Call :meth:`set_position` before creating each DataLoader iterator.
     """
 
-    def __init__(self, dataset_size: int, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+    def __init__(
+        self,
+        dataset_size: int,
+        *,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        repeat_factors: Sequence[float] | None = None,
+    ):
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad sampler geometry: batch_size={batch_size}, rank={rank}, world_size={world_size}")
+        if repeat_factors is not None:
+            if len(repeat_factors) != dataset_size:
+                raise ValueError(f"{len(repeat_factors)} repeat factors for {dataset_size} items")
+            if any(not math.isfinite(factor) or factor < 1.0 for factor in repeat_factors):
+                raise ValueError("repeat factors must be finite and >= 1")
+        self.repeat_factors = None if repeat_factors is None else torch.tensor(repeat_factors, dtype=torch.float64)
         self.dataset_size = dataset_size
         self.batch_size = batch_size
         self.rank = rank
@@ -49,9 +72,16 @@ class ResumableEpochSampler(Sampler[tuple[int, int]]):
         self.start_batch = 0
 
     @property
+    def epoch_length(self) -> int:
+        """Items in one epoch over all ranks: the dataset size, or ``floor(sum(repeat_factors))``."""
+        if self.repeat_factors is None:
+            return self.dataset_size
+        return int(self.repeat_factors.sum().item())
+
+    @property
     def batches_per_epoch(self) -> int:
-        """Batches each rank gets per epoch (0 when the dataset is smaller than one global batch)."""
-        return self.dataset_size // (self.batch_size * self.world_size)
+        """Batches each rank gets per epoch (0 when an epoch is smaller than one global batch)."""
+        return self.epoch_length // (self.batch_size * self.world_size)
 
     def set_position(self, epoch: int, start_batch: int = 0) -> None:
         """The next iteration covers batches ``start_batch ..`` of ``epoch``."""
@@ -66,7 +96,40 @@ class ResumableEpochSampler(Sampler[tuple[int, int]]):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
         order = torch.randperm(self.dataset_size, generator=generator)
+        if self.repeat_factors is not None:
+            order = self._repeated(generator)
         used = self.batches_per_epoch * self.batch_size * self.world_size
         start = self.start_batch * self.batch_size * self.world_size
         for position in range(start + self.rank, used, self.world_size):
             yield int(order[position]), item_seed(self.seed, self.epoch, position)
+
+    def _repeated(self, generator: torch.Generator) -> torch.Tensor:
+        """This epoch's items with their repeats drawn (stochastic rounding), shuffled, at ``epoch_length``."""
+        factors = self.repeat_factors
+        whole = torch.floor(factors)
+        counts = (whole + (torch.rand(len(factors), generator=generator, dtype=torch.float64) < factors - whole)).long()
+        items = torch.repeat_interleave(torch.arange(len(factors)), counts)
+        items = items[torch.randperm(len(items), generator=generator)]
+        length = self.epoch_length
+        while len(items) < length:  # a short draw is topped up from its own shuffle
+            items = torch.cat([items, items[: length - len(items)]])
+        return items[:length]
+
+
+def repeat_factors(image_labels: Sequence[Sequence[int]], threshold: float) -> list[float]:
+    """LVIS's repeat factor per image (Gupta et al., 2019): for each class c, ``f_c`` is the fraction of images that
+    contain it and ``r_c = max(1, sqrt(threshold / f_c))``; an image's factor is the largest ``r_c`` of its classes
+    (1 for an image without boxes). Classes in at least ``threshold`` of the images are not over-sampled.
+
+    ``image_labels``: the class indices of each image's boxes. ``threshold`` in (0, 1].
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"the repeat threshold must be in (0, 1], got {threshold}")
+    images = len(image_labels)
+    present = [set(int(label) for label in labels) for labels in image_labels]
+    counts: dict[int, int] = {}
+    for classes in present:
+        for label in classes:
+            counts[label] = counts.get(label, 0) + 1
+    per_class = {label: max(1.0, math.sqrt(threshold / (count / images))) for label, count in counts.items()}
+    return [max((per_class[label] for label in classes), default=1.0) for classes in present]

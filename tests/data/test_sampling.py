@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from caries_mim.data import ResumableEpochSampler, item_seed
+from collections import Counter
+
+from caries_mim.data import ResumableEpochSampler, item_seed, repeat_factors
 
 
 def epoch(sampler: ResumableEpochSampler, number: int, start: int = 0) -> list[tuple[int, int]]:
@@ -58,3 +61,51 @@ def test_a_start_past_the_epoch_is_rejected():
     sampler = ResumableEpochSampler(10, batch_size=2)
     with pytest.raises(ValueError, match="start_batch"):
         sampler.set_position(0, 6)
+
+
+def test_repeat_factors_follow_lvis_for_rare_classes_only():
+    # Class 0 in 8 of 10 images, class 1 in 2 of 10: at threshold 0.5, class 1 gets sqrt(0.5 / 0.2) = 1.58.
+    labels = [[0]] * 6 + [[0, 1]] * 2 + [[]] * 2
+    factors = repeat_factors(labels, threshold=0.5)
+    assert factors[:6] == [1.0] * 6
+    assert factors[6:8] == pytest.approx([0.5**0.5 / 0.2**0.5] * 2)
+    assert factors[8:] == [1.0, 1.0]  # no boxes: drawn as often as before
+    with pytest.raises(ValueError, match="threshold"):
+        repeat_factors(labels, threshold=0.0)
+
+
+def test_repeat_factor_epochs_have_a_fixed_length_and_the_expected_shares():
+    factors = [1.0] * 30 + [2.5] * 10
+    sampler = ResumableEpochSampler(40, batch_size=5, seed=3, repeat_factors=factors)
+    assert sampler.epoch_length == 55 and sampler.batches_per_epoch == 11
+    counts: Counter[int] = Counter()
+    for number in range(400):
+        items = epoch(sampler, number)
+        assert len(items) == 55
+        counts.update(index for index, _ in items)
+    # Over 400 epochs each repeated image is drawn 2.5x as often as each plain one (stochastic rounding anew each
+    # epoch, not one fixed rounding per image).
+    plain = sum(counts[i] for i in range(30)) / 30
+    repeated = [counts[i] / plain for i in range(30, 40)]
+    assert all(2.3 < ratio < 2.7 for ratio in repeated)
+
+
+def test_repeat_factor_epochs_are_deterministic_and_resume_mid_epoch():
+    factors = [1.0, 1.5, 3.0, 1.2] * 5
+    sampler = ResumableEpochSampler(20, batch_size=4, seed=5, repeat_factors=factors)
+    whole = epoch(sampler, 2)
+    assert whole == epoch(ResumableEpochSampler(20, batch_size=4, seed=5, repeat_factors=factors), 2)
+    assert epoch(sampler, 2, start=3) == whole[3 * 4 :]
+    assert whole != epoch(sampler, 3)
+
+
+def test_without_repeat_factors_an_epoch_is_the_seeded_permutation_as_before():
+    """Runs trained before the option draw the same epochs: the permutation of (seed, epoch) and nothing else."""
+    expected = torch.randperm(30, generator=torch.Generator().manual_seed(2 * 1_000_003 + 4)).tolist()
+    assert [index for index, _ in epoch(ResumableEpochSampler(30, batch_size=5, seed=2), 4)] == expected
+
+
+@pytest.mark.parametrize("factors", [[1.0, 0.5], [1.0, float("nan")], [1.0]])
+def test_bad_repeat_factors_are_rejected(factors):
+    with pytest.raises(ValueError, match="repeat factors"):
+        ResumableEpochSampler(2, batch_size=1, repeat_factors=factors)

@@ -534,6 +534,7 @@ def test_resuming_refuses_changed_frozen_keys_but_not_others(labeled, tmp_path, 
         ("detector.encoder=x", "detector.encoder: set from the model section"),
         ("data.label_fraction=0", "label_fraction must be in (0, 1]"),
         ("data.augmentation=heavy", "augmentation must be one of standard, sensor, got 'heavy'"),
+        ("data.repeat_threshold=1.5", "repeat_threshold must be in (0, 1] or null, got 1.5"),
         ("eval.patience=0", "patience must be >= 1"),
         ("model.size=vit_huge", "unknown ViT size 'vit_huge'"),
         ("model.encoder=/no/such/encoder.pt", "/no/such/encoder.pt: no such file"),
@@ -614,6 +615,14 @@ def test_a_set_smaller_than_a_batch_is_repeated_with_other_patches(labeled, tmp_
     summary = summary_line(capsys.readouterr().out)
     assert summary["train_images"] == 10
     assert summary["steps"] == 1
+
+
+def test_repeat_factor_sampling_says_what_it_over_samples_and_trains(labeled, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO)
+    run = tmp_path / "run"
+    assert finetune(labeled, run, "--set", "data.repeat_threshold=1.0", "--set", "train.steps=2") == 0
+    assert summary_line(capsys.readouterr().out)["steps"] == 2
+    assert "repeat factor sampling (threshold 1): " in caplog.text
 
 
 def test_repeated_dataset_maps_keys_onto_the_images_and_keeps_the_seed():
