@@ -52,10 +52,10 @@ __all__ = [
     "find_radiographs",
     "index_readable",
     "item_seed",
-    "repeat_factors",
     "load_annotations",
     "load_box_csv",
     "load_coco",
     "load_dentex",
     "mim_pretrain_transform",
+    "repeat_factors",
 ]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
-
-from collections import Counter
 
 from caries_mim.data import ResumableEpochSampler, item_seed, repeat_factors
 
@@ -77,7 +77,8 @@ def test_repeat_factors_follow_lvis_for_rare_classes_only():
 def test_repeat_factor_epochs_have_a_fixed_length_and_the_expected_shares():
     factors = [1.0] * 30 + [2.5] * 10
     sampler = ResumableEpochSampler(40, batch_size=5, seed=3, repeat_factors=factors)
-    assert sampler.epoch_length == 55 and sampler.batches_per_epoch == 11
+    assert sampler.epoch_length == 55
+    assert sampler.batches_per_epoch == 11
     counts: Counter[int] = Counter()
     for number in range(400):
         items = epoch(sampler, number)
