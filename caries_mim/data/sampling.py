@@ -95,8 +95,9 @@ class ResumableEpochSampler(Sampler[tuple[int, int]]):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
-        order = torch.randperm(self.dataset_size, generator=generator)
-        if self.repeat_factors is not None:
+        if self.repeat_factors is None:
+            order = torch.randperm(self.dataset_size, generator=generator)
+        else:
             order = self._repeated(generator)
         used = self.batches_per_epoch * self.batch_size * self.world_size
         start = self.start_batch * self.batch_size * self.world_size
