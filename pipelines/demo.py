@@ -461,9 +461,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
     by_depth = ", ".join(
         f"{name.replace('_', ' ')} {_fmt(value)}" for name, value in evaluation["sensitivity_by_depth"].items()
     )
+    by_surface = ", ".join(f"{name} {_fmt(value)}" for name, value in evaluation["sensitivity_by_surface"].items())
     print(
-        f"              lesion sensitivity {_fmt(evaluation['lesion_sensitivity'])} ({by_depth or 'no depths'}), "
-        f"{evaluation['false_positives_per_image']:.2f} false positives per image"
+        f"              lesion sensitivity {_fmt(evaluation['lesion_sensitivity'])} ({by_depth or 'no depths'}; "
+        f"{by_surface or 'no surfaces'}), {evaluation['false_positives_per_image']:.2f} false positives per image"
     )
     print(f"              {evaluation['metrics']}, plots {', '.join(evaluation['plots'])}")
     print(f"              overlays {summary['evaluate_overlays']}")

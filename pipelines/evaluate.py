@@ -4,9 +4,9 @@ Writes into OUT:
 
 * ``metrics.json`` - the model (path, checksum, versions, threshold), the data (files, image and lesion counts),
   COCO AP/AP50/AP75/AR overall and per class, FROC, image-level sensitivity/specificity/AUC at the package's
-  threshold, the operating point (lesion-level sensitivity overall, by depth class and by conspicuity bin when
-  the annotations carry ``depth`` / ``conspicuity``, and false positives per image), bootstrap 95% intervals, the
-  threshold and the run time;
+  threshold, the operating point (lesion-level sensitivity overall, by depth class, by conspicuity bin and by
+  surface when the annotations carry ``depth`` / ``conspicuity`` / ``surface``, and false positives per image),
+  bootstrap 95% intervals, the threshold and the run time;
 * ``predictions.json`` - every detection in pycocotools' results format, ``[{image_id, category_id, bbox
   [x, y, w, h], score}]``, so ``COCOeval`` can re-check the numbers against the annotation file;
 * ``pr_curve.png``, ``froc.png`` - precision-recall per class at IoU 0.5, and the FROC curve;
@@ -81,11 +81,12 @@ class EvaluationItem:
     gt_attributes: tuple[dict[str, Any], ...] = ()
 
     def strata(self) -> dict[str, list[str | None]]:
-        """Per box, its depth class and its conspicuity bin (None where the annotation lacks them)."""
+        """Per box, its depth class, conspicuity bin and surface (None where the annotation lacks them)."""
         attributes = self.gt_attributes or tuple({} for _ in range(len(self.gt_boxes)))
         return {
             "depth": [attribute.get("depth") for attribute in attributes],
             "conspicuity": [conspicuity_bin(attribute.get("conspicuity")) for attribute in attributes],
+            "surface": [attribute.get("surface") for attribute in attributes],
         }
 
 
@@ -425,7 +426,7 @@ def run_evaluate(
     images = predict_items(predictor, evaluation, options, progress=progress)
 
     item_strata = [item.strata() for item in evaluation.items]
-    strata = {name: [per_item[name] for per_item in item_strata] for name in ("depth", "conspicuity")}
+    strata = {name: [per_item[name] for per_item in item_strata] for name in ("depth", "conspicuity", "surface")}
     computed = compute_metrics(images, class_names, threshold=threshold, strata=strata, bootstrap=bootstrap, seed=seed)
     metrics = computed.to_dict()
     curves = precision_recall_curve(images, class_names, iou_threshold=0.5)
@@ -474,6 +475,7 @@ def run_evaluate(
         "false_positives_per_image": metrics["operating_point"]["false_positives_per_image"],
         "sensitivity_by_depth": _sensitivities(metrics["operating_point"]["by_depth"]),
         "sensitivity_by_conspicuity": _sensitivities(metrics["operating_point"]["by_conspicuity"]),
+        "sensitivity_by_surface": _sensitivities(metrics["operating_point"]["by_surface"]),
         "threshold": threshold,
         "seconds": seconds,
         "metrics": str(metrics_path),

@@ -44,11 +44,12 @@ from caries_mim.data import (
     DetectionDataset,
     DetectionRecord,
     ResumableEpochSampler,
+    category_repeat_factors,
     detection_train_transform,
     load_annotations,
-    repeat_factors,
 )
 from caries_mim.data.indexing import IndexedImage
+from caries_mim.data.records import CATEGORICAL_BOX_ATTRIBUTES, box_categories
 from caries_mim.data.transforms import DETECTION_AUGMENTATIONS
 from caries_mim.detection import CariesDetector, DetectorConfig, build_detector, detect
 from caries_mim.detection.anchors import anchor_shapes_for_boxes
@@ -140,12 +141,25 @@ class DataConfig:
     #: 0: keep none.
     memo_mb: float = 1024.0
     #: Repeat factor sampling (LVIS): images holding a class found in fewer than this fraction of the training
-    #: images are drawn more often, by sqrt(threshold / fraction) (caries_mim.data.repeat_factors). null: off.
+    #: images are drawn more often, by sqrt(threshold / fraction) (caries_mim.data.repeat_factors), and a positive
+    #: patch holds a lesion chosen in proportion to its category's factor. null: off.
     repeat_threshold: float | None = None
+    #: An annotation attribute that splits each class into categories for that sampling (e.g. surface: an occlusal
+    #: caries is then as rare as it is, not as common as caries); boxes without it form their class's own category.
+    #: One of caries_mim.data.records.CATEGORICAL_BOX_ATTRIBUTES; null: classes alone.
+    repeat_attribute: str | None = None
 
     def __post_init__(self) -> None:
         if self.repeat_threshold is not None and not 0.0 < self.repeat_threshold <= 1.0:
             raise ValueError(f"repeat_threshold must be in (0, 1] or null, got {self.repeat_threshold}")
+        if self.repeat_attribute is not None:
+            if self.repeat_attribute not in CATEGORICAL_BOX_ATTRIBUTES:
+                raise ValueError(
+                    f"repeat_attribute must be one of {', '.join(CATEGORICAL_BOX_ATTRIBUTES)} or null, "
+                    f"got {self.repeat_attribute!r}"
+                )
+            if self.repeat_threshold is None:
+                raise ValueError("repeat_attribute needs repeat_threshold: it refines repeat factor sampling")
         if not 0.0 <= self.memo_mb < math.inf:
             raise ValueError(f"memo_mb must be a finite number >= 0, got {self.memo_mb}")
         if not 0.0 < self.label_fraction <= 1.0:
@@ -440,6 +454,14 @@ def _merged_records(sets: Sequence[AnnotationSet], classes: Sequence[str], what:
     return records
 
 
+def _category_name(category: int | tuple[int, str | None], classes: Sequence[str]) -> str:
+    """``caries`` for a class index, ``caries/occlusal`` for a (class, attribute value) pair."""
+    if isinstance(category, tuple):
+        label, value = category
+        return f"{classes[label]}/{value if value is not None else '-'}"
+    return classes[category]
+
+
 def _training_classes(sets: Sequence[AnnotationSet]) -> tuple[str, ...]:
     """Class names in first-seen order across the training files (a class listed by any file counts)."""
     classes: list[str] = []
@@ -627,16 +649,25 @@ class _Finetuning:
             log.info("%d training image(s) repeated %dx to fill a batch of %d", len(train_set), repeats, global_batch)
         factors = None
         if config.data.repeat_threshold is not None:
-            factors = repeat_factors([record.labels for record in train_set.records], config.data.repeat_threshold)
-            factors = factors * repeats
+            categories = [box_categories(record, config.data.repeat_attribute) for record in train_set.records]
+            per_category = category_repeat_factors(categories, config.data.repeat_threshold)
+            train_set.box_weights = [[per_category[category] for category in image] for image in categories]
+            factors = [max((per_category[category] for category in image), default=1.0) for image in categories]
             if context.is_main:
                 log.info(
-                    "repeat factor sampling (threshold %g): %d of %d training image(s) over-sampled, up to %.2fx",
+                    "repeat factor sampling (threshold %g, categories: class%s): %d of %d training image(s) "
+                    "over-sampled, up to %.2fx; factors %s",
                     config.data.repeat_threshold,
-                    sum(factor > 1.0 for factor in factors[: len(train_set)]),
+                    f" x {config.data.repeat_attribute}" if config.data.repeat_attribute else "",
+                    sum(factor > 1.0 for factor in factors),
                     len(train_set),
                     max(factors),
+                    ", ".join(
+                        f"{_category_name(category, classes)} {factor:.2f}"
+                        for category, factor in sorted(per_category.items(), key=str)
+                    ),
                 )
+            factors = factors * repeats
         sampler = ResumableEpochSampler(
             len(epoch_set),
             batch_size=optim.batch_size,

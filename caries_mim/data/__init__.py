@@ -18,7 +18,7 @@ from caries_mim.data.detection import DetectionDataset, collate_detection
 from caries_mim.data.discovery import RADIOGRAPH_SUFFIXES, find_radiographs
 from caries_mim.data.indexing import SkippedFiles, index_readable
 from caries_mim.data.records import AnnotationSet, AnnotationStats, DetectionRecord
-from caries_mim.data.sampling import ResumableEpochSampler, item_seed, repeat_factors
+from caries_mim.data.sampling import ResumableEpochSampler, category_repeat_factors, item_seed, repeat_factors
 from caries_mim.data.transforms import (
     FloatClahe,
     Letterbox,
@@ -45,6 +45,7 @@ __all__ = [
     "ResumableEpochSampler",
     "SkippedFiles",
     "UnlabeledRadiographs",
+    "category_repeat_factors",
     "collate_detection",
     "contrastive_view_transform",
     "detection_eval_transform",

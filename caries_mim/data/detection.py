@@ -15,7 +15,13 @@ from torch.utils.data import Dataset
 from caries_mim.data.cache import DecodeCache, RadiographLoader
 from caries_mim.data.indexing import IndexedImage, SkippedFiles, index_readable
 from caries_mim.data.records import LISTED, DetectionRecord
-from caries_mim.data.transforms import LABEL_FIELD, SPACING_FIELD, TrainTransform, reseed_for_worker
+from caries_mim.data.transforms import (
+    BOX_WEIGHT_FIELD,
+    LABEL_FIELD,
+    SPACING_FIELD,
+    TrainTransform,
+    reseed_for_worker,
+)
 from caries_mim.data.unlabeled import image_tensor
 from caries_mim.errors import InvalidDatasetError
 from caries_mim.io import ReadOptions
@@ -32,9 +38,14 @@ def _size_mismatch(record: DetectionRecord, height: int, width: int) -> bool:
 
 def clip_boxes(boxes: np.ndarray, labels: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Clip float32 (N, 4) xyxy boxes to a (height, width) image and drop those left without area."""
-    clipped = np.clip(boxes, 0.0, np.array([width, height, width, height], dtype=np.float32))
-    keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    clipped, keep = _clipped(boxes, height, width)
     return clipped[keep], labels[keep]
+
+
+def _clipped(boxes: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """``boxes`` clipped to the image, and which of them keep an area (bool (N,))."""
+    clipped = np.clip(boxes, 0.0, np.array([width, height, width, height], dtype=np.float32))
+    return clipped, (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,7 @@ class _Source:
     labels: np.ndarray
     spacing_mm: tuple[float, float] | None
     original_size: tuple[int, int]
+    box_weights: np.ndarray | None = None
 
 
 class DetectionDataset(Dataset):
@@ -65,6 +77,9 @@ class DetectionDataset(Dataset):
     kept in memory, up to ``memo_mb`` megabytes per process (each DataLoader worker keeps its own), so later crops
     of it skip the cache read and the resize; the crops are the same either way. Setting :attr:`transform` forgets
     them.
+
+    :attr:`box_weights` (one float array per record, aligned with its boxes) weighs the lesion a positive training
+    crop is built around (:class:`~caries_mim.data.transforms.LesionCrop`); None: every lesion alike.
 
     With ``validate`` (the default) construction decodes every image once through the cache (see
     :mod:`caries_mim.data.indexing`): unreadable images are left out with one summarized warning (recorded in
@@ -96,6 +111,7 @@ class DetectionDataset(Dataset):
         self._memo_used = 0
         self.transform = transform
         self._transform_seed: int | None = None
+        self._box_weights: list[np.ndarray] | None = None
         self.skipped = SkippedFiles()
         self.records = list(records)
         #: Size and spacing of each record's image as decoded, by path; filled by validation.
@@ -130,6 +146,24 @@ class DetectionDataset(Dataset):
         self.records = kept
 
     @property
+    def box_weights(self) -> list[np.ndarray] | None:
+        return self._box_weights
+
+    @box_weights.setter
+    def box_weights(self, weights: Sequence[np.ndarray] | None) -> None:
+        """Per record, a float (N,) array of positive, finite weights for its N boxes; None for equal weights."""
+        if weights is not None:
+            weights = [np.asarray(values, dtype=np.float32).reshape(-1) for values in weights]
+            if len(weights) != len(self.records) or any(
+                len(values) != len(record.boxes) for values, record in zip(weights, self.records, strict=False)
+            ):
+                raise InvalidDatasetError("box weights must give one weight per box of every record")
+            if any(not np.all(np.isfinite(values) & (values > 0)) for values in weights):
+                raise InvalidDatasetError("box weights must be finite and > 0")
+        self._box_weights = weights
+        self._memo, self._memo_used = {}, 0
+
+    @property
     def transform(self) -> DetectionTransform | None:
         return self._transform
 
@@ -154,11 +188,15 @@ class DetectionDataset(Dataset):
                 f"{record.image_path}: decoded {width} x {height} but annotated {record.width} x {record.height}"
             )
         image = radiograph.pixels
-        boxes, labels = clip_boxes(record.boxes, record.labels, height, width)
+        clipped, keep = _clipped(record.boxes, height, width)
+        boxes, labels = clipped[keep], record.labels[keep]
         if not isinstance(self._transform, TrainTransform):
             return _Source(image, boxes, labels, radiograph.spacing_mm, (height, width))
+        weights = np.ones(len(record.boxes), np.float32) if self._box_weights is None else self._box_weights[index]
         out = self._transform.scale(
-            image=image, bboxes=boxes, **{LABEL_FIELD: labels, SPACING_FIELD: radiograph.spacing_mm}
+            image=image,
+            bboxes=boxes,
+            **{LABEL_FIELD: labels, BOX_WEIGHT_FIELD: weights[keep], SPACING_FIELD: radiograph.spacing_mm},
         )
         source = _Source(
             out["image"],
@@ -166,8 +204,9 @@ class DetectionDataset(Dataset):
             np.asarray(out[LABEL_FIELD], dtype=np.int64).reshape(-1),
             radiograph.spacing_mm,
             (height, width),
+            np.asarray(out[BOX_WEIGHT_FIELD], dtype=np.float32).reshape(-1),
         )
-        size = source.image.nbytes + source.boxes.nbytes + source.labels.nbytes
+        size = source.image.nbytes + source.boxes.nbytes + source.labels.nbytes + source.box_weights.nbytes
         if self._memo_used + size <= self.memo_bytes:
             self._memo[index] = source
             self._memo_used += size
@@ -187,8 +226,12 @@ class DetectionDataset(Dataset):
                 transform.set_random_seed(seed)
             else:
                 self._transform_seed = reseed_for_worker(transform, self._transform_seed)
-            random_part = transform.augment if isinstance(transform, TrainTransform) else transform
-            out = random_part(image=image, bboxes=boxes, **{LABEL_FIELD: labels, SPACING_FIELD: source.spacing_mm})
+            fields: dict[str, Any] = {LABEL_FIELD: labels, SPACING_FIELD: source.spacing_mm}
+            random_part = transform
+            if isinstance(transform, TrainTransform):
+                random_part = transform.augment
+                fields[BOX_WEIGHT_FIELD] = source.box_weights
+            out = random_part(image=image, bboxes=boxes, **fields)
             image = out["image"]
             boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
             labels = np.asarray(out[LABEL_FIELD], dtype=np.int64).reshape(-1)

@@ -28,9 +28,12 @@ import numpy as np
 
 from caries_mim.errors import InvalidDatasetError
 
-#: Per-box annotation keys kept for reporting (sensitivity by lesion depth and by conspicuity): a depth class
-#: name and a contrast-to-noise ratio. Other keys are ignored.
-BOX_ATTRIBUTES = ("depth", "conspicuity")
+#: Per-box annotation keys kept for reporting (sensitivity by lesion depth, by conspicuity and by surface) and for
+#: repeat factor sampling: a depth class name, a contrast-to-noise ratio and the tooth surface (mesial, distal,
+#: occlusal, ...). Other keys are ignored.
+BOX_ATTRIBUTES = ("depth", "conspicuity", "surface")
+#: Those of :data:`BOX_ATTRIBUTES` whose values are names, so that they can split a class into categories.
+CATEGORICAL_BOX_ATTRIBUTES = ("depth", "surface")
 
 #: How many offending items an error message lists before "and N more".
 LISTED = 5
@@ -243,14 +246,27 @@ class RecordBuilder:
 
 def _reporting_attributes(attributes: Mapping[str, Any]) -> dict[str, Any]:
     kept: dict[str, Any] = {}
-    depth = attributes.get("depth")
-    if isinstance(depth, str) and depth:
-        kept["depth"] = depth
     conspicuity = attributes.get("conspicuity")
     number = isinstance(conspicuity, (int, float)) and not isinstance(conspicuity, bool)
     if number and math.isfinite(conspicuity) and conspicuity >= 0:
         kept["conspicuity"] = float(conspicuity)
+    for name in CATEGORICAL_BOX_ATTRIBUTES:
+        value = attributes.get(name)
+        if isinstance(value, str) and value:
+            kept[name] = value
     return kept
+
+
+def box_categories(record: DetectionRecord, attribute: str | None = None) -> list[int | tuple[int, str | None]]:
+    """Per box of ``record``, its category for repeat factor sampling: its class index, or with ``attribute`` (one
+    of :data:`CATEGORICAL_BOX_ATTRIBUTES`) the pair (class index, the box's value of it, None where it has none)."""
+    labels = [int(label) for label in record.labels]
+    if attribute is None:
+        return list(labels)
+    if attribute not in CATEGORICAL_BOX_ATTRIBUTES:
+        raise ValueError(f"attribute must be one of {', '.join(CATEGORICAL_BOX_ATTRIBUTES)}, got {attribute!r}")
+    attributes = record.box_attributes or ({},) * len(labels)
+    return [(label, values.get(attribute)) for label, values in zip(labels, attributes, strict=True)]
 
 
 def check_images_exist(paths: Iterable[Path], source: Path) -> None:

@@ -11,8 +11,9 @@ resumed at any batch sees exactly the images, crops and flips the uninterrupted 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
@@ -117,20 +118,38 @@ class ResumableEpochSampler(Sampler[tuple[int, int]]):
         return items[:length]
 
 
-def repeat_factors(image_labels: Sequence[Sequence[int]], threshold: float) -> list[float]:
-    """LVIS's repeat factor per image (Gupta et al., 2019): for each class c, ``f_c`` is the fraction of images that
-    contain it and ``r_c = max(1, sqrt(threshold / f_c))``; an image's factor is the largest ``r_c`` of its classes
-    (1 for an image without boxes). Classes in at least ``threshold`` of the images are not over-sampled.
+def category_repeat_factors(image_categories: Sequence[Iterable[Hashable]], threshold: float) -> dict[Hashable, float]:
+    """LVIS's repeat factor per category (Gupta et al., 2019): ``f_c`` is the fraction of images holding a box of
+    category c, and ``r_c = max(1, sqrt(threshold / f_c))``. Categories in at least ``threshold`` of the images are
+    not over-sampled.
 
-    ``image_labels``: the class indices of each image's boxes. ``threshold`` in (0, 1].
+    ``image_categories``: per image, the categories of its boxes: class indices, or (class, attribute value) pairs
+    when an annotation attribute splits the classes (:func:`repeat_factors`). ``threshold`` in (0, 1].
     """
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"the repeat threshold must be in (0, 1], got {threshold}")
-    images = len(image_labels)
-    present = [set(int(label) for label in labels) for labels in image_labels]
-    counts: dict[int, int] = {}
-    for classes in present:
-        for label in classes:
-            counts[label] = counts.get(label, 0) + 1
-    per_class = {label: max(1.0, math.sqrt(threshold / (count / images))) for label, count in counts.items()}
-    return [max((per_class[label] for label in classes), default=1.0) for classes in present]
+    present = [set(categories) for categories in image_categories]
+    counts: dict[Hashable, int] = {}
+    for categories in present:
+        for category in categories:
+            counts[category] = counts.get(category, 0) + 1
+    images = len(present)
+    return {category: max(1.0, math.sqrt(threshold / (count / images))) for category, count in counts.items()}
+
+
+def repeat_factors(image_labels: Sequence[Iterable[Hashable]], threshold: float) -> list[float]:
+    """LVIS's repeat factor per image: the largest :func:`category_repeat_factors` of its boxes' categories (1 for
+    an image without boxes).
+
+    ``image_labels``: per image, the categories of its boxes: class indices (LVIS), or (class, attribute value)
+    pairs, so that a rare kind of lesion within a common class (an occlusal caries among proximal ones) is
+    over-sampled like a rare class. ``threshold`` in (0, 1].
+    """
+    image_categories = [[_category(label) for label in labels] for labels in image_labels]
+    per_category = category_repeat_factors(image_categories, threshold)
+    return [max((per_category[category] for category in categories), default=1.0) for categories in image_categories]
+
+
+def _category(label: Hashable) -> Hashable:
+    """Class indices as plain ints (numpy integers hash alike, but an int is what a log or a test reads)."""
+    return int(label) if isinstance(label, (int, np.integer)) else label

@@ -27,6 +27,9 @@ from caries_mim.data.scale import ScaleRule
 LABEL_FIELD = "labels"
 #: Key under which detection transforms get the image's (row, column) spacing in mm, or None.
 SPACING_FIELD = "spacing_mm"
+#: Key under which the training transform carries each box's weight in the choice of the lesion a positive crop
+#: holds (:class:`LesionCrop`); all ones when the caller gives none.
+BOX_WEIGHT_FIELD = "box_weights"
 #: Augmentation presets of :func:`detection_train_transform` (``data.augmentation`` in the fine-tuning config).
 DETECTION_AUGMENTATIONS = ("standard", "sensor")
 
@@ -73,10 +76,10 @@ def _letterbox(size: int) -> list[A.BasicTransform]:
     ]
 
 
-def _bbox_params(min_visibility: float) -> A.BboxParams:
+def _bbox_params(min_visibility: float, label_fields: Sequence[str] = (LABEL_FIELD,)) -> A.BboxParams:
     return A.BboxParams(
         format="pascal_voc",
-        label_fields=[LABEL_FIELD],
+        label_fields=list(label_fields),
         clip=True,
         filter_invalid_bboxes=True,
         min_visibility=min_visibility,
@@ -187,6 +190,31 @@ class ModelScale(A.LongestMaxSize):
         return {"scale": self.rule.factor(height, width, data.get(SPACING_FIELD))}
 
 
+class LesionCrop(A.AtLeastOneBBoxRandomCrop):
+    """A ``height`` x ``width`` crop holding one whole box, the box drawn in proportion to its weight.
+
+    albumentations' :class:`~albumentations.AtLeastOneBBoxRandomCrop` draws the box uniformly. Repeat factor sampling
+    over annotation attributes (``caries_mim.data.repeat_factors``) over-samples images for a rare kind of lesion,
+    but such an image usually holds common lesions too, and a uniform choice would spend most of its extra crops
+    on them: the box weights (``box_weights``, the second label field: column 5 of albumentations' box array) let
+    the rare lesion be the one the crop is built around. With equal weights the draw is the parent's, unchanged.
+    """
+
+    #: Column of a box's weight in albumentations' box array: 4 coordinates, the label, then the weight.
+    _WEIGHT_COLUMN = 5
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        bboxes = np.asarray(data.get("bboxes", ()))
+        if len(bboxes) > 1 and bboxes.shape[1] > self._WEIGHT_COLUMN:
+            weights = bboxes[:, self._WEIGHT_COLUMN]
+            if np.ptp(weights) > 0:
+                cumulative = np.cumsum(weights, dtype=np.float64)
+                chosen = int(np.searchsorted(cumulative, self.py_random.random() * cumulative[-1], side="right"))
+                chosen = min(chosen, len(bboxes) - 1)
+                data = {**data, "bboxes": bboxes[chosen : chosen + 1]}
+        return super().get_params_dependent_on_data(params, data)
+
+
 class StructureCrop(A.RandomCrop):
     """A ``height`` x ``width`` crop centred on a point drawn in proportion to the squared local edge strength.
 
@@ -233,6 +261,8 @@ class TrainTransform:
     augment: A.Compose
 
     def __call__(self, **data: Any) -> dict[str, Any]:
+        if BOX_WEIGHT_FIELD not in data:
+            data[BOX_WEIGHT_FIELD] = np.ones(len(data.get("bboxes", ())), dtype=np.float32)
         return self.augment(**self.scale(**data))
 
     def set_random_seed(self, seed: int) -> None:
@@ -258,9 +288,10 @@ def detection_train_transform(
        ``size`` x ``size`` square (or, for a larger image, to at least one patch); the physical rule (working
        spacing in mm) pads only images smaller than a patch.
     2. Take a ``crop_size`` patch (default ``size``: the whole letterboxed intra-oral image). With probability
-       ``positive_fraction`` the patch contains a whole lesion (lesions cover well under 1% of a radiograph, so
-       uniform patches would mostly teach "background"; MONAI's detection recipes sample positive patches the
-       same way, ``RandCropBoxByPosNegLabeld``). The other patches are half centred on strong edges
+       ``positive_fraction`` the patch contains a whole lesion, drawn in proportion to its box weight
+       (:class:`LesionCrop`; lesions cover well under 1% of a radiograph, so uniform patches would mostly teach
+       "background"; MONAI's detection recipes sample positive patches the same way, ``RandCropBoxByPosNegLabeld``).
+       The other patches are half centred on strong edges
        (:class:`StructureCrop`: proximal surfaces, embrasures, restorations, the look-alikes of caries) and half
        drawn uniformly. Inference then slides a window of the same size (``DetectorConfig.roi_size``).
     3. ``augmentation="standard"``: horizontal flip (caries look the same mirrored), small affine (scale 0.9-1.1,
@@ -276,7 +307,8 @@ def detection_train_transform(
        ``test_time_vertical_flip`` sees in its extra passes).
 
     Boxes keeping under ``min_visibility`` of their area are dropped with their labels. Call as
-    ``transform(image=img, bboxes=boxes_xyxy, labels=labels, spacing_mm=(row, column) or None)``; output image
+    ``transform(image=img, bboxes=boxes_xyxy, labels=labels, spacing_mm=(row, column) or None)``, optionally with
+    ``box_weights`` (float (N,), > 0; default all 1: every lesion equally likely); output image
     float32 (crop_size, crop_size) in [0, 1], boxes in its pixels.
     """
     crop = size if crop_size is None else crop_size
@@ -291,7 +323,8 @@ def detection_train_transform(
     if not 0.0 <= vertical_flip <= 1.0:
         raise ValueError(f"vertical_flip must be in [0, 1], got {vertical_flip}")
     # The boxes keep all their area in the resize: only the crop and the augmentation may drop one.
-    scale = A.Compose([ModelScale(rule)], bbox_params=_bbox_params(min_visibility=0.0))
+    fields = (LABEL_FIELD, BOX_WEIGHT_FIELD)
+    scale = A.Compose([ModelScale(rule)], bbox_params=_bbox_params(0.0, fields))
     augment = A.Compose(
         [
             A.PadIfNeeded(
@@ -299,7 +332,7 @@ def detection_train_transform(
             ),
             A.OneOf(
                 [
-                    A.AtLeastOneBBoxRandomCrop(crop, crop, erosion_factor=0.0, p=positive_fraction),
+                    LesionCrop(crop, crop, p=positive_fraction),
                     StructureCrop(crop, crop, p=0.5 * (1.0 - positive_fraction)),
                     A.RandomCrop(crop, crop, p=0.5 * (1.0 - positive_fraction)),
                 ],
@@ -311,7 +344,7 @@ def detection_train_transform(
             *([A.VerticalFlip(p=vertical_flip)] if vertical_flip > 0 else []),
             *(_sensor_augmentation() if augmentation == "sensor" else _standard_augmentation()),
         ],
-        bbox_params=_bbox_params(min_visibility),
+        bbox_params=_bbox_params(min_visibility, fields),
         seed=seed,
     )
     return TrainTransform(scale, augment)

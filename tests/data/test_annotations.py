@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from caries_mim.data import load_annotations
+from caries_mim.data.records import box_categories
 from caries_mim.errors import InvalidArgumentError, InvalidDatasetError
 from tests.data.conftest import FIXTURES
 
@@ -69,6 +71,22 @@ def test_coco_from_the_synthetic_generator():
     assert dataset.records[2].image_path == source.parent / "images" / "synth_000002.png"
     assert dataset.stats.boxes == 3
     assert dataset.stats.images == 3
+
+
+def test_the_depth_and_surface_of_each_box_are_kept_and_make_its_repeat_factor_category():
+    dataset = load_annotations(FIXTURES / "coco" / "annotations.json")
+    first = dataset.records[0]
+    assert first.box_attributes == (
+        {"depth": "enamel", "surface": "mesial"},
+        {"depth": "dentin", "surface": "occlusal"},
+    )
+    assert box_categories(first) == [0, 1]
+    assert box_categories(first, "surface") == [(0, "mesial"), (1, "occlusal")]
+    assert box_categories(dataset.records[1], "surface") == []
+    bare = dataclasses.replace(first, box_attributes=())  # a format without attributes
+    assert box_categories(bare, "surface") == [(0, None), (1, None)]
+    with pytest.raises(ValueError, match="attribute must be one of depth, surface"):
+        box_categories(first, "conspicuity")
 
 
 def test_coco_class_map_selects_and_renames():

@@ -251,3 +251,38 @@ def test_the_memory_budget_bounds_what_is_kept_and_a_new_transform_forgets_it(co
     for bad in (-1, math.inf, math.nan):
         with pytest.raises(InvalidDatasetError, match="memo_mb must be a finite number >= 0"):
             DetectionDataset(coco_set.records, progress=False, memo_mb=bad)
+
+
+def test_box_weights_choose_the_lesion_a_positive_crop_holds(coco_set):
+    """Image 0 (64 x 40) has a caries box at x 4.5-14.5 and a deep caries box at x 30-42: a 16 px crop holds one."""
+    transform = detection_train_transform(64, seed=0, crop_size=16, positive_fraction=1.0)
+    dataset = DetectionDataset(coco_set.records, transform=transform, progress=False, memo_mb=64)
+
+    def deep_share() -> float:
+        items = [dataset[(0, seed)] for seed in range(200)]
+        return sum(1 in item["labels"].tolist() for item in items) / len(items)
+
+    assert 0.35 <= deep_share() <= 0.65  # uniform: one in two
+    dataset.box_weights = [np.array([1.0, 9.0], np.float32)] + [
+        np.ones(len(record.boxes), np.float32) for record in dataset.records[1:]
+    ]
+    assert not dataset._memo  # the kept images carried the old weights
+    assert deep_share() >= 0.82  # nine in ten
+    dataset.box_weights = None
+    assert 0.35 <= deep_share() <= 0.65
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        (lambda records: [np.ones(len(record.boxes)) for record in records[1:]], "one weight per box"),
+        (lambda records: [np.ones(len(record.boxes) + 1) for record in records], "one weight per box"),
+        (lambda records: [np.zeros(len(record.boxes)) for record in records], "finite and > 0"),
+        (lambda records: [np.full(len(record.boxes), np.nan) for record in records], "finite and > 0"),
+    ],
+)
+def test_bad_box_weights_are_refused(coco_set, weights, message):
+    dataset = DetectionDataset(coco_set.records, progress=False)
+    with pytest.raises(InvalidDatasetError, match=message):
+        dataset.box_weights = weights(dataset.records)
+    assert dataset.box_weights is None

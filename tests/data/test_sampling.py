@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
-from caries_mim.data import ResumableEpochSampler, item_seed, repeat_factors
+from caries_mim.data import ResumableEpochSampler, category_repeat_factors, item_seed, repeat_factors
 
 
 def epoch(sampler: ResumableEpochSampler, number: int, start: int = 0) -> list[tuple[int, int]]:
@@ -72,6 +73,19 @@ def test_repeat_factors_follow_lvis_for_rare_classes_only():
     assert factors[8:] == [1.0, 1.0]  # no boxes: drawn as often as before
     with pytest.raises(ValueError, match="threshold"):
         repeat_factors(labels, threshold=0.0)
+
+
+def test_an_attribute_splits_a_common_class_so_its_rare_kind_is_over_sampled():
+    # Caries in all 10 images, but occlusal caries in 1: by class alone nothing is over-sampled; by (class, surface)
+    # the occlusal one gets sqrt(1 / 0.1) = 3.16 and the mesial ones (9 of 10) sqrt(1 / 0.9) = 1.05.
+    classes = [[0]] * 10
+    assert repeat_factors(classes, threshold=1.0) == [1.0] * 10
+    pairs = [[(0, "mesial")]] * 9 + [[(0, "occlusal")]]
+    per_category = category_repeat_factors(pairs, threshold=1.0)
+    assert per_category == pytest.approx({(0, "mesial"): (1 / 0.9) ** 0.5, (0, "occlusal"): 10**0.5})
+    assert repeat_factors(pairs, threshold=1.0) == pytest.approx([(1 / 0.9) ** 0.5] * 9 + [10**0.5])
+    # numpy class indices are the same categories as ints
+    assert repeat_factors([np.array([0]), np.array([0, 1])], threshold=1.0) == repeat_factors([[0], [0, 1]], 1.0)
 
 
 def test_repeat_factor_epochs_have_a_fixed_length_and_the_expected_shares():

@@ -200,6 +200,27 @@ def test_positive_patches_hold_a_lesion_and_uniform_ones_mostly_do_not():
     assert sum(len(boxes) == 1 for boxes in lesions_found(0.0)) <= 50
 
 
+def _labels_of_positive_patches(box_weights: np.ndarray | None, draws: int = 200) -> list[set[int]]:
+    """The labels in each of ``draws`` positive 64 px patches of an image with two lesions far apart."""
+    image = np.random.default_rng(6).random((1000, 800), dtype=np.float32)
+    lesions = np.array([[80.0, 80.0, 120.0, 120.0], [600.0, 800.0, 640.0, 840.0]], np.float32)
+    transform = detection_train_transform(128, seed=12, crop_size=64, positive_fraction=1.0)
+    weights = {} if box_weights is None else {"box_weights": box_weights}
+    return [
+        set(transform(image=image, bboxes=lesions, labels=np.array([0, 1]), **weights)["labels"]) for _ in range(draws)
+    ]
+
+
+def test_a_positive_patch_holds_a_lesion_drawn_by_its_box_weight():
+    # Weight 4 against 1: the second lesion is the one the patch is built around 4 times in 5.
+    heavy = sum(1 in labels for labels in _labels_of_positive_patches(np.array([1.0, 4.0])))
+    assert 140 <= heavy <= 180  # 160 expected; binomial sd 5.7
+    # Equal weights, given or not, draw exactly what albumentations' uniform choice draws.
+    uniform = _labels_of_positive_patches(None)
+    assert _labels_of_positive_patches(np.array([2.0, 2.0])) == uniform
+    assert 80 <= sum(1 in labels for labels in uniform) <= 120
+
+
 def test_without_any_box_a_positive_patch_falls_back_to_a_uniform_one():
     transform = detection_train_transform(128, seed=3, crop_size=64, positive_fraction=1.0)
     out = transform(image=np.ones((300, 400), np.float32), bboxes=np.zeros((0, 4)), labels=np.zeros(0))

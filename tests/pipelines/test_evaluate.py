@@ -127,14 +127,17 @@ def test_every_output_is_written_and_described(evaluated, dataset, package):
     assert metrics["seconds"] > 0
     assert Path(summary["metrics"]) == out / "metrics.json"
 
-    # The synthetic annotations carry depth and conspicuity: every lesion lands in one stratum of each.
+    # The synthetic annotations carry depth, conspicuity and surface: every lesion lands in one stratum of each.
     point = metrics["operating_point"]
     assert point["threshold"] == THRESHOLD
     n_lesions = sum(lesions.values())
     assert sum(s["lesions"] for s in point["by_depth"].values()) == n_lesions
     assert sum(s["lesions"] for s in point["by_conspicuity"].values()) == n_lesions
+    assert sum(s["lesions"] for s in point["by_surface"].values()) == n_lesions
     assert set(point["by_depth"]) <= {"enamel", "outer_dentin", "inner_dentin"}
+    assert set(point["by_surface"]) <= {"mesial", "distal", "occlusal"}
     assert summary["sensitivity_by_depth"] == {k: v["sensitivity"] for k, v in point["by_depth"].items()}
+    assert summary["sensitivity_by_surface"] == {k: v["sensitivity"] for k, v in point["by_surface"].items()}
     assert summary["false_positives_per_image"] == point["false_positives_per_image"] >= 0
 
     # Every lesion is found under some class or missed; the merged AP50 and class accuracy reach the summary.

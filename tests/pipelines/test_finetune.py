@@ -535,6 +535,8 @@ def test_resuming_refuses_changed_frozen_keys_but_not_others(labeled, tmp_path, 
         ("data.label_fraction=0", "label_fraction must be in (0, 1]"),
         ("data.augmentation=heavy", "augmentation must be one of standard, sensor, got 'heavy'"),
         ("data.repeat_threshold=1.5", "repeat_threshold must be in (0, 1] or null, got 1.5"),
+        ("data.repeat_attribute=colour", "repeat_attribute must be one of depth, surface or null, got 'colour'"),
+        ("data.repeat_attribute=surface", "repeat_attribute needs repeat_threshold"),
         ("eval.patience=0", "patience must be >= 1"),
         ("model.size=vit_huge", "unknown ViT size 'vit_huge'"),
         ("model.encoder=/no/such/encoder.pt", "/no/such/encoder.pt: no such file"),
@@ -622,7 +624,20 @@ def test_repeat_factor_sampling_says_what_it_over_samples_and_trains(labeled, tm
     run = tmp_path / "run"
     assert finetune(labeled, run, "--set", "data.repeat_threshold=1.0", "--set", "train.steps=2") == 0
     assert summary_line(capsys.readouterr().out)["steps"] == 2
-    assert "repeat factor sampling (threshold 1): " in caplog.text
+    assert "repeat factor sampling (threshold 1, categories: class): " in caplog.text
+    assert "; factors caries " in caplog.text
+
+
+def test_repeat_factor_sampling_over_class_and_surface_names_its_categories(labeled, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO)
+    surfaces = {annotation["surface"] for annotation in json.loads(labeled.train.read_text())["annotations"]}
+    assert surfaces >= {"mesial", "distal"}
+    run = tmp_path / "run"
+    overrides = ("data.repeat_threshold=1.0", "data.repeat_attribute=surface", "train.steps=2")
+    assert finetune(labeled, run, *(arg for value in overrides for arg in ("--set", value))) == 0
+    assert summary_line(capsys.readouterr().out)["steps"] == 2
+    assert "repeat factor sampling (threshold 1, categories: class x surface): " in caplog.text
+    assert "caries/mesial " in caplog.text
 
 
 def test_repeated_dataset_maps_keys_onto_the_images_and_keeps_the_seed():
