@@ -46,6 +46,7 @@ from caries_mim.data import (
     ResumableEpochSampler,
     category_repeat_factors,
     detection_train_transform,
+    image_repeat_factors,
     load_annotations,
 )
 from caries_mim.data.indexing import IndexedImage
@@ -652,7 +653,7 @@ class _Finetuning:
             categories = [box_categories(record, config.data.repeat_attribute) for record in train_set.records]
             per_category = category_repeat_factors(categories, config.data.repeat_threshold)
             train_set.box_weights = [[per_category[category] for category in image] for image in categories]
-            factors = [max((per_category[category] for category in image), default=1.0) for image in categories]
+            factors = image_repeat_factors(categories, per_category)
             if context.is_main:
                 log.info(
                     "repeat factor sampling (threshold %g, categories: class%s): %d of %d training image(s) "

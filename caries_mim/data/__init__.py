@@ -18,7 +18,13 @@ from caries_mim.data.detection import DetectionDataset, collate_detection
 from caries_mim.data.discovery import RADIOGRAPH_SUFFIXES, find_radiographs
 from caries_mim.data.indexing import SkippedFiles, index_readable
 from caries_mim.data.records import AnnotationSet, AnnotationStats, DetectionRecord
-from caries_mim.data.sampling import ResumableEpochSampler, category_repeat_factors, item_seed, repeat_factors
+from caries_mim.data.sampling import (
+    ResumableEpochSampler,
+    category_repeat_factors,
+    image_repeat_factors,
+    item_seed,
+    repeat_factors,
+)
 from caries_mim.data.transforms import (
     FloatClahe,
     Letterbox,
@@ -51,6 +57,7 @@ __all__ = [
     "detection_eval_transform",
     "detection_train_transform",
     "find_radiographs",
+    "image_repeat_factors",
     "index_readable",
     "item_seed",
     "load_annotations",

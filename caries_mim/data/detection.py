@@ -36,14 +36,9 @@ def _size_mismatch(record: DetectionRecord, height: int, width: int) -> bool:
     )
 
 
-def clip_boxes(boxes: np.ndarray, labels: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Clip float32 (N, 4) xyxy boxes to a (height, width) image and drop those left without area."""
-    clipped, keep = _clipped(boxes, height, width)
-    return clipped[keep], labels[keep]
-
-
 def _clipped(boxes: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """``boxes`` clipped to the image, and which of them keep an area (bool (N,))."""
+    """Float32 (N, 4) xyxy ``boxes`` clipped to a (height, width) image, and which of them keep an area (bool (N,)):
+    the caller drops the others with their labels and weights."""
     clipped = np.clip(boxes, 0.0, np.array([width, height, width, height], dtype=np.float32))
     return clipped, (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
 

@@ -262,7 +262,7 @@ def box_categories(record: DetectionRecord, attribute: str | None = None) -> lis
     of :data:`CATEGORICAL_BOX_ATTRIBUTES`) the pair (class index, the box's value of it, None where it has none)."""
     labels = [int(label) for label in record.labels]
     if attribute is None:
-        return list(labels)
+        return labels
     if attribute not in CATEGORICAL_BOX_ATTRIBUTES:
         raise ValueError(f"attribute must be one of {', '.join(CATEGORICAL_BOX_ATTRIBUTES)}, got {attribute!r}")
     attributes = record.box_attributes or ({},) * len(labels)

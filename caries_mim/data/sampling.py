@@ -146,7 +146,14 @@ def repeat_factors(image_labels: Sequence[Iterable[Hashable]], threshold: float)
     over-sampled like a rare class. ``threshold`` in (0, 1].
     """
     image_categories = [[_category(label) for label in labels] for labels in image_labels]
-    per_category = category_repeat_factors(image_categories, threshold)
+    return image_repeat_factors(image_categories, category_repeat_factors(image_categories, threshold))
+
+
+def image_repeat_factors(
+    image_categories: Sequence[Iterable[Hashable]], per_category: dict[Hashable, float]
+) -> list[float]:
+    """Per image, the largest factor of its boxes' categories in ``per_category`` (from
+    :func:`category_repeat_factors`), 1 for an image without boxes."""
     return [max((per_category[category] for category in categories), default=1.0) for categories in image_categories]
 
 
