@@ -149,6 +149,10 @@ class DataConfig:
     #: caries is then as rare as it is, not as common as caries); boxes without it form their class's own category.
     #: One of caries_mim.data.records.CATEGORICAL_BOX_ATTRIBUTES; null: classes alone.
     repeat_attribute: str | None = None
+    #: Leave the anchors on the annotations' ignore regions out of the detector's loss (COCO iscrowd boxes, the
+    #: synthetic generator's lesions under its visibility floor): not findings, but penalizing a detection there
+    #: teaches the detector to overlook the faintest real lesions. false: they are background like any other pixel.
+    ignore_regions: bool = False
 
     def __post_init__(self) -> None:
         if self.repeat_threshold is not None and not 0.0 < self.repeat_threshold <= 1.0:
@@ -573,6 +577,7 @@ class _Finetuning:
                 options=options,
                 progress=self.progress,
                 memo_mb=data.memo_mb / max(data.workers, 1),
+                ignore_regions=data.ignore_regions,
             )
             val_set = DetectionDataset(val_records, cache=cache, options=options, progress=self.progress)
         detector = detector_config(config, classes, encoder, data_statistics(train_set))
@@ -669,6 +674,13 @@ class _Finetuning:
                     ),
                 )
             factors = factors * repeats
+        if config.data.ignore_regions and context.is_main:
+            regions = [len(record.ignore_boxes) for record in train_set.records]
+            log.info(
+                "ignore regions: %d in %d training image(s), left out of the classification loss",
+                sum(regions),
+                sum(count > 0 for count in regions),
+            )
         sampler = ResumableEpochSampler(
             len(epoch_set),
             batch_size=optim.batch_size,
@@ -775,7 +787,9 @@ def _package_step(path: Path) -> int | None:
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "image": torch.stack([item["image"] for item in items]),
-        "targets": [{"boxes": item["boxes"], "labels": item["labels"]} for item in items],
+        "targets": [
+            {"boxes": item["boxes"], "labels": item["labels"], "ignore_boxes": item["ignore_boxes"]} for item in items
+        ],
     }
 
 

@@ -71,7 +71,10 @@ def parse_coco_like(
 ) -> AnnotationSet:
     """Records from a parsed COCO-style document whose label lives in ``category_id_key``.
 
-    Crowd annotations (``iscrowd: 1``) are dropped and counted: they mark a region of many objects, not one.
+    Crowd annotations (``iscrowd: 1``) mark a region of many objects, not one finding, and an image's
+    ``subthreshold_lesions`` (the synthetic generator's lesions under its visibility floor, each with a
+    ``field_box`` [x0, y0, x1, y1]) a lesion no reader could see: both become the record's ignore regions
+    (:attr:`~caries_mim.data.records.DetectionRecord.ignore_boxes`), not boxes.
     """
     if not isinstance(data, dict):
         raise InvalidDatasetError(f"{source}: expected a JSON object with images, annotations and categories")
@@ -92,6 +95,7 @@ def parse_coco_like(
             image.get("height"),
             where,
         )
+        _add_subthreshold_lesions(builder, image, where, source)
 
     for i, annotation in enumerate(annotations):
         where = f"annotations[{i}]"
@@ -107,14 +111,29 @@ def parse_coco_like(
         bbox = _field(annotation, "bbox", where, source)
         if not isinstance(bbox, list) or len(bbox) != 4:
             raise InvalidDatasetError(f"{source}: {where} bbox must be [x, y, width, height], got {bbox!r}")
-        if annotation.get("iscrowd", 0):
-            builder.stats.dropped_crowd += 1
-            continue
         x, y, width, height = bbox
-        # The numbers are validated by add_box; only the arithmetic needs them to be numbers first.
+        # The numbers are validated by the builder; only the arithmetic needs them to be numbers first.
         corners = [x, y, x + width, y + height] if _all_numbers(bbox) else bbox
-        builder.add_box(image_id, corners, categories[category_id], where, annotation)
+        if annotation.get("iscrowd", 0):
+            builder.add_ignore_region(image_id, corners, where)
+        else:
+            builder.add_box(image_id, corners, categories[category_id], where, annotation)
     return builder.build()
+
+
+def _add_subthreshold_lesions(builder: RecordBuilder, image: dict[str, Any], where: str, source: Path) -> None:
+    lesions = image.get("subthreshold_lesions", [])
+    if not isinstance(lesions, list):
+        raise InvalidDatasetError(
+            f"{source}: {where} subthreshold_lesions must be a list, got {type(lesions).__name__}"
+        )
+    for j, lesion in enumerate(lesions):
+        box = lesion.get("field_box") if isinstance(lesion, dict) else None
+        if not isinstance(box, list) or len(box) != 4:
+            raise InvalidDatasetError(
+                f"{source}: {where} subthreshold_lesions[{j}] needs a field_box [x0, y0, x1, y1], got {lesion!r}"
+            )
+        builder.add_ignore_region(image["id"], box, f"{where} subthreshold_lesions[{j}]")
 
 
 def _all_numbers(values: list[Any]) -> bool:

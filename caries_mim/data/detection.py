@@ -26,6 +26,9 @@ from caries_mim.data.unlabeled import image_tensor
 from caries_mim.errors import InvalidDatasetError
 from caries_mim.io import ReadOptions
 
+#: The label an ignore region carries through the transform beside the lesions' class indices (never a class).
+IGNORE_LABEL = -1
+
 #: An albumentations-style box-aware transform: ``transform(image=, bboxes=, labels=)`` -> dict.
 DetectionTransform = Callable[..., dict[str, Any]]
 
@@ -63,6 +66,9 @@ class DetectionDataset(Dataset):
         ``image``: float32 tensor (1, H, W) in [0, 1] (H, W = the transform's output size, else the original),
         ``boxes``: float32 tensor (N, 4), [x0, y0, x1, y1] in pixels of ``image``, inside it, x1 > x0, y1 > y0,
         ``labels``: int64 tensor (N,), class indices, aligned with ``boxes``,
+        ``ignore_boxes``: float32 tensor (K, 4), the record's ignore regions in the same pixels (see
+        :attr:`~caries_mim.data.records.DetectionRecord.ignore_boxes`); with ``ignore_regions`` False always
+        empty (0, 4),
         ``image_id``: the record's image id,
         ``spacing_mm``: (row, col) pixel spacing of the original image in mm, or None,
         ``original_size``: (height, width) of the original image, to map boxes back
@@ -75,6 +81,10 @@ class DetectionDataset(Dataset):
 
     :attr:`box_weights` (one float array per record, aligned with its boxes) weighs the lesion a positive training
     crop is built around (:class:`~caries_mim.data.transforms.LesionCrop`); None: every lesion alike.
+
+    With ``ignore_regions`` the records' ignore regions go through the transform with the lesions (label
+    :data:`IGNORE_LABEL`, weight 0: cropped, flipped and scaled alike, never the lesion a positive crop is built
+    around) and come out apart, as ``ignore_boxes``: the detector leaves the anchors on them out of its loss.
 
     With ``validate`` (the default) construction decodes every image once through the cache (see
     :mod:`caries_mim.data.indexing`): unreadable images are left out with one summarized warning (recorded in
@@ -95,6 +105,7 @@ class DetectionDataset(Dataset):
         validate: bool = True,
         progress: bool = True,
         memo_mb: float = 0.0,
+        ignore_regions: bool = False,
     ) -> None:
         if not records:
             raise InvalidDatasetError("the detection dataset has no annotated images")
@@ -107,6 +118,7 @@ class DetectionDataset(Dataset):
         self.transform = transform
         self._transform_seed: int | None = None
         self._box_weights: list[np.ndarray] | None = None
+        self.ignore_regions = ignore_regions
         self.skipped = SkippedFiles()
         self.records = list(records)
         #: Size and spacing of each record's image as decoded, by path; filled by validation.
@@ -185,13 +197,20 @@ class DetectionDataset(Dataset):
         image = radiograph.pixels
         clipped, keep = _clipped(record.boxes, height, width)
         boxes, labels = clipped[keep], record.labels[keep]
+        weights = np.ones(len(record.boxes), np.float32) if self._box_weights is None else self._box_weights[index]
+        weights = weights[keep]
+        if self.ignore_regions and len(record.ignore_boxes):
+            ignored, inside = _clipped(record.ignore_boxes, height, width)
+            ignored = ignored[inside]
+            boxes = np.concatenate([boxes, ignored])
+            labels = np.concatenate([labels, np.full(len(ignored), IGNORE_LABEL, np.int64)])
+            weights = np.concatenate([weights, np.zeros(len(ignored), np.float32)])
         if not isinstance(self._transform, TrainTransform):
             return _Source(image, boxes, labels, radiograph.spacing_mm, (height, width))
-        weights = np.ones(len(record.boxes), np.float32) if self._box_weights is None else self._box_weights[index]
         out = self._transform.scale(
             image=image,
             bboxes=boxes,
-            **{LABEL_FIELD: labels, BOX_WEIGHT_FIELD: weights[keep], SPACING_FIELD: radiograph.spacing_mm},
+            **{LABEL_FIELD: labels, BOX_WEIGHT_FIELD: weights, SPACING_FIELD: radiograph.spacing_mm},
         )
         source = _Source(
             out["image"],
@@ -233,10 +252,12 @@ class DetectionDataset(Dataset):
         if kept and np.may_share_memory(image, source.image):
             # A crop can be a view of the kept image: the tensor must not write through to it.
             image = image.copy()
+        ignored = labels == IGNORE_LABEL
         return {
             "image": image_tensor(image),
-            "boxes": torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)),
-            "labels": torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)),
+            "boxes": torch.from_numpy(np.ascontiguousarray(boxes[~ignored], dtype=np.float32)),
+            "labels": torch.from_numpy(np.ascontiguousarray(labels[~ignored], dtype=np.int64)),
+            "ignore_boxes": torch.from_numpy(np.ascontiguousarray(boxes[ignored], dtype=np.float32)),
             "image_id": self.records[index].image_id,
             "spacing_mm": source.spacing_mm,
             "original_size": source.original_size,
@@ -249,6 +270,7 @@ def collate_detection(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     Returns:
         ``image``: float32 tensor (B, 1, H, W) (items must share H, W: use a resizing transform);
         ``boxes``: list of B float32 tensors (N_i, 4); ``labels``: list of B int64 tensors (N_i,);
+        ``ignore_boxes``: list of B float32 tensors (K_i, 4);
         ``image_id``, ``spacing_mm``, ``original_size``: lists of length B.
     Raises:
         ValueError: the images differ in size.
@@ -260,6 +282,7 @@ def collate_detection(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "image": torch.stack([item["image"] for item in batch]),
         "boxes": [item["boxes"] for item in batch],
         "labels": [item["labels"] for item in batch],
+        "ignore_boxes": [item["ignore_boxes"] for item in batch],
         "image_id": [item["image_id"] for item in batch],
         "spacing_mm": [item["spacing_mm"] for item in batch],
         "original_size": [item["original_size"] for item in batch],

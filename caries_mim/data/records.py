@@ -11,6 +11,11 @@ Box policy, the same for every format (loaders feed boxes through :class:`Record
 * zero area (before or after clipping) -> dropped, counted in :attr:`AnnotationStats.dropped_degenerate`: a click
   without a drag in an annotation tool; it marks nothing a detector can learn.
 
+Ignore regions (COCO's ``iscrowd: 1`` boxes, the synthetic generator's lesions under its visibility floor) are not
+findings: they are kept apart in :attr:`DetectionRecord.ignore_boxes` (clipped the same way, counted in
+:attr:`AnnotationStats.ignore_regions`) so that training can leave them out of its loss (``data.ignore_regions``);
+evaluation never reads them.
+
 Images without any box are kept: they are the negatives that specificity is measured on.
 """
 
@@ -52,6 +57,9 @@ class DetectionRecord:
         box_attributes: per box (aligned with ``boxes``), the reporting attributes the annotation carries (keys
             of :data:`BOX_ATTRIBUTES`, e.g. the synthetic generator's ``depth`` and ``conspicuity``); empty dicts
             when it carries none, an empty tuple for formats without them.
+        ignore_boxes: float32 (K, 4), [x0, y0, x1, y1] in pixels of the original image: regions that hold
+            something lesion-like but are not findings (COCO crowd boxes; lesions under the visibility floor),
+            where a detection is neither a hit nor, in training, a false positive. Not part of ``boxes``.
     """
 
     image_path: Path
@@ -61,6 +69,7 @@ class DetectionRecord:
     width: int | None = None
     height: int | None = None
     box_attributes: tuple[dict[str, Any], ...] = ()
+    ignore_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), dtype=np.float32))
 
 
 @dataclass
@@ -71,14 +80,14 @@ class AnnotationStats:
     boxes: int = 0
     clipped: int = 0
     dropped_degenerate: int = 0
-    dropped_crowd: int = 0
+    ignore_regions: int = 0
     dropped_unmapped: Counter[str] = field(default_factory=Counter)
 
     def summary(self) -> str:
         unmapped = ", ".join(f"{name}: {count}" for name, count in sorted(self.dropped_unmapped.items()))
         return (
             f"{self.images} image(s), {self.boxes} box(es); clipped {self.clipped}, "
-            f"dropped {self.dropped_degenerate} zero-area and {self.dropped_crowd} crowd box(es)"
+            f"dropped {self.dropped_degenerate} zero-area box(es); {self.ignore_regions} ignore region(s)"
             + (f", unmapped classes dropped [{unmapped}]" if unmapped else "")
         )
 
@@ -168,6 +177,7 @@ class RecordBuilder:
         self._boxes: dict[int | str, list[tuple[float, float, float, float]]] = {}
         self._labels: dict[int | str, list[int]] = {}
         self._attributes: dict[int | str, list[dict[str, Any]]] = {}
+        self._ignore: dict[int | str, list[tuple[float, float, float, float]]] = {}
 
     def add_image(self, image_id: int | str, path: Path, width: object, height: object, where: str) -> None:
         if image_id in self._images:
@@ -180,6 +190,7 @@ class RecordBuilder:
         self._boxes[image_id] = []
         self._labels[image_id] = []
         self._attributes[image_id] = []
+        self._ignore[image_id] = []
 
     def has_image(self, image_id: object) -> bool:
         return image_id in self._images
@@ -196,16 +207,31 @@ class RecordBuilder:
         :data:`BOX_ATTRIBUTES` among ``attributes`` (a depth must be a string, a conspicuity a finite number >= 0;
         other values are left out rather than refused: they only feed reports)."""
         where = f"{self.source}: {where}"
-        x0, y0, x1, y1 = (_number(v, "box coordinate", where) for v in corners)
-        if x1 < x0 or y1 < y0:
-            raise InvalidDatasetError(
-                f"{where}: box has negative width or height ({x0:g}, {y0:g}, {x1:g}, {y1:g} as x0, y0, x1, y1); "
-                "are corners stored where [x, y, width, height] is expected?"
-            )
+        valid = _valid_corners(corners, where)  # a broken box is refused even when its class is not kept
         label = self.mapping.label(category)
         if label is None:
             self.stats.dropped_unmapped[category] += 1
             return
+        clipped = self._clipped(image_id, valid)
+        if clipped is None:
+            return
+        self._boxes[image_id].append(clipped)
+        self._labels[image_id].append(label)
+        self._attributes[image_id].append(_reporting_attributes(attributes or {}))
+
+    def add_ignore_region(self, image_id: int | str, corners: Sequence[object], where: str) -> None:
+        """Add [x0, y0, x1, y1] as an ignore region of an image added before (see the module doc); validated and
+        clipped as a box is."""
+        clipped = self._clipped(image_id, _valid_corners(corners, f"{self.source}: {where}"))
+        if clipped is not None:
+            self._ignore[image_id].append(clipped)
+            self.stats.ignore_regions += 1
+
+    def _clipped(
+        self, image_id: int | str, corners: tuple[float, float, float, float]
+    ) -> tuple[float, float, float, float] | None:
+        """Valid corners clipped to the image, or None (counted) when nothing of them is left."""
+        x0, y0, x1, y1 = corners
         _, width, height = self._images[image_id]
         clipped = (
             max(x0, 0.0),
@@ -215,12 +241,10 @@ class RecordBuilder:
         )
         if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
             self.stats.dropped_degenerate += 1
-            return
+            return None
         if clipped != (x0, y0, x1, y1):
             self.stats.clipped += 1
-        self._boxes[image_id].append(clipped)
-        self._labels[image_id].append(label)
-        self._attributes[image_id].append(_reporting_attributes(attributes or {}))
+        return clipped
 
     def build(self) -> AnnotationSet:
         """Records in image order; raises when no image is listed or listed images do not exist."""
@@ -235,6 +259,7 @@ class RecordBuilder:
                 width=width,
                 height=height,
                 box_attributes=tuple(self._attributes[image_id]),
+                ignore_boxes=np.asarray(self._ignore[image_id], dtype=np.float32).reshape(-1, 4),
             )
             for image_id, (path, width, height) in self._images.items()
         ]
@@ -242,6 +267,17 @@ class RecordBuilder:
         self.stats.images = len(records)
         self.stats.boxes = sum(len(record.labels) for record in records)
         return AnnotationSet(records, self.mapping.classes, self.source, self.format, self.stats)
+
+
+def _valid_corners(corners: Sequence[object], where: str) -> tuple[float, float, float, float]:
+    """[x0, y0, x1, y1] as floats; raises on a non-number or a negative extent (see the module doc)."""
+    x0, y0, x1, y1 = (_number(v, "box coordinate", where) for v in corners)
+    if x1 < x0 or y1 < y0:
+        raise InvalidDatasetError(
+            f"{where}: box has negative width or height ({x0:g}, {y0:g}, {x1:g}, {y1:g} as x0, y0, x1, y1); "
+            "are corners stored where [x, y, width, height] is expected?"
+        )
+    return x0, y0, x1, y1
 
 
 def _reporting_attributes(attributes: Mapping[str, Any]) -> dict[str, Any]:

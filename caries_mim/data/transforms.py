@@ -198,6 +198,9 @@ class LesionCrop(A.AtLeastOneBBoxRandomCrop):
     but such an image usually holds common lesions too, and a uniform choice would spend most of its extra crops
     on them: the box weights (``box_weights``, the second label field: column 5 of albumentations' box array) let
     the rare lesion be the one the crop is built around. With equal weights the draw is the parent's, unchanged.
+    A box of weight 0 is never chosen: that is how an ignore region travels beside the lesions
+    (:class:`~caries_mim.data.DetectionDataset` with ``ignore_regions``); without any other box the crop is the
+    parent's uniform one.
     """
 
     #: Column of a box's weight in albumentations' box array: 4 coordinates, the label, then the weight.
@@ -205,6 +208,11 @@ class LesionCrop(A.AtLeastOneBBoxRandomCrop):
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         bboxes = np.asarray(data.get("bboxes", ()))
+        if len(bboxes) and bboxes.shape[1] > self._WEIGHT_COLUMN:
+            lesions = bboxes[:, self._WEIGHT_COLUMN] > 0
+            if not lesions.all():
+                bboxes = bboxes[lesions]
+                data = {**data, "bboxes": bboxes}
         if len(bboxes) > 1 and bboxes.shape[1] > self._WEIGHT_COLUMN:
             weights = bboxes[:, self._WEIGHT_COLUMN]
             if np.ptp(weights) > 0:

@@ -27,6 +27,9 @@ from caries_mim.detection.box_overlap import pairwise_iou
 _COMPUTE_DTYPE = torch.float32
 #: MONAI's ``Matcher.BELOW_LOW_THRESHOLD``: the anchor is background.
 BACKGROUND = -1
+#: MONAI's ``Matcher.BETWEEN_THRESHOLDS``: the anchor is left out of the classification loss (here: it lies on an
+#: ignore region).
+IGNORED = -2
 
 
 def pad_boxes(

@@ -23,6 +23,7 @@ from monai.losses.giou_loss import BoxGIoULoss
 from torch import nn
 
 from caries_mim.detection.batched_loss import (
+    IGNORED,
     batched_atss_matches,
     classification_targets,
     foreground_box_pairs,
@@ -43,6 +44,8 @@ from caries_mim.models.vit import VisionTransformer
 
 #: [x0, y0, x1, y1] (x = column) <-> MONAI's [row0, col0, row1, col1]; the permutation is its own inverse.
 _SWAP_XY = [1, 0, 3, 2]
+#: Key of a MONAI target's ignore regions (MONAI's own keys are the detector's target_box_key / target_label_key).
+_IGNORE_KEY = "ignore_boxes"
 
 
 def _unmirror(boxes: torch.Tensor, width: int, height: int, mirror_x: bool, mirror_y: bool) -> torch.Tensor:
@@ -80,6 +83,11 @@ class _RetinaNetDetector(RetinaNetDetector):
     class scores are :func:`~caries_mim.detection.lesion_times_class.lesion_times_class_scores` instead of a sigmoid
     per output. With :attr:`box_voting_iou` set, each kept box is the score-weighted mean of the candidates of its
     class overlapping it at that IoU (:func:`~caries_mim.detection.box_fusion.vote_boxes`).
+
+    A target may carry ignore regions (``ignore_boxes``, same axis order as its boxes): the anchors ATSS would
+    match to one of them, and to no lesion, are left out of the classification loss (MONAI's
+    ``BETWEEN_THRESHOLDS`` anchors, which its own per-image losses already skip), so a detection there is neither
+    rewarded nor penalized.
     """
 
     #: Class scores as P(lesion) x P(class | lesion) (``DetectorConfig.class_scores``); False: a sigmoid per class.
@@ -117,16 +125,7 @@ class _RetinaNetDetector(RetinaNetDetector):
         boxes, labels, valid = pad_boxes(
             [target[self.target_box_key] for target in targets], [target[self.target_label_key] for target in targets]
         )
-        matches = batched_atss_matches(
-            boxes,
-            valid,
-            anchors[0],
-            num_anchor_locs_per_level,
-            self.num_anchors_per_loc,
-            self.proposal_matcher.num_candidates,
-            self.proposal_matcher.center_in_gt,
-            self.proposal_matcher.min_dist,
-        )
+        matches = self._atss(boxes, valid, anchors[0], num_anchor_locs_per_level)
         if bool((valid.any(dim=1) & (matches < 0).all(dim=1)).any()):
             # MONAI warns per image; one check for the batch (a host synchronization on a GPU).
             warnings.warn(
@@ -135,9 +134,19 @@ class _RetinaNetDetector(RetinaNetDetector):
                 stacklevel=2,
             )
         class_targets = classification_targets(matches, labels, cls_logits.shape[-1], cls_logits.dtype)
-        classification = self.cls_loss_func(
-            cls_logits.reshape(-1, cls_logits.shape[-1]), class_targets.reshape(-1, cls_logits.shape[-1])
-        ).to(cls_logits.dtype)
+        ignore = [target.get(_IGNORE_KEY) for target in targets]
+        if any(regions is not None and regions.numel() for regions in ignore):
+            per_image = [boxes.new_zeros((0, 4)) if one is None else one for one in ignore]
+            regions, _, region_valid = pad_boxes(
+                per_image, [torch.zeros(len(one), dtype=torch.long, device=boxes.device) for one in per_image]
+            )
+            region_matches = self._atss(regions, region_valid, anchors[0], num_anchor_locs_per_level)
+            trained = (matches >= 0) | (region_matches < 0)  # (B, A)
+            classification = self.cls_loss_func(cls_logits[trained], class_targets[trained]).to(cls_logits.dtype)
+        else:
+            classification = self.cls_loss_func(
+                cls_logits.reshape(-1, cls_logits.shape[-1]), class_targets.reshape(-1, cls_logits.shape[-1])
+            ).to(cls_logits.dtype)
         predicted, matched_anchors, matched_boxes = foreground_box_pairs(box_regression, boxes, anchors[0], matches)
         if predicted.shape[0] == 0:
             box_loss = torch.zeros((), dtype=box_regression.dtype, device=box_regression.device)
@@ -149,6 +158,21 @@ class _RetinaNetDetector(RetinaNetDetector):
             box_loss = self.box_loss_func(predicted, matched_boxes).to(predicted.dtype)
         return {self.cls_key: classification, self.box_reg_key: box_loss}
 
+    def _atss(
+        self, boxes: torch.Tensor, valid: torch.Tensor, anchors: torch.Tensor, num_anchor_locs_per_level: Sequence[int]
+    ) -> torch.Tensor:
+        """:func:`~caries_mim.detection.batched_loss.batched_atss_matches` with this detector's matcher settings."""
+        return batched_atss_matches(
+            boxes,
+            valid,
+            anchors,
+            num_anchor_locs_per_level,
+            self.num_anchors_per_loc,
+            self.proposal_matcher.num_candidates,
+            self.proposal_matcher.center_in_gt,
+            self.proposal_matcher.min_dist,
+        )
+
     def compute_anchor_matched_idxs(
         self,
         anchors: list[torch.Tensor],
@@ -157,17 +181,25 @@ class _RetinaNetDetector(RetinaNetDetector):
     ) -> list[torch.Tensor]:
         matched = []
         for anchors_per_image, targets_per_image in zip(anchors, targets, strict=True):
-            boxes = targets_per_image[self.target_box_key].to(anchors_per_image.device)
-            if boxes.numel() == 0:
-                # As MONAI does: every anchor is background (the matcher's own answer would land on the CPU).
-                matched.append(
-                    torch.full((anchors_per_image.shape[0],), -1, dtype=torch.int64, device=anchors_per_image.device)
-                )
-                continue
-            _, matched_per_image = self.proposal_matcher(
-                boxes, anchors_per_image, num_anchor_locs_per_level, self.num_anchors_per_loc
+            matched_per_image = self._matches(
+                anchors_per_image, targets_per_image[self.target_box_key], num_anchor_locs_per_level
             )
+            regions = targets_per_image.get(_IGNORE_KEY)
+            if regions is not None and regions.numel():
+                on_region = self._matches(anchors_per_image, regions, num_anchor_locs_per_level) >= 0
+                matched_per_image = matched_per_image.masked_fill((matched_per_image < 0) & on_region, IGNORED)
             matched.append(matched_per_image)
+        return matched
+
+    def _matches(
+        self, anchors: torch.Tensor, boxes: torch.Tensor, num_anchor_locs_per_level: Sequence[int]
+    ) -> torch.Tensor:
+        """MONAI's matches of one image's anchors (A,) to ``boxes`` (M, 4): a box index, or -1 for background."""
+        boxes = boxes.to(anchors.device)
+        if boxes.numel() == 0:
+            # As MONAI does: every anchor is background (the matcher's own answer would land on the CPU).
+            return torch.full((anchors.shape[0],), -1, dtype=torch.int64, device=anchors.device)
+        _, matched = self.proposal_matcher(boxes, anchors, num_anchor_locs_per_level, self.num_anchors_per_loc)
         return matched
 
     def postprocess_detections(
@@ -492,10 +524,19 @@ class CariesDetector(nn.Module):
             raise InvalidArgumentError(
                 f"target {index} has labels outside [0, {self.config.num_classes}) (classes: {self.config.class_names})"
             )
-        return {
+        monai_target = {
             self.retinanet.target_box_key: boxes[:, _SWAP_XY].to(images.device, non_blocking=True),
             self.retinanet.target_label_key: labels.to(images.device, non_blocking=True),
         }
+        regions = target.get(_IGNORE_KEY)
+        if regions is not None:
+            if not isinstance(regions, torch.Tensor):
+                raise InvalidArgumentError(f"target {index} 'ignore_boxes' must be a tensor, got {type(regions)}")
+            regions = regions.reshape(-1, 4).to(dtype=torch.float32)
+            if bool(((regions[:, 2] <= regions[:, 0]) | (regions[:, 3] <= regions[:, 1])).any()):
+                raise InvalidArgumentError(f"target {index} has an ignore region without area")
+            monai_target[_IGNORE_KEY] = regions[:, _SWAP_XY].to(images.device, non_blocking=True)
+        return monai_target
 
 
 @contextlib.contextmanager

@@ -244,8 +244,44 @@ def test_zero_area_boxes_are_dropped_and_overshooting_boxes_clipped(coco_dir, ca
     assert boxes_of(dataset, 1) == ([[0.0, 30.0, 7.0, 40.0]], [0])
     assert dataset.stats.dropped_degenerate == 2
     assert dataset.stats.clipped == 1
-    assert dataset.stats.dropped_crowd == 1
+    assert dataset.stats.ignore_regions == 1
+    first = next(record for record in dataset.records if record.image_id == 1)
+    assert first.ignore_boxes.tolist() == [[1.0, 1.0, 4.0, 4.0]]  # the crowd box: not a finding
     assert "dropped 2 zero-area" in caplog.text
+    assert "1 ignore region(s)" in caplog.text
+
+
+def test_lesions_under_the_visibility_floor_become_ignore_regions(coco_dir):
+    """The synthetic generator lists them per image (``subthreshold_lesions``, corners in ``field_box``)."""
+
+    def edit(data):
+        data["images"][0]["subthreshold_lesions"] = [
+            {"field_box": [20, 2, 26, 9], "conspicuity": 3.1, "label": "caries"},
+            {"field_box": [60, 30, 90, 50], "conspicuity": 2.0, "label": "caries"},  # past the right edge: clipped
+        ]
+
+    dataset = load_annotations(edit_coco(coco_dir, edit))
+    first, *others = dataset.records
+    assert first.ignore_boxes.tolist() == [[20.0, 2.0, 26.0, 9.0], [60.0, 30.0, 64.0, 40.0]]
+    assert len(first.boxes) == 2  # the findings are as before
+    assert all(record.ignore_boxes.shape == (0, 4) for record in others)
+    assert dataset.stats.ignore_regions == 2
+
+
+@pytest.mark.parametrize(
+    ("lesions", "message"),
+    [
+        ({"field_box": [1, 2, 3, 4]}, "subthreshold_lesions must be a list"),
+        ([{"conspicuity": 2.0}], r"subthreshold_lesions\[0\] needs a field_box"),
+        ([{"field_box": [5, 5, 2, 9]}], "negative width or height"),
+    ],
+)
+def test_malformed_subthreshold_lesions_are_named(coco_dir, lesions, message):
+    def edit(data):
+        data["images"][0]["subthreshold_lesions"] = lesions
+
+    with pytest.raises(InvalidDatasetError, match=message):
+        load_annotations(edit_coco(coco_dir, edit))
 
 
 def write_csv(folder: Path, text: str) -> Path:

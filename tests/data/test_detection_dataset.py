@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -286,3 +287,38 @@ def test_bad_box_weights_are_refused(coco_set, weights, message):
     with pytest.raises(InvalidDatasetError, match=message):
         dataset.box_weights = weights(dataset.records)
     assert dataset.box_weights is None
+
+
+def _with_region(coco_set, region: list[float]) -> list[DetectionRecord]:
+    first = dataclasses.replace(coco_set.records[0], ignore_boxes=np.array([region], np.float32))
+    return [first, *coco_set.records[1:]]
+
+
+def test_ignore_regions_come_out_apart_from_the_lesions_only_when_asked_for(coco_set, tmp_path):
+    records = _with_region(coco_set, [50.0, 30.0, 70.0, 45.0])  # past the image (64 x 40): clipped
+    cache = DecodeCache(tmp_path / "cache")
+    plain = DetectionDataset(records, cache=cache, progress=False)[0]
+    assert plain["ignore_boxes"].shape == (0, 4)
+    item = DetectionDataset(records, cache=cache, progress=False, ignore_regions=True)[0]
+    assert item["ignore_boxes"].tolist() == [[50.0, 30.0, 64.0, 40.0]]
+    assert item["ignore_boxes"].dtype == torch.float32
+    assert item["boxes"].tolist() == plain["boxes"].tolist()
+    assert item["labels"].tolist() == [0, 1]
+    batch = collate_detection([item, DetectionDataset(records, progress=False, ignore_regions=True)[1]])
+    assert [regions.shape[0] for regions in batch["ignore_boxes"]] == [1, 0]
+
+
+def test_ignore_regions_follow_the_crop_and_never_centre_a_positive_one(coco_set):
+    """Image 0 (64 x 40): lesions at x 4.5-14.5 and 30-42; a region at x 50-60. Positive 16 px crops hold a lesion
+    (never only the region), and the region, where it is in the crop, is in the crop's pixels."""
+    records = _with_region(coco_set, [50.0, 12.0, 60.0, 22.0])
+    transform = detection_train_transform(64, seed=0, crop_size=16, positive_fraction=1.0, min_visibility=0.0)
+    dataset = DetectionDataset(records, transform=transform, progress=False, memo_mb=64, ignore_regions=True)
+    items = [dataset[(0, seed)] for seed in range(60)]
+    assert all(len(item["labels"]) >= 1 for item in items)
+    for item in items:
+        assert item["image"].shape == (1, 16, 16)
+        for regions in (item["boxes"], item["ignore_boxes"]):
+            assert ((regions >= 0) & (regions <= 16)).all()
+    mirrored = dataset[(0, 1)]  # the transform is seeded per item: the same draw twice
+    assert torch.equal(mirrored["ignore_boxes"], items[1]["ignore_boxes"])

@@ -221,6 +221,20 @@ def test_a_positive_patch_holds_a_lesion_drawn_by_its_box_weight():
     assert 80 <= sum(1 in labels for labels in uniform) <= 120
 
 
+def test_a_box_of_weight_zero_is_never_the_lesion_of_a_positive_patch():
+    """Weight 0 marks an ignore region travelling with the lesions (DetectionDataset with ignore_regions)."""
+    assert all(1 in labels for labels in _labels_of_positive_patches(np.array([0.0, 1.0]), draws=60))
+    # With only such boxes the patch is the uniform one drawn without any box.
+    image = np.random.default_rng(2).random((300, 400), dtype=np.float32)
+    region = np.array([[10.0, 10.0, 30.0, 30.0]], np.float32)
+
+    def patch(bboxes, weights):
+        transform = detection_train_transform(128, seed=3, crop_size=64, positive_fraction=1.0)
+        return transform(image=image, bboxes=bboxes, labels=np.full(len(bboxes), -1), box_weights=weights)["image"]
+
+    np.testing.assert_array_equal(patch(region, np.zeros(1, np.float32)), patch(np.zeros((0, 4)), np.zeros(0)))
+
+
 def test_without_any_box_a_positive_patch_falls_back_to_a_uniform_one():
     transform = detection_train_transform(128, seed=3, crop_size=64, positive_fraction=1.0)
     out = transform(image=np.ones((300, 400), np.float32), bboxes=np.zeros((0, 4)), labels=np.zeros(0))

@@ -10,6 +10,7 @@ from monai.apps.detection.utils.ATSS_matcher import ATSSMatcher
 from caries_mim.detection import CariesDetector
 from caries_mim.detection import detector as detector_module
 from caries_mim.detection.batched_loss import BACKGROUND, batched_atss_matches, pad_boxes
+from caries_mim.errors import InvalidArgumentError
 from tests.detection.tiny import tiny_config
 
 
@@ -164,3 +165,62 @@ def test_an_image_whose_boxes_no_anchor_matches_is_warned_about():
     with pytest.warns(UserWarning, match="No anchor is matched"):
         losses = detector.losses(images, targets)
     assert torch.isfinite(losses["total"])
+
+
+def _with_ignore_regions(targets: list[dict[str, torch.Tensor]], regions: list[list[list[float]]]) -> list[dict]:
+    return [
+        {**target, "ignore_boxes": torch.tensor(image_regions, dtype=torch.float32).reshape(-1, 4)}
+        for target, image_regions in zip(targets, regions, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("counts", [[2, 0, 3], [0, 0, 0]])
+def test_ignore_regions_leave_their_anchors_out_as_monais_between_thresholds_anchors(monkeypatch, counts):
+    torch.manual_seed(0)
+    detector = CariesDetector(tiny_config(class_names=("caries", "deep_caries")))
+    images, targets = _batch(torch.Generator().manual_seed(5), counts)
+    # Image 0: a region apart from its lesions; image 1: none; image 2: two regions, one of them on its first box.
+    on_lesion = targets[2]["boxes"][:1].tolist()
+    regions = [[[44.0, 44.0, 60.0, 58.0]], [], [[30.0, 2.0, 41.0, 12.0], *on_lesion]]
+    ignoring = _with_ignore_regions(targets, regions)
+
+    batched_calls = []
+    monkeypatch.setattr(
+        detector_module,
+        "batched_atss_matches",
+        lambda *args: batched_calls.append(1) or batched_atss_matches(*args),
+    )
+    batched, batched_gradients = _losses_and_gradients(detector, images, ignoring)
+    assert batched_calls == [1, 1], "the batched path matched the lesions, then the ignore regions"
+    plain, _ = _losses_and_gradients(detector, images, targets)
+    # MONAI's per-image path, through the detector's matching override that marks the anchors BETWEEN_THRESHOLDS.
+    monkeypatch.setattr(type(detector.retinanet), "compute_loss", RetinaNetDetector.compute_loss)
+    monai, monai_gradients = _losses_and_gradients(detector, images, ignoring)
+
+    for key in ("classification", "box_regression", "total"):
+        torch.testing.assert_close(batched[key], monai[key].to(batched[key].device), rtol=1e-5, atol=1e-7)
+    for ours, theirs in zip(batched_gradients, monai_gradients, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+    # Fewer background anchors in the sum: a smaller classification loss; the box loss only reads lesions.
+    assert batched["classification"] < plain["classification"]
+    torch.testing.assert_close(batched["box_regression"], plain["box_regression"])
+
+
+def test_an_ignore_region_on_a_lesion_changes_nothing():
+    """Anchors matched to a lesion stay positive: only background anchors are ever ignored."""
+    torch.manual_seed(0)
+    detector = CariesDetector(tiny_config(class_names=("caries", "deep_caries")))
+    images, targets = _batch(torch.Generator().manual_seed(6), [3, 1])
+    on_lesions = _with_ignore_regions(targets, [targets[0]["boxes"].tolist(), targets[1]["boxes"].tolist()])
+    with torch.no_grad():
+        plain = detector.losses(images, targets)
+        ignoring = detector.losses(images, on_lesions)
+    for key in ("classification", "box_regression"):
+        torch.testing.assert_close(ignoring[key], plain[key])
+
+
+def test_an_ignore_region_without_area_is_refused():
+    detector = CariesDetector(tiny_config(class_names=("caries", "deep_caries")))
+    images, targets = _batch(torch.Generator().manual_seed(7), [1])
+    with pytest.raises(InvalidArgumentError, match="ignore region without area"):
+        detector.losses(images, _with_ignore_regions(targets, [[[5.0, 5.0, 5.0, 9.0]]]))

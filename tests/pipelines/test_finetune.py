@@ -628,16 +628,20 @@ def test_repeat_factor_sampling_says_what_it_over_samples_and_trains(labeled, tm
     assert "; factors caries " in caplog.text
 
 
-def test_repeat_factor_sampling_over_class_and_surface_names_its_categories(labeled, tmp_path, capsys, caplog):
+def test_repeat_factors_over_class_and_surface_and_ignore_regions_train_and_say_so(labeled, tmp_path, capsys, caplog):
     caplog.set_level(logging.INFO)
-    surfaces = {annotation["surface"] for annotation in json.loads(labeled.train.read_text())["annotations"]}
-    assert surfaces >= {"mesial", "distal"}
+    train = json.loads(labeled.train.read_text())
+    assert {annotation["surface"] for annotation in train["annotations"]} >= {"mesial", "distal"}
+    # The regions of the training set: the generator's lesions under its visibility floor.
+    regions = [len(image["subthreshold_lesions"]) for image in train["images"]]
     run = tmp_path / "run"
-    overrides = ("data.repeat_threshold=1.0", "data.repeat_attribute=surface", "train.steps=2")
+    overrides = ("data.repeat_threshold=1.0", "data.repeat_attribute=surface", "data.ignore_regions=true")
+    overrides += ("train.steps=2",)
     assert finetune(labeled, run, *(arg for value in overrides for arg in ("--set", value))) == 0
     assert summary_line(capsys.readouterr().out)["steps"] == 2
     assert "repeat factor sampling (threshold 1, categories: class x surface): " in caplog.text
     assert "caries/mesial " in caplog.text
+    assert f"ignore regions: {sum(regions)} in {sum(count > 0 for count in regions)} training image(s)" in caplog.text
 
 
 def test_repeated_dataset_maps_keys_onto_the_images_and_keeps_the_seed():
