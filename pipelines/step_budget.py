@@ -19,7 +19,10 @@ validated image 0.1 s = 0.8 timed steps; the whole demo 13 min 37 s against the 
 run the network again on the image already read and resampled: with four passes (fresh clone, 2026-12-05, step timed
 161 ms) a validated image took 0.44 s = 2.7 timed steps; on a later clone whose step timed fast (135 ms) a validated
 image took 0.47 s and an evaluated one 0.45 s, 3.4 timed steps, and the demo overran its budget by 20 s. Inference
-does not follow the timed step as closely as training does, so the price is the dearer measurement: 0.85 + 3 x 0.85.
+does not follow the timed step as closely as training does (a validated image took 0.42-0.47 s whether the step timed
+at 89 or 161 ms), so the price is the dearest measurement: on a fresh clone of 2026-12-06 whose step timed at 89 ms a
+validated image took 0.42 s, 4.8 timed steps, and the demo overran its 795 s budget by 23 s (validation 15 s over
+its price, evaluation 8 s). Hence 1.2 + 3 x 1.2 timed steps an image with four passes.
 """
 
 from __future__ import annotations
@@ -46,9 +49,9 @@ LOOP_OVERHEAD = 1.1
 STARTUP_SECONDS = 40.0
 #: A validation or evaluation image (reading, resampling, sliding-window inference, box selection, matching) in timed
 #: steps, with one inference pass.
-STEPS_PER_EVALUATED_IMAGE = 0.85
+STEPS_PER_EVALUATED_IMAGE = 1.2
 #: Each further test-time pass over an image already read and resampled (a flipped copy), in timed steps.
-STEPS_PER_EXTRA_PASS = 0.85
+STEPS_PER_EXTRA_PASS = 1.2
 #: What follows fine-tuning besides predicting images: evaluation's bootstrap, curves and overlays (19 s), the
 #: service's start and its three answers (6 s), the predict stage's files (2 s) (fresh clone, 2026-12-05).
 SECONDS_AFTER_FINETUNING = 30.0
