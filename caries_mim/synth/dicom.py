@@ -13,6 +13,8 @@ import os
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
 
 from caries_mim.atomic_files import atomic_path
@@ -30,6 +32,43 @@ TRANSFER_SYNTAX_UIDS = {
 }
 PHOTOMETRICS = ("MONOCHROME2", "MONOCHROME1")
 MANUFACTURER = "caries-mim synthetic"
+
+#: FDI position within a quadrant (ISO 3950: 1 central incisor .. 8 third molar) -> how CID 4018's concept names
+#: (SNOMED CT, "Primary Anatomic Structure for Intra-oral Radiography (permanent dentition)") spell the tooth.
+#: SNOMED's name for the lower left lateral incisor drops the word "Incisor", so the match is on "Lateral".
+_TOOTH_TYPES = {
+    1: "CentralIncisor",
+    2: "Lateral",
+    3: "Canine",
+    4: "FirstPremolar",
+    5: "SecondPremolar",
+    6: "FirstMolar",
+    7: "SecondMolar",
+    8: "ThirdMolar",
+}
+#: FDI quadrant -> (arch, patient side) as CID 4018's names spell them.
+_QUADRANTS = {
+    1: ("Maxillary", "Right"),
+    2: ("Maxillary", "Left"),
+    3: ("Mandibular", "Left"),
+    4: ("Mandibular", "Right"),
+}
+
+
+def _permanent_teeth() -> dict[int, Code]:
+    """FDI tooth number (11-48) -> its CID 4018 code, matched by name once at import."""
+    teeth = {}
+    for quadrant, (arch, side) in _QUADRANTS.items():
+        for position, kind in _TOOTH_TYPES.items():
+            names = [name for name in codes.cid4018.dir() if arch in name and side in name and kind in name]
+            if len(names) != 1:  # a pydicom whose CID table changed: better to fail at import than to mislabel
+                raise RuntimeError(f"CID 4018 has {names} for FDI tooth {10 * quadrant + position}")
+            teeth[10 * quadrant + position] = getattr(codes.cid4018, names[0])
+    return teeth
+
+
+#: FDI (ISO 3950) tooth number -> SNOMED CT code of CID 4018, for Primary Anatomic Structure Sequence.
+PERMANENT_TEETH = _permanent_teeth()
 
 
 def _digest(*parts: object) -> int:
@@ -79,6 +118,23 @@ def write_dicom(
 
     with atomic_path(path) as temporary:
         ds.save_as(temporary, enforce_file_format=True)
+
+
+def _anatomic_region(image: SyntheticRadiograph) -> Code:
+    arches = {tooth // 10 in (1, 2) for tooth in image.teeth}  # True: an upper tooth
+    if arches == {True}:
+        return codes.SCT.Maxilla
+    if arches == {False}:
+        return codes.SCT.Mandible
+    return codes.SCT.JawRegion
+
+
+def _code_item(code: Code) -> Dataset:
+    item = Dataset()
+    item.CodeValue = code.value
+    item.CodingSchemeDesignator = code.scheme_designator
+    item.CodeMeaning = code.meaning
+    return item
 
 
 def _stored_values(image: SyntheticRadiograph, photometric: str) -> np.ndarray:
@@ -134,6 +190,12 @@ def build_dataset(image: SyntheticRadiograph, *, index: int, seed: int, photomet
     ds.PatientOrientation = ["A" if image.laterality == "R" else "P", "F"]
     ds.ImagerPixelSpacing = [f"{image.spacing_mm[0]:.6g}", f"{image.spacing_mm[1]:.6g}"]
     ds.DetectorType = "SCINTILLATOR"
+    # Intra-oral Image Module: the region in view (CID 4016: a bitewing holds both jaws, a periapical one) and, as
+    # sensors' software records them, the teeth in the field (CID 4018, from their FDI numbers).
+    ds.AnatomicRegionSequence = [_code_item(_anatomic_region(image))]
+    ds.PrimaryAnatomicStructureSequence = [_code_item(PERMANENT_TEETH[tooth]) for tooth in sorted(image.teeth)]
+    # Acquisition Context Module (Type 2): nothing is known about the acquisition's context, so it is empty.
+    ds.AcquisitionContextSequence = []
 
     ds.Rows, ds.Columns = (int(n) for n in image.pixels.shape)
     ds.SamplesPerPixel = 1
@@ -145,6 +207,11 @@ def build_dataset(image: SyntheticRadiograph, *, index: int, seed: int, photomet
     ds.RescaleIntercept = 0
     ds.RescaleSlope = 1
     ds.RescaleType = "US"
+    # DX Image Module: stored values are logarithmic in the beam intensity (attenuation-like, as a processed
+    # presentation image is); in MONOCHROME2 higher values mean less intensity reached the sensor (sign -1),
+    # in the inverted MONOCHROME1 file lower ones do (+1), which is what each photometric interpretation displays.
+    ds.PixelIntensityRelationship = "LOG"
+    ds.PixelIntensityRelationshipSign = -1 if photometric == "MONOCHROME2" else 1
     # The DX family requires the Presentation LUT Shape; INVERSE is the one MONOCHROME1 must carry.
     ds.PresentationLUTShape = "INVERSE" if photometric == "MONOCHROME1" else "IDENTITY"
     # Mirrored window for inverted values: with x' = 4095 - x, c' = 4096 - c makes the linear window of

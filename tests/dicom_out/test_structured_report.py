@@ -18,6 +18,7 @@ from caries_mim.errors import InvalidArgumentError
 from caries_mim.inference import Finding, Findings
 from caries_mim.io.dicom import parse_dicom
 from caries_mim.synth import SynthConfig, render_indexed, write_dicom
+from tests.dciodvfy import dciodvfy_findings
 from tests.dicom_factory import make_dataset, ramp, to_bytes
 
 THRESHOLD = 0.5
@@ -175,6 +176,22 @@ def test_no_finding_at_the_operating_point_gives_a_readable_sr_that_says_caries_
     parsed = highdicom.sr.srread(io.BytesIO(data))
     assert parsed.content.get_planar_roi_measurement_groups() == []
     assert len(parsed.content.get_image_measurement_groups()) == 1
+
+
+@pytest.mark.parametrize("found", [(DEEP, SHALLOW_BELOW), ()], ids=["findings", "none"])
+def test_the_report_passes_the_dicom3tools_iod_verifier(source, tmp_path, found):
+    report = caries_structured_report(
+        source,
+        findings_on(source, *found),
+        algorithm_name="caries-mim",
+        algorithm_version="0.1.0+abc123",
+        include_below_threshold=True,
+    )
+    path = tmp_path / "report.dcm"
+    path.write_bytes(structured_report_bytes(report))
+    errors, warnings = dciodvfy_findings(path)
+    assert errors == []
+    assert warnings == []
 
 
 def test_highdicom_reads_the_report_back(source):
