@@ -1,0 +1,346 @@
+"""What the gateway received and what is left to do, kept where a restart (or ``kill -9``) cannot lose it.
+
+A received instance is written to disk (file and folder synced) before its row is committed, and the C-STORE or
+STOW-RS answer is only given after both: "success" means the instance survives a crash. Each instance gets one
+job, keyed by its SOP Instance UID, so an archive that sends it again (a retried association, a re-sent study)
+does not get two analyses.
+
+Jobs are claimed with a lease: a worker that dies (killed, a power cut) leaves a ``running`` job whose lease runs
+out, and the next claim takes it again; a gateway that restarts takes back its own running jobs at once
+(:meth:`GatewayStore.recover`). A job is ``queued``, ``running``, ``done`` or ``failed`` (with the reason);
+``not_before`` holds a job back, for the study-stability wait of PACS routers (no new instance of the study for N
+seconds, :meth:`GatewayStore.add_instance` with ``stable_after_s``).
+
+The store is SQLite (a file in the gateway's folder, no set-up; WAL journal, synchronous commits). The statements
+are plain SQL that PostgreSQL runs as well; :class:`GatewayStore` talks to the database through one connection
+guarded by a lock, because pynetdicom serves each association in its own thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from caries_mim.errors import InvalidArgumentError
+
+#: The states of a job, in the order a job goes through them.
+JOB_STATES = ("queued", "running", "done", "failed")
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS instances (
+        sop_instance_uid TEXT PRIMARY KEY,
+        sop_class_uid TEXT NOT NULL,
+        study_instance_uid TEXT NOT NULL,
+        series_instance_uid TEXT NOT NULL,
+        transfer_syntax_uid TEXT NOT NULL,
+        path TEXT NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        received_at DOUBLE PRECISION NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS jobs (
+        sop_instance_uid TEXT PRIMARY KEY REFERENCES instances (sop_instance_uid),
+        study_instance_uid TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        reason TEXT,
+        not_before DOUBLE PRECISION NOT NULL,
+        lease_owner TEXT,
+        lease_until DOUBLE PRECISION,
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, not_before)",
+    "CREATE INDEX IF NOT EXISTS jobs_by_study ON jobs (study_instance_uid, state)",
+)
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """A received instance: its UIDs, where its Part 10 file is, and who sent it (an AE title or ``stow-rs``)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    path: Path
+    size_bytes: int
+    source: str
+    received_at: float
+
+
+@dataclass(frozen=True)
+class Job:
+    """One instance's analysis: ``state`` one of :data:`JOB_STATES`, ``attempts`` the claims so far, ``reason`` why
+    it failed (None otherwise)."""
+
+    sop_instance_uid: str
+    study_instance_uid: str
+    state: str
+    attempts: int
+    reason: str | None
+    not_before: float
+
+
+@dataclass(frozen=True)
+class QueueSummary:
+    """How many jobs are in each state, and how long the oldest queued one has waited (None without one)."""
+
+    counts: dict[str, int]
+    oldest_queued_s: float | None
+
+
+def durable_write(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` so that, once this returns, a crash leaves either the whole file or none:
+    a unique temporary sibling, flushed and synced, renamed over the target, then the folder synced (the rename
+    itself must reach the disk too)."""
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+    folder = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+class GatewayStore:
+    """Received instances (files under ``root / "instances"``) and their jobs (``root / "gateway.sqlite3"``).
+
+    Args:
+        root: the gateway's folder; created when missing.
+        clock: seconds since the epoch (``time.time``); tests pass their own.
+    """
+
+    def __init__(self, root: Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.root = Path(root)
+        self.instances_dir = self.root / "instances"
+        self.instances_dir.mkdir(parents=True, exist_ok=True)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.root / "gateway.sqlite3", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        with self._transaction() as cursor:
+            for statement in _SCHEMA:
+                cursor.execute(statement)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Cursor]:
+        with self._lock:
+            cursor = self._db.cursor()
+            cursor.execute("BEGIN IMMEDIATE")
+            try:
+                yield cursor
+            except BaseException:
+                cursor.execute("ROLLBACK")
+                raise
+            cursor.execute("COMMIT")
+
+    def instance_path(self, study_instance_uid: str, sop_instance_uid: str) -> Path:
+        """Where an instance's file lives: one folder per study, the file named by its SOP Instance UID (UIDs are
+        digits and dots, so they are safe as names; they are checked by :meth:`add_instance`)."""
+        return self.instances_dir / study_instance_uid / f"{sop_instance_uid}.dcm"
+
+    def add_instance(
+        self,
+        data: bytes,
+        *,
+        sop_instance_uid: str,
+        sop_class_uid: str,
+        study_instance_uid: str,
+        series_instance_uid: str,
+        transfer_syntax_uid: str,
+        source: str,
+        stable_after_s: float = 0.0,
+    ) -> tuple[StoredInstance, bool]:
+        """Persist a received Part 10 file and queue its job; returns the instance and whether a job was queued
+        (False: the instance was received before and already has one, which is kept as it is).
+
+        With ``stable_after_s`` > 0 the study's queued jobs (this one included) wait until the study has received
+        nothing for that long.
+
+        Raises:
+            InvalidArgumentError: a UID that is not a DICOM UID (digits and dots, at most 64 characters).
+        """
+        for name, uid in (
+            ("SOP Instance UID", sop_instance_uid),
+            ("SOP Class UID", sop_class_uid),
+            ("Study Instance UID", study_instance_uid),
+            ("Series Instance UID", series_instance_uid),
+            ("Transfer Syntax UID", transfer_syntax_uid),
+        ):
+            if not _is_uid(uid):
+                raise InvalidArgumentError(f"the {name} is not a DICOM UID (digits and dots, at most 64 characters)")
+        if stable_after_s < 0:
+            raise InvalidArgumentError(f"stable_after_s must be >= 0, got {stable_after_s}")
+        path = self.instance_path(study_instance_uid, sop_instance_uid)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        durable_write(path, data)
+        now = self._clock()
+        instance = StoredInstance(
+            sop_instance_uid,
+            sop_class_uid,
+            study_instance_uid,
+            series_instance_uid,
+            transfer_syntax_uid,
+            path,
+            len(data),
+            source,
+            now,
+        )
+        with self._transaction() as cursor:
+            cursor.execute(
+                "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sop_instance_uid) DO UPDATE "
+                "SET transfer_syntax_uid = excluded.transfer_syntax_uid, size_bytes = excluded.size_bytes, "
+                "source = excluded.source, received_at = excluded.received_at",
+                (
+                    sop_instance_uid,
+                    sop_class_uid,
+                    study_instance_uid,
+                    series_instance_uid,
+                    transfer_syntax_uid,
+                    str(path),
+                    len(data),
+                    source,
+                    now,
+                ),
+            )
+            cursor.execute(
+                "INSERT INTO jobs (sop_instance_uid, study_instance_uid, state, not_before, created_at, updated_at) "
+                "VALUES (?, ?, 'queued', ?, ?, ?) ON CONFLICT (sop_instance_uid) DO NOTHING",
+                (sop_instance_uid, study_instance_uid, now + stable_after_s, now, now),
+            )
+            queued = cursor.rowcount == 1
+            if stable_after_s > 0:
+                cursor.execute(
+                    "UPDATE jobs SET not_before = ?, updated_at = ? WHERE study_instance_uid = ? AND state = 'queued'",
+                    (now + stable_after_s, now, study_instance_uid),
+                )
+        return instance, queued
+
+    def instance(self, sop_instance_uid: str) -> StoredInstance | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid, "
+                "transfer_syntax_uid, path, size_bytes, source, received_at FROM instances WHERE sop_instance_uid = ?",
+                (sop_instance_uid,),
+            ).fetchone()
+        if row is None:
+            return None
+        return StoredInstance(*row[:5], Path(row[5]), *row[6:])
+
+    def claim(self, owner: str, lease_s: float) -> Job | None:
+        """The oldest job that may run now, marked ``running`` under ``owner``'s lease for ``lease_s`` seconds:
+        a queued job whose ``not_before`` has passed, or a running one whose lease ran out (its worker died).
+        None when there is none."""
+        if lease_s <= 0:
+            raise InvalidArgumentError(f"lease_s must be > 0, got {lease_s}")
+        now = self._clock()
+        with self._transaction() as cursor:
+            row = cursor.execute(
+                "SELECT sop_instance_uid FROM jobs WHERE (state = 'queued' AND not_before <= ?) "
+                "OR (state = 'running' AND lease_until < ?) ORDER BY not_before, created_at LIMIT 1",
+                (now, now),
+            ).fetchone()
+            if row is None:
+                return None
+            cursor.execute(
+                "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_owner = ?, lease_until = ?, "
+                "updated_at = ? WHERE sop_instance_uid = ?",
+                (owner, now + lease_s, now, row[0]),
+            )
+            return self._job(cursor, row[0])
+
+    def renew(self, sop_instance_uid: str, owner: str, lease_s: float) -> bool:
+        """Extend ``owner``'s lease on a running job; False when the job is no longer ``owner``'s (its lease ran
+        out and another worker took it): the caller must then drop its work."""
+        now = self._clock()
+        with self._transaction() as cursor:
+            cursor.execute(
+                "UPDATE jobs SET lease_until = ?, updated_at = ? WHERE sop_instance_uid = ? AND state = 'running' "
+                "AND lease_owner = ?",
+                (now + lease_s, now, sop_instance_uid, owner),
+            )
+            return cursor.rowcount == 1
+
+    def finish(self, sop_instance_uid: str, owner: str) -> bool:
+        """Mark ``owner``'s running job done; False when it is not ``owner``'s any more (see :meth:`renew`)."""
+        return self._end(sop_instance_uid, owner, "done", None)
+
+    def fail(self, sop_instance_uid: str, owner: str, reason: str) -> bool:
+        """Mark ``owner``'s running job failed with ``reason`` (one sentence, no identifiers)."""
+        return self._end(sop_instance_uid, owner, "failed", reason)
+
+    def _end(self, sop_instance_uid: str, owner: str, state: str, reason: str | None) -> bool:
+        now = self._clock()
+        with self._transaction() as cursor:
+            cursor.execute(
+                "UPDATE jobs SET state = ?, reason = ?, lease_owner = NULL, lease_until = NULL, updated_at = ? "
+                "WHERE sop_instance_uid = ? AND state = 'running' AND lease_owner = ?",
+                (state, reason, now, sop_instance_uid, owner),
+            )
+            return cursor.rowcount == 1
+
+    def recover(self, owner_prefix: str = "") -> int:
+        """Put running jobs back in the queue at once (a gateway restarting after a crash takes back what its own
+        workers held, whose leases would otherwise have to run out first); ``owner_prefix`` limits it to owners
+        starting with it. Returns how many."""
+        now = self._clock()
+        with self._transaction() as cursor:
+            cursor.execute(
+                "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_until = NULL, updated_at = ? "
+                "WHERE state = 'running' AND substr(lease_owner, 1, ?) = ?",
+                (now, len(owner_prefix), owner_prefix),
+            )
+            return cursor.rowcount
+
+    def job(self, sop_instance_uid: str) -> Job | None:
+        with self._transaction() as cursor:
+            return self._job(cursor, sop_instance_uid)
+
+    def _job(self, cursor: sqlite3.Cursor, sop_instance_uid: str) -> Job | None:
+        row = cursor.execute(
+            "SELECT sop_instance_uid, study_instance_uid, state, attempts, reason, not_before FROM jobs "
+            "WHERE sop_instance_uid = ?",
+            (sop_instance_uid,),
+        ).fetchone()
+        return None if row is None else Job(*row)
+
+    def summary(self) -> QueueSummary:
+        """Jobs per state (every state listed, 0 included) and the oldest queued job's wait in seconds."""
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+            oldest = self._db.execute("SELECT MIN(created_at) FROM jobs WHERE state = 'queued'").fetchone()[0]
+        counts = dict.fromkeys(JOB_STATES, 0) | dict(rows)
+        return QueueSummary(counts, None if oldest is None else max(self._clock() - oldest, 0.0))
+
+
+def _is_uid(value: object) -> bool:
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= 64
+        # Digits and dots only (they name files); leading zeros, which PS3.5 forbids but some devices write, pass.
+        and all(part.isdigit() for part in value.split("."))
+    )
