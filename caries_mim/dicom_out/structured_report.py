@@ -107,6 +107,8 @@ def caries_structured_report(
     series_number: int = 900,
     instance_number: int = 1,
     manufacturer: str = "caries-mim",
+    sop_instance_uid: str | None = None,
+    series_instance_uid: str | None = None,
 ) -> sr.Comprehensive3DSR:
     """A DICOM SR (TID 1500 Measurement Report, see the module docstring) of ``findings`` on ``source``.
 
@@ -118,8 +120,10 @@ def caries_structured_report(
             and the SR's Manufacturer's Model Name / Software Versions).
         include_below_threshold: also report findings under the operating threshold, marked "Presentation
             Optional".
-        series_number, instance_number, manufacturer: of the new SR instance (new Series and SOP Instance UIDs;
-            same study as the source).
+        series_number, instance_number, manufacturer: of the new SR instance (same study as the source).
+        sop_instance_uid, series_instance_uid: the new SR's UIDs; None: new random ones. A caller that may build
+            the report of one image twice (a job retried after a crash) passes UIDs derived from the source, so
+            that a receiver gets the same instance again, not a second report.
     Returns:
         The SR as a pydicom dataset (write it with :func:`structured_report_bytes`).
     Raises:
@@ -149,9 +153,9 @@ def caries_structured_report(
     return sr.Comprehensive3DSR(
         evidence=[header],
         content=report,
-        series_instance_uid=generate_uid(),
+        series_instance_uid=series_instance_uid or generate_uid(),
         series_number=series_number,
-        sop_instance_uid=generate_uid(),
+        sop_instance_uid=sop_instance_uid or generate_uid(),
         instance_number=instance_number,
         manufacturer=manufacturer,
         is_complete=True,

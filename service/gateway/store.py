@@ -57,7 +57,16 @@ _SCHEMA = (
         created_at DOUBLE PRECISION NOT NULL,
         updated_at DOUBLE PRECISION NOT NULL
     )""",
+    """CREATE TABLE IF NOT EXISTS results (
+        sop_instance_uid TEXT PRIMARY KEY,
+        source_sop_instance_uid TEXT NOT NULL REFERENCES jobs (sop_instance_uid),
+        sop_class_uid TEXT NOT NULL,
+        study_instance_uid TEXT NOT NULL,
+        path TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL
+    )""",
     "CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, not_before)",
+    "CREATE INDEX IF NOT EXISTS results_by_source ON results (source_sop_instance_uid)",
     "CREATE INDEX IF NOT EXISTS jobs_by_study ON jobs (study_instance_uid, state)",
 )
 
@@ -88,6 +97,27 @@ class Job:
     attempts: int
     reason: str | None
     not_before: float
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    """A DICOM object a job produced about its instance (a caries SR): its UIDs and Part 10 bytes."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    """A result kept by the store: its UIDs, the instance it is about, and where its file is."""
+
+    sop_instance_uid: str
+    source_sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    path: Path
+    created_at: float
 
 
 @dataclass(frozen=True)
@@ -288,6 +318,64 @@ class GatewayStore:
     def finish(self, sop_instance_uid: str, owner: str) -> bool:
         """Mark ``owner``'s running job done; False when it is not ``owner``'s any more (see :meth:`renew`)."""
         return self._end(sop_instance_uid, owner, "done", None)
+
+    def complete(self, sop_instance_uid: str, owner: str, results: list[ResultFile]) -> bool:
+        """Keep a job's results and mark it done, together: the files are written (synced) first, then their rows
+        and the job's state commit in one transaction, so a crash leaves either a done job with all its results or
+        a job to run again. Results keep their UIDs: a job run twice (its first worker died after writing) writes
+        the same files again, and a result already kept is not added twice. False, and nothing recorded, when the
+        job is not ``owner``'s any more.
+
+        Raises:
+            InvalidArgumentError: a result UID that is not a DICOM UID.
+        """
+        instance = self.instance(sop_instance_uid)
+        if instance is None:
+            return False
+        for result in results:
+            for name, uid in (("SOP Instance UID", result.sop_instance_uid), ("SOP Class UID", result.sop_class_uid)):
+                if not _is_uid(uid):
+                    raise InvalidArgumentError(f"the result's {name} is not a DICOM UID")
+        paths = [self.result_path(instance.study_instance_uid, result.sop_instance_uid) for result in results]
+        for path, result in zip(paths, results, strict=True):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            durable_write(path, result.data)
+        now = self._clock()
+        with self._transaction() as cursor:
+            cursor.execute(
+                "UPDATE jobs SET state = 'done', reason = NULL, lease_owner = NULL, lease_until = NULL, "
+                "updated_at = ? WHERE sop_instance_uid = ? AND state = 'running' AND lease_owner = ?",
+                (now, sop_instance_uid, owner),
+            )
+            if cursor.rowcount != 1:
+                return False
+            for path, result in zip(paths, results, strict=True):
+                cursor.execute(
+                    "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (sop_instance_uid) DO NOTHING",
+                    (
+                        result.sop_instance_uid,
+                        sop_instance_uid,
+                        result.sop_class_uid,
+                        instance.study_instance_uid,
+                        str(path),
+                        now,
+                    ),
+                )
+        return True
+
+    def result_path(self, study_instance_uid: str, sop_instance_uid: str) -> Path:
+        """Where a result's file lives: ``root / "results"``, one folder per study of its source."""
+        return self.root / "results" / study_instance_uid / f"{sop_instance_uid}.dcm"
+
+    def results_for(self, source_sop_instance_uid: str) -> list[StoredResult]:
+        """The results kept for an instance, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sop_instance_uid, source_sop_instance_uid, sop_class_uid, study_instance_uid, path, created_at "
+                "FROM results WHERE source_sop_instance_uid = ? ORDER BY created_at, sop_instance_uid",
+                (source_sop_instance_uid,),
+            ).fetchall()
+        return [StoredResult(*row[:4], Path(row[4]), row[5]) for row in rows]
 
     def fail(self, sop_instance_uid: str, owner: str, reason: str) -> bool:
         """Mark ``owner``'s running job failed with ``reason`` (one sentence, no identifiers)."""

@@ -281,3 +281,16 @@ def test_unusable_findings_or_source_are_refused(source, finding, image_shape, s
         findings = Findings((finding,), THRESHOLD, image_shape, None, "0.1.0")
     with pytest.raises(InvalidArgumentError, match=message):
         caries_structured_report(header, findings, algorithm_name="caries-mim", algorithm_version="1")
+
+
+def test_a_report_built_twice_with_the_same_uids_is_the_same_instance(source):
+    """A job retried after a crash rebuilds its report: with UIDs derived from the source, a receiver gets the same
+    SOP instance again rather than a second report."""
+    uids = {"sop_instance_uid": "1.2.826.0.1.3680043.8.498.77.1", "series_instance_uid": "1.2.826.0.1.3680043.8.498.77"}
+    first, second = (report_dataset(source, findings_on(source, DEEP), **uids) for _ in range(2))
+    for report in (first, second):
+        assert (report.SOPInstanceUID, report.SeriesInstanceUID) == (
+            uids["sop_instance_uid"],
+            uids["series_instance_uid"],
+        )
+    assert report_dataset(source, findings_on(source, DEEP)).SOPInstanceUID != uids["sop_instance_uid"]
