@@ -1,6 +1,7 @@
 """The DICOM gateway: radiographs in by C-STORE or STOW-RS, analysed by durable jobs, results back to the PACS.
 
 Modules, one concern each: :mod:`service.gateway.store` (what was received, what is left to do and what came of it,
-durable across restarts), :mod:`service.gateway.scp` (the DICOM Storage SCP that receives by C-STORE into the store)
-and :mod:`service.gateway.worker` (the job runner that analyses each instance and keeps its results).
+durable across restarts), :mod:`service.gateway.scp` (the DICOM Storage SCP that receives by C-STORE into the store),
+:mod:`service.gateway.worker` (the job runner that analyses each instance and keeps its results) and
+:mod:`service.gateway.analysis` (the analysis: the caries SR on each radiograph, with reproducible UIDs).
 """
