@@ -2,6 +2,7 @@
 
 Modules, one concern each: :mod:`service.gateway.store` (what was received, what is left to do and what came of it,
 durable across restarts), :mod:`service.gateway.scp` (the DICOM Storage SCP that receives by C-STORE into the store),
-:mod:`service.gateway.worker` (the job runner that analyses each instance and keeps its results) and
-:mod:`service.gateway.analysis` (the analysis: the caries SR on each radiograph, with reproducible UIDs).
+:mod:`service.gateway.worker` (the job runner that analyses each instance and keeps its results),
+:mod:`service.gateway.analysis` (the analysis: the caries SR on each radiograph, with reproducible UIDs) and
+:mod:`service.gateway.sender` (results sent back by C-STORE, retried with backoff until each destination has them).
 """

@@ -65,7 +65,20 @@ _SCHEMA = (
         path TEXT NOT NULL,
         created_at DOUBLE PRECISION NOT NULL
     )""",
+    """CREATE TABLE IF NOT EXISTS deliveries (
+        result_sop_instance_uid TEXT NOT NULL REFERENCES results (sop_instance_uid),
+        destination TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'sent')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at DOUBLE PRECISION NOT NULL,
+        last_error TEXT,
+        lease_owner TEXT,
+        lease_until DOUBLE PRECISION,
+        sent_at DOUBLE PRECISION,
+        PRIMARY KEY (result_sop_instance_uid, destination)
+    )""",
     "CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, not_before)",
+    "CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at)",
     "CREATE INDEX IF NOT EXISTS results_by_source ON results (source_sop_instance_uid)",
     "CREATE INDEX IF NOT EXISTS jobs_by_study ON jobs (study_instance_uid, state)",
 )
@@ -118,6 +131,17 @@ class StoredResult:
     study_instance_uid: str
     path: Path
     created_at: float
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A result to send to a destination (a configured name): ``attempts`` so far and the last error."""
+
+    result_sop_instance_uid: str
+    destination: str
+    path: Path
+    attempts: int
+    last_error: str | None
 
 
 @dataclass(frozen=True)
@@ -319,12 +343,15 @@ class GatewayStore:
         """Mark ``owner``'s running job done; False when it is not ``owner``'s any more (see :meth:`renew`)."""
         return self._end(sop_instance_uid, owner, "done", None)
 
-    def complete(self, sop_instance_uid: str, owner: str, results: list[ResultFile]) -> bool:
+    def complete(
+        self, sop_instance_uid: str, owner: str, results: list[ResultFile], destinations: tuple[str, ...] = ()
+    ) -> bool:
         """Keep a job's results and mark it done, together: the files are written (synced) first, then their rows
         and the job's state commit in one transaction, so a crash leaves either a done job with all its results or
         a job to run again. Results keep their UIDs: a job run twice (its first worker died after writing) writes
-        the same files again, and a result already kept is not added twice. False, and nothing recorded, when the
-        job is not ``owner``'s any more.
+        the same files again, and a result already kept is not added twice. Each result is queued for sending to
+        each of ``destinations`` in the same transaction (once: a delivery already queued or sent is kept). False,
+        and nothing recorded, when the job is not ``owner``'s any more.
 
         Raises:
             InvalidArgumentError: a result UID that is not a DICOM UID.
@@ -361,7 +388,64 @@ class GatewayStore:
                         now,
                     ),
                 )
+                for destination in destinations:
+                    cursor.execute(
+                        "INSERT INTO deliveries (result_sop_instance_uid, destination, state, next_attempt_at) "
+                        "VALUES (?, ?, 'pending', ?) ON CONFLICT (result_sop_instance_uid, destination) DO NOTHING",
+                        (result.sop_instance_uid, destination, now),
+                    )
         return True
+
+    def claim_delivery(self, owner: str, lease_s: float) -> Delivery | None:
+        """The oldest due delivery (pending, its next attempt due, not leased by a live sender), leased to
+        ``owner`` for ``lease_s`` seconds; None when none is due."""
+        now = self._clock()
+        with self._transaction() as cursor:
+            row = cursor.execute(
+                "SELECT d.result_sop_instance_uid, d.destination, r.path, d.attempts, d.last_error "
+                "FROM deliveries d JOIN results r ON r.sop_instance_uid = d.result_sop_instance_uid "
+                "WHERE d.state = 'pending' AND d.next_attempt_at <= ? AND (d.lease_until IS NULL OR d.lease_until < ?) "
+                "ORDER BY d.next_attempt_at LIMIT 1",
+                (now, now),
+            ).fetchone()
+            if row is None:
+                return None
+            cursor.execute(
+                "UPDATE deliveries SET lease_owner = ?, lease_until = ? "
+                "WHERE result_sop_instance_uid = ? AND destination = ?",
+                (owner, now + lease_s, row[0], row[1]),
+            )
+        return Delivery(row[0], row[1], Path(row[2]), row[3], row[4])
+
+    def delivered(self, delivery: Delivery, owner: str) -> bool:
+        """Mark ``owner``'s leased delivery sent (False when its lease was lost to another sender)."""
+        now = self._clock()
+        with self._transaction() as cursor:
+            cursor.execute(
+                "UPDATE deliveries SET state = 'sent', attempts = attempts + 1, sent_at = ?, last_error = NULL, "
+                "lease_owner = NULL, lease_until = NULL WHERE result_sop_instance_uid = ? AND destination = ? "
+                "AND state = 'pending' AND lease_owner = ?",
+                (now, delivery.result_sop_instance_uid, delivery.destination, owner),
+            )
+            return cursor.rowcount == 1
+
+    def retry_later(self, delivery: Delivery, owner: str, error: str, delay_s: float) -> bool:
+        """Record a failed attempt of ``owner``'s leased delivery and when to try again."""
+        now = self._clock()
+        with self._transaction() as cursor:
+            cursor.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?, "
+                "lease_owner = NULL, lease_until = NULL WHERE result_sop_instance_uid = ? AND destination = ? "
+                "AND state = 'pending' AND lease_owner = ?",
+                (error, now + delay_s, delivery.result_sop_instance_uid, delivery.destination, owner),
+            )
+            return cursor.rowcount == 1
+
+    def delivery_counts(self) -> dict[str, int]:
+        """Deliveries per state (``pending``, ``sent``)."""
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state").fetchall()
+        return {"pending": 0, "sent": 0} | dict(rows)
 
     def result_path(self, study_instance_uid: str, sop_instance_uid: str) -> Path:
         """Where a result's file lives: ``root / "results"``, one folder per study of its source."""

@@ -29,13 +29,23 @@ class JobRunner:
 
     Args:
         lease_s: how long a claim holds a job without a heartbeat; the heartbeat renews it every third of that.
+        destinations: names of the destinations each result is queued for (:mod:`service.gateway.sender`).
     """
 
-    def __init__(self, store: GatewayStore, analyse: Analysis, *, owner: str, lease_s: float = 120.0) -> None:
+    def __init__(
+        self,
+        store: GatewayStore,
+        analyse: Analysis,
+        *,
+        owner: str,
+        lease_s: float = 120.0,
+        destinations: tuple[str, ...] = (),
+    ) -> None:
         self.store = store
         self.analyse = analyse
         self.owner = owner
         self.lease_s = lease_s
+        self.destinations = destinations
 
     def run_once(self) -> Job | None:
         """Claim and run one job; the job as claimed, or None when none was due."""
@@ -60,7 +70,7 @@ class JobRunner:
         finally:
             stop.set()
             heartbeat.join()
-        if self.store.complete(job.sop_instance_uid, self.owner, results):
+        if self.store.complete(job.sop_instance_uid, self.owner, results, self.destinations):
             log.info("job %s done: %d result(s)", tag, len(results))
         else:
             log.warning("job %s was taken over by another worker before it ended; its results are the other's", tag)
