@@ -340,6 +340,92 @@ def _cmd_reference(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _destination(text: str):
+    """NAME=AET@HOST:PORT -> a gateway destination."""
+    from service.gateway.sender import Destination
+
+    name, _, node = text.partition("=")
+    ae_title, _, address = node.partition("@")
+    host, _, port = address.rpartition(":")
+    if not (name and ae_title and host and port.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected NAME=AET@HOST:PORT, got {text!r}")
+    try:
+        return Destination(name, ae_title, host, int(port))
+    except InvalidArgumentError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def _cmd_gateway_run(args: argparse.Namespace) -> int:
+    # Like serve: the gateway lives in service/, imported only when asked for.
+    import signal
+    import threading
+
+    from caries_mim.package import shipped_reference_detector
+    from service.gateway.gateway import Gateway, GatewayConfig
+    from service.gateway.scp import ScpConfig
+
+    scp = ScpConfig(
+        ae_title=args.ae_title,
+        host=args.host,
+        port=args.port,
+        calling_ae_titles=tuple(args.calling_ae or ()),
+        stable_after_s=args.stable_after,
+    )
+    config = GatewayConfig(
+        root=args.root,
+        model=args.model or shipped_reference_detector(),
+        scp=scp,
+        destinations=tuple(args.destination or ()),
+        workers=args.workers,
+        device=args.device,
+        read_options=_read_options(args),
+    )
+    stop = threading.Event()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signal_number, lambda *_: stop.set())
+    gateway = Gateway(config)
+    gateway.start()
+    print(
+        json.dumps(
+            {
+                "gateway": scp.ae_title,
+                "host": scp.host,
+                "port": gateway.scp.port,
+                "root": str(config.root),
+                "destinations": [destination.name for destination in config.destinations],
+            }
+        ),
+        flush=True,
+    )
+    try:
+        stop.wait()
+    finally:
+        gateway.stop()
+    return EXIT_OK
+
+
+def _cmd_gateway_status(args: argparse.Namespace) -> int:
+    from service.gateway.store import GatewayStore
+
+    if not (args.root / "gateway.sqlite3").is_file():
+        raise InvalidArgumentError(f"{args.root} holds no gateway store (gateway.sqlite3)")
+    store = GatewayStore(args.root)
+    try:
+        summary = store.summary()
+        print(
+            json.dumps(
+                {
+                    "jobs": summary.counts,
+                    "oldest_queued_s": summary.oldest_queued_s,
+                    "deliveries": store.delivery_counts(),
+                }
+            )
+        )
+    finally:
+        store.close()
+    return EXIT_OK
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     # The service is its own top-level package (DESIGN: pipelines build on caries_mim only); the CLI is merely
     # its launcher, so it is imported here, when asked for, and nowhere else in pipelines/.
@@ -768,6 +854,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", help="JSON log level (default: INFO)")
     serve.set_defaults(handler=_cmd_serve)
+
+    gateway = commands.add_parser(
+        "gateway",
+        help="a DICOM gateway: radiographs in by C-STORE, caries SRs back to the PACS (durable jobs)",
+        description="run: the Storage SCP, job runners and result sender on one folder, until SIGTERM or Ctrl-C; "
+        "status: that folder's queue as JSON. See docs/pacs.md.",
+    )
+    gateway_commands = gateway.add_subparsers(dest="gateway_command", required=True)
+    run = gateway_commands.add_parser("run", help="receive, analyse and send results back until stopped")
+    run.add_argument("--root", type=Path, required=True, help="the gateway's folder (instances, results, store)")
+    run.add_argument("--model", type=Path, metavar="PKG", help="model package (default: the shipped reference)")
+    run.add_argument("--ae-title", default="CARIESMIM", help="the gateway's AE title (default: %(default)s)")
+    run.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    run.add_argument("--port", type=_non_negative_int, default=11112, help="DICOM port (default: %(default)s)")
+    run.add_argument(
+        "--calling-ae", action="append", metavar="AET", help="an AE title allowed to send (repeat; default: any)"
+    )
+    run.add_argument(
+        "--destination",
+        action="append",
+        type=_destination,
+        metavar="NAME=AET@HOST:PORT",
+        help="where results are sent by C-STORE (repeat for several)",
+    )
+    run.add_argument("--workers", type=_positive_int, default=1, help="job runners (default: %(default)s)")
+    run.add_argument(
+        "--stable-after",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="analyse a study once it received nothing for S seconds (default: each instance at once)",
+    )
+    run.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
+    _add_read_options(run)
+    run.set_defaults(handler=_cmd_gateway_run)
+    status = gateway_commands.add_parser("status", help="the queue of a gateway folder, as JSON")
+    status.add_argument("--root", type=Path, required=True, help="the gateway's folder")
+    status.set_defaults(handler=_cmd_gateway_status)
     return parser
 
 

@@ -4,5 +4,6 @@ Modules, one concern each: :mod:`service.gateway.store` (what was received, what
 durable across restarts), :mod:`service.gateway.scp` (the DICOM Storage SCP that receives by C-STORE into the store),
 :mod:`service.gateway.worker` (the job runner that analyses each instance and keeps its results),
 :mod:`service.gateway.analysis` (the analysis: the caries SR on each radiograph, with reproducible UIDs) and
-:mod:`service.gateway.sender` (results sent back by C-STORE, retried with backoff until each destination has them).
+:mod:`service.gateway.sender` (results sent back by C-STORE, retried with backoff until each destination has them)
+and :mod:`service.gateway.gateway` (one process of them all: ``caries-mim gateway run``).
 """

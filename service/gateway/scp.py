@@ -91,6 +91,8 @@ class ScpConfig:
             raise InvalidArgumentError(f"port must be in [0, 65535], got {self.port}")
         if self.maximum_associations < 1:
             raise InvalidArgumentError(f"maximum_associations must be >= 1, got {self.maximum_associations}")
+        if not self.stable_after_s >= 0:
+            raise InvalidArgumentError(f"stable_after_s must be >= 0, got {self.stable_after_s}")
 
 
 def decodable_transfer_syntaxes() -> list[str]:

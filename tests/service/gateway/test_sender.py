@@ -30,6 +30,7 @@ class Pacs:
 
     def __init__(self, port: int, status: int = 0x0000) -> None:
         self.received: list[str] = []
+        self.datasets: list[pydicom.Dataset] = []
         self.status = status
         ae = AE(ae_title="PACS")
         ae.add_supported_context(Comprehensive3DSRStorage, ExplicitVRLittleEndian)
@@ -38,6 +39,7 @@ class Pacs:
     def _store(self, event) -> int:
         if self.status == 0x0000:
             self.received.append(str(event.dataset.SOPInstanceUID))
+            self.datasets.append(event.dataset)
         return self.status
 
     def stop(self) -> None:

@@ -1,0 +1,91 @@
+"""`caries-mim gateway run` in its own process: a radiograph in by C-STORE, its caries SR out to the PACS by
+C-STORE, a clean stop on SIGTERM; and `caries-mim gateway status`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pydicom
+import pytest
+from pynetdicom import AE
+
+from pipelines.cli import main
+from tests.polling import eventually
+from tests.service.gateway.test_sender import Pacs, free_port
+
+
+def start_gateway(root, package_path, pacs_port: int) -> tuple[subprocess.Popen, int]:
+    command = [
+        sys.executable, "-m", "pipelines.cli", "gateway", "run",
+        "--root", str(root), "--model", str(package_path), "--port", "0", "--device", "cpu",
+        "--calling-ae", "MODALITY", "--destination", f"pacs=PACS@127.0.0.1:{pacs_port}",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.append(process.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(120)
+    if not lines or not lines[0].strip():
+        process.kill()
+        raise AssertionError(f"the gateway did not start: {process.stderr.read()[-2000:]}")
+    return process, json.loads(lines[0])["port"]
+
+
+def c_store(port: int, path) -> int:
+    dataset = pydicom.dcmread(path)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
+    association = ae.associate("127.0.0.1", port, ae_title="CARIESMIM")
+    assert association.is_established
+    try:
+        return int(association.send_c_store(dataset).Status)
+    finally:
+        association.release()
+
+
+@pytest.mark.slow
+def test_a_radiograph_sent_by_c_store_comes_back_to_the_pacs_as_a_caries_sr(
+    package_path, synthetic_dicom, tmp_path, capsys
+):
+    pacs = Pacs(free_port())
+    root = tmp_path / "gateway"
+    process, port = start_gateway(root, package_path, pacs.server.server_address[1])
+    try:
+        assert c_store(port, synthetic_dicom) == 0x0000
+        assert eventually(lambda: pacs.datasets, timeout_s=120), process.stderr.read() if process.poll() else ""
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+        pacs.stop()
+    source = pydicom.dcmread(synthetic_dicom, stop_before_pixels=True)
+    (report,) = pacs.datasets
+    assert report.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage
+    assert report.StudyInstanceUID == source.StudyInstanceUID
+    cited = report.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert cited.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert "SYNTH^PATIENT" not in process.stderr.read(), "no patient identifier in the logs"
+
+    capsys.readouterr()
+    assert main(["gateway", "status", "--root", str(root)]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["jobs"] == {"queued": 0, "running": 0, "done": 1, "failed": 0}
+    assert status["deliveries"] == {"pending": 0, "sent": 1}
+
+
+def test_status_of_a_folder_without_a_gateway_is_a_clear_error(tmp_path, capsys):
+    assert main(["gateway", "status", "--root", str(tmp_path)]) == 2
+    assert "holds no gateway store" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("destination", ["pacs", "pacs=PACS", "pacs=PACS@host", "pacs=PACS@host:http"])
+def test_a_malformed_destination_is_named(destination, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["gateway", "run", "--root", str(tmp_path), "--destination", destination])
+    assert "expected NAME=AET@HOST:PORT" in capsys.readouterr().err
