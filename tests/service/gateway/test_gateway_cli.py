@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pydicom
 import pytest
 from pynetdicom import AE
 
+from caries_mim.synth import SynthConfig, render_indexed, write_dicom
 from pipelines.cli import main
 from tests.polling import eventually
 from tests.service.gateway.test_sender import Pacs, free_port
@@ -89,3 +91,47 @@ def test_a_malformed_destination_is_named(destination, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["gateway", "run", "--root", str(tmp_path), "--destination", destination])
     assert "expected NAME=AET@HOST:PORT" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_storescu_sends_a_folder_and_the_srs_come_back_to_storescp(package_path, tmp_path):
+    """dcmtk on both ends: storescu pushes synthetic radiographs in three transfer syntaxes, storescp receives the
+    SRs. .ci/run installs dcmtk; elsewhere this skips."""
+    storescu, storescp = shutil.which("storescu"), shutil.which("storescp")
+    if not (storescu and storescp):
+        pytest.skip("storescu / storescp not found: install the Debian package dcmtk (.ci/run does)")
+    folder = tmp_path / "radiographs"
+    folder.mkdir()
+    sources, proposals = {}, {}
+    # storescu proposes uncompressed transfer syntaxes unless told which compressed one to propose.
+    for index, (syntax, proposal) in enumerate(
+        (("explicit_vr_little_endian", "-xe"), ("rle_lossless", "-xr"), ("jpeg2000_lossless", "-xv"))
+    ):
+        path = folder / f"{index}.dcm"
+        write_dicom(render_indexed(0, "labeled", index, SynthConfig()), path, index=index, seed=31,
+                    transfer_syntax=syntax, photometric="MONOCHROME2")  # fmt: skip
+        sources[str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)] = path
+        proposals[path] = proposal
+    received = tmp_path / "received"
+    received.mkdir()
+    pacs_port = free_port()
+    pacs = subprocess.Popen([storescp, "-aet", "PACS", "-od", str(received), str(pacs_port)])
+    process, port = start_gateway(tmp_path / "gateway", package_path, pacs_port)
+    try:
+        for path, proposal in proposals.items():
+            command = [storescu, proposal, "-aet", "MODALITY", "-aec", "CARIESMIM", "127.0.0.1", str(port), str(path)]
+            sent = subprocess.run(command, capture_output=True, text=True, timeout=120)
+            assert sent.returncode == 0, sent.stderr[-2000:]
+        assert eventually(lambda: len(list(received.iterdir())) == 3, timeout_s=180), sorted(received.iterdir())
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+        pacs.terminate()
+        pacs.wait(30)
+    cited = set()
+    for path in received.iterdir():
+        report = pydicom.dcmread(path)
+        assert report.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage
+        evidence = report.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+        cited.add(str(evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
+    assert cited == set(sources)
