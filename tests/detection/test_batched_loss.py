@@ -91,6 +91,15 @@ def _losses_and_gradients(detector: CariesDetector, images, targets) -> tuple[di
     ]
 
 
+def _count_batched_matching(monkeypatch) -> list[int]:
+    """A list that grows by one whenever the detector runs the batched ATSS matching."""
+    calls: list[int] = []
+    monkeypatch.setattr(
+        detector_module, "batched_atss_matches", lambda *args: calls.append(1) or batched_atss_matches(*args)
+    )
+    return calls
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -106,12 +115,7 @@ def test_losses_and_gradients_are_monais(monkeypatch, overrides, counts):
     detector = CariesDetector(tiny_config(class_names=("caries", "deep_caries"), **overrides))
     images, targets = _batch(torch.Generator().manual_seed(len(counts)), counts)
 
-    batched_calls = []
-    monkeypatch.setattr(
-        detector_module,
-        "batched_atss_matches",
-        lambda *args: batched_calls.append(1) or batched_atss_matches(*args),
-    )
+    batched_calls = _count_batched_matching(monkeypatch)
     batched, batched_gradients = _losses_and_gradients(detector, images, targets)
     assert batched_calls == [1], "the batched path ran"
     monkeypatch.setattr(type(detector.retinanet), "compute_loss", RetinaNetDetector.compute_loss)
@@ -184,12 +188,7 @@ def test_ignore_regions_leave_their_anchors_out_as_monais_between_thresholds_anc
     regions = [[[44.0, 44.0, 60.0, 58.0]], [], [[30.0, 2.0, 41.0, 12.0], *on_lesion]]
     ignoring = _with_ignore_regions(targets, regions)
 
-    batched_calls = []
-    monkeypatch.setattr(
-        detector_module,
-        "batched_atss_matches",
-        lambda *args: batched_calls.append(1) or batched_atss_matches(*args),
-    )
+    batched_calls = _count_batched_matching(monkeypatch)
     batched, batched_gradients = _losses_and_gradients(detector, images, ignoring)
     assert batched_calls == [1, 1], "the batched path matched the lesions, then the ignore regions"
     plain, _ = _losses_and_gradients(detector, images, targets)
