@@ -384,20 +384,20 @@ def _cmd_gateway_run(args: argparse.Namespace) -> int:
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signal_number, lambda *_: stop.set())
     gateway = Gateway(config)
-    gateway.start()
-    print(
-        json.dumps(
-            {
-                "gateway": scp.ae_title,
-                "host": scp.host,
-                "port": gateway.scp.port,
-                "root": str(config.root),
-                "destinations": [destination.name for destination in config.destinations],
-            }
-        ),
-        flush=True,
-    )
     try:
+        gateway.start()
+        print(
+            json.dumps(
+                {
+                    "gateway": scp.ae_title,
+                    "host": scp.host,
+                    "port": gateway.scp.port,
+                    "root": str(config.root),
+                    "destinations": [destination.name for destination in config.destinations],
+                }
+            ),
+            flush=True,
+        )
         stop.wait()
     finally:
         gateway.stop()

@@ -28,10 +28,15 @@ from service.runtime import ModelIdentity
 Reader = Callable[[Path, ReadOptions], Radiograph]
 
 
-def report_uids(source_sop_instance_uid: str, identity: ModelIdentity) -> tuple[str, str]:
+def report_uids(
+    source_sop_instance_uid: str, identity: ModelIdentity, *, include_below_threshold: bool = False
+) -> tuple[str, str]:
     """(SOP Instance UID, Series Instance UID) of the caries SR on a source instance by a model: the same inputs
-    always give the same UIDs (pydicom's root and a hash of them). One series per model holds its reports."""
+    always give the same UIDs (pydicom's root and a hash of them). One series per model holds its reports; a report
+    that also lists the findings under the threshold has content of its own, hence a UID of its own."""
     parts = ["caries-mim gateway SR", source_sop_instance_uid, identity.name, identity.version, identity.checksum]
+    if include_below_threshold:
+        parts.append("below threshold included")
     series_parts = ["caries-mim gateway SR series", identity.name, identity.version, identity.checksum]
     return generate_uid(entropy_srcs=parts), generate_uid(entropy_srcs=series_parts)
 
@@ -68,7 +73,9 @@ class CariesReportAnalysis:
         header = parse_dicom(
             instance.path.read_bytes(), max_pixels=radiograph.height * radiograph.width, stop_before_pixels=True
         )
-        sop_instance_uid, series_instance_uid = report_uids(instance.sop_instance_uid, self.identity)
+        sop_instance_uid, series_instance_uid = report_uids(
+            instance.sop_instance_uid, self.identity, include_below_threshold=self.include_below_threshold
+        )
         report = caries_structured_report(
             header,
             findings,

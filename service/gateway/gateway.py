@@ -1,20 +1,25 @@
 """One gateway process: the Storage SCP, job runners and a result sender around one store, started and stopped
 together (``caries-mim gateway``).
 
-At start the gateway takes back the jobs and deliveries its previous run held (:meth:`GatewayStore.recover`: a
-gateway killed with SIGKILL resumes its unfinished work), then listens. On :meth:`Gateway.stop` the SCP stops
-accepting associations first, then the runners and the sender finish what they hold; anything cut short is taken
-back at the next start.
+One folder, one gateway: the process holds an exclusive lock on ``ROOT/gateway.lock`` for its life, so a second
+gateway on the same folder is refused instead of taking the first one's jobs. At start it takes back the jobs its
+previous run held (:meth:`GatewayStore.recover`: a gateway killed with SIGKILL resumes its unfinished work;
+deliveries need no recovery, their leases simply run out), then listens. On :meth:`Gateway.stop` the SCP stops
+accepting and aborts its associations, then the runners and the sender finish what they hold; anything cut short
+is taken back at the next start.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pydicom import config as pydicom_config
 
 from caries_mim.errors import InvalidConfigError
 from caries_mim.inference import Predictor
@@ -73,6 +78,16 @@ class Gateway:
         if not config.model.is_file():
             raise InvalidConfigError(f"model package {config.model} does not exist")
         self.config = config
+        config.root.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(config.root / "gateway.lock", "a")  # noqa: SIM115 - held for the process's life
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise InvalidConfigError(f"another gateway is running on {config.root}") from None
+        # pydicom reports a non-conformant value (a UID with a leading zero...) by quoting it in a warning: header
+        # values must stay out of the gateway's logs.
+        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
         package = read_package(config.model)
         self.identity = ModelIdentity(config.model_name, package.version, package.checksum)
         self.predictor = Predictor(package, config.device, source=str(config.model))
@@ -129,3 +144,4 @@ class Gateway:
         self._threads.clear()
         self._reader.close()
         self.store.close()
+        self._lock_file.close()

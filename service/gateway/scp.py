@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import logging
+import sqlite3
 from dataclasses import dataclass, field
 
-import pydicom
 from pydicom import uid as uids
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
@@ -33,7 +32,9 @@ from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification
 
-from caries_mim.errors import InvalidArgumentError
+from caries_mim.errors import CariesMimError, InvalidArgumentError
+from caries_mim.io.dicom import parse_dicom
+from caries_mim.io.options import DEFAULT_MAX_PIXELS
 from service.gateway.store import GatewayStore
 
 log = logging.getLogger(__name__)
@@ -160,9 +161,15 @@ class StorageScp:
         return int(self._server.server_address[1])
 
     def stop(self) -> None:
-        """Stop listening and close the associations in progress."""
+        """Stop listening, abort the associations in progress and wait for their threads (a C-STORE cut short is
+        not answered "success", so its sender will send it again)."""
         if self._server is not None:
+            active = list(self._server.active_associations)
             self._server.shutdown()
+            for association in active:
+                association.abort()
+            for association in active:
+                association.join(timeout=self.config.network_timeout_s)
             self._server = None
 
     def _on_store(self, event: Event) -> Dataset | int:
@@ -177,8 +184,13 @@ class StorageScp:
             return _status(SOP_CLASS_NOT_SUPPORTED, "SOP class not supported")
         try:
             data = event.encoded_dataset(include_meta=True)
-            header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        except Exception:  # whatever a malformed data set raises in the parser
+            # The reader's parser: it refuses a deflated data set that would inflate past what an image can need
+            # (a deflate bomb would otherwise be unpacked in memory here).
+            header = parse_dicom(data, max_pixels=DEFAULT_MAX_PIXELS, stop_before_pixels=True)
+        except CariesMimError:
+            log.warning("refused %s from %s: the data set cannot be parsed", tag, calling)
+            return _status(CANNOT_UNDERSTAND, "the data set cannot be parsed")
+        except Exception:  # whatever else a malformed data set raises in the parser
             log.warning("refused %s from %s: the data set cannot be parsed", tag, calling)
             return _status(CANNOT_UNDERSTAND, "the data set cannot be parsed")
         problem, status = _mismatch(header, sop_class, announced)
@@ -201,6 +213,9 @@ class StorageScp:
             return _status(CANNOT_UNDERSTAND, exc.message)
         except OSError as exc:
             log.error("could not store %s from %s: %s", tag, calling, errno.errorcode.get(exc.errno, "I/O error"))
+            return _status(OUT_OF_RESOURCES, "the gateway could not store the instance; try again later")
+        except sqlite3.Error as exc:
+            log.error("could not record %s from %s: %s", tag, calling, type(exc).__name__)
             return _status(OUT_OF_RESOURCES, "the gateway could not store the instance; try again later")
         log.info("stored %s from %s (%s)", tag, calling, "queued" if queued else "received before; job kept")
         return SUCCESS

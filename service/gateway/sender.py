@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from caries_mim.errors import InvalidArgumentError
@@ -87,15 +88,28 @@ class ResultSender:
             self.store.delivered(delivery, self.owner)
             log.info("sent %s to %s", tag, delivery.destination)
             return delivery, True
-        delay = min(self.backoff_s[0] * 2**delivery.attempts, self.backoff_s[1])
+        delay = self.backoff_delay(delivery.attempts)
         self.store.retry_later(delivery, self.owner, error, delay)
         log.warning("could not send %s to %s (%s); next try in %.0f s", tag, delivery.destination, error, delay)
         return delivery, False
 
-    def run(self, stop: threading.Event, *, idle_s: float = 1.0) -> None:
-        """Send until ``stop`` is set, waiting ``idle_s`` whenever nothing is due."""
+    def backoff_delay(self, failed_attempts: int) -> float:
+        """Seconds to wait after a delivery's failed attempt number ``failed_attempts + 1``: the first wait,
+        doubled each time, at most the longest."""
+        # The exponent is capped: 2**1024 overflows a float, and a week-long outage reaches that many attempts.
+        return min(self.backoff_s[0] * 2 ** min(failed_attempts, 40), self.backoff_s[1])
+
+    def run(self, stop: threading.Event, *, idle_s: float = 1.0, error_pause_s: float = 5.0) -> None:
+        """Send until ``stop`` is set, waiting ``idle_s`` whenever nothing is due; an error of the store itself is
+        logged and retried after ``error_pause_s`` (the sender never dies of one)."""
         while not stop.is_set():
-            if self.send_once() is None:
+            try:
+                sent = self.send_once()
+            except Exception as exc:  # the sender must outlive any one failure
+                log.error("result sender %s: %s; retrying in %.0f s", self.owner, type(exc).__name__, error_pause_s)
+                stop.wait(error_pause_s)
+                continue
+            if sent is None:
                 stop.wait(idle_s)
 
     def _send(self, delivery: Delivery, destination: Destination) -> str | None:
@@ -106,7 +120,12 @@ class ResultSender:
             return f"the result file cannot be read ({type(exc).__name__})"
         ae = AE(ae_title=self.calling_ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
-        ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
+        # Without it a host that never answers holds the (single) sender for the system's TCP timeout.
+        ae.connection_timeout = self.timeout_s
+        # The file's own transfer syntax, and Implicit VR Little Endian, the one every SCP must accept (pynetdicom
+        # re-encodes an uncompressed data set to it).
+        syntaxes = list(dict.fromkeys([dataset.file_meta.TransferSyntaxUID, ImplicitVRLittleEndian]))
+        ae.add_requested_context(dataset.SOPClassUID, syntaxes)
         association = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
         if not association.is_established:
             return "association rejected" if association.is_rejected else "destination unreachable"

@@ -152,6 +152,26 @@ class QueueSummary:
     oldest_queued_s: float | None
 
 
+def durable_folder(folder: Path) -> None:
+    """Create ``folder`` (and missing parents) so that it survives a power cut: each new folder is synced into its
+    parent, as :func:`durable_write` syncs a file into its folder."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+        _sync_folder(new.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def durable_write(target: Path, data: bytes) -> None:
     """Write ``data`` to ``target`` so that, once this returns, a crash leaves either the whole file or none:
     a unique temporary sibling, flushed and synced, renamed over the target, then the folder synced (the rename
@@ -166,11 +186,7 @@ def durable_write(target: Path, data: bytes) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
-    folder = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    _sync_folder(target.parent)
 
 
 class GatewayStore:
@@ -207,10 +223,13 @@ class GatewayStore:
             cursor.execute("BEGIN IMMEDIATE")
             try:
                 yield cursor
+                cursor.execute("COMMIT")
             except BaseException:
-                cursor.execute("ROLLBACK")
+                # SQLite may have rolled back already (a failed COMMIT on a full disk does): roll back only what is
+                # still open, so the real error surfaces and the next transaction can begin.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            cursor.execute("COMMIT")
 
     def instance_path(self, study_instance_uid: str, sop_instance_uid: str) -> Path:
         """Where an instance's file lives: one folder per study, the file named by its SOP Instance UID (UIDs are
@@ -250,7 +269,7 @@ class GatewayStore:
         if stable_after_s < 0:
             raise InvalidArgumentError(f"stable_after_s must be >= 0, got {stable_after_s}")
         path = self.instance_path(study_instance_uid, sop_instance_uid)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        durable_folder(path.parent)
         durable_write(path, data)
         now = self._clock()
         instance = StoredInstance(
@@ -267,8 +286,11 @@ class GatewayStore:
         with self._transaction() as cursor:
             cursor.execute(
                 "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sop_instance_uid) DO UPDATE "
-                "SET transfer_syntax_uid = excluded.transfer_syntax_uid, size_bytes = excluded.size_bytes, "
-                "source = excluded.source, received_at = excluded.received_at",
+                "SET sop_class_uid = excluded.sop_class_uid, study_instance_uid = excluded.study_instance_uid, "
+                "series_instance_uid = excluded.series_instance_uid, "
+                "transfer_syntax_uid = excluded.transfer_syntax_uid, path = excluded.path, "
+                "size_bytes = excluded.size_bytes, source = excluded.source, "
+                "received_at = excluded.received_at",
                 (
                     sop_instance_uid,
                     sop_class_uid,
@@ -305,21 +327,30 @@ class GatewayStore:
             return None
         return StoredInstance(*row[:5], Path(row[5]), *row[6:])
 
-    def claim(self, owner: str, lease_s: float) -> Job | None:
+    def claim(self, owner: str, lease_s: float, max_attempts: int = 3) -> Job | None:
         """The oldest job that may run now, marked ``running`` under ``owner``'s lease for ``lease_s`` seconds:
         a queued job whose ``not_before`` has passed, or a running one whose lease ran out (its worker died).
-        None when there is none."""
-        if lease_s <= 0:
-            raise InvalidArgumentError(f"lease_s must be > 0, got {lease_s}")
+        A job already claimed ``max_attempts`` times is failed instead of run again (an image that kills its
+        worker every time must not hold the queue for ever). None when there is none."""
+        if lease_s <= 0 or max_attempts < 1:
+            raise InvalidArgumentError(f"lease_s must be > 0 and max_attempts >= 1, got {lease_s}, {max_attempts}")
         now = self._clock()
         with self._transaction() as cursor:
-            row = cursor.execute(
-                "SELECT sop_instance_uid FROM jobs WHERE (state = 'queued' AND not_before <= ?) "
-                "OR (state = 'running' AND lease_until < ?) ORDER BY not_before, created_at LIMIT 1",
-                (now, now),
-            ).fetchone()
-            if row is None:
-                return None
+            while True:
+                row = cursor.execute(
+                    "SELECT sop_instance_uid, attempts FROM jobs WHERE (state = 'queued' AND not_before <= ?) "
+                    "OR (state = 'running' AND lease_until < ?) ORDER BY not_before, created_at LIMIT 1",
+                    (now, now),
+                ).fetchone()
+                if row is None:
+                    return None
+                if row[1] < max_attempts:
+                    break
+                cursor.execute(
+                    "UPDATE jobs SET state = 'failed', reason = ?, lease_owner = NULL, lease_until = NULL, "
+                    "updated_at = ? WHERE sop_instance_uid = ?",
+                    (f"not finished in {row[1]} attempts (its worker stopped each time)", now, row[0]),
+                )
             cursor.execute(
                 "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_owner = ?, lease_until = ?, "
                 "updated_at = ? WHERE sop_instance_uid = ?",
@@ -346,12 +377,12 @@ class GatewayStore:
     def complete(
         self, sop_instance_uid: str, owner: str, results: list[ResultFile], destinations: tuple[str, ...] = ()
     ) -> bool:
-        """Keep a job's results and mark it done, together: the files are written (synced) first, then their rows
-        and the job's state commit in one transaction, so a crash leaves either a done job with all its results or
-        a job to run again. Results keep their UIDs: a job run twice (its first worker died after writing) writes
-        the same files again, and a result already kept is not added twice. Each result is queued for sending to
-        each of ``destinations`` in the same transaction (once: a delivery already queued or sent is kept). False,
-        and nothing recorded, when the job is not ``owner``'s any more.
+        """Keep a job's results and mark it done, together: in one transaction the job is checked to be still
+        ``owner``'s, the files are written (synced), and their rows, one delivery per destination and the job's
+        state commit; a crash leaves either a done job with all its results or a job to run again. A worker that
+        lost its lease never replaces the new owner's files (maybe already sent). Results keep their UIDs: a job
+        run twice writes the same files again, a result already kept is not added twice, and a delivery already
+        queued or sent is kept. False, and nothing recorded, when the job is not ``owner``'s any more.
 
         Raises:
             InvalidArgumentError: a result UID that is not a DICOM UID.
@@ -364,11 +395,19 @@ class GatewayStore:
                 if not _is_uid(uid):
                     raise InvalidArgumentError(f"the result's {name} is not a DICOM UID")
         paths = [self.result_path(instance.study_instance_uid, result.sop_instance_uid) for result in results]
-        for path, result in zip(paths, results, strict=True):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            durable_write(path, result.data)
         now = self._clock()
         with self._transaction() as cursor:
+            owned = cursor.execute(
+                "SELECT 1 FROM jobs WHERE sop_instance_uid = ? AND state = 'running' AND lease_owner = ?",
+                (sop_instance_uid, owner),
+            ).fetchone()
+            if owned is None:
+                # Another worker took the job: its result files, maybe already sent, must not be replaced.
+                return False
+            # Written while the transaction holds the write lock, so no other worker can complete this job meanwhile.
+            for path, result in zip(paths, results, strict=True):
+                durable_folder(path.parent)
+                durable_write(path, result.data)
             cursor.execute(
                 "UPDATE jobs SET state = 'done', reason = NULL, lease_owner = NULL, lease_until = NULL, "
                 "updated_at = ? WHERE sop_instance_uid = ? AND state = 'running' AND lease_owner = ?",
@@ -461,6 +500,18 @@ class GatewayStore:
             ).fetchall()
         return [StoredResult(*row[:4], Path(row[4]), row[5]) for row in rows]
 
+    def release(self, sop_instance_uid: str, owner: str, delay_s: float) -> bool:
+        """Put ``owner``'s running job back in the queue for another attempt in ``delay_s`` seconds (a temporary
+        problem: the decoders busy, a decode timed out under load); it still counts towards the attempts."""
+        now = self._clock()
+        with self._transaction() as cursor:
+            cursor.execute(
+                "UPDATE jobs SET state = 'queued', not_before = ?, lease_owner = NULL, lease_until = NULL, "
+                "updated_at = ? WHERE sop_instance_uid = ? AND state = 'running' AND lease_owner = ?",
+                (now + delay_s, now, sop_instance_uid, owner),
+            )
+            return cursor.rowcount == 1
+
     def fail(self, sop_instance_uid: str, owner: str, reason: str) -> bool:
         """Mark ``owner``'s running job failed with ``reason`` (one sentence, no identifiers)."""
         return self._end(sop_instance_uid, owner, "failed", reason)
@@ -514,5 +565,6 @@ def _is_uid(value: object) -> bool:
         isinstance(value, str)
         and 0 < len(value) <= 64
         # Digits and dots only (they name files); leading zeros, which PS3.5 forbids but some devices write, pass.
+        and value.isascii()
         and all(part.isdigit() for part in value.split("."))
     )

@@ -14,7 +14,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from caries_mim.errors import CariesMimError
+from caries_mim.errors import CariesMimError, DecoderUnavailableError, DecodeTimeoutError
 from service.gateway.scp import instance_tag
 from service.gateway.store import GatewayStore, Job, ResultFile, StoredInstance
 
@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 
 #: What the runner calls for each instance: its results (e.g. one caries SR), or a raised CariesMimError.
 Analysis = Callable[[StoredInstance], list[ResultFile]]
+#: Errors that say the machine was busy, not that the file is bad: the job goes back to the queue (it still counts
+#: towards the store's attempts) instead of failing.
+TEMPORARY_ERRORS = (DecoderUnavailableError, DecodeTimeoutError)
+#: How long a job put back for a temporary error waits before its next attempt.
+RETRY_DELAY_S = 30.0
 
 
 class JobRunner:
@@ -59,6 +64,10 @@ class JobRunner:
         heartbeat.start()
         try:
             results = self.analyse(instance)
+        except TEMPORARY_ERRORS as exc:
+            log.warning("job %s put back for %.0f s: %s", tag, RETRY_DELAY_S, type(exc).__name__)
+            self.store.release(job.sop_instance_uid, self.owner, RETRY_DELAY_S)
+            return job
         except CariesMimError as exc:
             log.warning("job %s failed: %s", tag, exc.message)
             self.store.fail(job.sop_instance_uid, self.owner, exc.message)
@@ -76,10 +85,18 @@ class JobRunner:
             log.warning("job %s was taken over by another worker before it ended; its results are the other's", tag)
         return job
 
-    def run(self, stop: threading.Event, *, idle_s: float = 0.5) -> None:
-        """Run jobs until ``stop`` is set, waiting ``idle_s`` between looks at an empty queue."""
+    def run(self, stop: threading.Event, *, idle_s: float = 0.5, error_pause_s: float = 5.0) -> None:
+        """Run jobs until ``stop`` is set, waiting ``idle_s`` between looks at an empty queue. An error of the store
+        itself (a full disk, a database error) is logged and retried after ``error_pause_s``: the runner never
+        dies of one; the job it held is taken again when its lease runs out."""
         while not stop.is_set():
-            if self.run_once() is None:
+            try:
+                ran = self.run_once()
+            except Exception as exc:  # the runner must outlive any one failure
+                log.error("job runner %s: %s; retrying in %.0f s", self.owner, type(exc).__name__, error_pause_s)
+                stop.wait(error_pause_s)
+                continue
+            if ran is None:
                 stop.wait(idle_s)
 
     def _renew(self, sop_instance_uid: str, stop: threading.Event) -> None:

@@ -59,7 +59,8 @@ def test_a_received_radiograph_gets_a_caries_sr_in_its_study(stored, predictor, 
     (result,) = store.results_for(source.SOPInstanceUID)
     report = pydicom.dcmread(result.path)
     assert report.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage
-    assert (report.SOPInstanceUID, report.SeriesInstanceUID) == report_uids(source.SOPInstanceUID, IDENTITY)
+    expected = report_uids(source.SOPInstanceUID, IDENTITY, include_below_threshold=True)
+    assert (report.SOPInstanceUID, report.SeriesInstanceUID) == expected
     assert report.StudyInstanceUID == source.StudyInstanceUID
     cited = report.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
     assert cited.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID

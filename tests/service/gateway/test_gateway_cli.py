@@ -15,8 +15,11 @@ import pydicom
 import pytest
 from pynetdicom import AE
 
+from caries_mim.errors import InvalidConfigError
 from caries_mim.synth import SynthConfig, render_indexed, write_dicom
 from pipelines.cli import main
+from service.gateway.gateway import Gateway, GatewayConfig
+from service.gateway.scp import ScpConfig
 from tests.polling import eventually
 from tests.service.gateway.test_sender import Pacs, free_port
 
@@ -135,3 +138,18 @@ def test_storescu_sends_a_folder_and_the_srs_come_back_to_storescp(package_path,
         evidence = report.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
         cited.add(str(evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
     assert cited == set(sources)
+
+
+def test_a_second_gateway_on_the_same_folder_is_refused(package_path, tmp_path, monkeypatch):
+    # The gateway quiets pydicom's validation for its process; keep this test process's setting.
+    monkeypatch.setattr(
+        pydicom.config.settings, "reading_validation_mode", pydicom.config.settings.reading_validation_mode
+    )
+    config = GatewayConfig(root=tmp_path / "gateway", model=package_path, scp=ScpConfig(port=0), device="cpu")
+    first = Gateway(config)
+    try:
+        with pytest.raises(InvalidConfigError, match="another gateway is running on"):
+            Gateway(config)
+    finally:
+        first.stop()
+    Gateway(config).stop()  # the lock went with the first one

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import errno
 import logging
+import sqlite3
 
 import pydicom
 import pytest
@@ -124,9 +125,12 @@ def test_bad_instances_get_the_right_status_and_the_gateway_keeps_serving(gatewa
     assert send(gateway, radiographs["rle_lossless"]) == SUCCESS
 
 
-def test_a_full_disk_is_out_of_resources(gateway, radiographs, monkeypatch):
+@pytest.mark.parametrize(
+    "error", [OSError(errno.ENOSPC, "No space left on device"), sqlite3.OperationalError("database or disk is full")]
+)
+def test_a_full_disk_is_out_of_resources(gateway, radiographs, monkeypatch, error):
     def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise error
 
     monkeypatch.setattr(gateway.store, "add_instance", full)
     assert send(gateway, radiographs["explicit_vr_little_endian"]) == OUT_OF_RESOURCES

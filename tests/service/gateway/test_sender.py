@@ -134,3 +134,9 @@ def test_backoff_doubles_up_to_the_longest_wait(completed):
 def test_bad_destinations_are_refused(fields, message):
     with pytest.raises(InvalidArgumentError, match=message):
         Destination(*fields)
+
+
+def test_the_backoff_stays_finite_after_a_week_of_failures(completed):
+    store, _, _ = completed
+    sender = ResultSender(store, {}, owner="gw/sender", backoff_s=(5.0, 600.0))
+    assert [sender.backoff_delay(n) for n in (0, 1, 2, 7, 2000)] == [5.0, 10.0, 20.0, 600.0, 600.0]

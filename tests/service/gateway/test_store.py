@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from caries_mim.errors import InvalidArgumentError
-from service.gateway.store import JOB_STATES, GatewayStore, durable_write
+from service.gateway.store import JOB_STATES, GatewayStore, durable_folder, durable_write
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 SERIES = "1.2.826.0.1.3680043.8.498.2"
@@ -188,3 +188,37 @@ def test_the_schema_holds_every_state_and_no_other(store):
     assert set(store.summary().counts) == set(JOB_STATES)
     with pytest.raises(sqlite3.IntegrityError):
         store._db.execute("UPDATE jobs SET state = 'lost'")
+
+
+def test_a_job_whose_worker_stops_every_time_is_failed_after_its_attempts(store, clock):
+    receive(store, 1)
+    for _ in range(3):  # three workers die holding it
+        assert store.claim("gw/worker", lease_s=10) is not None
+        clock.now += 11
+    assert store.claim("gw/worker", lease_s=10) is None
+    job = store.job("1.2.826.0.1.3680043.8.498.100.1")
+    assert (job.state, job.reason) == ("failed", "not finished in 3 attempts (its worker stopped each time)")
+
+
+def test_a_released_job_waits_then_runs_again(store, clock):
+    receive(store, 1)
+    job = store.claim("gw/worker", lease_s=60)
+    assert store.release(job.sop_instance_uid, "gw/worker", delay_s=30)
+    assert store.job(job.sop_instance_uid).state == "queued"
+    assert store.claim("gw/worker", lease_s=60) is None
+    clock.now += 31
+    assert store.claim("gw/worker", lease_s=60).attempts == 2
+
+
+def test_a_failed_commit_leaves_the_store_usable(store, monkeypatch):
+    receive(store, 1)
+    with pytest.raises(sqlite3.IntegrityError), store._transaction() as cursor:
+        cursor.execute("UPDATE jobs SET state = 'lost'")
+    assert not store._db.in_transaction
+    assert store.claim("gw/worker", lease_s=60) is not None
+
+
+def test_durable_folder_creates_every_missing_level(tmp_path):
+    durable_folder(tmp_path / "a" / "b" / "c")
+    assert (tmp_path / "a" / "b" / "c").is_dir()
+    durable_folder(tmp_path / "a" / "b" / "c")  # already there: nothing to do

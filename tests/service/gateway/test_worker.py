@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 
 import pytest
 
-from caries_mim.errors import InvalidArgumentError, UnsupportedModalityError
+from caries_mim.errors import DecoderUnavailableError, InvalidArgumentError, UnsupportedModalityError
 from service.gateway.store import GatewayStore, ResultFile
 from service.gateway.worker import JobRunner
 from tests.service.gateway.test_store import Clock, receive
@@ -90,9 +91,13 @@ def test_a_job_taken_over_after_its_worker_went_silent_keeps_one_set_of_results(
     taken = JobRunner(store, report_of, owner="gw-b/worker-0", lease_s=10).run_once()
     assert (taken.sop_instance_uid, taken.attempts) == (instance.sop_instance_uid, 2)
     assert store.job(instance.sop_instance_uid).state == "done"
-    # gw-a comes back and tries to complete: refused, and no second result appears.
-    assert not store.complete(first.sop_instance_uid, "gw-a/worker-0", report_of(instance))
+    (kept,) = store.results_for(instance.sop_instance_uid)
+    written = kept.path.read_bytes()
+    # gw-a comes back with a report of other bytes and tries to complete: refused, the kept file untouched.
+    late = [ResultFile(f"{instance.sop_instance_uid}.1", SR_CLASS, b"a late, different report")]
+    assert not store.complete(first.sop_instance_uid, "gw-a/worker-0", late)
     assert len(store.results_for(instance.sop_instance_uid)) == 1
+    assert kept.path.read_bytes() == written
     store.close()
 
 
@@ -116,4 +121,40 @@ def test_run_stops_when_told(store):
     stop.set()
     thread.join(5)
     assert not thread.is_alive()
+    assert store.summary().counts["done"] == 1
+
+
+def test_a_busy_decoder_puts_the_job_back_instead_of_failing_it(store):
+    receive(store, 1)
+
+    def busy(instance):
+        raise DecoderUnavailableError("no decode worker came free in time")
+
+    JobRunner(store, busy, owner="gw/worker-0").run_once()
+    job = store.job("1.2.826.0.1.3680043.8.498.100.1")
+    assert (job.state, job.attempts, job.reason) == ("queued", 1, None)
+
+
+def test_the_runner_outlives_an_error_of_the_store(store, monkeypatch):
+    receive(store, 1)
+    real_claim = store.claim
+    failures = []
+
+    def flaky_claim(*args, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise sqlite3.OperationalError("disk I/O error")
+        return real_claim(*args, **kwargs)
+
+    monkeypatch.setattr(store, "claim", flaky_claim)
+    stop = threading.Event()
+    runner = JobRunner(store, report_of, owner="gw/worker-0")
+    thread = threading.Thread(target=runner.run, args=(stop,), kwargs={"idle_s": 0.02, "error_pause_s": 0.02})
+    thread.start()
+    deadline = time.monotonic() + 5
+    while store.summary().counts["done"] != 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stop.set()
+    thread.join(5)
+    assert failures == [1]
     assert store.summary().counts["done"] == 1
