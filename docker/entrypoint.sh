@@ -16,7 +16,7 @@ if [ "$#" -eq 0 ]; then
 fi
 
 case "$1" in
-    serve | pretrain | finetune | evaluate | retune | predict | study | analyze | synth | inspect | demo | reference)
+    serve | gateway | pretrain | finetune | evaluate | retune | predict | study | analyze | synth | inspect | demo | reference)
         exec caries-mim "$@"
         ;;
     -*)
