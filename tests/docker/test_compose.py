@@ -150,3 +150,22 @@ def test_the_api_container_is_hardened(compose):
     for service in compose["services"].values():
         assert service["cap_drop"] == ["ALL"]
         assert service["security_opt"] == ["no-new-privileges:true"]
+
+
+def test_the_gateway_listens_on_11112_keeps_its_queue_on_a_volume_and_answers_c_echo(compose):
+    gateway = compose["services"]["gateway"]
+    arguments = build_parser().parse_args(gateway["command"])
+    assert (arguments.command, arguments.gateway_command) == ("gateway", "run")
+    assert (str(arguments.root), arguments.port, arguments.host) == ("/gateway", 11112, "0.0.0.0")
+    assert str(arguments.model) == "/models/reference_detector.cmpkg"
+    assert [destination.name for destination in arguments.destination] == ["pacs"]
+    assert gateway["ports"] == ["11112:11112"]
+    assert "../models:/models:ro" in gateway["volumes"]
+    assert "../gateway:/gateway" in gateway["volumes"]
+    assert gateway["read_only"] is True
+    probe = gateway["healthcheck"]["test"]
+    assert probe[:3] == ["CMD", "python", "-c"]
+    compile(probe[3], "healthcheck", "exec")  # the C-ECHO probe is valid Python
+    assert "send_c_echo" in probe[3]
+    (device,) = gpu_devices(gateway)
+    assert device["count"] == 1
