@@ -5,5 +5,6 @@ durable across restarts), :mod:`service.gateway.scp` (the DICOM Storage SCP that
 :mod:`service.gateway.worker` (the job runner that analyses each instance and keeps its results),
 :mod:`service.gateway.analysis` (the analysis: the caries SR on each radiograph, with reproducible UIDs) and
 :mod:`service.gateway.sender` (results sent back by C-STORE, retried with backoff until each destination has them)
-and :mod:`service.gateway.gateway` (one process of them all: ``caries-mim gateway run``).
+and :mod:`service.gateway.gateway` (one process of them all: ``caries-mim gateway run``); the runners and the sender
+share :mod:`service.gateway.loop`.
 """

@@ -86,7 +86,7 @@ class ScpConfig:
 
     def __post_init__(self) -> None:
         for title in (self.ae_title, *self.calling_ae_titles):
-            if not 0 < len(title.strip()) <= 16 or "\\" in title or not title.isascii():
+            if not is_ae_title(title):
                 raise InvalidArgumentError(f"{title!r} is not an AE title (1-16 ASCII characters, no backslash)")
         if not 0 <= self.port <= 65535:
             raise InvalidArgumentError(f"port must be in [0, 65535], got {self.port}")
@@ -94,6 +94,11 @@ class ScpConfig:
             raise InvalidArgumentError(f"maximum_associations must be >= 1, got {self.maximum_associations}")
         if not self.stable_after_s >= 0:
             raise InvalidArgumentError(f"stable_after_s must be >= 0, got {self.stable_after_s}")
+
+
+def is_ae_title(title: str) -> bool:
+    """Whether ``title`` can be a DICOM AE title: 1-16 ASCII characters once trimmed, no backslash."""
+    return 0 < len(title.strip()) <= 16 and "\\" not in title and title.isascii()
 
 
 def decodable_transfer_syntaxes() -> list[str]:

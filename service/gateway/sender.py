@@ -20,7 +20,8 @@ from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from caries_mim.errors import InvalidArgumentError
-from service.gateway.scp import instance_tag
+from service.gateway.loop import repeat_until_stopped
+from service.gateway.scp import instance_tag, is_ae_title
 from service.gateway.store import Delivery, GatewayStore
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class Destination:
     def __post_init__(self) -> None:
         if not self.name.strip():
             raise InvalidArgumentError("a destination needs a name")
-        if not 0 < len(self.ae_title.strip()) <= 16 or "\\" in self.ae_title or not self.ae_title.isascii():
+        if not is_ae_title(self.ae_title):
             raise InvalidArgumentError(f"destination {self.name}: {self.ae_title!r} is not an AE title")
         if not 0 < self.port <= 65535:
             raise InvalidArgumentError(f"destination {self.name}: port must be in [1, 65535], got {self.port}")
@@ -102,15 +103,9 @@ class ResultSender:
     def run(self, stop: threading.Event, *, idle_s: float = 1.0, error_pause_s: float = 5.0) -> None:
         """Send until ``stop`` is set, waiting ``idle_s`` whenever nothing is due; an error of the store itself is
         logged and retried after ``error_pause_s`` (the sender never dies of one)."""
-        while not stop.is_set():
-            try:
-                sent = self.send_once()
-            except Exception as exc:  # the sender must outlive any one failure
-                log.error("result sender %s: %s; retrying in %.0f s", self.owner, type(exc).__name__, error_pause_s)
-                stop.wait(error_pause_s)
-                continue
-            if sent is None:
-                stop.wait(idle_s)
+        repeat_until_stopped(
+            self.send_once, stop, name=f"result sender {self.owner}", idle_s=idle_s, error_pause_s=error_pause_s
+        )
 
     def _send(self, delivery: Delivery, destination: Destination) -> str | None:
         """None when the destination stored the result, else why not (one short phrase, no identifiers)."""

@@ -23,11 +23,11 @@ import os
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from caries_mim.atomic_files import atomic_path
 from caries_mim.errors import InvalidArgumentError
 
 #: The states of a job, in the order a job goes through them.
@@ -176,16 +176,10 @@ def durable_write(target: Path, data: bytes) -> None:
     """Write ``data`` to ``target`` so that, once this returns, a crash leaves either the whole file or none:
     a unique temporary sibling, flushed and synced, renamed over the target, then the folder synced (the rename
     itself must reach the disk too)."""
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
+    with atomic_path(target) as temporary, open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
     _sync_folder(target.parent)
 
 

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 
 from caries_mim.errors import CariesMimError, DecoderUnavailableError, DecodeTimeoutError
+from service.gateway.loop import repeat_until_stopped
 from service.gateway.scp import instance_tag
 from service.gateway.store import GatewayStore, Job, ResultFile, StoredInstance
 
@@ -89,15 +90,9 @@ class JobRunner:
         """Run jobs until ``stop`` is set, waiting ``idle_s`` between looks at an empty queue. An error of the store
         itself (a full disk, a database error) is logged and retried after ``error_pause_s``: the runner never
         dies of one; the job it held is taken again when its lease runs out."""
-        while not stop.is_set():
-            try:
-                ran = self.run_once()
-            except Exception as exc:  # the runner must outlive any one failure
-                log.error("job runner %s: %s; retrying in %.0f s", self.owner, type(exc).__name__, error_pause_s)
-                stop.wait(error_pause_s)
-                continue
-            if ran is None:
-                stop.wait(idle_s)
+        repeat_until_stopped(
+            self.run_once, stop, name=f"job runner {self.owner}", idle_s=idle_s, error_pause_s=error_pause_s
+        )
 
     def _renew(self, sop_instance_uid: str, stop: threading.Event) -> None:
         while not stop.wait(self.lease_s / 3):

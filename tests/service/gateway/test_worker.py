@@ -11,6 +11,7 @@ import pytest
 from caries_mim.errors import DecoderUnavailableError, InvalidArgumentError, UnsupportedModalityError
 from service.gateway.store import GatewayStore, ResultFile
 from service.gateway.worker import JobRunner
+from tests.polling import eventually
 from tests.service.gateway.test_store import Clock, receive
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -115,9 +116,7 @@ def test_run_stops_when_told(store):
     runner = JobRunner(store, report_of, owner="gw/worker-0")
     thread = threading.Thread(target=runner.run, args=(stop,), kwargs={"idle_s": 0.05})
     thread.start()
-    deadline = time.monotonic() + 5
-    while store.summary().counts["done"] != 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    eventually(lambda: store.summary().counts["done"] == 1, timeout_s=5)
     stop.set()
     thread.join(5)
     assert not thread.is_alive()
@@ -151,9 +150,7 @@ def test_the_runner_outlives_an_error_of_the_store(store, monkeypatch):
     runner = JobRunner(store, report_of, owner="gw/worker-0")
     thread = threading.Thread(target=runner.run, args=(stop,), kwargs={"idle_s": 0.02, "error_pause_s": 0.02})
     thread.start()
-    deadline = time.monotonic() + 5
-    while store.summary().counts["done"] != 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    eventually(lambda: store.summary().counts["done"] == 1, timeout_s=5)
     stop.set()
     thread.join(5)
     assert failures == [1]
