@@ -356,13 +356,7 @@ class GatewayStore:
         """Extend ``owner``'s lease on a running job; False when the job is no longer ``owner``'s (its lease ran
         out and another worker took it): the caller must then drop its work."""
         now = self._clock()
-        with self._transaction() as cursor:
-            cursor.execute(
-                "UPDATE jobs SET lease_until = ?, updated_at = ? WHERE sop_instance_uid = ? AND state = 'running' "
-                "AND lease_owner = ?",
-                (now + lease_s, now, sop_instance_uid, owner),
-            )
-            return cursor.rowcount == 1
+        return self._update_owned_job(sop_instance_uid, owner, "lease_until = ?", (now + lease_s,), now)
 
     def finish(self, sop_instance_uid: str, owner: str) -> bool:
         """Mark ``owner``'s running job done; False when it is not ``owner``'s any more (see :meth:`renew`)."""
@@ -498,25 +492,26 @@ class GatewayStore:
         """Put ``owner``'s running job back in the queue for another attempt in ``delay_s`` seconds (a temporary
         problem: the decoders busy, a decode timed out under load); it still counts towards the attempts."""
         now = self._clock()
-        with self._transaction() as cursor:
-            cursor.execute(
-                "UPDATE jobs SET state = 'queued', not_before = ?, lease_owner = NULL, lease_until = NULL, "
-                "updated_at = ? WHERE sop_instance_uid = ? AND state = 'running' AND lease_owner = ?",
-                (now + delay_s, now, sop_instance_uid, owner),
-            )
-            return cursor.rowcount == 1
+        unleased = "state = 'queued', not_before = ?, lease_owner = NULL, lease_until = NULL"
+        return self._update_owned_job(sop_instance_uid, owner, unleased, (now + delay_s,), now)
 
     def fail(self, sop_instance_uid: str, owner: str, reason: str) -> bool:
         """Mark ``owner``'s running job failed with ``reason`` (one sentence, no identifiers)."""
         return self._end(sop_instance_uid, owner, "failed", reason)
 
     def _end(self, sop_instance_uid: str, owner: str, state: str, reason: str | None) -> bool:
-        now = self._clock()
+        ended = "state = ?, reason = ?, lease_owner = NULL, lease_until = NULL"
+        return self._update_owned_job(sop_instance_uid, owner, ended, (state, reason), self._clock())
+
+    def _update_owned_job(self, sop_instance_uid: str, owner: str, assignments: str, values: tuple, now: float) -> bool:
+        """``UPDATE jobs SET <assignments>`` (with ``values``, and ``updated_at = now``) on ``owner``'s running job
+        only; False when the job is not ``owner``'s running job any more (its lease ran out, another took it)."""
         with self._transaction() as cursor:
             cursor.execute(
-                "UPDATE jobs SET state = ?, reason = ?, lease_owner = NULL, lease_until = NULL, updated_at = ? "
+                # The assignments are fixed strings of this class; every value is a bound parameter.
+                f"UPDATE jobs SET {assignments}, updated_at = ? "
                 "WHERE sop_instance_uid = ? AND state = 'running' AND lease_owner = ?",
-                (state, reason, now, sop_instance_uid, owner),
+                (*values, now, sop_instance_uid, owner),
             )
             return cursor.rowcount == 1
 
