@@ -134,6 +134,7 @@ class _RetinaNetDetector(RetinaNetDetector):
                 stacklevel=2,
             )
         class_targets = classification_targets(matches, labels, cls_logits.shape[-1], cls_logits.dtype)
+        logits, class_targets = cls_logits.flatten(0, 1), class_targets.flatten(0, 1)  # (B * A, C)
         ignore = [target.get(_IGNORE_KEY) for target in targets]
         if any(regions is not None and regions.numel() for regions in ignore):
             per_image = [boxes.new_zeros((0, 4)) if one is None else one for one in ignore]
@@ -141,12 +142,9 @@ class _RetinaNetDetector(RetinaNetDetector):
                 per_image, [torch.zeros(len(one), dtype=torch.long, device=boxes.device) for one in per_image]
             )
             region_matches = self._atss(regions, region_valid, anchors[0], num_anchor_locs_per_level)
-            trained = (matches >= 0) | (region_matches < 0)  # (B, A)
-            classification = self.cls_loss_func(cls_logits[trained], class_targets[trained]).to(cls_logits.dtype)
-        else:
-            classification = self.cls_loss_func(
-                cls_logits.reshape(-1, cls_logits.shape[-1]), class_targets.reshape(-1, cls_logits.shape[-1])
-            ).to(cls_logits.dtype)
+            trained = ((matches >= 0) | (region_matches < 0)).flatten()  # (B * A,)
+            logits, class_targets = logits[trained], class_targets[trained]
+        classification = self.cls_loss_func(logits, class_targets).to(cls_logits.dtype)
         predicted, matched_anchors, matched_boxes = foreground_box_pairs(box_regression, boxes, anchors[0], matches)
         if predicted.shape[0] == 0:
             box_loss = torch.zeros((), dtype=box_regression.dtype, device=box_regression.device)
