@@ -12,6 +12,7 @@ import hashlib
 import os
 
 import numpy as np
+from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -129,14 +130,6 @@ def _anatomic_region(image: SyntheticRadiograph) -> Code:
     return codes.SCT.JawRegion
 
 
-def _code_item(code: Code) -> Dataset:
-    item = Dataset()
-    item.CodeValue = code.value
-    item.CodingSchemeDesignator = code.scheme_designator
-    item.CodeMeaning = code.meaning
-    return item
-
-
 def _stored_values(image: SyntheticRadiograph, photometric: str) -> np.ndarray:
     pixels = np.ascontiguousarray(image.pixels, dtype=np.uint16)
     if photometric == "MONOCHROME1":
@@ -192,8 +185,10 @@ def build_dataset(image: SyntheticRadiograph, *, index: int, seed: int, photomet
     ds.DetectorType = "SCINTILLATOR"
     # Intra-oral Image Module: the region in view (CID 4016: a bitewing holds both jaws, a periapical one) and, as
     # sensors' software records them, the teeth in the field (CID 4018, from their FDI numbers).
-    ds.AnatomicRegionSequence = [_code_item(_anatomic_region(image))]
-    ds.PrimaryAnatomicStructureSequence = [_code_item(PERMANENT_TEETH[tooth]) for tooth in sorted(image.teeth)]
+    ds.AnatomicRegionSequence = [CodedConcept.from_code(_anatomic_region(image))]
+    ds.PrimaryAnatomicStructureSequence = [
+        CodedConcept.from_code(PERMANENT_TEETH[tooth]) for tooth in sorted(image.teeth)
+    ]
     # Acquisition Context Module (Type 2): nothing is known about the acquisition's context, so it is empty.
     ds.AcquisitionContextSequence = []
 
