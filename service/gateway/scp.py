@@ -6,23 +6,18 @@ decoder: :func:`decodable_transfer_syntaxes`), plus Verification (C-ECHO). The F
 two are accepted as presentation contexts so that a modality sending them gets an answer it can log, 0x0122 (SOP
 Class not supported), rather than a failed association: the detector is trained on display-processed images.
 
-The C-STORE handler does only what must happen before "success": it parses the header (never the pixels), checks
-that it is the instance the request announced, and writes it through the store (:mod:`service.gateway.store`:
-file synced, row committed, job queued). Inference never runs inside it: association timeouts are 30-60 s.
-Statuses (PS3.4 Annex B.2.3): 0x0000 stored; 0xA700 out of resources (the disk); 0xA900 the data set does not match
-the SOP class or the request; 0xC000 cannot understand (not a parsable data set, a UID missing); 0x0122 SOP class
-not supported. Calling AE titles are checked against a list when one is configured (an unknown one is rejected at
-association, "calling AE title not recognized"), and the called AE title must be the gateway's own.
+The C-STORE handler does only what must happen before "success", :func:`service.gateway.intake.receive_instance`
+(header checked, file synced, row committed, job queued), and answers its PS3.4 status (0x0000, 0xA700, 0xA900,
+0xC000, 0x0122: see that module). Inference never runs inside it: association timeouts are 30-60 s. Calling AE
+titles are checked against a list when one is configured (an unknown one is rejected at association, "calling AE
+title not recognized"), and the called AE title must be the gateway's own.
 
 Nothing here logs a patient identifier: log lines carry a short hash of the SOP Instance UID.
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import logging
-import sqlite3
 from dataclasses import dataclass, field
 
 from pydicom import uid as uids
@@ -32,30 +27,21 @@ from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification
 
-from caries_mim.errors import CariesMimError, InvalidArgumentError
-from caries_mim.io.dicom import parse_dicom
-from caries_mim.io.options import DEFAULT_MAX_PIXELS
+from caries_mim.errors import InvalidArgumentError
+from service.gateway.intake import (  # noqa: F401 - the statuses are part of this module's interface
+    ACCEPTED_SOP_CLASSES,
+    CANNOT_UNDERSTAND,
+    DATA_SET_DOES_NOT_MATCH,
+    FOR_PROCESSING_SOP_CLASSES,
+    OUT_OF_RESOURCES,
+    SOP_CLASS_NOT_SUPPORTED,
+    SUCCESS,
+    instance_tag,
+    receive_instance,
+)
 from service.gateway.store import GatewayStore
 
 log = logging.getLogger(__name__)
-
-#: SOP classes whose instances are analysed.
-ACCEPTED_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.1.3": "Digital Intra-Oral X-Ray Image Storage - For Presentation",
-    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
-    "1.2.840.10008.5.1.4.1.1.1": "Computed Radiography Image Storage",
-}
-#: SOP classes answered with 0x0122: raw detector data, which the detector was not trained on.
-FOR_PROCESSING_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.1.3.1": "Digital Intra-Oral X-Ray Image Storage - For Processing",
-    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
-}
-
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-DATA_SET_DOES_NOT_MATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC000
-SOP_CLASS_NOT_SUPPORTED = 0x0122
 
 
 @dataclass(frozen=True)
@@ -118,11 +104,6 @@ def decodable_transfer_syntaxes() -> list[str]:
     return sorted(found, key=lambda syntax: (syntax.is_compressed, found.index(syntax)))
 
 
-def instance_tag(sop_instance_uid: str) -> str:
-    """A short, stable stand-in for a SOP Instance UID in logs (the UID itself is not logged)."""
-    return hashlib.sha256(sop_instance_uid.encode()).hexdigest()[:12]
-
-
 class StorageScp:
     """A running Storage SCP that stores into ``store``; :meth:`start`, then :meth:`stop`."""
 
@@ -178,66 +159,16 @@ class StorageScp:
             self._server = None
 
     def _on_store(self, event: Event) -> Dataset | int:
-        sop_class = str(event.context.abstract_syntax)
-        announced = str(event.request.AffectedSOPInstanceUID)
-        tag = instance_tag(announced)
-        calling = event.assoc.requestor.ae_title.strip()
-        if sop_class in FOR_PROCESSING_SOP_CLASSES:
-            log.warning("refused %s from %s: %s is not analysed", tag, calling, FOR_PROCESSING_SOP_CLASSES[sop_class])
-            return _status(SOP_CLASS_NOT_SUPPORTED, "For Processing images are not accepted; send For Presentation")
-        if sop_class not in ACCEPTED_SOP_CLASSES:
-            return _status(SOP_CLASS_NOT_SUPPORTED, "SOP class not supported")
-        try:
-            data = event.encoded_dataset(include_meta=True)
-            # The reader's parser: it refuses a deflated data set that would inflate past what an image can need
-            # (a deflate bomb would otherwise be unpacked in memory here).
-            header = parse_dicom(data, max_pixels=DEFAULT_MAX_PIXELS, stop_before_pixels=True)
-        except CariesMimError:
-            log.warning("refused %s from %s: the data set cannot be parsed", tag, calling)
-            return _status(CANNOT_UNDERSTAND, "the data set cannot be parsed")
-        except Exception:  # whatever else a malformed data set raises in the parser
-            log.warning("refused %s from %s: the data set cannot be parsed", tag, calling)
-            return _status(CANNOT_UNDERSTAND, "the data set cannot be parsed")
-        problem, status = _mismatch(header, sop_class, announced)
-        if problem:
-            log.warning("refused %s from %s: %s", tag, calling, problem)
-            return _status(status, problem)
-        try:
-            _, queued = self.store.add_instance(
-                data,
-                sop_instance_uid=announced,
-                sop_class_uid=sop_class,
-                study_instance_uid=str(header.StudyInstanceUID),
-                series_instance_uid=str(header.SeriesInstanceUID),
-                transfer_syntax_uid=str(event.context.transfer_syntax),
-                source=calling,
-                stable_after_s=self.config.stable_after_s,
-            )
-        except InvalidArgumentError as exc:
-            log.warning("refused %s from %s: %s", tag, calling, exc.message)
-            return _status(CANNOT_UNDERSTAND, exc.message)
-        except OSError as exc:
-            log.error("could not store %s from %s: %s", tag, calling, errno.errorcode.get(exc.errno, "I/O error"))
-            return _status(OUT_OF_RESOURCES, "the gateway could not store the instance; try again later")
-        except sqlite3.Error as exc:
-            log.error("could not record %s from %s: %s", tag, calling, type(exc).__name__)
-            return _status(OUT_OF_RESOURCES, "the gateway could not store the instance; try again later")
-        log.info("stored %s from %s (%s)", tag, calling, "queued" if queued else "received before; job kept")
-        return SUCCESS
-
-
-def _mismatch(header: Dataset, sop_class: str, announced: str) -> tuple[str | None, int]:
-    """Why a parsed header is not the instance the C-STORE request announced (and the status), or (None, 0)."""
-    missing = [keyword for keyword in ("StudyInstanceUID", "SeriesInstanceUID") if not header.get(keyword)]
-    if missing:
-        return f"the data set has no {' or '.join(missing)}", CANNOT_UNDERSTAND
-    if str(header.get("SOPClassUID", "")) != sop_class:
-        return "the data set's SOP Class UID differs from the presentation context's", DATA_SET_DOES_NOT_MATCH
-    if str(header.get("SOPInstanceUID", "")) != announced:
-        return "the data set's SOP Instance UID differs from the request's", DATA_SET_DOES_NOT_MATCH
-    if "Rows" not in header or "Columns" not in header:
-        return "the data set is not an image (no Rows or Columns)", DATA_SET_DOES_NOT_MATCH
-    return None, 0
+        # The meta header is built from the presentation context: the file is stored as it was sent.
+        intake = receive_instance(
+            self.store,
+            event.encoded_dataset(include_meta=True),
+            source=event.assoc.requestor.ae_title.strip(),
+            stable_after_s=self.config.stable_after_s,
+            announced_sop_class_uid=str(event.context.abstract_syntax),
+            announced_sop_instance_uid=str(event.request.AffectedSOPInstanceUID),
+        )
+        return SUCCESS if intake.stored else _status(intake.status, intake.comment)
 
 
 def _status(code: int, comment: str) -> Dataset:

@@ -20,8 +20,9 @@ from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from caries_mim.errors import InvalidArgumentError
+from service.gateway.intake import instance_tag
 from service.gateway.loop import repeat_until_stopped
-from service.gateway.scp import instance_tag, is_ae_title
+from service.gateway.scp import is_ae_title
 from service.gateway.store import Delivery, GatewayStore
 
 log = logging.getLogger(__name__)

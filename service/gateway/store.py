@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom.dataset import Dataset
+
 from caries_mim.atomic_files import atomic_path
 from caries_mim.errors import InvalidArgumentError
 
@@ -77,6 +79,25 @@ _SCHEMA = (
         sent_at DOUBLE PRECISION,
         PRIMARY KEY (result_sop_instance_uid, destination)
     )""",
+    # What DICOMweb can find and retrieve (QIDO-RS, WADO-RS): every received instance and every result, with the
+    # study, series and instance keys a search may name. No patient attribute is indexed: the gateway is not an
+    # archive, and patient searches belong to the PACS.
+    """CREATE TABLE IF NOT EXISTS catalog (
+        sop_instance_uid TEXT PRIMARY KEY,
+        sop_class_uid TEXT NOT NULL,
+        study_instance_uid TEXT NOT NULL,
+        series_instance_uid TEXT NOT NULL,
+        modality TEXT NOT NULL,
+        study_date TEXT NOT NULL,
+        study_time TEXT NOT NULL,
+        series_number INTEGER,
+        instance_number INTEGER,
+        transfer_syntax_uid TEXT NOT NULL,
+        path TEXT NOT NULL,
+        origin TEXT NOT NULL CHECK (origin IN ('received', 'result')),
+        stored_at DOUBLE PRECISION NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS catalog_by_study ON catalog (study_instance_uid, series_instance_uid)",
     "CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, not_before)",
     "CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at)",
     "CREATE INDEX IF NOT EXISTS results_by_source ON results (source_sop_instance_uid)",
@@ -113,12 +134,57 @@ class Job:
 
 
 @dataclass(frozen=True)
+class CatalogKeys:
+    """The keys DICOMweb searches an object by, besides its SOP Instance, SOP Class and Study UIDs (QIDO-RS): its
+    series, modality, study date and time (DA ``YYYYMMDD``, TM ``HHMMSS.FFFFFF``, empty when absent), series and
+    instance numbers (None when absent)."""
+
+    series_instance_uid: str
+    modality: str = ""
+    study_date: str = ""
+    study_time: str = ""
+    series_number: int | None = None
+    instance_number: int | None = None
+
+    @classmethod
+    def from_dataset(cls, dataset: Dataset) -> CatalogKeys:
+        """The keys of a parsed data set (a header is enough); values that are not what their VR says are left
+        empty rather than refused: the instance was accepted, only the search by them is lost."""
+        return cls(
+            series_instance_uid=str(dataset.get("SeriesInstanceUID", "")),
+            modality=_text(dataset, "Modality", 16),
+            study_date=_text(dataset, "StudyDate", 8),
+            study_time=_text(dataset, "StudyTime", 16),
+            series_number=_integer(dataset, "SeriesNumber"),
+            instance_number=_integer(dataset, "InstanceNumber"),
+        )
+
+
+@dataclass(frozen=True)
 class ResultFile:
-    """A DICOM object a job produced about its instance (a caries SR): its UIDs and Part 10 bytes."""
+    """A DICOM object a job produced about its instance (a caries SR, an overlay): its UIDs and Part 10 bytes.
+    ``keys`` (its series, modality...) put it in the catalog DICOMweb searches and retrieves; without them (test
+    doubles) the result is only sent to the destinations."""
 
     sop_instance_uid: str
     sop_class_uid: str
     data: bytes
+    keys: CatalogKeys | None = None
+    transfer_syntax_uid: str = "1.2.840.10008.1.2.1"
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """An object the gateway holds, as DICOMweb finds it: ``origin`` is ``received`` or ``result``."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    keys: CatalogKeys
+    transfer_syntax_uid: str
+    path: Path
+    origin: str
+    stored_at: float
 
 
 @dataclass(frozen=True)
@@ -202,6 +268,8 @@ class GatewayStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=10000")
+        # DICOM wildcard matching is case-sensitive (PS3.4 C.2.2.2.4), as LIKE is in PostgreSQL.
+        self._db.execute("PRAGMA case_sensitive_like=ON")
         with self._transaction() as cursor:
             for statement in _SCHEMA:
                 cursor.execute(statement)
@@ -241,12 +309,14 @@ class GatewayStore:
         transfer_syntax_uid: str,
         source: str,
         stable_after_s: float = 0.0,
+        keys: CatalogKeys | None = None,
     ) -> tuple[StoredInstance, bool]:
         """Persist a received Part 10 file and queue its job; returns the instance and whether a job was queued
         (False: the instance was received before and already has one, which is kept as it is).
 
         With ``stable_after_s`` > 0 the study's queued jobs (this one included) wait until the study has received
-        nothing for that long.
+        nothing for that long. ``keys`` (from the header) make the instance searchable by DICOMweb; without them it
+        is found by its UIDs only.
 
         Raises:
             InvalidArgumentError: a UID that is not a DICOM UID (digits and dots, at most 64 characters).
@@ -262,6 +332,9 @@ class GatewayStore:
                 raise InvalidArgumentError(f"the {name} is not a DICOM UID (digits and dots, at most 64 characters)")
         if stable_after_s < 0:
             raise InvalidArgumentError(f"stable_after_s must be >= 0, got {stable_after_s}")
+        keys = keys or CatalogKeys(series_instance_uid)
+        if keys.series_instance_uid != series_instance_uid:
+            raise InvalidArgumentError("the catalog keys name another series than the instance")
         path = self.instance_path(study_instance_uid, sop_instance_uid)
         durable_folder(path.parent)
         durable_write(path, data)
@@ -303,6 +376,17 @@ class GatewayStore:
                 (sop_instance_uid, study_instance_uid, now + stable_after_s, now, now),
             )
             queued = cursor.rowcount == 1
+            self._catalog(
+                cursor,
+                sop_instance_uid,
+                sop_class_uid,
+                study_instance_uid,
+                keys,
+                transfer_syntax_uid,
+                path,
+                "received",
+                now,
+            )
             if stable_after_s > 0:
                 cursor.execute(
                     "UPDATE jobs SET not_before = ?, updated_at = ? WHERE study_instance_uid = ? AND state = 'queued'",
@@ -379,7 +463,10 @@ class GatewayStore:
         if instance is None:
             return False
         for result in results:
-            for name, uid in (("SOP Instance UID", result.sop_instance_uid), ("SOP Class UID", result.sop_class_uid)):
+            uids = [("SOP Instance UID", result.sop_instance_uid), ("SOP Class UID", result.sop_class_uid)]
+            if result.keys is not None:
+                uids.append(("Series Instance UID", result.keys.series_instance_uid))
+            for name, uid in uids:
                 if not _is_uid(uid):
                     raise InvalidArgumentError(f"the result's {name} is not a DICOM UID")
         paths = [self.result_path(instance.study_instance_uid, result.sop_instance_uid) for result in results]
@@ -415,6 +502,18 @@ class GatewayStore:
                         now,
                     ),
                 )
+                if result.keys is not None:
+                    self._catalog(
+                        cursor,
+                        result.sop_instance_uid,
+                        result.sop_class_uid,
+                        instance.study_instance_uid,
+                        result.keys,
+                        result.transfer_syntax_uid,
+                        path,
+                        "result",
+                        now,
+                    )
                 for destination in destinations:
                     cursor.execute(
                         "INSERT INTO deliveries (result_sop_instance_uid, destination, state, next_attempt_at) "
@@ -515,6 +614,66 @@ class GatewayStore:
             )
             return cursor.rowcount == 1
 
+    @staticmethod
+    def _catalog(
+        cursor,
+        sop_instance_uid: str,
+        sop_class_uid: str,
+        study_instance_uid: str,
+        keys: CatalogKeys,
+        transfer_syntax_uid: str,
+        path: Path,
+        origin: str,
+        now: float,
+    ) -> None:
+        """Add or refresh an object's catalog row (an instance sent again replaces its keys)."""
+        cursor.execute(
+            "INSERT INTO catalog VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sop_instance_uid) DO "
+            "UPDATE SET sop_class_uid = excluded.sop_class_uid, study_instance_uid = excluded.study_instance_uid, "
+            "series_instance_uid = excluded.series_instance_uid, modality = excluded.modality, "
+            "study_date = excluded.study_date, study_time = excluded.study_time, "
+            "series_number = excluded.series_number, instance_number = excluded.instance_number, "
+            "transfer_syntax_uid = excluded.transfer_syntax_uid, path = excluded.path, origin = excluded.origin, "
+            "stored_at = excluded.stored_at",
+            (
+                sop_instance_uid,
+                sop_class_uid,
+                study_instance_uid,
+                keys.series_instance_uid,
+                keys.modality,
+                keys.study_date,
+                keys.study_time,
+                keys.series_number,
+                keys.instance_number,
+                transfer_syntax_uid,
+                str(path),
+                origin,
+                now,
+            ),
+        )
+
+    def search_catalog(self, conditions: list[CatalogCondition] = ()) -> list[CatalogEntry]:
+        """The catalog's objects meeting every condition, ordered by study, series, instance number and UID."""
+        clauses, values = [], []
+        for condition in conditions:
+            clause, parameters = condition.sql()
+            clauses.append(clause)
+            values.extend(parameters)
+        where = " WHERE " + " AND ".join(clauses) if clauses else ""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid, modality, "
+                "study_date, study_time, series_number, instance_number, transfer_syntax_uid, path, origin, stored_at "
+                # The clauses are built by CatalogCondition from its fixed column names; every value is bound.
+                f"FROM catalog{where} ORDER BY study_instance_uid, series_instance_uid, instance_number, "
+                "sop_instance_uid",
+                values,
+            ).fetchall()
+        return [
+            CatalogEntry(row[0], row[1], row[2], CatalogKeys(*row[3:9]), row[9], Path(row[10]), row[11], row[12])
+            for row in rows
+        ]
+
     def recover(self, owner_prefix: str = "") -> int:
         """Put running jobs back in the queue at once (a gateway restarting after a crash takes back what its own
         workers held, whose leases would otherwise have to run out first); ``owner_prefix`` limits it to owners
@@ -557,3 +716,90 @@ def _is_uid(value: object) -> bool:
         and value.isascii()
         and all(part.isdigit() for part in value.split("."))
     )
+
+
+#: The catalog's searchable columns, by the DICOM keyword a search names them with.
+CATALOG_COLUMNS = {
+    "SOPInstanceUID": "sop_instance_uid",
+    "SOPClassUID": "sop_class_uid",
+    "StudyInstanceUID": "study_instance_uid",
+    "SeriesInstanceUID": "series_instance_uid",
+    "Modality": "modality",
+    "StudyDate": "study_date",
+    "StudyTime": "study_time",
+    "SeriesNumber": "series_number",
+    "InstanceNumber": "instance_number",
+}
+
+
+#: Which matching each searchable attribute allows (PS3.4 C.2.2.2: UIDs by value or list, dates and times by range,
+#: text by wildcard).
+_MATCHING = {
+    "SOPInstanceUID": ("equal",),
+    "SOPClassUID": ("equal",),
+    "StudyInstanceUID": ("equal",),
+    "SeriesInstanceUID": ("equal",),
+    "Modality": ("equal", "wildcard"),
+    "StudyDate": ("equal", "range"),
+    "StudyTime": ("equal", "range"),
+    "SeriesNumber": ("equal",),
+    "InstanceNumber": ("equal",),
+}
+
+
+@dataclass(frozen=True)
+class CatalogCondition:
+    """One matching rule on a catalog column (PS3.4 C.2.2.2 matching, as QIDO-RS uses it):
+
+    - ``equal``: ``values`` holds one value (single value matching) or several (UID list matching: any of them);
+    - ``wildcard``: ``values[0]`` with ``*`` (any run) and ``?`` (one character);
+    - ``range``: ``values`` is (low, high), either may be empty for an open end (dates and times as text compare
+      in order, their formats being fixed-width).
+    """
+
+    keyword: str
+    kind: str
+    values: tuple
+
+    def __post_init__(self) -> None:
+        if self.keyword not in CATALOG_COLUMNS:
+            raise InvalidArgumentError(f"{self.keyword} is not a searchable attribute")
+        if self.kind not in _MATCHING[self.keyword] or not self.values:
+            allowed = " or ".join(_MATCHING[self.keyword])
+            raise InvalidArgumentError(f"{self.keyword} is matched by {allowed}, not {self.kind}")
+        if self.kind == "range" and len(self.values) != 2:
+            raise InvalidArgumentError(f"a range on {self.keyword} needs a low and a high end")
+
+    def sql(self) -> tuple[str, list]:
+        column = CATALOG_COLUMNS[self.keyword]
+        if self.kind == "equal":
+            marks = ", ".join("?" for _ in self.values)
+            return f"{column} IN ({marks})", list(self.values)
+        if self.kind == "wildcard":
+            escaped = self.values[0].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            return f"{column} LIKE ? ESCAPE '\\'", [escaped.replace("*", "%").replace("?", "_")]
+        low, high = self.values
+        clauses, values = [], []
+        if low:
+            clauses.append(f"{column} >= ?")
+            values.append(low)
+        if high:
+            clauses.append(f"{column} <= ?")
+            values.append(high)
+        # An empty value never matches a range (PS3.4 C.2.2.2.5).
+        clauses.append(f"{column} <> ''")
+        return " AND ".join(clauses), values
+
+
+def _text(dataset: Dataset, keyword: str, limit: int) -> str:
+    value = dataset.get(keyword)
+    text = "" if value is None else str(value).strip()
+    return text if len(text) <= limit and text.isprintable() else ""
+
+
+def _integer(dataset: Dataset, keyword: str) -> int | None:
+    try:
+        value = dataset.get(keyword)
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None

@@ -15,8 +15,8 @@ import threading
 from collections.abc import Callable
 
 from caries_mim.errors import CariesMimError, DecoderUnavailableError, DecodeTimeoutError
+from service.gateway.intake import instance_tag
 from service.gateway.loop import repeat_until_stopped
-from service.gateway.scp import instance_tag
 from service.gateway.store import GatewayStore, Job, ResultFile, StoredInstance
 
 log = logging.getLogger(__name__)
