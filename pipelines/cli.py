@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from caries_mim import __version__
-from caries_mim.errors import CariesMimError, InvalidArgumentError
+from caries_mim.errors import CariesMimError, InvalidArgumentError, InvalidConfigError
 from caries_mim.io import DEFAULT_ALLOWED_MODALITIES, DEFAULT_MAX_PIXELS, ReadOptions
 
 EXIT_OK = 0
@@ -355,14 +355,28 @@ def _destination(text: str):
         raise argparse.ArgumentTypeError(exc.message) from None
 
 
+def _gateway_results(text: str) -> tuple[str, ...]:
+    """``sr,gsps`` -> ("sr", "gsps"), checked against the kinds the gateway makes."""
+    from service.gateway.analysis import RESULT_KINDS
+
+    kinds = tuple(kind.strip().lower() for kind in text.split(",") if kind.strip())
+    unknown = [kind for kind in kinds if kind not in RESULT_KINDS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"expected one or more of {', '.join(RESULT_KINDS)}, got {text!r}")
+    return kinds
+
+
 def _cmd_gateway_run(args: argparse.Namespace) -> int:
     # Like serve: the gateway lives in service/, imported only when asked for.
+    import os
     import signal
+    import socket
     import threading
 
     from caries_mim.package import shipped_reference_detector
     from service.gateway.gateway import Gateway, GatewayConfig
     from service.gateway.scp import ScpConfig
+    from service.settings import is_loopback, read_api_keys
 
     scp = ScpConfig(
         ae_title=args.ae_title,
@@ -379,48 +393,79 @@ def _cmd_gateway_run(args: argparse.Namespace) -> int:
         workers=args.workers,
         device=args.device,
         read_options=_read_options(args),
+        outputs=tuple(args.results),
     )
+    keys_file = args.api_keys_file or os.environ.get("CARIES_MIM_API_KEYS_FILE")
+    api_keys = read_api_keys(
+        os.environ.get("CARIES_MIM_API_KEYS", "").split(","), Path(keys_file) if keys_file else None
+    )
+    http = args.http_port is not None
+    if http and not (api_keys or args.insecure or is_loopback(args.http_host)):
+        raise InvalidConfigError(
+            f"refusing to serve DICOMweb on {args.http_host} without API keys: set CARIES_MIM_API_KEYS or "
+            "--api-keys-file, or pass --insecure to serve unauthenticated"
+        )
+    listener = None
+    if http:
+        # Bound before the gateway starts, so that the port (0: the system's choice) is known and printed at once.
+        listener = socket.create_server((args.http_host, args.http_port), family=_address_family(args.http_host))
     stop = threading.Event()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signal_number, lambda *_: stop.set())
     gateway = Gateway(config)
     try:
         gateway.start()
-        print(
-            json.dumps(
-                {
-                    "gateway": scp.ae_title,
-                    "host": scp.host,
-                    "port": gateway.scp.port,
-                    "root": str(config.root),
-                    "destinations": [destination.name for destination in config.destinations],
-                }
-            ),
-            flush=True,
-        )
-        stop.wait()
+        started = {
+            "gateway": scp.ae_title,
+            "host": scp.host,
+            "port": gateway.scp.port,
+            "root": str(config.root),
+            "destinations": [destination.name for destination in config.destinations],
+        }
+        if listener is not None:
+            started |= {"http_host": args.http_host, "http_port": listener.getsockname()[1]}
+        print(json.dumps(started), flush=True)
+        if listener is None:
+            stop.wait()
+        else:
+            _serve_gateway_http(gateway, listener, api_keys, args.public_url, stop)
     finally:
         gateway.stop()
+        if listener is not None:
+            listener.close()
     return EXIT_OK
+
+
+def _address_family(host: str):
+    import socket
+
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _serve_gateway_http(gateway, listener, api_keys: frozenset[str], public_url: str | None, stop) -> None:
+    """DICOMweb and the status route on ``listener`` until SIGTERM or Ctrl-C (uvicorn's handlers, which then hand
+    the signal back to ours)."""
+    import uvicorn
+
+    from service.gateway.web import create_gateway_app
+
+    app = create_gateway_app(
+        gateway.store, api_keys=api_keys, stable_after_s=gateway.config.scp.stable_after_s, public_url=public_url
+    )
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=30))
+    if not stop.is_set():
+        server.run(sockets=[listener])
 
 
 def _cmd_gateway_status(args: argparse.Namespace) -> int:
     from service.gateway.store import GatewayStore
+    from service.gateway.web import queue_status
 
     if not (args.root / "gateway.sqlite3").is_file():
         raise InvalidArgumentError(f"{args.root} holds no gateway store (gateway.sqlite3)")
     store = GatewayStore(args.root)
     try:
-        summary = store.summary()
-        print(
-            json.dumps(
-                {
-                    "jobs": summary.counts,
-                    "oldest_queued_s": summary.oldest_queued_s,
-                    "deliveries": store.delivery_counts(),
-                }
-            )
-        )
+        print(json.dumps(queue_status(store)))
     finally:
         store.close()
     return EXIT_OK
@@ -887,6 +932,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="analyse a study once it received nothing for S seconds (default: each instance at once)",
     )
     run.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
+    run.add_argument(
+        "--results",
+        type=_gateway_results,
+        default=("sr",),
+        metavar="KIND[,KIND]",
+        help="what each radiograph gets back: sr (a TID 1500 Structured Report), gsps (a presentation state drawing "
+        "the boxes on the original), sc (a Secondary Capture with the boxes burnt in), comma-separated "
+        "(default: sr)",
+    )
+    run.add_argument(
+        "--http-port",
+        type=_non_negative_int,
+        metavar="PORT",
+        help="serve DICOMweb (STOW-RS, QIDO-RS, WADO-RS) and /v1/gateway/status on this port (0: any free one, "
+        "printed at start; default: no HTTP)",
+    )
+    run.add_argument("--http-host", default="127.0.0.1", help="address DICOMweb listens on (default: %(default)s)")
+    run.add_argument("--public-url", metavar="URL", help="the gateway's address as clients reach it, for retrieve URLs")
+    run.add_argument(
+        "--api-keys-file",
+        type=Path,
+        metavar="FILE",
+        help="bearer keys DICOMweb accepts, one per line (default: CARIES_MIM_API_KEYS_FILE; with "
+        "CARIES_MIM_API_KEYS, comma-separated, as for serve)",
+    )
+    run.add_argument(
+        "--insecure", action="store_true", help="serve DICOMweb beyond loopback without API keys (not advised)"
+    )
     _add_read_options(run)
     run.set_defaults(handler=_cmd_gateway_run)
     status = gateway_commands.add_parser("status", help="the queue of a gateway folder, as JSON")

@@ -45,14 +45,16 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def silence_header_text() -> None:
-    """Keep pydicom's complaints about a file out of the logs and off stderr.
+    """Keep pydicom's and highdicom's remarks about a file out of the logs and off stderr.
 
     pydicom reports a malformed element both as a ``UserWarning`` and on its logger, quoting the value, which can
-    be a patient's name. The request that carried the file gets its error in the response instead. (Filtering by
+    be a patient's name; highdicom warns about a person name without a caret quoting it, and logs the UIDs of the
+    images it references. The request that carried the file gets its error in the response instead. (Filtering by
     module, process-wide: ``warnings.catch_warnings`` is not thread-safe, and reads run in a thread pool.)
     """
-    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?$")
-    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    for library in ("pydicom", "highdicom"):
+        warnings.filterwarnings("ignore", module=rf"{library}(\..*)?$")
+        logging.getLogger(library).setLevel(logging.CRITICAL)
 
 
 def configure_logging(level: str) -> None:

@@ -59,20 +59,28 @@ def api_key_refusal(authorization: str, keys: frozenset[str]) -> ServiceError | 
 
 
 class ApiKeyGate:
-    """401 for a request under ``/v1/`` without a valid ``Authorization: Bearer`` key, decided from the headers:
-    the upload of a client without a key is never parsed or held in memory.
+    """401 for a request under ``/v1/`` (or the ``prefixes`` given) without a valid ``Authorization: Bearer`` key,
+    decided from the headers: the upload of a client without a key is never parsed or held in memory.
 
     The refusal is answered by :func:`refuse_unread` (the body is never kept).
     """
 
-    def __init__(self, app: ASGIApp, keys: frozenset[str], max_bytes: int, timeout_s: float) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: frozenset[str],
+        max_bytes: int,
+        timeout_s: float,
+        prefixes: tuple[str, ...] = (PROTECTED_PREFIX,),
+    ) -> None:
         self.app = app
         self.keys = keys
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        self.prefixes = prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.keys and scope["path"].startswith(PROTECTED_PREFIX):
+        if scope["type"] == "http" and self.keys and scope["path"].startswith(self.prefixes):
             headers = dict(scope.get("headers") or [])
             refusal = api_key_refusal(headers.get(b"authorization", b"").decode("latin-1"), self.keys)
             if refusal is not None:

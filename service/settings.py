@@ -117,16 +117,7 @@ class ServiceSettings(BaseSettings):
         Raises:
             InvalidConfigError: the key file cannot be read.
         """
-        keys = set(self.api_keys)
-        if self.api_keys_file is not None:
-            try:
-                lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
-            except OSError as exc:
-                raise InvalidConfigError(
-                    f"api_keys_file {self.api_keys_file}: cannot be read ({exc.strerror})"
-                ) from None
-            keys.update(line.strip() for line in lines if line.strip() and not line.strip().startswith("#"))
-        return frozenset(keys)
+        return read_api_keys(self.api_keys, self.api_keys_file)
 
     def check_bind_security(self) -> None:
         """Refuse to listen beyond this machine without API keys, unless ``insecure`` says so deliberately.
@@ -140,6 +131,22 @@ class ServiceSettings(BaseSettings):
             f"refusing to listen on {self.host} without API keys: set CARIES_MIM_API_KEYS or "
             "CARIES_MIM_API_KEYS_FILE (--api-keys-file), or pass --insecure to serve unauthenticated"
         )
+
+
+def read_api_keys(keys: list[str] | tuple[str, ...], keys_file: Path | None) -> frozenset[str]:
+    """``keys`` plus those in ``keys_file`` (one per line; blank lines and ``#`` comments ignored).
+
+    Raises:
+        InvalidConfigError: the key file cannot be read.
+    """
+    accepted = {key.strip() for key in keys if key.strip()}
+    if keys_file is not None:
+        try:
+            lines = keys_file.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise InvalidConfigError(f"api_keys_file {keys_file}: cannot be read ({exc.strerror})") from None
+        accepted.update(line.strip() for line in lines if line.strip() and not line.strip().startswith("#"))
+    return frozenset(accepted)
 
 
 def is_loopback(host: str) -> bool:

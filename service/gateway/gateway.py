@@ -31,6 +31,7 @@ from service.gateway.scp import ScpConfig, StorageScp
 from service.gateway.sender import Destination, ResultSender
 from service.gateway.store import GatewayStore
 from service.gateway.worker import JobRunner
+from service.logs import silence_header_text
 from service.runtime import ModelIdentity
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ class GatewayConfig:
         read_options: what the reader accepts.
         lease_s: job and delivery leases.
         include_below_threshold: also report findings under the operating threshold in the SRs.
+        outputs: the results made of each radiograph (:data:`service.gateway.analysis.RESULT_KINDS`: ``sr``,
+            ``gsps``, ``sc``).
         model_name: the algorithm's name in the SRs (with the package's version and checksum it also derives the
             SRs' UIDs).
     """
@@ -64,6 +67,7 @@ class GatewayConfig:
     lease_s: float = 120.0
     include_below_threshold: bool = False
     model_name: str = "caries-mim caries detector"
+    outputs: tuple[str, ...] = ("sr",)
 
 
 class Gateway:
@@ -85,9 +89,10 @@ class Gateway:
         except BlockingIOError:
             self._lock_file.close()
             raise InvalidConfigError(f"another gateway is running on {config.root}") from None
-        # pydicom reports a non-conformant value (a UID with a leading zero...) by quoting it in a warning: header
-        # values must stay out of the gateway's logs.
+        # pydicom reports a non-conformant value (a UID with a leading zero...) by quoting it in a warning, highdicom
+        # a person name: header values must stay out of the gateway's logs.
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+        silence_header_text()
         package = read_package(config.model)
         self.identity = ModelIdentity(config.model_name, package.version, package.checksum)
         self.predictor = Predictor(package, config.device, source=str(config.model))
@@ -102,6 +107,7 @@ class Gateway:
             self._reader.read,
             config.read_options,
             include_below_threshold=config.include_below_threshold,
+            outputs=config.outputs,
         )
         self.runners = [
             JobRunner(

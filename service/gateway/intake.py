@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
-import sqlite3
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
@@ -26,7 +25,7 @@ from pydicom.dataset import Dataset
 from caries_mim.errors import CariesMimError, InvalidArgumentError
 from caries_mim.io.dicom import parse_dicom
 from caries_mim.io.options import DEFAULT_MAX_PIXELS
-from service.gateway.store import CatalogKeys, GatewayStore
+from service.gateway.store import CatalogKeys, GatewayStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +108,9 @@ def receive_instance(
         return _refused(tag, source, CANNOT_UNDERSTAND, "the data set cannot be parsed")
     tag = instance_tag(sop_instance_uid)
     identified = {"sop_class_uid": sop_class_uid, "sop_instance_uid": sop_instance_uid}
+    if not sop_class_uid or not sop_instance_uid:
+        # A truncated file parses as far as it goes: without its identity it is not an instance at all.
+        return _refused(tag, source, CANNOT_UNDERSTAND, "the data set has no SOP Class or SOP Instance UID")
     if announced_sop_class_uid is None:
         refused = _unsupported(sop_class_uid)
         if refused is not None:
@@ -133,11 +135,11 @@ def receive_instance(
         )
     except InvalidArgumentError as exc:
         return _refused(tag, source, CANNOT_UNDERSTAND, exc.message, **identified)
+    except StoreError as exc:
+        log.error("could not record %s from %s: %s", tag, source, exc)
+        return Intake(OUT_OF_RESOURCES, "the gateway could not store the instance; try again later", **identified)
     except OSError as exc:
         log.error("could not store %s from %s: %s", tag, source, errno.errorcode.get(exc.errno, "I/O error"))
-        return Intake(OUT_OF_RESOURCES, "the gateway could not store the instance; try again later", **identified)
-    except sqlite3.Error as exc:
-        log.error("could not record %s from %s: %s", tag, source, type(exc).__name__)
         return Intake(OUT_OF_RESOURCES, "the gateway could not store the instance; try again later", **identified)
     log.info("stored %s from %s (%s)", tag, source, "queued" if queued else "received before; job kept")
     return Intake(SUCCESS, queued=queued, **identified)

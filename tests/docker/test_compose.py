@@ -152,14 +152,18 @@ def test_the_api_container_is_hardened(compose):
         assert service["security_opt"] == ["no-new-privileges:true"]
 
 
-def test_the_gateway_listens_on_11112_keeps_its_queue_on_a_volume_and_answers_c_echo(compose):
+def test_the_gateway_listens_on_11112_and_8042_keeps_its_queue_on_a_volume_and_answers_c_echo(compose):
     gateway = compose["services"]["gateway"]
     arguments = build_parser().parse_args(gateway["command"])
     assert (arguments.command, arguments.gateway_command) == ("gateway", "run")
     assert (str(arguments.root), arguments.port, arguments.host) == ("/gateway", 11112, "0.0.0.0")
     assert str(arguments.model) == "/models/reference_detector.cmpkg"
     assert [destination.name for destination in arguments.destination] == ["pacs"]
-    assert gateway["ports"] == ["11112:11112"]
+    assert gateway["ports"] == ["11112:11112", "8042:8042"]
+    assert (arguments.http_host, arguments.http_port) == ("0.0.0.0", 8042)
+    # DICOMweb beyond loopback needs keys: the API's secret, read through the variable the CLI also reads.
+    assert gateway["environment"]["CARIES_MIM_API_KEYS_FILE"] == "/run/secrets/caries_mim_api_keys"
+    assert gateway["secrets"] == ["caries_mim_api_keys"]
     assert "../models:/models:ro" in gateway["volumes"]
     assert "../gateway:/gateway" in gateway["volumes"]
     assert gateway["read_only"] is True
