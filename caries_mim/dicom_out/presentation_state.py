@@ -30,7 +30,6 @@ contains an identifier or a UID.
 
 from __future__ import annotations
 
-import math
 import re
 from typing import TYPE_CHECKING
 
@@ -40,7 +39,13 @@ from highdicom.color import CIELabColor
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from caries_mim.dicom_out.structured_report import _evidence_header
+from caries_mim.dicom_out.marks import mark_box, summary_text
+from caries_mim.dicom_out.source_header import (
+    evidence_header,
+    nameless_copy,
+    restore_person_names,
+    series_laterality,
+)
 from caries_mim.errors import InvalidArgumentError
 from caries_mim.visualization import DEFAULT_COLOUR, LABEL_COLOURS
 
@@ -53,10 +58,6 @@ CONTENT_LABEL = "CARIES_CAD"
 SUMMARY_LAYER = "CAD_SUMMARY"
 #: Where the summary line goes: DISPLAY units (fractions of the displayed area), a strip along the top.
 SUMMARY_BOX = (0.01, 0.01, 0.99, 0.05)
-#: The person names highdicom reads from the source when it builds an instance. It checks each for a caret and
-#: quotes one without (a single-component name such as "ANONYMOUS" is common) in a UserWarning, i.e. on stderr and
-#: in the logs; so instances are built from a copy without them (see :func:`nameless_copy`) and get them back after.
-PERSON_NAME_KEYWORDS = ("PatientName", "ReferringPhysicianName")
 
 
 def caries_presentation_state(
@@ -90,7 +91,7 @@ def caries_presentation_state(
             differs from ``findings.image_shape``, or a finding to mark has a non-finite or inverted box or a score
             outside [0, 1].
     """
-    header = _evidence_header(source, findings.image_shape)
+    header = evidence_header(source, findings.image_shape, result="a presentation state")
     if "Rows" not in header or "Columns" not in header:
         raise InvalidArgumentError("the source image has no Rows or Columns: a presentation state needs its size")
     if int(header.get("SamplesPerPixel", 1)) != 1:
@@ -153,47 +154,9 @@ def caries_presentation_state(
     return state
 
 
-def nameless_copy(header: Dataset) -> Dataset:
-    """``header`` with the :data:`PERSON_NAME_KEYWORDS` empty, to build an instance from without highdicom quoting a
-    name in a warning (the header itself is not changed)."""
-    nameless = Dataset({tag: element for tag, element in header.items()})
-    for keyword in PERSON_NAME_KEYWORDS:
-        if keyword in nameless:
-            del nameless[keyword]  # a new element below: the old one may be shared with the caller's data set
-            setattr(nameless, keyword, "")
-    return nameless
-
-
-def restore_person_names(instance: Dataset, header: Dataset) -> None:
-    """Give an instance built from :func:`nameless_copy` the person names of ``header`` back, verbatim."""
-    for keyword in PERSON_NAME_KEYWORDS:
-        if keyword in header:
-            setattr(instance, keyword, header[keyword].value)
-
-
-def series_laterality(source: Dataset) -> str:
-    """General Series Laterality (Type 2C, R or L) of a series derived from ``source``: the source's own, or its
-    Image Laterality where that is R or L (an intra-oral image of one side), else empty ("unknown", which Type 2
-    allows; B and U are not values of Laterality)."""
-    for keyword in ("Laterality", "ImageLaterality"):
-        value = source.get(keyword)
-        if value in ("R", "L"):
-            return value
-    return ""
-
-
 def layer_name(label: str) -> str:
     """The graphic layer of a class: its name as a DICOM Code String (capitals, digits, underscores, at most 16)."""
     return re.sub(r"[^A-Z0-9_]", "_", label.upper())[:16] or "FINDINGS"
-
-
-def summary_text(algorithm_name: str, algorithm_version: str, marks: int, threshold: float) -> str:
-    """The one line that tells a reader what the marks are, also when there are none."""
-    found = f"{marks} caries mark{'s' if marks != 1 else ''}" if marks else "no caries mark"
-    return (
-        f"{algorithm_name} {algorithm_version}: {found} at threshold {threshold:.2f}. "
-        "CAD marks, not for diagnosis alone."
-    )
 
 
 def _finding_annotation(
@@ -220,27 +183,6 @@ def _finding_annotation(
     )
     return pr.GraphicAnnotation(
         referenced_images=[header], graphic_layer=layer, graphic_objects=[outline], text_objects=[caption]
-    )
-
-
-def mark_box(finding: Finding, number: int, rows: int, columns: int) -> tuple[float, float, float, float]:
-    """The box ``(x0, y0, x1, y1)`` to mark finding ``number`` with on a ``rows`` x ``columns`` image: its own,
-    clipped to the image.
-
-    Raises:
-        InvalidArgumentError: a non-finite or inverted box, or a score outside [0, 1].
-    """
-    score = float(finding.score)
-    if not 0.0 <= score <= 1.0:  # also rejects NaN
-        raise InvalidArgumentError(f"finding {number} has a score of {score}, outside [0, 1]")
-    x0, y0, x1, y1 = (float(value) for value in finding.box)
-    if not all(math.isfinite(value) for value in (x0, y0, x1, y1)) or x1 < x0 or y1 < y0:
-        raise InvalidArgumentError(f"finding {number} has an invalid box {finding.box}")
-    return (
-        min(max(x0, 0.0), columns),
-        min(max(y0, 0.0), rows),
-        min(max(x1, 0.0), columns),
-        min(max(y1, 0.0), rows),
     )
 
 

@@ -27,14 +27,13 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from caries_mim.dicom_out.presentation_state import (
-    mark_box,
+from caries_mim.dicom_out.marks import mark_box, summary_text
+from caries_mim.dicom_out.source_header import (
+    evidence_header,
     nameless_copy,
     restore_person_names,
     series_laterality,
-    summary_text,
 )
-from caries_mim.dicom_out.structured_report import _evidence_header
 from caries_mim.errors import InvalidArgumentError
 from caries_mim.visualization import DEFAULT_COLOUR, draw_findings
 
@@ -82,7 +81,7 @@ def caries_secondary_capture(
             ``findings.image_shape``, or a finding to mark has a non-finite or inverted box or a score outside
             [0, 1].
     """
-    header = _evidence_header(source, findings.image_shape)
+    header = evidence_header(source, findings.image_shape, result="a Secondary Capture image")
     pixels = np.asarray(pixels)
     if pixels.shape != tuple(findings.image_shape):
         raise InvalidArgumentError(

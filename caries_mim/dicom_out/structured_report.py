@@ -24,7 +24,8 @@ columns, so they go into Graphic Data unchanged: (x0, y0), (x1, y0), (x1, y1), (
 float32 (FL), so a value read back equals the box to float32 precision.
 
 The SR copies the patient and study modules from the source image, as DICOM requires of a report about that
-image; nothing here logs, and no error message contains an identifier or a UID.
+image (person names verbatim, built so that highdicom never quotes one: see :mod:`caries_mim.dicom_out.source_header`);
+nothing here logs, and no error message contains an identifier or a UID.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
+from caries_mim.dicom_out.source_header import evidence_header, nameless_copy, restore_person_names
 from caries_mim.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -59,22 +61,6 @@ DENTAL_RADIOGRAPHY = codes.SCT.DentalRadiography
 RENDERING_INTENT = codes.DCM.RenderingIntent
 PRESENTATION_REQUIRED = codes.DCM.PresentationRequiredRenderingDeviceIsExpectedToPresent
 PRESENTATION_OPTIONAL = codes.DCM.PresentationOptionalRenderingDeviceMayPresent
-
-#: The source attributes an SR must reference; without them (a PNG, a stripped header) there is nothing to cite.
-REQUIRED_SOURCE_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-#: Type 2 patient/study attributes highdicom reads from the evidence unconditionally; missing ones become empty
-#: ("unknown"), which is what Type 2 means.
-_TYPE2_PATIENT_STUDY = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-)
 
 
 @dataclass(frozen=True)
@@ -131,7 +117,7 @@ def caries_structured_report(
             ``findings.image_shape``, its SOP class is not a standard image class, a finding has a class with no
             coding in :data:`FINDING_CODINGS`, a non-finite box, or a score outside [0, 1].
     """
-    header = _evidence_header(source, findings.image_shape)
+    header = evidence_header(source, findings.image_shape, result="a DICOM SR")
     if not algorithm_name.strip() or not algorithm_version.strip():
         raise InvalidArgumentError("algorithm name and version must not be empty")
     algorithm = sr.AlgorithmIdentification(name=algorithm_name, version=algorithm_version, manufacturer=manufacturer)
@@ -141,7 +127,7 @@ def caries_structured_report(
     if not findings.above_threshold:
         groups.append(_no_caries_group(header, algorithm))
 
-    report = sr.MeasurementReport(
+    content = sr.MeasurementReport(
         observation_context=sr.ObservationContext(
             observer_device_context=_device_observer(algorithm_name, algorithm_version, manufacturer)
         ),
@@ -150,9 +136,9 @@ def caries_structured_report(
         # Orientation that intra-oral files may lack, and the image is cited by every region and the evidence anyway.
         imaging_measurements=groups,
     )
-    return sr.Comprehensive3DSR(
-        evidence=[header],
-        content=report,
+    report = sr.Comprehensive3DSR(
+        evidence=[nameless_copy(header)],
+        content=content,
         series_instance_uid=series_instance_uid or generate_uid(),
         series_number=series_number,
         sop_instance_uid=sop_instance_uid or generate_uid(),
@@ -165,6 +151,8 @@ def caries_structured_report(
         manufacturer_model_name=algorithm_name,
         software_versions=algorithm_version,
     )
+    restore_person_names(report, header)
+    return report
 
 
 def structured_report_bytes(report: Dataset) -> bytes:
@@ -172,35 +160,6 @@ def structured_report_bytes(report: Dataset) -> bytes:
     buffer = io.BytesIO()
     pydicom.dcmwrite(buffer, report, enforce_file_format=True)
     return buffer.getvalue()
-
-
-def _evidence_header(source: Dataset, image_shape: tuple[int, int]) -> Dataset:
-    """A pixel-free copy of the source header that highdicom can cite, after checking it fits the findings."""
-    missing = [keyword for keyword in REQUIRED_SOURCE_UIDS if not _value(source, keyword)]
-    if missing:
-        raise InvalidArgumentError(
-            f"the source image has no {', '.join(missing)}: a DICOM SR can only reference a DICOM image that has them"
-        )
-    rows, columns = _value(source, "Rows"), _value(source, "Columns")
-    if rows is not None and columns is not None and (int(rows), int(columns)) != tuple(image_shape):
-        raise InvalidArgumentError(
-            f"the findings are for a {image_shape[0]}x{image_shape[1]} image but the source image is "
-            f"{int(rows)}x{int(columns)} (rows x columns)"
-        )
-    # Group 0x7FE0 is the pixel data: not needed to cite the image, and copying it would cost memory.
-    header = Dataset({tag: element for tag, element in source.items() if tag.group != 0x7FE0})
-    for keyword in _TYPE2_PATIENT_STUDY:
-        if keyword not in header:
-            setattr(header, keyword, "")
-    return header
-
-
-def _value(ds: Dataset, keyword: str) -> object:
-    try:
-        value = ds.get(keyword)
-    except Exception:  # a malformed value cannot be referenced either
-        return None
-    return None if value in (None, "") else value
 
 
 def _device_observer(name: str, version: str, manufacturer: str) -> sr.ObserverContext:

@@ -193,7 +193,7 @@ def test_the_state_passes_the_dicom3tools_iod_verifier(source, tmp_path, header,
 @pytest.mark.parametrize(
     ("change", "finding", "message"),
     [
-        ("SOPInstanceUID", DEEP, "SOPInstanceUID"),
+        ("SOPInstanceUID", DEEP, "SOPInstanceUID: a presentation state can only reference"),
         ("StudyInstanceUID", DEEP, "StudyInstanceUID"),
         ("colour", DEEP, "not grayscale"),
         (None, Finding("caries", 1.5, (1, 2, 3, 4), None, True), "outside"),

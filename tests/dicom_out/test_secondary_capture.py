@@ -164,7 +164,9 @@ def test_a_source_without_a_uid_to_cite_is_refused_without_leaking_identifiers(r
     source, read = radiograph
     header = copy.deepcopy(source)
     del header.SOPInstanceUID
-    with pytest.raises(InvalidArgumentError, match="SOPInstanceUID") as raised:
+    with pytest.raises(
+        InvalidArgumentError, match="SOPInstanceUID: a Secondary Capture image can only reference"
+    ) as raised:
         caries_secondary_capture(header, read.pixels, findings_on(source), algorithm_name="m", algorithm_version="1")
     for identifier in (source.PatientID, str(source.PatientName), source.StudyInstanceUID):
         assert identifier not in raised.value.message

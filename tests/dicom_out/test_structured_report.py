@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 from collections.abc import Iterator
 
 import highdicom
@@ -247,6 +248,25 @@ def test_source_without_patient_and_study_type2_attributes_still_gives_an_sr():
     assert report.PatientBirthDate == ""
     assert report.PatientID == source.PatientID
     assert "PatientBirthDate" not in source  # the caller's dataset is not modified
+
+
+def test_single_component_person_names_are_kept_and_never_quoted_in_warnings_or_logs(recwarn, caplog):
+    """highdicom warns, quoting the name, about a name without a caret (e.g. "ANONYMOUS"): stderr and logs would
+    carry it. The report is built without the names and gets them back."""
+    caplog.set_level(logging.DEBUG)
+    plain = make_dataset(ramp())
+    plain.PatientName, plain.ReferringPhysicianName, plain.PatientID = "SECRETNAME", "DRSECRET", "SECRET-ID-7"
+    header = parse_dicom(to_bytes(plain))
+    report = report_dataset(header, findings_on(header, DEEP))
+    assert (report.PatientName, report.ReferringPhysicianName, report.PatientID) == (
+        "SECRETNAME",
+        "DRSECRET",
+        "SECRET-ID-7",
+    )
+    assert header.PatientName == "SECRETNAME", "the caller's header is not changed"
+    said = caplog.text + " ".join(str(warning.message) for warning in recwarn)
+    for identifier in ("SECRETNAME", "DRSECRET", "SECRET-ID-7"):
+        assert identifier not in said
 
 
 @pytest.mark.parametrize("keyword", ["SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"])
