@@ -976,6 +976,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    if args.command == "gateway":
+        # A server: what it received, stored, sent and refused is its operators' record (no identifiers in it).
+        logging.getLogger("service.gateway").setLevel(logging.INFO)
     if not args.verbose:
         # pydicom logs every non-conformance it also raises as a warning, and every decoder plugin that fails on a
         # file with its traceback (before trying the next plugin): commands report each file's outcome themselves.

@@ -104,12 +104,13 @@ def dicomweb_router(store: GatewayStore, *, stable_after_s: float = 0.0, public_
                     stored.append(intake)
                 else:
                     failed.append(_failure(intake, intake.status))
-        except PartTooLargeError as exc:
-            raise ServiceError(413, "payload_too_large", exc.message) from None
         except InvalidArgumentError as exc:
             if not stored:
-                raise ServiceError(400, "bad_request", exc.message) from None
+                too_large = isinstance(exc, PartTooLargeError)
+                raise ServiceError(413 if too_large else 400, "payload_too_large" if too_large else "bad_request",
+                                   exc.message) from None  # fmt: skip
             # Parts already stored stay stored: the client must learn which, so answer them and the problem.
+            log.warning("STOW-RS body cut short after %d stored part(s): %s", len(stored), exc.message)
             failed.append(_failure(None, PROCESSING_FAILURE))
         if not stored and not failed:
             raise ServiceError(400, "bad_request", "the request holds no instance")

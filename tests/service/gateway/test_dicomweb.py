@@ -312,3 +312,7 @@ def test_a_radiograph_stored_by_stow_rs_is_analysed_and_its_sr_found_and_retriev
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0
+    log = process.stderr.read()
+    assert "stored" in log, log[-2000:]
+    identifiers = {str(source.PatientName), str(source.PatientID), str(source.SOPInstanceUID)}
+    assert not [identifier for identifier in identifiers if identifier in log], "patient data in the gateway's log"
