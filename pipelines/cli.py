@@ -355,6 +355,16 @@ def _destination(text: str):
         raise argparse.ArgumentTypeError(exc.message) from None
 
 
+def _add_gateway_database(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--database",
+        default=os.environ.get("CARIES_MIM_GATEWAY_DATABASE") or None,
+        metavar="URL",
+        help="keep jobs, deliveries and the DICOMweb catalog in PostgreSQL (postgresql://user@host/db) instead of "
+        "ROOT/gateway.sqlite3 (default: CARIES_MIM_GATEWAY_DATABASE, else SQLite)",
+    )
+
+
 def _gateway_results(text: str) -> tuple[str, ...]:
     """``sr,gsps`` -> ("sr", "gsps"), checked against the kinds the gateway makes."""
     from service.gateway.analysis import RESULT_KINDS
@@ -368,7 +378,6 @@ def _gateway_results(text: str) -> tuple[str, ...]:
 
 def _cmd_gateway_run(args: argparse.Namespace) -> int:
     # Like serve: the gateway lives in service/, imported only when asked for.
-    import os
     import signal
     import socket
     import threading
@@ -387,6 +396,7 @@ def _cmd_gateway_run(args: argparse.Namespace) -> int:
     )
     config = GatewayConfig(
         root=args.root,
+        database=args.database,
         model=args.model or shipped_reference_detector(),
         scp=scp,
         destinations=tuple(args.destination or ()),
@@ -458,12 +468,17 @@ def _serve_gateway_http(gateway, listener, api_keys: frozenset[str], public_url:
 
 
 def _cmd_gateway_status(args: argparse.Namespace) -> int:
-    from service.gateway.store import GatewayStore
+    from service.gateway.store import GatewayStore, StoreError, store_exists
     from service.gateway.web import queue_status
 
-    if not (args.root / "gateway.sqlite3").is_file():
-        raise InvalidArgumentError(f"{args.root} holds no gateway store (gateway.sqlite3)")
-    store = GatewayStore(args.root)
+    try:
+        exists = store_exists(args.root, args.database)
+    except StoreError as exc:
+        raise InvalidConfigError(f"the gateway's PostgreSQL database cannot be reached ({exc})") from None
+    if not exists:
+        where = "the PostgreSQL database" if args.database else f"{args.root} (gateway.sqlite3)"
+        raise InvalidArgumentError(f"{where} holds no gateway store")
+    store = GatewayStore(args.root, database=args.database)
     try:
         print(json.dumps(queue_status(store)))
     finally:
@@ -909,6 +924,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway_commands = gateway.add_subparsers(dest="gateway_command", required=True)
     run = gateway_commands.add_parser("run", help="receive, analyse and send results back until stopped")
     run.add_argument("--root", type=Path, required=True, help="the gateway's folder (instances, results, store)")
+    _add_gateway_database(run)
     run.add_argument("--model", type=Path, metavar="PKG", help="model package (default: the shipped reference)")
     run.add_argument("--ae-title", default="CARIESMIM", help="the gateway's AE title (default: %(default)s)")
     run.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
@@ -964,6 +980,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_cmd_gateway_run)
     status = gateway_commands.add_parser("status", help="the queue of a gateway folder, as JSON")
     status.add_argument("--root", type=Path, required=True, help="the gateway's folder")
+    _add_gateway_database(status)
     status.set_defaults(handler=_cmd_gateway_status)
     return parser
 

@@ -2,9 +2,9 @@
 together (``caries-mim gateway``).
 
 One folder, one gateway: the process holds an exclusive lock on ``ROOT/gateway.lock`` for its life, so a second
-gateway on the same folder is refused instead of taking the first one's jobs. At start it takes back the jobs its
-previous run held (:meth:`GatewayStore.recover`: a gateway killed with SIGKILL resumes its unfinished work;
-deliveries need no recovery, their leases simply run out), then listens. On :meth:`Gateway.stop` the SCP stops
+gateway on the same folder is refused instead of taking the first one's jobs. At start it takes back the jobs and
+deliveries its previous run held (:meth:`GatewayStore.recover`: a gateway killed with SIGKILL resumes its unfinished
+work at once instead of waiting for its leases to run out), then listens. On :meth:`Gateway.stop` the SCP stops
 accepting and aborts its associations, then the runners and the sender finish what they hold; anything cut short
 is taken back at the next start.
 """
@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import threading
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from caries_mim.package import read_package
 from service.gateway.analysis import CariesReportAnalysis
 from service.gateway.scp import ScpConfig, StorageScp
 from service.gateway.sender import Destination, ResultSender
-from service.gateway.store import GatewayStore
+from service.gateway.store import GatewayStore, durable_write
 from service.gateway.worker import JobRunner
 from service.logs import silence_header_text
 from service.runtime import ModelIdentity
@@ -43,6 +44,7 @@ class GatewayConfig:
 
     Attributes:
         root: the gateway's folder (received instances, results, the SQLite store).
+        database: a PostgreSQL URL for the jobs, deliveries and catalog instead of SQLite in ``root``.
         model: the model package to analyse with.
         scp: the Storage SCP's settings (AE title, port, allowed calling AE titles, stability wait).
         destinations: where results are sent back by C-STORE, by name.
@@ -51,6 +53,7 @@ class GatewayConfig:
         read_options: what the reader accepts.
         lease_s: job and delivery leases.
         include_below_threshold: also report findings under the operating threshold in the SRs.
+        retry_backoff_s: (first, longest) wait before a failed delivery is tried again; it doubles each time.
         outputs: the results made of each radiograph (:data:`service.gateway.analysis.RESULT_KINDS`: ``sr``,
             ``gsps``, ``sc``).
         model_name: the algorithm's name in the SRs (with the package's version and checksum it also derives the
@@ -59,6 +62,7 @@ class GatewayConfig:
 
     root: Path
     model: Path
+    database: str | None = None
     scp: ScpConfig = field(default_factory=ScpConfig)
     destinations: tuple[Destination, ...] = ()
     workers: int = 1
@@ -68,6 +72,7 @@ class GatewayConfig:
     include_below_threshold: bool = False
     model_name: str = "caries-mim caries detector"
     outputs: tuple[str, ...] = ("sr",)
+    retry_backoff_s: tuple[float, float] = (5.0, 600.0)
 
 
 class Gateway:
@@ -96,10 +101,11 @@ class Gateway:
         package = read_package(config.model)
         self.identity = ModelIdentity(config.model_name, package.version, package.checksum)
         self.predictor = Predictor(package, config.device, source=str(config.model))
-        self.store = GatewayStore(config.root)
+        self.store = GatewayStore(config.root, database=config.database)
         self.scp = StorageScp(self.store, config.scp)
-        #: This process's name in leases: recover() takes back exactly what an earlier run of it held.
-        self.owner = f"{socket.gethostname()}:{config.scp.ae_title}"
+        #: This gateway's name in leases, kept in its folder: recover() takes back exactly what an earlier run of it
+        #: held, even from another host name (a recreated container).
+        self.owner = f"{_gateway_identity(config.root)}:{config.scp.ae_title}"
         self._reader = IsolatedReader(workers=config.workers)
         analysis = CariesReportAnalysis(
             self.predictor,
@@ -125,6 +131,7 @@ class Gateway:
             calling_ae_title=config.scp.ae_title,
             owner=f"{self.owner}/{os.getpid()}/sender",
             lease_s=config.lease_s,
+            backoff_s=config.retry_backoff_s,
         )
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -151,3 +158,11 @@ class Gateway:
         self._reader.close()
         self.store.close()
         self._lock_file.close()
+
+
+def _gateway_identity(root: Path) -> str:
+    """The gateway's identity, made once and kept in ``root / "gateway.id"`` (one gateway per folder: the lock)."""
+    path = root / "gateway.id"
+    if not path.is_file():
+        durable_write(path, f"{socket.gethostname()}-{uuid.uuid4().hex[:12]}\n".encode())
+    return path.read_text().strip()

@@ -11,14 +11,23 @@ out, and the next claim takes it again; a gateway that restarts takes back its o
 ``not_before`` holds a job back, for the study-stability wait of PACS routers (no new instance of the study for N
 seconds, :meth:`GatewayStore.add_instance` with ``stable_after_s``).
 
-The store is SQLite (a file in the gateway's folder, no set-up; WAL journal, synchronous commits). The statements
-are plain SQL that PostgreSQL runs as well; :class:`GatewayStore` talks to the database through one connection
-guarded by a lock, because pynetdicom serves each association in its own thread.
+The database is SQLite by default (``gateway.sqlite3`` in the gateway's folder, no set-up; WAL journal, commits
+synced to disk: ``synchronous=FULL``), or PostgreSQL when a ``postgresql://`` URL is given (psycopg 3, the
+``postgres`` extra), for several gateway processes sharing one queue; the files stay in the gateway's folder (a
+shared one, then). PostgreSQL with its default ``synchronous_commit=on`` is durable at COMMIT as well. Both run the
+same schema and the same plain SQL (``?`` placeholders, translated for psycopg once per statement); what differs
+is behind the small ``_Database`` seam: how a transaction begins, and how a claim locks the row it takes. SQLite's
+``BEGIN IMMEDIATE`` holds the one write lock for the whole transaction; PostgreSQL (READ COMMITTED) locks the
+claimed row (``FOR UPDATE SKIP LOCKED``), so two workers never take the same job or delivery and neither waits for
+the other. Any failure of the database reaches callers as :class:`StoreError`. :class:`GatewayStore` talks to the
+database through one connection guarded by a lock, because pynetdicom serves each association in its own thread; a
+PostgreSQL connection that was lost is replaced at the next call.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sqlite3
 import threading
@@ -26,11 +35,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from pydicom.dataset import Dataset
 
 from caries_mim.atomic_files import atomic_path
-from caries_mim.errors import InvalidArgumentError
+from caries_mim.errors import InvalidArgumentError, InvalidConfigError
 
 #: The states of a job, in the order a job goes through them.
 JOB_STATES = ("queued", "running", "done", "failed")
@@ -60,7 +70,7 @@ _SCHEMA = (
         updated_at DOUBLE PRECISION NOT NULL
     )""",
     """CREATE TABLE IF NOT EXISTS results (
-        sop_instance_uid TEXT PRIMARY KEY,
+        sop_instance_uid TEXT COLLATE "binary" PRIMARY KEY,
         source_sop_instance_uid TEXT NOT NULL REFERENCES jobs (sop_instance_uid),
         sop_class_uid TEXT NOT NULL,
         study_instance_uid TEXT NOT NULL,
@@ -81,15 +91,17 @@ _SCHEMA = (
     )""",
     # What DICOMweb can find and retrieve (QIDO-RS, WADO-RS): every received instance and every result, with the
     # study, series and instance keys a search may name. No patient attribute is indexed: the gateway is not an
-    # archive, and patient searches belong to the PACS.
+    # archive, and patient searches belong to the PACS. The columns a search orders, ranges or wildcards on compare
+    # byte by byte ("binary": SQLite's own, made from "C" on PostgreSQL), whatever the server's locale, so that
+    # both databases answer a search alike (a linguistic collation would skip the dots of UIDs).
     """CREATE TABLE IF NOT EXISTS catalog (
-        sop_instance_uid TEXT PRIMARY KEY,
+        sop_instance_uid TEXT COLLATE "binary" PRIMARY KEY,
         sop_class_uid TEXT NOT NULL,
-        study_instance_uid TEXT NOT NULL,
-        series_instance_uid TEXT NOT NULL,
-        modality TEXT NOT NULL,
-        study_date TEXT NOT NULL,
-        study_time TEXT NOT NULL,
+        study_instance_uid TEXT COLLATE "binary" NOT NULL,
+        series_instance_uid TEXT COLLATE "binary" NOT NULL,
+        modality TEXT COLLATE "binary" NOT NULL,
+        study_date TEXT COLLATE "binary" NOT NULL,
+        study_time TEXT COLLATE "binary" NOT NULL,
         series_number INTEGER,
         instance_number INTEGER,
         transfer_syntax_uid TEXT NOT NULL,
@@ -102,6 +114,11 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at)",
     "CREATE INDEX IF NOT EXISTS results_by_source ON results (source_sop_instance_uid)",
     "CREATE INDEX IF NOT EXISTS jobs_by_study ON jobs (study_instance_uid, state)",
+)
+
+_JOB_QUERY = (
+    "SELECT sop_instance_uid, study_instance_uid, state, attempts, reason, not_before FROM jobs "
+    "WHERE sop_instance_uid = ?"
 )
 
 
@@ -249,39 +266,88 @@ def durable_write(target: Path, data: bytes) -> None:
     _sync_folder(target.parent)
 
 
-class GatewayStore:
-    """Received instances (files under ``root / "instances"``) and their jobs (``root / "gateway.sqlite3"``).
+class StoreError(OSError):
+    """The store's database failed (a full disk, a lost connection, a server that is down or refuses): what was
+    asked was not recorded (its transaction rolled back; a connection lost during COMMIT leaves it unknown), and the
+    store stays usable for the next call. The database driver's own error is its ``__cause__``."""
 
-    Args:
-        root: the gateway's folder; created when missing.
-        clock: seconds since the epoch (``time.time``); tests pass their own.
-    """
 
-    def __init__(self, root: Path, *, clock: Callable[[], float] = time.time) -> None:
-        self.root = Path(root)
-        self.instances_dir = self.root / "instances"
-        self.instances_dir.mkdir(parents=True, exist_ok=True)
-        self._clock = clock
+class _Cursor(Protocol):
+    rowcount: int
+
+    def execute(self, sql: str, parameters: tuple | list = ()) -> _Cursor: ...
+
+    def fetchone(self) -> tuple | None: ...
+
+    def fetchall(self) -> list[tuple]: ...
+
+
+class _Database(Protocol):
+    """What :class:`GatewayStore` needs of a database (:class:`_SQLite`, :class:`_PostgreSQL`). Every call holds the
+    database's one connection under a lock, and raises :class:`StoreError` for any failure of the driver."""
+
+    #: Statements run, in the schema's transaction, before it.
+    SETUP: tuple[str, ...]
+
+    def transaction(self) -> contextlib.AbstractContextManager[_Cursor]:
+        """A cursor in a transaction, committed when the block ends and rolled back when it raises."""
+
+    def read(self, sql: str, parameters: tuple | list = ()) -> list[tuple]:
+        """The rows of one query, outside any transaction."""
+
+    def lock_rows(self, of: str = "", *, skip_locked: bool = True) -> str:
+        """The clause a SELECT in a transaction ends with to hold the rows it returns (of table ``of``) until
+        COMMIT; with ``skip_locked`` rows another transaction holds are passed over instead of waited for."""
+
+    def close(self) -> None: ...
+
+
+@contextlib.contextmanager
+def _failures_as_store_errors(driver_error: type[Exception]) -> Iterator[None]:
+    try:
+        yield
+    except driver_error as exc:
+        # The type only: a driver's message may quote values (UIDs) that must stay out of the logs.
+        raise StoreError(f"the gateway's database failed ({type(exc).__name__})") from exc
+
+
+def _is_postgresql(database: str | None) -> bool:
+    if database is None:
+        return False
+    if not database.startswith(("postgresql://", "postgres://")):
+        # Not echoed: a URL may hold a password.
+        raise InvalidConfigError("the gateway's database must be a postgresql:// URL (or none, for SQLite)")
+    return True
+
+
+class _SQLite:
+    """The embedded database: one file, one connection, every transaction ``BEGIN IMMEDIATE`` (it holds the
+    database's one write lock from the start, so a select-then-update is never raced)."""
+
+    SETUP: tuple[str, ...] = ()
+
+    def __init__(self, path: Path) -> None:
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.root / "gateway.sqlite3", check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        # DICOM wildcard matching is case-sensitive (PS3.4 C.2.2.2.4), as LIKE is in PostgreSQL.
-        self._db.execute("PRAGMA case_sensitive_like=ON")
-        with self._transaction() as cursor:
-            for statement in _SCHEMA:
-                cursor.execute(statement)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        with _failures_as_store_errors(sqlite3.Error):
+            self._connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            try:
+                for pragma in (
+                    "journal_mode=WAL",
+                    "synchronous=FULL",
+                    "foreign_keys=ON",
+                    "busy_timeout=10000",
+                    # DICOM wildcard matching is case-sensitive (PS3.4 C.2.2.2.4), as LIKE is in PostgreSQL.
+                    "case_sensitive_like=ON",
+                ):
+                    self._connection.execute(f"PRAGMA {pragma}")
+            except sqlite3.Error:
+                self._connection.close()
+                raise
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Cursor]:
-        with self._lock:
-            cursor = self._db.cursor()
+    def transaction(self) -> Iterator[_Cursor]:
+        with self._lock, _failures_as_store_errors(sqlite3.Error):
+            cursor = self._connection.cursor()
             cursor.execute("BEGIN IMMEDIATE")
             try:
                 yield cursor
@@ -289,9 +355,183 @@ class GatewayStore:
             except BaseException:
                 # SQLite may have rolled back already (a failed COMMIT on a full disk does): roll back only what is
                 # still open, so the real error surfaces and the next transaction can begin.
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
+                if self._connection.in_transaction:
+                    self._connection.execute("ROLLBACK")
                 raise
+
+    def read(self, sql: str, parameters: tuple | list = ()) -> list[tuple]:
+        with self._lock, _failures_as_store_errors(sqlite3.Error):
+            return self._connection.execute(sql, parameters).fetchall()
+
+    def lock_rows(self, of: str = "", *, skip_locked: bool = True) -> str:
+        return ""  # BEGIN IMMEDIATE holds the whole database already
+
+    def close(self) -> None:
+        with self._lock:
+            self._connection.close()
+
+
+@functools.lru_cache(maxsize=256)
+def _psycopg_statement(sql: str) -> str:
+    """The store's SQL with psycopg's placeholders: ``?`` becomes ``%s``, and a literal ``%`` is doubled."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class _PsycopgCursor:
+    """A psycopg cursor taking the store's ``?`` statements."""
+
+    def __init__(self, cursor) -> None:
+        self._cursor = cursor
+
+    @property
+    def rowcount(self) -> int:
+        return self._cursor.rowcount
+
+    def execute(self, sql: str, parameters: tuple | list = ()) -> _PsycopgCursor:
+        self._cursor.execute(_psycopg_statement(sql), parameters)
+        return self
+
+    def fetchone(self) -> tuple | None:
+        return self._cursor.fetchone()
+
+    def fetchall(self) -> list[tuple]:
+        return self._cursor.fetchall()
+
+
+def _import_psycopg():
+    try:
+        import psycopg
+    except ImportError as exc:
+        raise InvalidConfigError(
+            'a PostgreSQL database needs psycopg: pip install "psycopg[binary]" (or caries-mim[postgres])'
+        ) from exc
+    return psycopg
+
+
+def _begin(connection):
+    connection.execute("BEGIN")
+    return connection
+
+
+class _PostgreSQL:
+    """A PostgreSQL database, maybe shared by several gateways: one connection (autocommit between explicit
+    transactions, READ COMMITTED), replaced when it was lost; claims lock the rows they take."""
+
+    SETUP = (
+        # Gateways starting together would race on CREATE ... IF NOT EXISTS (a unique violation in the catalogs).
+        "SELECT pg_advisory_xact_lock(7308604897068083309)",
+        'CREATE COLLATION IF NOT EXISTS "binary" FROM "C"',
+    )
+
+    def __init__(self, url: str) -> None:
+        self._psycopg = _import_psycopg()
+        given = self._psycopg.conninfo.conninfo_to_dict(url)
+        defaults = {"connect_timeout": 10, "application_name": "caries-mim gateway"}
+        self._connect_arguments = {name: value for name, value in defaults.items() if name not in given}
+        self._url = url
+        self._lock = threading.Lock()
+        self._connection = None
+
+    def _connected(self, *, fresh: bool = False):
+        if fresh or self._connection is None or self._connection.closed:
+            if self._connection is not None:
+                self._connection.close()
+            self._connection = self._psycopg.connect(self._url, autocommit=True, **self._connect_arguments)
+        return self._connection
+
+    def _retried_once(self, step: Callable):
+        """``step(connection)``, again on a new connection when the first one turns out to be lost (the server
+        restarted, an idle connection was cut). Only for steps that are safe to repeat: a read, a BEGIN."""
+        connection = self._connected()
+        try:
+            return step(connection)
+        except self._psycopg.OperationalError:
+            if not connection.closed:
+                raise
+        return step(self._connected(fresh=True))
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[_Cursor]:
+        with self._lock, _failures_as_store_errors(self._psycopg.Error):
+            connection = self._retried_once(_begin)
+            try:
+                yield _PsycopgCursor(connection.cursor())
+                connection.execute("COMMIT")
+            except BaseException:
+                idle = self._psycopg.pq.TransactionStatus.IDLE
+                if not connection.closed and connection.info.transaction_status != idle:
+                    connection.execute("ROLLBACK")
+                raise
+
+    def read(self, sql: str, parameters: tuple | list = ()) -> list[tuple]:
+        statement = _psycopg_statement(sql)
+        with self._lock, _failures_as_store_errors(self._psycopg.Error):
+            return self._retried_once(lambda connection: connection.execute(statement, parameters).fetchall())
+
+    def lock_rows(self, of: str = "", *, skip_locked: bool = True) -> str:
+        return " FOR UPDATE" + (f" OF {of}" if of else "") + (" SKIP LOCKED" if skip_locked else "")
+
+    def exists(self) -> bool:
+        with self._lock, _failures_as_store_errors(self._psycopg.Error):
+            return self._retried_once(
+                lambda connection: connection.execute("SELECT to_regclass('jobs') IS NOT NULL").fetchone()[0]
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+
+
+def store_exists(root: Path, database: str | None = None) -> bool:
+    """Whether a gateway store is there to read (``gateway status``) without creating one: ``root``'s SQLite file,
+    or the store's tables in the PostgreSQL ``database``.
+
+    Raises:
+        InvalidConfigError: ``database`` is not a PostgreSQL URL, or psycopg is not installed.
+        StoreError: the PostgreSQL server cannot be reached.
+    """
+    if not _is_postgresql(database):
+        return (Path(root) / "gateway.sqlite3").is_file()
+    probe = _PostgreSQL(database)
+    try:
+        return probe.exists()
+    finally:
+        probe.close()
+
+
+class GatewayStore:
+    """Received instances (files under ``root / "instances"``) and their jobs (in ``root / "gateway.sqlite3"``, or
+    in the PostgreSQL ``database``).
+
+    Args:
+        root: the gateway's folder; created when missing.
+        database: None for SQLite in ``root``, or a ``postgresql://`` (``postgres://``) URL.
+        clock: seconds since the epoch (``time.time``); tests pass their own.
+
+    Raises:
+        InvalidConfigError: ``database`` is not a PostgreSQL URL, or psycopg is not installed.
+        StoreError: the database cannot be opened or reached.
+    """
+
+    def __init__(self, root: Path, *, database: str | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.root = Path(root)
+        self.instances_dir = self.root / "instances"
+        self.instances_dir.mkdir(parents=True, exist_ok=True)
+        self._clock = clock
+        self._db: _Database = (
+            _PostgreSQL(database) if _is_postgresql(database) else _SQLite(self.root / "gateway.sqlite3")
+        )
+        try:
+            with self._db.transaction() as cursor:
+                for statement in (*self._db.SETUP, *_SCHEMA):
+                    cursor.execute(statement)
+        except BaseException:
+            self._db.close()
+            raise
+
+    def close(self) -> None:
+        self._db.close()
 
     def instance_path(self, study_instance_uid: str, sop_instance_uid: str) -> Path:
         """Where an instance's file lives: one folder per study, the file named by its SOP Instance UID (UIDs are
@@ -350,7 +590,7 @@ class GatewayStore:
             source,
             now,
         )
-        with self._transaction() as cursor:
+        with self._db.transaction() as cursor:
             cursor.execute(
                 "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sop_instance_uid) DO UPDATE "
                 "SET sop_class_uid = excluded.sop_class_uid, study_instance_uid = excluded.study_instance_uid, "
@@ -395,14 +635,14 @@ class GatewayStore:
         return instance, queued
 
     def instance(self, sop_instance_uid: str) -> StoredInstance | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid, "
-                "transfer_syntax_uid, path, size_bytes, source, received_at FROM instances WHERE sop_instance_uid = ?",
-                (sop_instance_uid,),
-            ).fetchone()
-        if row is None:
+        rows = self._db.read(
+            "SELECT sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid, "
+            "transfer_syntax_uid, path, size_bytes, source, received_at FROM instances WHERE sop_instance_uid = ?",
+            (sop_instance_uid,),
+        )
+        if not rows:
             return None
+        row = rows[0]
         return StoredInstance(*row[:5], Path(row[5]), *row[6:])
 
     def claim(self, owner: str, lease_s: float, max_attempts: int = 3) -> Job | None:
@@ -413,11 +653,12 @@ class GatewayStore:
         if lease_s <= 0 or max_attempts < 1:
             raise InvalidArgumentError(f"lease_s must be > 0 and max_attempts >= 1, got {lease_s}, {max_attempts}")
         now = self._clock()
-        with self._transaction() as cursor:
+        with self._db.transaction() as cursor:
             while True:
                 row = cursor.execute(
                     "SELECT sop_instance_uid, attempts FROM jobs WHERE (state = 'queued' AND not_before <= ?) "
-                    "OR (state = 'running' AND lease_until < ?) ORDER BY not_before, created_at LIMIT 1",
+                    "OR (state = 'running' AND lease_until < ?) ORDER BY not_before, created_at LIMIT 1"
+                    + self._db.lock_rows(),
                     (now, now),
                 ).fetchone()
                 if row is None:
@@ -471,15 +712,17 @@ class GatewayStore:
                     raise InvalidArgumentError(f"the result's {name} is not a DICOM UID")
         paths = [self.result_path(instance.study_instance_uid, result.sop_instance_uid) for result in results]
         now = self._clock()
-        with self._transaction() as cursor:
+        with self._db.transaction() as cursor:
             owned = cursor.execute(
-                "SELECT 1 FROM jobs WHERE sop_instance_uid = ? AND state = 'running' AND lease_owner = ?",
+                "SELECT 1 FROM jobs WHERE sop_instance_uid = ? AND state = 'running' AND lease_owner = ?"
+                + self._db.lock_rows(skip_locked=False),
                 (sop_instance_uid, owner),
             ).fetchone()
             if owned is None:
                 # Another worker took the job: its result files, maybe already sent, must not be replaced.
                 return False
-            # Written while the transaction holds the write lock, so no other worker can complete this job meanwhile.
+            # Written while the transaction holds the job (SQLite's write lock, PostgreSQL's row lock), so no other
+            # worker can claim or complete it meanwhile.
             for path, result in zip(paths, results, strict=True):
                 durable_folder(path.parent)
                 durable_write(path, result.data)
@@ -526,12 +769,12 @@ class GatewayStore:
         """The oldest due delivery (pending, its next attempt due, not leased by a live sender), leased to
         ``owner`` for ``lease_s`` seconds; None when none is due."""
         now = self._clock()
-        with self._transaction() as cursor:
+        with self._db.transaction() as cursor:
             row = cursor.execute(
                 "SELECT d.result_sop_instance_uid, d.destination, r.path, d.attempts, d.last_error "
                 "FROM deliveries d JOIN results r ON r.sop_instance_uid = d.result_sop_instance_uid "
                 "WHERE d.state = 'pending' AND d.next_attempt_at <= ? AND (d.lease_until IS NULL OR d.lease_until < ?) "
-                "ORDER BY d.next_attempt_at LIMIT 1",
+                "ORDER BY d.next_attempt_at LIMIT 1" + self._db.lock_rows("d"),
                 (now, now),
             ).fetchone()
             if row is None:
@@ -546,7 +789,7 @@ class GatewayStore:
     def delivered(self, delivery: Delivery, owner: str) -> bool:
         """Mark ``owner``'s leased delivery sent (False when its lease was lost to another sender)."""
         now = self._clock()
-        with self._transaction() as cursor:
+        with self._db.transaction() as cursor:
             cursor.execute(
                 "UPDATE deliveries SET state = 'sent', attempts = attempts + 1, sent_at = ?, last_error = NULL, "
                 "lease_owner = NULL, lease_until = NULL WHERE result_sop_instance_uid = ? AND destination = ? "
@@ -558,7 +801,7 @@ class GatewayStore:
     def retry_later(self, delivery: Delivery, owner: str, error: str, delay_s: float) -> bool:
         """Record a failed attempt of ``owner``'s leased delivery and when to try again."""
         now = self._clock()
-        with self._transaction() as cursor:
+        with self._db.transaction() as cursor:
             cursor.execute(
                 "UPDATE deliveries SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?, "
                 "lease_owner = NULL, lease_until = NULL WHERE result_sop_instance_uid = ? AND destination = ? "
@@ -569,8 +812,7 @@ class GatewayStore:
 
     def delivery_counts(self) -> dict[str, int]:
         """Deliveries per state (``pending``, ``sent``)."""
-        with self._lock:
-            rows = self._db.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state").fetchall()
+        rows = self._db.read("SELECT state, COUNT(*) FROM deliveries GROUP BY state")
         return {"pending": 0, "sent": 0} | dict(rows)
 
     def result_path(self, study_instance_uid: str, sop_instance_uid: str) -> Path:
@@ -579,12 +821,11 @@ class GatewayStore:
 
     def results_for(self, source_sop_instance_uid: str) -> list[StoredResult]:
         """The results kept for an instance, oldest first."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT sop_instance_uid, source_sop_instance_uid, sop_class_uid, study_instance_uid, path, created_at "
-                "FROM results WHERE source_sop_instance_uid = ? ORDER BY created_at, sop_instance_uid",
-                (source_sop_instance_uid,),
-            ).fetchall()
+        rows = self._db.read(
+            "SELECT sop_instance_uid, source_sop_instance_uid, sop_class_uid, study_instance_uid, path, created_at "
+            "FROM results WHERE source_sop_instance_uid = ? ORDER BY created_at, sop_instance_uid",
+            (source_sop_instance_uid,),
+        )
         return [StoredResult(*row[:4], Path(row[4]), row[5]) for row in rows]
 
     def release(self, sop_instance_uid: str, owner: str, delay_s: float) -> bool:
@@ -605,7 +846,7 @@ class GatewayStore:
     def _update_owned_job(self, sop_instance_uid: str, owner: str, assignments: str, values: tuple, now: float) -> bool:
         """``UPDATE jobs SET <assignments>`` (with ``values``, and ``updated_at = now``) on ``owner``'s running job
         only; False when the job is not ``owner``'s running job any more (its lease ran out, another took it)."""
-        with self._transaction() as cursor:
+        with self._db.transaction() as cursor:
             cursor.execute(
                 # The assignments are fixed strings of this class; every value is a bound parameter.
                 f"UPDATE jobs SET {assignments}, updated_at = ? "
@@ -660,50 +901,53 @@ class GatewayStore:
             clauses.append(clause)
             values.extend(parameters)
         where = " WHERE " + " AND ".join(clauses) if clauses else ""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid, modality, "
-                "study_date, study_time, series_number, instance_number, transfer_syntax_uid, path, origin, stored_at "
-                # The clauses are built by CatalogCondition from its fixed column names; every value is bound.
-                f"FROM catalog{where} ORDER BY study_instance_uid, series_instance_uid, instance_number, "
-                "sop_instance_uid",
-                values,
-            ).fetchall()
+        rows = self._db.read(
+            "SELECT sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid, modality, "
+            "study_date, study_time, series_number, instance_number, transfer_syntax_uid, path, origin, stored_at "
+            # The clauses are built by CatalogCondition from its fixed column names; every value is bound. An object
+            # without an instance number comes first (SQLite's order for NULL; PostgreSQL's is the opposite).
+            f"FROM catalog{where} ORDER BY study_instance_uid, series_instance_uid, instance_number NULLS FIRST, "
+            "sop_instance_uid",
+            values,
+        )
         return [
             CatalogEntry(row[0], row[1], row[2], CatalogKeys(*row[3:9]), row[9], Path(row[10]), row[11], row[12])
             for row in rows
         ]
 
     def recover(self, owner_prefix: str = "") -> int:
-        """Put running jobs back in the queue at once (a gateway restarting after a crash takes back what its own
-        workers held, whose leases would otherwise have to run out first); ``owner_prefix`` limits it to owners
-        starting with it. Returns how many."""
+        """Put running jobs back in the queue, and make the pending deliveries leased then due, at once (a gateway
+        restarting after a crash takes back what its own workers and sender held, whose leases would otherwise have
+        to run out first); ``owner_prefix`` limits it to owners starting with it. Returns how many jobs."""
         now = self._clock()
-        with self._transaction() as cursor:
+        with self._db.transaction() as cursor:
             cursor.execute(
                 "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_until = NULL, updated_at = ? "
                 "WHERE state = 'running' AND substr(lease_owner, 1, ?) = ?",
                 (now, len(owner_prefix), owner_prefix),
             )
-            return cursor.rowcount
+            recovered = cursor.rowcount
+            # A delivery its sender held when the process died (maybe sent, maybe not): due again now. Sending it
+            # twice is harmless, the result's UID being the same.
+            cursor.execute(
+                "UPDATE deliveries SET lease_owner = NULL, lease_until = NULL "
+                "WHERE state = 'pending' AND substr(lease_owner, 1, ?) = ?",
+                (len(owner_prefix), owner_prefix),
+            )
+            return recovered
 
     def job(self, sop_instance_uid: str) -> Job | None:
-        with self._transaction() as cursor:
-            return self._job(cursor, sop_instance_uid)
+        rows = self._db.read(_JOB_QUERY, (sop_instance_uid,))
+        return Job(*rows[0]) if rows else None
 
-    def _job(self, cursor: sqlite3.Cursor, sop_instance_uid: str) -> Job | None:
-        row = cursor.execute(
-            "SELECT sop_instance_uid, study_instance_uid, state, attempts, reason, not_before FROM jobs "
-            "WHERE sop_instance_uid = ?",
-            (sop_instance_uid,),
-        ).fetchone()
+    def _job(self, cursor: _Cursor, sop_instance_uid: str) -> Job | None:
+        row = cursor.execute(_JOB_QUERY, (sop_instance_uid,)).fetchone()
         return None if row is None else Job(*row)
 
     def summary(self) -> QueueSummary:
         """Jobs per state (every state listed, 0 included) and the oldest queued job's wait in seconds."""
-        with self._lock:
-            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
-            oldest = self._db.execute("SELECT MIN(created_at) FROM jobs WHERE state = 'queued'").fetchone()[0]
+        rows = self._db.read("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+        oldest = self._db.read("SELECT MIN(created_at) FROM jobs WHERE state = 'queued'")[0][0]
         counts = dict.fromkeys(JOB_STATES, 0) | dict(rows)
         return QueueSummary(counts, None if oldest is None else max(self._clock() - oldest, 0.0))
 
@@ -776,8 +1020,9 @@ class CatalogCondition:
             marks = ", ".join("?" for _ in self.values)
             return f"{column} IN ({marks})", list(self.values)
         if self.kind == "wildcard":
-            escaped = self.values[0].replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            return f"{column} LIKE ? ESCAPE '\\'", [escaped.replace("*", "%").replace("?", "_")]
+            # "!" rather than a backslash: a backslash in a literal depends on PostgreSQL's standard_conforming_strings.
+            escaped = self.values[0].replace("!", "!!").replace("%", "!%").replace("_", "!_")
+            return f"{column} LIKE ? ESCAPE '!'", [escaped.replace("*", "%").replace("?", "_")]
         low, high = self.values
         clauses, values = [], []
         if low:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import errno
 import logging
-import sqlite3
 
 import pydicom
 import pytest
@@ -25,7 +24,7 @@ from service.gateway.scp import (
     decodable_transfer_syntaxes,
     instance_tag,
 )
-from service.gateway.store import GatewayStore
+from service.gateway.store import GatewayStore, StoreError
 
 IO_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.3.1"
 
@@ -126,7 +125,7 @@ def test_bad_instances_get_the_right_status_and_the_gateway_keeps_serving(gatewa
 
 
 @pytest.mark.parametrize(
-    "error", [OSError(errno.ENOSPC, "No space left on device"), sqlite3.OperationalError("database or disk is full")]
+    "error", [OSError(errno.ENOSPC, "No space left on device"), StoreError("the gateway's database failed (disk full)")]
 )
 def test_a_full_disk_is_out_of_resources(gateway, radiographs, monkeypatch, error):
     def full(*args, **kwargs):

@@ -119,7 +119,7 @@ def test_backoff_doubles_up_to_the_longest_wait(completed):
             clock.now += 0.02
     finally:
         pacs.stop()
-    row = store._db.execute("SELECT attempts, last_error FROM deliveries").fetchone()
+    row = store._db.read("SELECT attempts, last_error FROM deliveries")[0]
     assert row == (4, "C-STORE status 0xA700")
 
 
