@@ -3,7 +3,8 @@
 The images install torch first (from the PyTorch index their Dockerfile names), then caries-mim with
 ``--constraint docker/constraints.txt``, so an image built next month gets the versions CI tested, not whatever
 PyPI has then. torch and the packages only torch needs are left out: their versions come with the torch wheel.
-Development extras (pytest, ruff, ...) are left out too; the ``postgres`` extra the images install is in. Run it in the CI environment after a dependency change:
+Development extras (pytest, ruff, ...) are left out too; the ``postgres`` extra the images install is in. Run it in
+the CI environment after a dependency change:
 
     .venv/bin/python docker/freeze_constraints.py > docker/constraints.txt
 """

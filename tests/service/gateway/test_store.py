@@ -333,7 +333,8 @@ def test_recover_makes_the_deliveries_a_dead_sender_held_due_at_once(store, cloc
     assert store.claim_delivery("gw-2/sender", lease_s=600) is None, "another gateway's lease is kept"
     store.recover("gw-1/")
     again = store.claim_delivery("gw-1/sender", lease_s=600)
-    assert again is not None and again.result_sop_instance_uid == result.sop_instance_uid
+    assert again is not None
+    assert again.result_sop_instance_uid == result.sop_instance_uid
 
 
 def test_two_gateways_sharing_a_database_never_claim_the_same_job_or_delivery(tmp_path, database):
