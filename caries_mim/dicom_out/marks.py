@@ -17,9 +17,8 @@ if TYPE_CHECKING:
     from caries_mim.inference import Finding
 
 
-def mark_box(finding: Finding, number: int, rows: int, columns: int) -> tuple[float, float, float, float]:
-    """The box ``(x0, y0, x1, y1)`` to mark finding ``number`` with on a ``rows`` x ``columns`` image: its own,
-    clipped to the image.
+def checked_finding(finding: Finding, number: int) -> tuple[float, tuple[float, float, float, float]]:
+    """Finding ``number``'s score and box ``(x0, y0, x1, y1)`` as floats, checked before they go into a DICOM object.
 
     Raises:
         InvalidArgumentError: a non-finite or inverted box, or a score outside [0, 1].
@@ -30,6 +29,17 @@ def mark_box(finding: Finding, number: int, rows: int, columns: int) -> tuple[fl
     x0, y0, x1, y1 = (float(value) for value in finding.box)
     if not all(math.isfinite(value) for value in (x0, y0, x1, y1)) or x1 < x0 or y1 < y0:
         raise InvalidArgumentError(f"finding {number} has an invalid box {finding.box}")
+    return score, (x0, y0, x1, y1)
+
+
+def mark_box(finding: Finding, number: int, rows: int, columns: int) -> tuple[float, float, float, float]:
+    """The box ``(x0, y0, x1, y1)`` to mark finding ``number`` with on a ``rows`` x ``columns`` image: its own,
+    clipped to the image.
+
+    Raises:
+        InvalidArgumentError: a non-finite or inverted box, or a score outside [0, 1].
+    """
+    _, (x0, y0, x1, y1) = checked_finding(finding, number)
     return (
         min(max(x0, 0.0), columns),
         min(max(y0, 0.0), rows),

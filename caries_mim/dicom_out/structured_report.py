@@ -31,7 +31,6 @@ nothing here logs, and no error message contains an identifier or a UID.
 from __future__ import annotations
 
 import io
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -44,6 +43,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
+from caries_mim.dicom_out.marks import checked_finding
 from caries_mim.dicom_out.source_header import evidence_header, nameless_copy, restore_person_names
 from caries_mim.errors import InvalidArgumentError
 
@@ -181,12 +181,7 @@ def _finding_group(
         raise InvalidArgumentError(
             f"no DICOM code for the class {finding.label!r}; SR output supports {', '.join(sorted(FINDING_CODINGS))}"
         )
-    score = float(finding.score)
-    if not 0.0 <= score <= 1.0:  # also rejects NaN
-        raise InvalidArgumentError(f"finding {number} has a score of {score}, outside [0, 1]")
-    x0, y0, x1, y1 = (float(value) for value in finding.box)
-    if not all(math.isfinite(value) for value in (x0, y0, x1, y1)) or x1 < x0 or y1 < y0:
-        raise InvalidArgumentError(f"finding {number} has an invalid box {finding.box}")
+    score, (x0, y0, x1, y1) = checked_finding(finding, number)
     outline = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]])
     try:
         region = sr.ImageRegion(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from caries_mim.synth import SynthConfig, render_indexed, write_dicom
 from service.gateway.store import GatewayStore
 from service.gateway.web import create_gateway_app
 from tests.polling import eventually
-from tests.service.gateway.launch import launch_gateway
+from tests.service.gateway.launch import gateway_log, launch_gateway, stop_gateway
 
 DICOM_JSON = "application/dicom+json"
 FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.3.1"
@@ -310,9 +309,8 @@ def test_a_radiograph_stored_by_stow_rs_is_analysed_and_its_sr_found_and_retriev
             ).stdout
         )["jobs"]["done"] == 1  # fmt: skip
     finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 0
-    log = process.stderr.read()
+        stop_gateway(process)
+    log = gateway_log(tmp_path / "gateway").read_text()
     assert "stored" in log, log[-2000:]
     identifiers = {str(source.PatientName), str(source.PatientID), str(source.SOPInstanceUID)}
     assert not [identifier for identifier in identifiers if identifier in log], "patient data in the gateway's log"

@@ -11,10 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -33,6 +30,7 @@ from service.gateway.scp import ScpConfig
 from service.gateway.sender import Destination
 from service.gateway.store import GatewayStore
 from tests.polling import eventually
+from tests.service.gateway.launch import launch_gateway, stop_gateway
 from tests.service.gateway.test_sender import Pacs, free_port
 
 #: Small radiographs (320 px long side, 0.1 mm/px: a whole tooth row) keep the tiny model's jobs short.
@@ -59,32 +57,13 @@ def sop_instance_uid(path: Path) -> str:
 
 
 def start_gateway(root: Path, package_path: Path, pacs_port: int, log: Path) -> tuple[subprocess.Popen, int]:
-    """``caries-mim gateway run`` on ``root`` (any free port, one worker), sending to ``PACS@127.0.0.1:pacs_port``;
-    the process and its DICOM port. Its log goes to a file: a pipe nobody reads would block it in a long burst."""
-    command = [
-        sys.executable, "-m", "pipelines.cli", "gateway", "run",
-        "--root", str(root), "--model", str(package_path), "--port", "0", "--device", "cpu", "--workers", "1",
-        "--calling-ae", "MODALITY", "--destination", f"pacs=PACS@127.0.0.1:{pacs_port}",
-    ]  # fmt: skip
-    with open(log, "a") as stderr:
-        process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=stderr, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
-        )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.append(process.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(120)
-    if not lines or not lines[0].strip():
-        process.kill()
-        process.wait()
-        raise AssertionError(f"the gateway did not start: {log.read_text()[-2000:]}")
-    return process, json.loads(lines[0])["port"]
-
-
-def stop_gateway(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    assert process.wait(60) == 0
+    """``caries-mim gateway run`` on ``root`` (one worker), sending to ``PACS@127.0.0.1:pacs_port``; the process and
+    its DICOM port."""
+    process, started = launch_gateway(
+        root, package_path, "--workers", "1", "--calling-ae", "MODALITY",
+        "--destination", f"pacs=PACS@127.0.0.1:{pacs_port}", log=log,
+    )  # fmt: skip
+    return process, started["port"]
 
 
 def gateway_status(root: Path) -> dict:

@@ -4,12 +4,9 @@ C-STORE, a clean stop on SIGTERM; and `caries-mim gateway status`."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
-import threading
 
 import pydicom
 import pytest
@@ -21,26 +18,15 @@ from pipelines.cli import main
 from service.gateway.gateway import Gateway, GatewayConfig
 from service.gateway.scp import ScpConfig
 from tests.polling import eventually
+from tests.service.gateway.launch import gateway_log, launch_gateway
 from tests.service.gateway.test_sender import Pacs, free_port
 
 
 def start_gateway(root, package_path, pacs_port: int) -> tuple[subprocess.Popen, int]:
-    command = [
-        sys.executable, "-m", "pipelines.cli", "gateway", "run",
-        "--root", str(root), "--model", str(package_path), "--port", "0", "--device", "cpu",
-        "--calling-ae", "MODALITY", "--destination", f"pacs=PACS@127.0.0.1:{pacs_port}",
-    ]  # fmt: skip
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    process, started = launch_gateway(
+        root, package_path, "--calling-ae", "MODALITY", "--destination", f"pacs=PACS@127.0.0.1:{pacs_port}"
     )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.append(process.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(120)
-    if not lines or not lines[0].strip():
-        process.kill()
-        raise AssertionError(f"the gateway did not start: {process.stderr.read()[-2000:]}")
-    return process, json.loads(lines[0])["port"]
+    return process, started["port"]
 
 
 def c_store(port: int, path) -> int:
@@ -64,7 +50,7 @@ def test_a_radiograph_sent_by_c_store_comes_back_to_the_pacs_as_a_caries_sr(
     process, port = start_gateway(root, package_path, pacs.server.server_address[1])
     try:
         assert c_store(port, synthetic_dicom) == 0x0000
-        assert eventually(lambda: pacs.datasets, timeout_s=120), process.stderr.read() if process.poll() else ""
+        assert eventually(lambda: pacs.datasets, timeout_s=120), gateway_log(root).read_text()[-2000:]
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0
@@ -75,7 +61,7 @@ def test_a_radiograph_sent_by_c_store_comes_back_to_the_pacs_as_a_caries_sr(
     assert report.StudyInstanceUID == source.StudyInstanceUID
     cited = report.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
     assert cited.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
-    assert "SYNTH^PATIENT" not in process.stderr.read(), "no patient identifier in the logs"
+    assert "SYNTH^PATIENT" not in gateway_log(root).read_text(), "no patient identifier in the logs"
 
     capsys.readouterr()
     assert main(["gateway", "status", "--root", str(root)]) == 0

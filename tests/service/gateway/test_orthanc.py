@@ -5,12 +5,7 @@ back into Orthanc, in the same study, citing the radiograph. Loopback only; with
 from __future__ import annotations
 
 import io
-import json
-import os
-import signal
 import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +13,7 @@ import pydicom
 import pytest
 
 from tests.polling import eventually
+from tests.service.gateway.launch import gateway_log, launch_gateway, stop_gateway
 from tests.service.gateway.orthanc import Orthanc, require_orthanc
 
 GATEWAY_AET = "CARIESMIM"
@@ -25,40 +21,10 @@ GATEWAY_AET = "CARIESMIM"
 
 def start_gateway(root: Path, package_path: Path, orthanc: Orthanc, *options: str) -> tuple[subprocess.Popen, dict]:
     """``caries-mim gateway run`` accepting Orthanc's calls and sending its SRs to Orthanc; its JSON start line."""
-    command = [
-        sys.executable, "-m", "pipelines.cli", "gateway", "run",
-        "--root", str(root), "--model", str(package_path), "--port", "0", "--device", "cpu",
-        "--ae-title", GATEWAY_AET, "--calling-ae", orthanc.ae_title,
+    return launch_gateway(
+        root, package_path, "--ae-title", GATEWAY_AET, "--calling-ae", orthanc.ae_title,
         "--destination", f"orthanc={orthanc.ae_title}@127.0.0.1:{orthanc.dicom_port}", *options,
-    ]  # fmt: skip
-    # Its log goes to a file: a pipe nobody reads while the test waits could fill and stall the gateway.
-    with gateway_log(root).open("w") as log:
-        process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
-        )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.append(process.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(120)
-    if not lines or not lines[0].strip():
-        process.kill()
-        process.wait(30)
-        raise AssertionError(f"the gateway did not start:\n{gateway_log(root).read_text()[-2000:]}")
-    return process, json.loads(lines[0])
-
-
-def gateway_log(root: Path) -> Path:
-    return root.parent / f"{root.name}.log"
-
-
-def stop_gateway(process: subprocess.Popen, root: Path) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        assert process.wait(60) == 0, gateway_log(root).read_text()[-2000:]
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(30)
+    )  # fmt: skip
 
 
 def report_in(orthanc: Orthanc, study_uid: str) -> str | None:
@@ -117,7 +83,7 @@ def test_orthanc_pushes_a_radiograph_by_c_store_and_receives_the_caries_sr(
         report = eventually(lambda: report_in(orthanc, study_uid), timeout_s=180, interval_s=0.5)
         assert report, f"no SR came back to Orthanc:\n{orthanc.log()}\n{gateway_log(root).read_text()[-2000:]}"
     finally:
-        stop_gateway(process, root)
+        stop_gateway(process)
     assert len(orthanc.instances()) == 2
     assert_report_cites(orthanc, report, synthetic_dicom)
 
@@ -138,6 +104,6 @@ def test_orthanc_pushes_a_radiograph_by_stow_rs_and_receives_the_caries_sr(
         report = eventually(lambda: report_in(orthanc, study_uid), timeout_s=180, interval_s=0.5)
         assert report, f"no SR came back to Orthanc:\n{orthanc.log()}\n{gateway_log(root).read_text()[-2000:]}"
     finally:
-        stop_gateway(process, root)
+        stop_gateway(process)
     assert len(orthanc.instances()) == 2
     assert_report_cites(orthanc, report, synthetic_dicom)
