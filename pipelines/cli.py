@@ -418,7 +418,12 @@ def _cmd_gateway_run(args: argparse.Namespace) -> int:
     listener = None
     if http:
         # Bound before the gateway starts, so that the port (0: the system's choice) is known and printed at once.
-        listener = socket.create_server((args.http_host, args.http_port), family=_address_family(args.http_host))
+        try:
+            listener = socket.create_server((args.http_host, args.http_port), family=_address_family(args.http_host))
+        except OSError as exc:
+            raise InvalidConfigError(
+                f"cannot serve DICOMweb on {args.http_host}:{args.http_port}: {exc.strerror or exc}"
+            ) from None
     stop = threading.Event()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signal_number, lambda *_: stop.set())
@@ -455,6 +460,8 @@ def _address_family(host: str):
 def _serve_gateway_http(gateway, listener, api_keys: frozenset[str], public_url: str | None, stop) -> None:
     """DICOMweb and the status route on ``listener`` until SIGTERM or Ctrl-C (uvicorn's handlers, which then hand
     the signal back to ours)."""
+    import threading
+
     import uvicorn
 
     from service.gateway.web import create_gateway_app
@@ -462,7 +469,15 @@ def _serve_gateway_http(gateway, listener, api_keys: frozenset[str], public_url:
     app = create_gateway_app(
         gateway.store, api_keys=api_keys, stable_after_s=gateway.config.scp.stable_after_s, public_url=public_url
     )
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=30))
+
+    class GatewayServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # The first SIGTERM or Ctrl-C stops the DICOM side at once too, while HTTP drains its requests (the SCP's
+            # stop joins its associations: not in the signal handler).
+            threading.Thread(target=gateway.scp.stop, name="gateway-scp-stop").start()
+            super().handle_exit(sig, frame)
+
+    server = GatewayServer(uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=30))
     if not stop.is_set():
         server.run(sockets=[listener])
 

@@ -16,11 +16,14 @@ Nothing here logs a patient identifier: log lines carry a short hash of the SOP 
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass
 
+from pydicom import uid as uids
 from pydicom.dataset import Dataset
+from pydicom.pixels import get_decoder
 
 from caries_mim.errors import CariesMimError, InvalidArgumentError
 from caries_mim.io.dicom import parse_dicom
@@ -46,6 +49,8 @@ OUT_OF_RESOURCES = 0xA700
 DATA_SET_DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 SOP_CLASS_NOT_SUPPORTED = 0x0122
+#: PS3.18 Annex I: the instance's transfer syntax is not one the gateway decodes (STOW-RS only: C-STORE negotiates it).
+TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,24 @@ class Intake:
     @property
     def stored(self) -> bool:
         return self.status == SUCCESS
+
+
+@functools.cache
+def decodable_transfer_syntaxes() -> tuple[str, ...]:
+    """Every transfer syntax pydicom knows whose pixel data the reader can decode here (compressed ones only when a
+    decoder plugin is installed), uncompressed ones first: the order is the SCP's preference."""
+    found = []
+    for syntax in uids.AllTransferSyntaxes:
+        syntax = uids.UID(syntax)
+        if not syntax.is_compressed:
+            found.append(syntax)
+            continue
+        try:
+            if get_decoder(syntax).is_available:
+                found.append(syntax)
+        except NotImplementedError:
+            continue
+    return tuple(sorted(found, key=lambda syntax: (syntax.is_compressed, found.index(syntax))))
 
 
 def instance_tag(sop_instance_uid: str) -> str:
@@ -111,6 +134,15 @@ def receive_instance(
     if not sop_class_uid or not sop_instance_uid:
         # A truncated file parses as far as it goes: without its identity it is not an instance at all.
         return _refused(tag, source, CANNOT_UNDERSTAND, "the data set has no SOP Class or SOP Instance UID")
+    if transfer_syntax_uid not in decodable_transfer_syntaxes():
+        return _refused(
+            tag,
+            source,
+            TRANSFER_SYNTAX_NOT_SUPPORTED,
+            "the transfer syntax is not one the gateway decodes",
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+        )
     if announced_sop_class_uid is None:
         refused = _unsupported(sop_class_uid)
         if refused is not None:

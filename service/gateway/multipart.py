@@ -41,7 +41,7 @@ class Part:
     """One body part: its headers (names in lower case) and content."""
 
     headers: dict[str, str]
-    content: bytes
+    content: bytes | bytearray
 
     @property
     def media_type(self) -> MediaType:
@@ -90,14 +90,16 @@ async def read_parts(chunks: AsyncIterator[bytes], boundary: str, *, max_part_by
                 continue
             chunk, in_body = bytes(preamble[start:]), True
             preamble.clear()
+        problem = None
         try:
             parser.write(chunk)
         except MultipartParseError as exc:
-            raise InvalidArgumentError(f"the multipart body is malformed: {exc}") from None
-        if state.error is not None:
-            raise state.error
+            problem = InvalidArgumentError(f"the multipart body is malformed: {exc}")
+        # The parts that ended before a problem in the same chunk are whole: they go first.
         while finished:
             yield finished.pop(0)
+        if problem is not None or state.error is not None:
+            raise problem or state.error
     if not state.ended:
         raise InvalidArgumentError("the multipart body ended before its closing boundary")
 
@@ -112,12 +114,13 @@ class _PartState:
         self.name = bytearray()
         self.value = bytearray()
         self.content = bytearray()
+        self.overflowed = False
         self.ended = False
         self.error: Exception | None = None
 
     def callbacks(self, finished: list[Part]) -> dict:
         def part_begin() -> None:
-            self.headers, self.content = {}, bytearray()
+            self.headers, self.content, self.overflowed = {}, bytearray(), False
 
         def header_field(data: bytes, start: int, end: int) -> None:
             self.name += data[start:end]
@@ -133,11 +136,14 @@ class _PartState:
             if len(self.content) + end - start > self.max_part_bytes:
                 # Raising inside a callback would leave the parser mid-state; the caller raises it after write().
                 self.error = self.error or PartTooLargeError(f"a part is larger than {self.max_part_bytes} bytes")
+                self.overflowed = True
                 return
             self.content += data[start:end]
 
         def part_end() -> None:
-            finished.append(Part(self.headers, bytes(self.content)))
+            if self.overflowed:  # a cut part is never handed out as if it were whole
+                return
+            finished.append(Part(self.headers, self.content))  # handed over, not copied: a part can be 256 MiB
             self.content = bytearray()
 
         def end() -> None:

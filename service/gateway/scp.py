@@ -18,11 +18,10 @@ Nothing here logs a patient identifier: log lines carry a short hash of the SOP 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 
-from pydicom import uid as uids
 from pydicom.dataset import Dataset
-from pydicom.pixels import get_decoder
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification
@@ -36,6 +35,7 @@ from service.gateway.intake import (  # noqa: F401 - the statuses are part of th
     OUT_OF_RESOURCES,
     SOP_CLASS_NOT_SUPPORTED,
     SUCCESS,
+    decodable_transfer_syntaxes,
     instance_tag,
     receive_instance,
 )
@@ -87,23 +87,6 @@ def is_ae_title(title: str) -> bool:
     return 0 < len(title.strip()) <= 16 and "\\" not in title and title.isascii()
 
 
-def decodable_transfer_syntaxes() -> list[str]:
-    """Every transfer syntax pydicom knows whose pixel data the reader can decode here (compressed ones only when a
-    decoder plugin is installed), uncompressed ones first: the order is the SCP's preference."""
-    found = []
-    for syntax in uids.AllTransferSyntaxes:
-        syntax = uids.UID(syntax)
-        if not syntax.is_compressed:
-            found.append(syntax)
-            continue
-        try:
-            if get_decoder(syntax).is_available:
-                found.append(syntax)
-        except NotImplementedError:
-            continue
-    return sorted(found, key=lambda syntax: (syntax.is_compressed, found.index(syntax)))
-
-
 class StorageScp:
     """A running Storage SCP that stores into ``store``; :meth:`start`, then :meth:`stop`."""
 
@@ -111,6 +94,7 @@ class StorageScp:
         self.store = store
         self.config = config or ScpConfig()
         self._server = None
+        self._stopping = threading.Lock()
 
     def _application_entity(self) -> AE:
         config = self.config
@@ -149,7 +133,9 @@ class StorageScp:
     def stop(self) -> None:
         """Stop listening, abort the associations in progress and wait for their threads (a C-STORE cut short is
         not answered "success", so its sender will send it again)."""
-        if self._server is not None:
+        with self._stopping:  # a second caller (the gateway's stop after the signal's) waits for the first
+            if self._server is None:
+                return
             active = list(self._server.active_associations)
             self._server.shutdown()
             for association in active:

@@ -178,6 +178,23 @@ class CatalogKeys:
 
 
 @dataclass(frozen=True)
+class CatalogGroup:
+    """A study or a series of the catalog, as a QIDO-RS search at that level answers it: its UID, its study's UID,
+    date and time, its series number and modality (for a series), the modalities in it, and how many instances
+    and series it holds."""
+
+    uid: str
+    study_instance_uid: str
+    study_date: str
+    study_time: str
+    series_number: int | None
+    modality: str
+    modalities: list[str]
+    instances: int
+    series: int
+
+
+@dataclass(frozen=True)
 class ResultFile:
     """A DICOM object a job produced about its instance (a caries SR, an overlay): its UIDs and Part 10 bytes.
     ``keys`` (its series, modality...) put it in the catalog DICOMweb searches and retrieves; without them (test
@@ -893,27 +910,56 @@ class GatewayStore:
             ),
         )
 
-    def search_catalog(self, conditions: list[CatalogCondition] = ()) -> list[CatalogEntry]:
-        """The catalog's objects meeting every condition, ordered by study, series, instance number and UID."""
-        clauses, values = [], []
-        for condition in conditions:
-            clause, parameters = condition.sql()
-            clauses.append(clause)
-            values.extend(parameters)
-        where = " WHERE " + " AND ".join(clauses) if clauses else ""
+    def search_catalog(
+        self, conditions: list[CatalogCondition] = (), *, limit: int | None = None, offset: int = 0
+    ) -> list[CatalogEntry]:
+        """The catalog's objects meeting every condition, ordered by study, series, instance number and UID; the
+        page ``offset`` .. ``offset + limit`` of them (all when ``limit`` is None)."""
+        where, values = _where(conditions)
+        page, page_values = _page(limit, offset)
         rows = self._db.read(
             "SELECT sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid, modality, "
             "study_date, study_time, series_number, instance_number, transfer_syntax_uid, path, origin, stored_at "
             # The clauses are built by CatalogCondition from its fixed column names; every value is bound. An object
             # without an instance number comes first (SQLite's order for NULL; PostgreSQL's is the opposite).
             f"FROM catalog{where} ORDER BY study_instance_uid, series_instance_uid, instance_number NULLS FIRST, "
-            "sop_instance_uid",
-            values,
+            f"sop_instance_uid{page}",
+            [*values, *page_values],
         )
         return [
             CatalogEntry(row[0], row[1], row[2], CatalogKeys(*row[3:9]), row[9], Path(row[10]), row[11], row[12])
             for row in rows
         ]
+
+    def catalog_groups(
+        self, level: str, conditions: list[CatalogCondition] = (), *, limit: int | None = None, offset: int = 0
+    ) -> list[CatalogGroup]:
+        """The studies (``level`` "study") or series ("series") with an object meeting every condition, ordered by
+        UID, the page ``offset`` .. ``offset + limit``; each with counts over all its objects, not only the matching
+        ones (a search for SR studies still counts their radiographs). Three queries whatever the number found."""
+        if level not in ("study", "series"):
+            raise InvalidArgumentError(f"catalog groups are studies or series, not {level!r}")
+        key = "study_instance_uid" if level == "study" else "series_instance_uid"
+        where, values = _where(conditions)
+        page, page_values = _page(limit, offset)
+        query = f"SELECT DISTINCT {key} FROM catalog{where} ORDER BY {key}{page}"
+        found = [row[0] for row in self._db.read(query, [*values, *page_values])]
+        if not found:
+            return []
+        marks = ", ".join("?" for _ in found)
+        totals = self._db.read(
+            f"SELECT {key}, MIN(study_instance_uid), MIN(study_date), MIN(study_time), MIN(series_number), "
+            f"MIN(modality), COUNT(*), COUNT(DISTINCT series_instance_uid) FROM catalog WHERE {key} IN ({marks}) "
+            f"GROUP BY {key}",
+            found,
+        )
+        modalities: dict[str, set[str]] = {uid: set() for uid in found}
+        for uid, modality in self._db.read(
+            f"SELECT DISTINCT {key}, modality FROM catalog WHERE {key} IN ({marks}) AND modality <> ''", found
+        ):
+            modalities[uid].add(modality)
+        by_uid = {row[0]: CatalogGroup(*row[:6], sorted(modalities[row[0]]), *row[6:]) for row in totals}
+        return [by_uid[uid] for uid in found]
 
     def recover(self, owner_prefix: str = "") -> int:
         """Put running jobs back in the queue, and make the pending deliveries leased then due, at once (a gateway
@@ -1029,11 +1075,30 @@ class CatalogCondition:
             clauses.append(f"{column} >= ?")
             values.append(low)
         if high:
-            clauses.append(f"{column} <= ?")
-            values.append(high)
+            # Inclusive at the precision given (PS3.4 C.2.2.2.5): StudyTime up to "1655" includes 165500.
+            clauses.append(f"substr({column}, 1, ?) <= ?")
+            values.extend((len(high), high))
         # An empty value never matches a range (PS3.4 C.2.2.2.5).
         clauses.append(f"{column} <> ''")
         return " AND ".join(clauses), values
+
+
+def _where(conditions: list[CatalogCondition]) -> tuple[str, list]:
+    clauses, values = [], []
+    for condition in conditions:
+        clause, parameters = condition.sql()
+        clauses.append(clause)
+        values.extend(parameters)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), values
+
+
+def _page(limit: int | None, offset: int) -> tuple[str, list]:
+    if limit is None and not offset:
+        return "", []
+    if (limit is not None and limit < 0) or offset < 0:
+        raise InvalidArgumentError(f"limit and offset must be >= 0, got {limit}, {offset}")
+    # LIMIT -1 is SQLite's "no limit"; PostgreSQL's is LIMIT ALL, which takes no parameter: a large number serves both.
+    return " LIMIT ? OFFSET ?", [2**62 if limit is None else limit, offset]
 
 
 def _text(dataset: Dataset, keyword: str, limit: int) -> str:

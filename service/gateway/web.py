@@ -21,11 +21,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from caries_mim import __version__
 from service.errors import ServiceError, describe_validation_errors, error_response, service_error_response
 from service.gateway.dicomweb import PREFIX, dicomweb_router
-from service.gateway.store import GatewayStore
+from service.gateway.intake import instance_tag
+from service.gateway.store import GatewayStore, StoreError
 from service.middleware import PROTECTED_PREFIX, ApiKeyGate
 
 log = logging.getLogger(__name__)
@@ -84,10 +86,13 @@ def create_gateway_app(
     async def invalid_request(request: Request, error: RequestValidationError):
         return error_response(400, "bad_request", describe_validation_errors(error.errors()) or "invalid request")
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, error: Exception):
-        log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=error)
-        return error_response(500, "internal_error", "the gateway failed on this request; see its log")
+    @app.exception_handler(StoreError)
+    async def store_unavailable(request: Request, error: StoreError):
+        # The database, not the request: say when to come back (a PostgreSQL restart, a full disk being freed).
+        log.error("the store failed on a %s request: %s", request.method, error)
+        return error_response(
+            503, "store_unavailable", "the gateway's store is unavailable; retry later", {"Retry-After": "10"}
+        )
 
     app.add_middleware(
         ApiKeyGate,
@@ -96,4 +101,35 @@ def create_gateway_app(
         timeout_s=_REFUSAL_TIMEOUT_S,
         prefixes=(PREFIX + "/", PROTECTED_PREFIX),
     )
+    app.add_middleware(LastResort)
     return app
+
+
+class LastResort:
+    """The answer to anything unforeseen: one log line (the exception's type and a hash of the path, whose UIDs
+    stay out of the log; no traceback, since pydicom's messages can quote header values) and a 500 in the API's
+    JSON shape if the answer has not started, else the connection is closed. Without it Starlette answers and
+    uvicorn logs the traceback as well."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as error:
+            path = instance_tag(scope.get("path", ""))
+            log.error("unexpected %s on a %s request (path %s)", type(error).__name__, scope.get("method"), path)
+            if not started:
+                answer = error_response(500, "internal_error", "the gateway failed on this request; see its log")
+                await answer(scope, receive, send)

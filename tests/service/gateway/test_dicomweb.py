@@ -4,23 +4,30 @@ QIDO-RS matching; WADO-RS transfer syntaxes and metadata; API keys."""
 
 from __future__ import annotations
 
+import email
+import email.policy
 import io
 import json
+import logging
 import socket
 import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import httpx2 as httpx
 import numpy as np
 import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
+from pydicom.uid import ImplicitVRLittleEndian, JPEG2000Lossless
 
 from caries_mim.synth import SynthConfig, render_indexed, write_dicom
-from service.gateway.store import GatewayStore
+from service.gateway import dicomweb
+from service.gateway.store import GatewayStore, StoreError
 from service.gateway.web import create_gateway_app
 from tests.polling import eventually
 from tests.service.gateway.launch import gateway_log, launch_gateway, stop_gateway
@@ -88,6 +95,15 @@ def multipart(*parts: bytes, boundary: str = BOUNDARY, preamble: bytes = b"", pa
     return bytes(body)
 
 
+def dicom_parts(response) -> list[pydicom.Dataset]:
+    """The DICOM files of a multipart/related answer, split by the standard library's MIME parser."""
+    message = email.message_from_bytes(
+        f"Content-Type: {response.headers['content-type']}\r\n\r\n".encode() + response.content,
+        policy=email.policy.HTTP,
+    )
+    return [pydicom.dcmread(io.BytesIO(part.get_payload(decode=True))) for part in message.iter_parts()]
+
+
 def stow(server: Server, body, content_type: str | None = None, path: str = "/dicomweb/studies", headers=None):
     content_type = content_type or f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
     return httpx.post(server.url + path, content=body, headers={"Content-Type": content_type, **(headers or {})})
@@ -115,16 +131,25 @@ def test_dicomweb_client_stores_searches_and_retrieves(server, radiographs):
     uids = (compressed.StudyInstanceUID, compressed.SeriesInstanceUID, compressed.SOPInstanceUID)
     # dicomweb-client asks for transfer-syntax=* (as stored) unless told otherwise.
     assert client.retrieve_instance(*uids).file_meta.TransferSyntaxUID == JPEG2000Lossless
-    retrieved = client.retrieve_instance(*uids, media_types=(("application/dicom", ExplicitVRLittleEndian),))
-    assert retrieved.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
-    np.testing.assert_array_equal(retrieved.pixel_array, compressed.pixel_array)
-    # No transfer-syntax parameter: Explicit VR Little Endian, PS3.18's default.
-    default = httpx.get(
-        f"{server.url}/dicomweb/studies/{uids[0]}/series/{uids[1]}/instances/{uids[2]}",
-        headers={"Accept": 'multipart/related; type="application/dicom"'},
-    )
-    assert default.status_code == 200
-    assert ExplicitVRLittleEndian.encode() in default.content[:2000]
+    named = client.retrieve_instance(*uids, media_types=(("application/dicom", JPEG2000Lossless),))
+    assert named.file_meta.TransferSyntaxUID == JPEG2000Lossless
+    # A compressed file is not decoded to be sent (untrusted pixel data is decoded in isolated workers only):
+    # asking for it uncompressed is 406, naming what to ask for.
+    url = f"{server.url}/dicomweb/studies/{uids[0]}/series/{uids[1]}/instances/{uids[2]}"
+    explicit = 'multipart/related; type="application/dicom"'  # no transfer-syntax: Explicit VR Little Endian
+    refused = httpx.get(url, headers={"Accept": explicit})
+    assert refused.status_code == 406
+    assert "transfer-syntax=*" in refused.json()["error"]["message"]
+    preferred = httpx.get(url, headers={"Accept": f"{explicit}; transfer-syntax=*; q=0, {explicit}; q=0.5"})
+    assert preferred.status_code == 406, "q=0 excludes an offer"
+    # Uncompressed files convert between the little-endian syntaxes, pixels intact; the higher q wins.
+    plain = f"{server.url}/dicomweb/studies/{first.StudyInstanceUID}/series/{first.SeriesInstanceUID}"
+    implicit = f"{explicit}; transfer-syntax={ImplicitVRLittleEndian}"
+    ranked = httpx.get(plain, headers={"Accept": f"{explicit}; transfer-syntax=*; q=0.2, {implicit}"})
+    assert ranked.status_code == 200
+    (converted,) = dicom_parts(ranked)
+    assert converted.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    np.testing.assert_array_equal(converted.pixel_array, first.pixel_array)
     assert client.retrieve_study(first.StudyInstanceUID)[0].SOPInstanceUID == first.SOPInstanceUID
 
     metadata = client.retrieve_instance_metadata(first.StudyInstanceUID, first.SeriesInstanceUID, first.SOPInstanceUID)
@@ -314,3 +339,113 @@ def test_a_radiograph_stored_by_stow_rs_is_analysed_and_its_sr_found_and_retriev
     assert "stored" in log, log[-2000:]
     identifiers = {str(source.PatientName), str(source.PatientID), str(source.SOPInstanceUID)}
     assert not [identifier for identifier in identifiers if identifier in log], "patient data in the gateway's log"
+
+
+def test_what_the_gateway_cannot_serve_is_refused_at_the_door(server, store, radiographs):
+    """An instance in a transfer syntax the gateway does not decode is refused (0xC122) instead of being stored
+    and failing every later retrieval."""
+    dataset = pydicom.dcmread(radiographs[0])
+    dataset.file_meta.TransferSyntaxUID = "1.2.3.4.5.6.7.8.9"
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, implicit_vr=False, little_endian=True)
+    refused = stow(server, multipart(buffer.getvalue()))
+    assert refused.status_code == 409
+    assert pydicom.Dataset.from_json(refused.json()).FailedSOPSequence[0].FailureReason == 0xC122
+    assert store.search_catalog() == []
+
+
+def test_a_part_over_the_limit_after_a_stored_one_is_answered_and_not_stored_cut(
+    server, store, radiographs, monkeypatch
+):
+    small, large = radiographs[0].read_bytes(), radiographs[1].read_bytes()
+    assert len(small) < len(large)
+    monkeypatch.setattr(dicomweb, "MAX_PART_BYTES", len(small) + 10)
+    answer = stow(server, multipart(small, large))
+    assert answer.status_code == 202
+    failures = pydicom.Dataset.from_json(answer.json()).FailedSOPSequence
+    assert [item.FailureReason for item in failures] == [0x0110]
+    assert len(store.search_catalog()) == 1, "the cut part is not stored"
+
+
+def test_metadata_survives_bad_values_and_keeps_nested_bulk_data_inline(server, radiographs, tmp_path):
+    dataset = pydicom.dcmread(radiographs[0])
+    # A decimal comma, as some devices write (raw: pydicom would refuse to encode it).
+    dataset[0x00101030] = RawDataElement(Tag(0x00101030), "DS", 4, b"72,5", 0, False, True)
+    icon = pydicom.Dataset()
+    icon.Rows, icon.Columns, icon.BitsAllocated, icon.BitsStored, icon.HighBit = 64, 32, 8, 8, 7
+    icon.SamplesPerPixel, icon.PhotometricInterpretation, icon.PixelRepresentation = 1, "MONOCHROME2", 0
+    icon.PixelData = bytes(64 * 32)
+    dataset.IconImageSequence = [icon]
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's own note on the invalid DS
+        dataset.save_as(buffer, enforce_file_format=True)
+    assert stow(server, multipart(buffer.getvalue())).status_code == 200
+    url = f"{server.url}/dicomweb/studies/{dataset.StudyInstanceUID}/metadata"
+    answer = httpx.get(url)
+    assert answer.status_code == 200, answer.text
+    (document,) = answer.json()
+    assert document["7FE00010"]["BulkDataURI"].endswith("/bulk/7FE00010")
+    nested = document["00880200"]["Value"][0]["7FE00010"]
+    assert "InlineBinary" in nested, "a nested value cannot be named by a top-level bulk data URI"
+
+
+def test_malformed_queries_and_tags_are_400_or_404_not_500(server, radiographs):
+    assert stow(server, multipart(radiographs[0].read_bytes())).status_code == 200
+    search = f"{server.url}/dicomweb/instances"
+    for parameters in (
+        {"StudyDate": "abc-def"},
+        {"StudyTime": "25:00"},
+        {"StudyInstanceUID": "1-2"},
+        {"SeriesNumber": "99999999999999999999"},
+    ):
+        answer = httpx.get(search, params=parameters)
+        assert answer.status_code == 400, (parameters, answer.text)
+    assert httpx.get(search, headers={"Accept": "application/dicom+xml"}).status_code == 406
+    dataset = pydicom.dcmread(radiographs[0], stop_before_pixels=True)
+    instance = (
+        f"{server.url}/dicomweb/studies/{dataset.StudyInstanceUID}/series/{dataset.SeriesInstanceUID}"
+        f"/instances/{dataset.SOPInstanceUID}"
+    )
+    assert httpx.get(f"{instance}/bulk/1FFFFFFFF").status_code == 404
+    assert httpx.get(f"{instance}/bulk/zzzzzzzz").status_code == 404
+
+
+def test_time_ranges_include_their_upper_end_at_the_precision_given(server, radiographs):
+    dataset = pydicom.dcmread(radiographs[0], stop_before_pixels=True)
+    assert stow(server, multipart(radiographs[0].read_bytes())).status_code == 200
+    hours_minutes = str(dataset.StudyTime)[:4]
+    found = httpx.get(f"{server.url}/dicomweb/studies", params={"StudyTime": f"0000-{hours_minutes}"}).json()
+    assert [study["0020000D"]["Value"][0] for study in found] == [dataset.StudyInstanceUID]
+
+
+def test_searches_are_capped_and_say_so(server, radiographs, monkeypatch):
+    assert stow(server, multipart(*(path.read_bytes() for path in radiographs))).status_code == 200
+    monkeypatch.setattr(dicomweb, "MAX_SEARCH_RESULTS", 2)
+    capped = httpx.get(f"{server.url}/dicomweb/studies")
+    assert len(capped.json()) == 2
+    assert "299" in capped.headers["warning"]
+    rest = httpx.get(f"{server.url}/dicomweb/studies", params={"offset": "2"})
+    assert len(rest.json()) == 1
+    assert "warning" not in rest.headers
+
+
+def test_a_failing_store_is_503_and_anything_unforeseen_a_500_without_identifiers(server, store, monkeypatch, caplog):
+    def unavailable(*args, **kwargs):
+        raise StoreError("the gateway's database failed (OperationalError)")
+
+    monkeypatch.setattr(store, "catalog_groups", unavailable)
+    answer = httpx.get(f"{server.url}/dicomweb/studies")
+    assert answer.status_code == 503
+    assert answer.headers["retry-after"] == "10"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug quoting 1.2.826.0.1.3680043.8.498.777")
+
+    monkeypatch.setattr(store, "search_catalog", broken)
+    with caplog.at_level(logging.ERROR):
+        answer = httpx.get(f"{server.url}/dicomweb/studies/1.2.826.0.1.3680043.8.498.777/series/1.2/instances")
+    assert answer.status_code == 500
+    assert answer.json()["error"]["code"] == "internal_error"
+    assert "RuntimeError" in caplog.text
+    assert "1.2.826.0.1.3680043.8.498.777" not in caplog.text
