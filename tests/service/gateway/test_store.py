@@ -300,6 +300,28 @@ def test_the_catalog_matches_alike_on_both_databases(store):
     assert found(CatalogCondition("InstanceNumber", "equal", (3,))) == ["10"]
 
 
+def test_studies_and_series_are_grouped_counted_and_paged_in_the_database(store):
+    other_study = "1.2.826.0.1.3680043.8.498.9"
+    receive(store, 1, keys=CatalogKeys(SERIES, "IO", "20240105", "101500", 1, 1))
+    receive(store, 2, keys=CatalogKeys(SERIES, "IO", "20240105", "101500", 1, 2))
+    receive(store, 3, keys=CatalogKeys("1.2.826.0.1.3680043.8.498.2.7", "SR", "20240105", "101500", 901, 1))
+    receive(store, 4, study=other_study, keys=CatalogKeys("1.2.826.0.1.3680043.8.498.3", "PX", "20230101", "", 1, 1))
+
+    (study,) = store.catalog_groups("study", [CatalogCondition("Modality", "equal", ("SR",))])
+    # Counted over the whole study, not over the SR that matched.
+    assert (study.uid, study.instances, study.series, study.modalities) == (STUDY, 3, 2, ["IO", "SR"])
+    assert (study.study_date, study.study_time) == ("20240105", "101500")
+    series = store.catalog_groups("series", [CatalogCondition("StudyInstanceUID", "equal", (STUDY,))])
+    assert [(group.uid, group.modality, group.series_number, group.instances) for group in series] == [
+        (SERIES, "IO", 1, 2),
+        ("1.2.826.0.1.3680043.8.498.2.7", "SR", 901, 1),
+    ]
+    assert [group.uid for group in store.catalog_groups("study")] == [STUDY, other_study]
+    assert [group.uid for group in store.catalog_groups("study", limit=1, offset=1)] == [other_study]
+    assert store.catalog_groups("study", limit=0) == []
+    assert len(store.search_catalog(limit=2, offset=1)) == 2
+
+
 def test_results_and_deliveries_round_trip(store, clock):
     receive(store, 1)
     job = store.claim("gw/worker", lease_s=60)
