@@ -9,6 +9,7 @@ with the tiny test model; the destination is an in-test pynetdicom Storage SCP t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import subprocess
@@ -23,6 +24,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
+from caries_mim.package import save_package
 from caries_mim.synth import SynthConfig, render_indexed, write_dicom
 from pipelines.cli import main
 from service.gateway.gateway import Gateway, GatewayConfig
@@ -37,6 +39,15 @@ from tests.service.gateway.test_sender import Pacs, free_port
 SMALL = SynthConfig(width_px_range=(320.0, 320.0), sensor_long_side_mm=(32.0, 32.0), spacing_mm_range=(0.02, 0.1))
 #: Generous: the bound is about a leak or an unbounded queue in memory, not about this machine's speed.
 PEAK_MEMORY_BOUND_BYTES = 2 * 1024**3
+
+
+@pytest.fixture(scope="module")
+def burst_package_path(package, tmp_path_factory) -> Path:
+    """The tiny test detector with its operating threshold at the top: its SRs report no caries. The tests here are
+    about what is received, kept and sent, and an SR of dozens of findings from an untrained model would make each
+    job several times slower without testing anything more (the SR's content is tested elsewhere)."""
+    quiet = dataclasses.replace(package, threshold=1.0)
+    return save_package(quiet, tmp_path_factory.mktemp("burst-package") / "model.cmpkg")
 
 
 @pytest.fixture(scope="module")
@@ -165,12 +176,14 @@ def peak_rss_bytes(pid: int) -> int:
 
 
 @pytest.mark.slow
-def test_a_gateway_killed_mid_burst_resumes_and_sends_every_result_exactly_once(package_path, radiographs, tmp_path):
+def test_a_gateway_killed_mid_burst_resumes_and_sends_every_result_exactly_once(
+    burst_package_path, radiographs, tmp_path
+):
     paths = radiographs[:40]
     sources = {sop_instance_uid(path): path for path in paths}
     root, log = tmp_path / "gateway", tmp_path / "gateway.log"
     pacs = Pacs(free_port())
-    process, port = start_gateway(root, package_path, pacs.server.server_address[1], log)
+    process, port = start_gateway(root, burst_package_path, pacs.server.server_address[1], log)
     resume = threading.Event()
 
     def pause_after_six(index: int) -> None:
@@ -213,7 +226,7 @@ def test_a_gateway_killed_mid_burst_resumes_and_sends_every_result_exactly_once(
     finally:
         store.close()
 
-    process, port = start_gateway(root, package_path, pacs.server.server_address[1], log)
+    process, port = start_gateway(root, burst_package_path, pacs.server.server_address[1], log)
     try:
         resent = send_in_parallel(port, [sources[uid] for uid in set(sources) - before_kill], associations=2)
         assert acknowledged(resent) == set(sources) - before_kill
@@ -248,7 +261,7 @@ def test_a_gateway_killed_mid_burst_resumes_and_sends_every_result_exactly_once(
 
 @pytest.mark.slow
 def test_a_destination_that_is_down_gets_the_results_when_it_comes_back(
-    package_path, radiographs, tmp_path, monkeypatch
+    burst_package_path, radiographs, tmp_path, monkeypatch
 ):
     # The gateway quiets pydicom's validation for its process; keep this test process's setting.
     monkeypatch.setattr(
@@ -259,7 +272,7 @@ def test_a_destination_that_is_down_gets_the_results_when_it_comes_back(
     root = tmp_path / "gateway"
     # The default backoff starts at 5 s and doubles; a shorter one lets a few retries pass in seconds.
     config = GatewayConfig(
-        root=root, model=package_path, scp=ScpConfig(port=0), destinations=(destination,), device="cpu",
+        root=root, model=burst_package_path, scp=ScpConfig(port=0), destinations=(destination,), device="cpu",
         retry_backoff_s=(0.2, 1.0),
     )  # fmt: skip
     gateway = Gateway(config)
@@ -291,11 +304,11 @@ def test_a_destination_that_is_down_gets_the_results_when_it_comes_back(
 
 @pytest.mark.slow
 def test_a_burst_of_200_from_parallel_associations_is_processed_whole_in_bounded_memory(
-    package_path, radiographs, tmp_path
+    burst_package_path, radiographs, tmp_path
 ):
     root, log = tmp_path / "gateway", tmp_path / "gateway.log"
     pacs = Pacs(free_port())
-    process, port = start_gateway(root, package_path, pacs.server.server_address[1], log)
+    process, port = start_gateway(root, burst_package_path, pacs.server.server_address[1], log)
     try:
         started = time.monotonic()
         statuses = send_in_parallel(port, radiographs, associations=8)
