@@ -48,7 +48,14 @@ from caries_mim.errors import InvalidArgumentError
 from service.errors import ServiceError
 from service.gateway.intake import CANNOT_UNDERSTAND, receive_instance
 from service.gateway.multipart import MediaType, PartTooLargeError, new_boundary, read_parts, write_parts
-from service.gateway.store import CATALOG_COLUMNS, CatalogCondition, CatalogEntry, CatalogGroup, GatewayStore
+from service.gateway.store import (
+    CATALOG_COLUMNS,
+    CatalogCondition,
+    CatalogEntry,
+    CatalogGroup,
+    GatewayStore,
+    is_uid,
+)
 
 log = logging.getLogger(__name__)
 
@@ -367,14 +374,11 @@ def _condition(keyword: str, value: str) -> CatalogCondition:
         if any(number not in _IS_RANGE for number in numbers):
             raise InvalidArgumentError(f"{keyword} must be a 32-bit integer, got {value!r}")
         return CatalogCondition(keyword, "equal", numbers)
-    if keyword in _UID_KEYWORDS and not all(_UID_VALUE.fullmatch(piece) for piece in values):
+    if keyword in _UID_KEYWORDS and not all(is_uid(piece) for piece in values):
         raise InvalidArgumentError(f"{keyword} takes UIDs (digits and dots, a list separated by commas), got {value!r}")
     if keyword == "Modality" and any(mark in value for mark in "*?"):
         return CatalogCondition(keyword, "wildcard", (value,))
     return CatalogCondition(keyword, "equal", values)
-
-
-_UID_VALUE = re.compile(r"[0-9.]{1,64}")
 
 
 def _fixed_conditions(fixed: dict[str, str]) -> list[CatalogCondition]:

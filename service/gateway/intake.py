@@ -25,7 +25,7 @@ from pydicom import uid as uids
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 
-from caries_mim.errors import CariesMimError, InvalidArgumentError
+from caries_mim.errors import InvalidArgumentError
 from caries_mim.io.dicom import parse_dicom
 from caries_mim.io.options import DEFAULT_MAX_PIXELS
 from service.gateway.store import CatalogKeys, GatewayStore, StoreError
@@ -113,11 +113,8 @@ def receive_instance(
         study_instance_uid: the study a STOW-RS request to ``/studies/{study}`` requires (None: any).
     """
     tag = instance_tag(announced_sop_instance_uid or "")
-    if announced_sop_class_uid is not None:
-        refused = _unsupported(announced_sop_class_uid)
-        if refused is not None:
-            log.warning("refused %s from %s: %s", tag, source, refused.comment)
-            return refused
+    if announced_sop_class_uid is not None and (refused := _unsupported(announced_sop_class_uid)):
+        return _refused(tag, source, *refused)
     try:
         # The reader's parser: it refuses a deflated data set that would inflate past what an image can need
         # (a deflate bomb would otherwise be unpacked in memory here).
@@ -125,9 +122,7 @@ def receive_instance(
         sop_class_uid = str(header.get("SOPClassUID", ""))
         sop_instance_uid = str(header.get("SOPInstanceUID", ""))
         transfer_syntax_uid = str(header.file_meta.get("TransferSyntaxUID", ""))
-    except CariesMimError:
-        return _refused(tag, source, CANNOT_UNDERSTAND, "the data set cannot be parsed")
-    except Exception:  # whatever else a malformed data set raises in the parser
+    except Exception:  # the reader's typed errors, and whatever else a malformed data set raises in the parser
         return _refused(tag, source, CANNOT_UNDERSTAND, "the data set cannot be parsed")
     tag = instance_tag(sop_instance_uid)
     identified = {"sop_class_uid": sop_class_uid, "sop_instance_uid": sop_instance_uid}
@@ -135,19 +130,10 @@ def receive_instance(
         # A truncated file parses as far as it goes: without its identity it is not an instance at all.
         return _refused(tag, source, CANNOT_UNDERSTAND, "the data set has no SOP Class or SOP Instance UID")
     if transfer_syntax_uid not in decodable_transfer_syntaxes():
-        return _refused(
-            tag,
-            source,
-            TRANSFER_SYNTAX_NOT_SUPPORTED,
-            "the transfer syntax is not one the gateway decodes",
-            sop_class_uid=sop_class_uid,
-            sop_instance_uid=sop_instance_uid,
-        )
-    if announced_sop_class_uid is None:
-        refused = _unsupported(sop_class_uid)
-        if refused is not None:
-            log.warning("refused %s from %s: %s", tag, source, refused.comment)
-            return Intake(refused.status, refused.comment, **identified)
+        message = "the transfer syntax is not one the gateway decodes"
+        return _refused(tag, source, TRANSFER_SYNTAX_NOT_SUPPORTED, message, **identified)
+    if announced_sop_class_uid is None and (refused := _unsupported(sop_class_uid)):
+        return _refused(tag, source, *refused, **identified)
     problem, status = _mismatch(header, announced_sop_class_uid, announced_sop_instance_uid, study_instance_uid)
     if problem:
         return _refused(tag, source, status, problem, **identified)
@@ -177,11 +163,12 @@ def receive_instance(
     return Intake(SUCCESS, queued=queued, **identified)
 
 
-def _unsupported(sop_class_uid: str) -> Intake | None:
+def _unsupported(sop_class_uid: str) -> tuple[int, str] | None:
+    """(status, why) for a SOP class the gateway does not analyse, else None."""
     if sop_class_uid in FOR_PROCESSING_SOP_CLASSES:
-        return Intake(SOP_CLASS_NOT_SUPPORTED, "For Processing images are not accepted; send For Presentation")
+        return SOP_CLASS_NOT_SUPPORTED, "For Processing images are not accepted; send For Presentation"
     if sop_class_uid not in ACCEPTED_SOP_CLASSES:
-        return Intake(SOP_CLASS_NOT_SUPPORTED, "SOP class not supported")
+        return SOP_CLASS_NOT_SUPPORTED, "SOP class not supported"
     return None
 
 

@@ -585,7 +585,7 @@ class GatewayStore:
             ("Series Instance UID", series_instance_uid),
             ("Transfer Syntax UID", transfer_syntax_uid),
         ):
-            if not _is_uid(uid):
+            if not is_uid(uid):
                 raise InvalidArgumentError(f"the {name} is not a DICOM UID (digits and dots, at most 64 characters)")
         if stable_after_s < 0:
             raise InvalidArgumentError(f"stable_after_s must be >= 0, got {stable_after_s}")
@@ -725,7 +725,7 @@ class GatewayStore:
             if result.keys is not None:
                 uids.append(("Series Instance UID", result.keys.series_instance_uid))
             for name, uid in uids:
-                if not _is_uid(uid):
+                if not is_uid(uid):
                     raise InvalidArgumentError(f"the result's {name} is not a DICOM UID")
         paths = [self.result_path(instance.study_instance_uid, result.sop_instance_uid) for result in results]
         now = self._clock()
@@ -805,25 +805,23 @@ class GatewayStore:
 
     def delivered(self, delivery: Delivery, owner: str) -> bool:
         """Mark ``owner``'s leased delivery sent (False when its lease was lost to another sender)."""
-        now = self._clock()
-        with self._db.transaction() as cursor:
-            cursor.execute(
-                "UPDATE deliveries SET state = 'sent', attempts = attempts + 1, sent_at = ?, last_error = NULL, "
-                "lease_owner = NULL, lease_until = NULL WHERE result_sop_instance_uid = ? AND destination = ? "
-                "AND state = 'pending' AND lease_owner = ?",
-                (now, delivery.result_sop_instance_uid, delivery.destination, owner),
-            )
-            return cursor.rowcount == 1
+        sent = "state = 'sent', attempts = attempts + 1, sent_at = ?, last_error = NULL"
+        return self._update_owned_delivery(delivery, owner, sent, (self._clock(),))
 
     def retry_later(self, delivery: Delivery, owner: str, error: str, delay_s: float) -> bool:
         """Record a failed attempt of ``owner``'s leased delivery and when to try again."""
-        now = self._clock()
+        failed = "attempts = attempts + 1, last_error = ?, next_attempt_at = ?"
+        return self._update_owned_delivery(delivery, owner, failed, (error, self._clock() + delay_s))
+
+    def _update_owned_delivery(self, delivery: Delivery, owner: str, assignments: str, values: tuple) -> bool:
+        """``UPDATE deliveries SET <assignments>`` (with ``values``) on ``owner``'s leased pending delivery, releasing
+        the lease; False when the lease went to another sender (as :meth:`_update_owned_job` for jobs)."""
         with self._db.transaction() as cursor:
             cursor.execute(
-                "UPDATE deliveries SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?, "
-                "lease_owner = NULL, lease_until = NULL WHERE result_sop_instance_uid = ? AND destination = ? "
-                "AND state = 'pending' AND lease_owner = ?",
-                (error, now + delay_s, delivery.result_sop_instance_uid, delivery.destination, owner),
+                # The assignments are fixed strings of this class; every value is a bound parameter.
+                f"UPDATE deliveries SET {assignments}, lease_owner = NULL, lease_until = NULL "
+                "WHERE result_sop_instance_uid = ? AND destination = ? AND state = 'pending' AND lease_owner = ?",
+                (*values, delivery.result_sop_instance_uid, delivery.destination, owner),
             )
             return cursor.rowcount == 1
 
@@ -998,7 +996,8 @@ class GatewayStore:
         return QueueSummary(counts, None if oldest is None else max(self._clock() - oldest, 0.0))
 
 
-def _is_uid(value: object) -> bool:
+def is_uid(value: object) -> bool:
+    """Whether ``value`` is a DICOM UID as the store keeps them: digits and dots, at most 64 characters."""
     return (
         isinstance(value, str)
         and 0 < len(value) <= 64

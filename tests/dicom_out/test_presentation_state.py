@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import io
-import logging
 
 import numpy as np
 import pydicom
@@ -18,8 +17,9 @@ from caries_mim.errors import InvalidArgumentError
 from caries_mim.inference import Finding, Findings
 from caries_mim.io.dicom import parse_dicom
 from caries_mim.synth import SynthConfig, render_indexed, write_dicom
-from tests.dciodvfy import dciodvfy_findings
+from tests.dciodvfy import assert_result_verifies
 from tests.dicom_factory import make_dataset, ramp, to_bytes
+from tests.dicom_out.person_names import check_person_names_kept_and_never_quoted
 
 THRESHOLD = 0.5
 DEEP = Finding("deep_caries", 0.91, (100.5, 200.25, 140.0, 236.75), None, True)
@@ -178,16 +178,7 @@ def test_the_state_passes_the_dicom3tools_iod_verifier(source, tmp_path, header,
     state = caries_presentation_state(
         source, findings_on(source, *found), algorithm_name="caries-mim", algorithm_version="0.1.0+abc123"
     )
-    path = tmp_path / "state.dcm"
-    path.write_bytes(structured_report_bytes(state))
-    errors, warnings = dciodvfy_findings(path)
-    assert errors == []
-    if header == "minimal":
-        # What the source does not say cannot be copied: its study date, time and ID (Type 2, empty) and which side
-        # it shows (Laterality is empty, "unknown"; absent is an error to dciodvfy).
-        assert all("needed to build DICOMDIR" in line or "<Laterality>" in line for line in warnings), warnings
-    else:
-        assert warnings == []
+    assert_result_verifies(state, tmp_path / "state.dcm", minimal_source=header == "minimal")
 
 
 @pytest.mark.parametrize(
@@ -222,19 +213,4 @@ def test_findings_for_another_image_size_are_refused(source):
 
 
 def test_single_component_person_names_are_kept_and_never_quoted_in_warnings_or_logs(recwarn, caplog):
-    """highdicom warns, quoting the name, about a name without a caret (e.g. "ANONYMOUS"): stderr and logs would
-    carry it. The state is built without the names and gets them back."""
-    caplog.set_level(logging.DEBUG)
-    plain = make_dataset(ramp())
-    plain.PatientName, plain.ReferringPhysicianName, plain.PatientID = "SECRETNAME", "DRSECRET", "SECRET-ID-7"
-    header = parse_dicom(to_bytes(plain))
-    state = state_dataset(header, findings_on(header))
-    assert (state.PatientName, state.ReferringPhysicianName, state.PatientID) == (
-        "SECRETNAME",
-        "DRSECRET",
-        "SECRET-ID-7",
-    )
-    assert header.PatientName == "SECRETNAME", "the caller's header is not changed"
-    said = caplog.text + " ".join(str(warning.message) for warning in recwarn)
-    for identifier in ("SECRETNAME", "DRSECRET", "SECRET-ID-7"):
-        assert identifier not in said
+    check_person_names_kept_and_never_quoted(lambda header: state_dataset(header, findings_on(header)), recwarn, caplog)

@@ -36,6 +36,14 @@ def report_in(orthanc: Orthanc, study_uid: str) -> str | None:
     return None
 
 
+def returned_report(orthanc: Orthanc, uploaded: str, root: Path) -> str:
+    """The Orthanc id of the SR that came back into the study of the ``uploaded`` instance (waiting for it)."""
+    study_uid = orthanc.tags(uploaded)["StudyInstanceUID"]
+    report = eventually(lambda: report_in(orthanc, study_uid), timeout_s=180, interval_s=0.5)
+    assert report, f"no SR came back to Orthanc:\n{orthanc.log()}\n{gateway_log(root).read_text()[-2000:]}"
+    return report
+
+
 def cited_images(items) -> set[str]:
     """The SOP Instance UIDs of every IMAGE content item in an SR content tree (image library, SCOORD sources)."""
     cited = set()
@@ -79,9 +87,7 @@ def test_orthanc_pushes_a_radiograph_by_c_store_and_receives_the_caries_sr(
         orthanc.start()
         uploaded = orthanc.upload(synthetic_dicom)
         orthanc.store_to_modality("caries", uploaded["ID"])
-        study_uid = orthanc.tags(uploaded["ID"])["StudyInstanceUID"]
-        report = eventually(lambda: report_in(orthanc, study_uid), timeout_s=180, interval_s=0.5)
-        assert report, f"no SR came back to Orthanc:\n{orthanc.log()}\n{gateway_log(root).read_text()[-2000:]}"
+        report = returned_report(orthanc, uploaded["ID"], root)
     finally:
         stop_gateway(process)
     assert len(orthanc.instances()) == 2
@@ -100,9 +106,7 @@ def test_orthanc_pushes_a_radiograph_by_stow_rs_and_receives_the_caries_sr(
         orthanc.start()
         uploaded = orthanc.upload(synthetic_dicom)
         assert orthanc.stow_to_server("caries", uploaded["ID"])["InstancesCount"] == "1"
-        study_uid = orthanc.tags(uploaded["ID"])["StudyInstanceUID"]
-        report = eventually(lambda: report_in(orthanc, study_uid), timeout_s=180, interval_s=0.5)
-        assert report, f"no SR came back to Orthanc:\n{orthanc.log()}\n{gateway_log(root).read_text()[-2000:]}"
+        report = returned_report(orthanc, uploaded["ID"], root)
     finally:
         stop_gateway(process)
     assert len(orthanc.instances()) == 2
